@@ -1,0 +1,194 @@
+"""Configuration of a segment run: one dataclass, read from YAML and overridden by flags.
+
+Every field is a YAML key (``conf/default.yaml`` documents each one) and a command-line flag
+(``score_floor`` is ``--score-floor``). ``validate`` turns every mistake it can see without a
+cluster into a ``ConfigError`` that says what to fix, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+#: Pillow refuses to open images above twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb
+#: guard); segpipe's own limit may not go past it.
+PIL_HARD_PIXEL_LIMIT = 2 * 89_478_485
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, found before any work started; the message says what to fix."""
+
+
+def _opt(help_text: str, default: Any, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help_text, **metadata})
+
+
+@dataclass
+class SegmentConfig:
+    """Everything a ``segpipe segment`` run depends on."""
+
+    input: Optional[str] = _opt("folder or URI (s3://...) searched recursively for images", None,
+                                positional=True)
+    output: Optional[str] = _opt("folder or URI the run writes predictions/, coco/ and run.json to",
+                                 None, positional=True)
+    arch: str = _opt("Mask R-CNN builder: " + " | ".join(ARCHITECTURES), "maskrcnn_resnet50_fpn",
+                     choices=ARCHITECTURES)
+    weights: str = _opt("pretrained (torchvision cache, TORCH_HOME) | random (seeded, smoke runs "
+                        "only) | PATH of a state_dict checkpoint", "pretrained")
+    seed: int = _opt("seed for --weights random", 0)
+    min_size: int = _opt("shorter image side after the model's resize", 800)
+    max_size: int = _opt("longer image side limit after the model's resize", 1333)
+    score_floor: float = _opt("lowest detection score kept in predictions/ (model box_score_thresh)",
+                              0.05)
+    score_threshold: float = _opt("lowest detection score written to coco/", 0.5)
+    mask_threshold: float = _opt("soft-mask probability above which a pixel is in the mask", 0.5)
+    nms_threshold: float = _opt("IoU of per-class box NMS (model box_nms_thresh)", 0.5)
+    detections_per_image: int = _opt("most detections kept per image (box_detections_per_img)", 100)
+    proposals_per_image: int = _opt("RPN proposals kept after NMS per image at test time", 1000)
+    batch_size: int = _opt("images per predictor call", 4)
+    num_gpus: Optional[float] = _opt("GPUs per predictor actor (fractions share a GPU); "
+                                     "unset: 1 when the cluster has GPUs, else 0", None)
+    actors: str = _opt("predictor actors: N (fixed pool) or MIN-MAX (autoscaling pool); "
+                       "auto: one per GPU, or 1 on CPU", "auto")
+    cpus_per_actor: float = _opt("CPUs Ray reserves for each predictor actor", 1.0)
+    torch_threads: int = _opt("torch threads per CPU predictor actor; 0: the node's CPUs shared "
+                              "among the actors", 0)
+    precision: str = _opt("autocast on CUDA: fp32 | fp16 | bf16 (CPU always runs fp32)", "fp32",
+                          choices=PRECISIONS)
+    max_image_pixels: int = _opt("images with more pixels become error rows (decode limit)",
+                                 100_000_000)
+    max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
+    rows_per_file: int = _opt("most rows in one predictions/*.parquet file", 5000)
+    address: Optional[str] = _opt("Ray cluster to join; unset: RAY_ADDRESS, else a local Ray", None)
+    overwrite: bool = _opt("replace the predictions of an earlier run in OUTPUT", False)
+    progress: bool = _opt("show Ray Data's progress bars", True)
+
+    def replace(self, **changes: Any) -> "SegmentConfig":
+        """Return a copy with ``changes`` applied (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of ``SegmentConfig``, in order; the CLI builds its flags from them."""
+    return list(dataclasses.fields(SegmentConfig))
+
+
+def load_config(path: Optional[str | Path] = None, **overrides: Any) -> SegmentConfig:
+    """Read ``path`` (YAML; keys are ``SegmentConfig`` fields), apply ``overrides``, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = read_yaml_config(path)
+    config = SegmentConfig(**values).replace(**overrides)
+    validate(config)
+    return config
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Return the keys of a YAML config file; unknown keys are a ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values")
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+            f"valid keys are {', '.join(sorted(known))}"
+        )
+    return values
+
+
+def parse_actors(actors: str) -> tuple[int, int] | None:
+    """Parse ``N`` or ``MIN-MAX`` into ``(min, max)``; ``auto`` gives ``None``."""
+    text = str(actors).strip()
+    if text == "auto":
+        return None
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if not match:
+        raise ConfigError(f"actors must be N, MIN-MAX or auto, got {actors!r}")
+    low = int(match.group(1))
+    high = int(match.group(2)) if match.group(2) else low
+    if low < 1 or high < low:
+        raise ConfigError(f"actors {actors!r}: need 1 <= MIN <= MAX")
+    return low, high
+
+
+def validate(config: SegmentConfig) -> None:
+    """Raise ``ConfigError`` for any setting that cannot work, naming the key to fix."""
+    _check_types(config)
+    if not config.input:
+        raise ConfigError("INPUT is missing: give the image folder or URI to segment")
+    if not config.output:
+        raise ConfigError("OUTPUT is missing: give the folder or URI to write results to")
+    if config.arch not in ARCHITECTURES:
+        raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                          f"got {config.precision!r}")
+    for name in ("score_floor", "score_threshold", "mask_threshold"):
+        value = getattr(config, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if not 0.0 < config.nms_threshold <= 1.0:
+        raise ConfigError(f"nms_threshold must be in (0, 1], got {config.nms_threshold}")
+    if config.score_threshold < config.score_floor:
+        raise ConfigError(
+            f"score_threshold ({config.score_threshold}) is below score_floor "
+            f"({config.score_floor}): detections under the floor are never kept, so lower "
+            "score_floor or raise score_threshold"
+        )
+    positive = ("min_size", "max_size", "detections_per_image", "proposals_per_image",
+                "batch_size", "max_image_pixels", "max_image_bytes", "rows_per_file")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.max_size < config.min_size:
+        raise ConfigError(f"max_size ({config.max_size}) must be >= min_size ({config.min_size})")
+    if config.max_image_pixels > PIL_HARD_PIXEL_LIMIT:
+        raise ConfigError(f"max_image_pixels may be at most {PIL_HARD_PIXEL_LIMIT} "
+                          "(Pillow's decompression-bomb limit)")
+    if config.num_gpus is not None and config.num_gpus < 0:
+        raise ConfigError(f"num_gpus must be >= 0, got {config.num_gpus}")
+    if config.cpus_per_actor <= 0:
+        raise ConfigError(f"cpus_per_actor must be > 0, got {config.cpus_per_actor}")
+    if config.torch_threads < 0:
+        raise ConfigError(f"torch_threads must be >= 0, got {config.torch_threads}")
+    parse_actors(config.actors)
+
+
+def _check_types(config: SegmentConfig) -> None:
+    """YAML gives strings where numbers were meant; say which key, not a TypeError later."""
+    for f in config_fields():
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        kind = f.type.replace("Optional[", "").rstrip("]")
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, (str, int)),
+        }.get(kind, True)
+        if not ok:
+            raise ConfigError(f"{f.name} must be a {kind}, got {value!r}")
+        if kind == "float":
+            setattr(config, f.name, float(value))
+        if kind == "str" and not isinstance(value, str):
+            setattr(config, f.name, str(value))

@@ -1,0 +1,139 @@
+"""Decode image files into RGB pixels on CPU tasks; a file that does not decode becomes an error row.
+
+``decode_image`` turns bytes into an ``H×W×3`` uint8 array the way a person expects to see the
+picture: EXIF orientation applied, first frame of animated or multi-page files, grayscale,
+palette, RGBA (alpha dropped, as ``Image.convert("RGB")`` does), 16-bit and CMYK images
+converted to 8-bit RGB. ``decode_batch`` is the Ray Data stage around it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from segpipe import schema, storage
+
+
+class DecodeError(Exception):
+    """The file is not an image this job can read; the message is the row's ``error``."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Inputs over these limits are refused before they can exhaust memory."""
+
+    max_pixels: int
+    max_bytes: int
+
+
+def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
+    """Decode ``data`` into a C-contiguous ``H×W×3`` uint8 RGB array.
+
+    Raises ``DecodeError`` with a readable reason for empty, truncated, oversized or
+    non-image data.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise DecodeError(f"file is {len(data)} bytes, over max_image_bytes={limits.max_bytes}")
+    with warnings.catch_warnings():
+        # Pillow warns about large images and odd palettes; the limits below decide instead.
+        warnings.simplefilter("ignore")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise DecodeError(f"image too large to decode: {exc}") from None
+        except UnidentifiedImageError:
+            raise DecodeError("not a readable image: format not recognised") from None
+        except Exception as exc:  # Pillow raises many types for unreadable data
+            raise DecodeError(f"not a readable image: {_reason(exc)}") from None
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over "
+                              f"max_image_pixels={limits.max_pixels}")
+        try:
+            image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
+            image.load()
+            image = _apply_exif_orientation(image)
+            return _to_rgb_array(image)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"{image.format or 'image'} does not decode: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image  # a broken EXIF block does not make the pixels unreadable
+
+
+def _to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to 8-bit RGB (16/32-bit integer and float modes rescaled)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image)
+        if image.mode == "F":
+            scale = 255.0 if float(np.nanmax(values, initial=0)) <= 1.0 else 1.0
+            gray = np.clip(np.nan_to_num(values) * scale, 0, 255).astype(np.uint8)
+        elif image.mode == "I" and int(values.max(initial=0)) <= 255:
+            gray = np.clip(values, 0, 255).astype(np.uint8)
+        else:  # 16-bit samples: keep the high byte, as Pillow does for 16-bit RGB
+            gray = (np.clip(values, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise DecodeError(f"unexpected pixel layout {array.shape} after conversion to RGB")
+    return np.ascontiguousarray(array)
+
+
+def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Table:
+    """Ray Data stage: listing rows → decoded rows, one output row per input row.
+
+    Reads each file through its filesystem and decodes it; any failure, reading included,
+    becomes that row's ``status="error"`` with the reason, so a bad file never fails the block.
+    """
+    fs, _ = storage.resolve(input_uri)
+    widths, heights, statuses, errors, pixels = [], [], [], [], []
+    for path, size in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist()):
+        try:
+            if size > limits.max_bytes:
+                raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")
+            try:
+                data = storage.read_bytes(fs, path)
+            except OSError as exc:
+                raise DecodeError(f"cannot read file: {_reason(exc)}") from None
+            rgb = decode_image(data, limits)
+        except DecodeError as exc:
+            widths.append(None)
+            heights.append(None)
+            statuses.append(schema.STATUS_ERROR)
+            errors.append(f"decode: {exc}")
+            pixels.append(b"")
+            continue
+        heights.append(rgb.shape[0])
+        widths.append(rgb.shape[1])
+        statuses.append(schema.STATUS_OK)
+        errors.append(None)
+        pixels.append(rgb.tobytes())
+    return pa.table({
+        "image_id": batch.column("image_id"),
+        "file_name": batch.column("file_name"),
+        "width": pa.array(widths, pa.int32()),
+        "height": pa.array(heights, pa.int32()),
+        "status": pa.array(statuses, pa.string()),
+        "error": pa.array(errors, pa.string()),
+        schema.PIXELS: pa.array(pixels, pa.large_binary()),
+    })

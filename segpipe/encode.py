@@ -1,0 +1,147 @@
+"""Turn soft masks into binary masks and COCO RLE on CPU tasks, without full-image canvases.
+
+``paste_mask_crops`` reproduces torchvision's ``paste_masks_in_image`` pixel for pixel, but
+keeps only the part of each pasted mask that can be non-zero (its expanded box, clipped to the
+image): the rest of torchvision's ``H×W`` canvas is zeros by construction. ``encode_rle`` then
+builds the column-major runs of the full-size mask from the crop and lets pycocotools compress
+them, so no ``H×W`` array is ever made per detection. ``encode_batch`` is the Ray Data stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+from segpipe import schema
+from segpipe.categories import category_name
+from segpipe.predictor import ImageDetections, unpack_detections
+
+
+@dataclass
+class MaskCrop:
+    """A binary mask that is zero outside ``mask[y0:y0+h, x0:x0+w]`` of an image."""
+
+    mask: np.ndarray  # bool[h, w]
+    x0: int
+    y0: int
+
+
+def paste_mask_crops(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
+                     threshold: float) -> Iterator[MaskCrop]:
+    """Paste each ``M×M`` soft mask into its box and binarise it at ``> threshold``.
+
+    Same arithmetic as torchvision's ``paste_masks_in_image`` (one-pixel padding, box expanded
+    by ``(M + 2) / M`` and truncated to integers, bilinear resize with
+    ``align_corners=False``), so the crops equal torchvision's pasted masks ``> threshold``.
+    """
+    if len(boxes) == 0:
+        return
+    masks = torch.from_numpy(np.ascontiguousarray(soft_masks, dtype=np.float32))[:, None]
+    padded, scale = expand_masks(masks, padding=1)
+    expanded = expand_boxes(torch.from_numpy(np.ascontiguousarray(boxes, np.float32)), scale)
+    for mask, box in zip(padded, expanded.to(torch.int64).tolist()):
+        bx0, by0, bx1, by1 = box
+        w = max(bx1 - bx0 + 1, 1)
+        h = max(by1 - by0 + 1, 1)
+        x0, x1 = max(bx0, 0), min(bx1 + 1, width)
+        y0, y1 = max(by0, 0), min(by1 + 1, height)
+        if x1 <= x0 or y1 <= y0:
+            yield MaskCrop(np.zeros((0, 0), bool), 0, 0)
+            continue
+        resized = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)
+        crop = resized[0, 0, y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
+        yield MaskCrop((crop > threshold).numpy(), x0, y0)
+
+
+def crop_to_runs(crop: MaskCrop, height: int, width: int) -> np.ndarray:
+    """Uncompressed COCO RLE counts (column-major, starting with zeros) of the full mask."""
+    mask = crop.mask
+    total = height * width
+    if mask.size == 0 or not mask.any():
+        return np.array([total], dtype=np.int64)
+    hc, wc = mask.shape
+    columns = np.zeros((wc, hc + 2), dtype=np.int8)  # each crop column, zero-padded at both ends
+    columns[:, 1:-1] = mask.T
+    steps = np.diff(columns, axis=1)
+    start_col, start_row = np.nonzero(steps == 1)   # row-major order = column-major pixel order
+    end_col, end_row = np.nonzero(steps == -1)
+    starts = (crop.x0 + start_col).astype(np.int64) * height + crop.y0 + start_row
+    ends = (crop.x0 + end_col).astype(np.int64) * height + crop.y0 + end_row
+    joined = ends[:-1] == starts[1:]  # a run reaching a column's bottom continues at the next top
+    if joined.any():
+        starts = starts[np.concatenate(([True], ~joined))]
+        ends = ends[np.concatenate((~joined, [True]))]
+    bounds = np.empty(2 * len(starts), dtype=np.int64)
+    bounds[0::2], bounds[1::2] = starts, ends
+    counts = np.diff(np.concatenate(([0], bounds, [total])))
+    return counts[:-1] if counts[-1] == 0 else counts  # pycocotools ends on the last run
+
+
+def encode_rle(crop: MaskCrop, height: int, width: int) -> dict:
+    """Compressed COCO RLE (``counts`` as str) of the ``height×width`` mask that ``crop`` is."""
+    counts = crop_to_runs(crop, height, width)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()},
+                                 height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """COCO ``[x, y, width, height]`` from ``[x1, y1, x2, y2]``."""
+    out = np.asarray(boxes, np.float32).copy()
+    out[:, 2:] -= out[:, :2]
+    return out
+
+
+def encode_detections(det: ImageDetections, height: int, width: int,
+                      mask_threshold: float) -> list[dict]:
+    """The ``detections`` list of one output row (``schema.DETECTION`` dicts)."""
+    crops = paste_mask_crops(det.soft_masks, det.boxes, height, width, mask_threshold)
+    bboxes = xyxy_to_xywh(det.boxes)
+    rows = []
+    for label, score, bbox, crop in zip(det.labels.tolist(), det.scores.tolist(),
+                                        bboxes.tolist(), crops):
+        rows.append({
+            "category_id": label,
+            "category_name": category_name(label),
+            "score": score,
+            "bbox": bbox,
+            "area": int(crop.mask.sum()),
+            "segmentation": encode_rle(crop, height, width),
+        })
+    return rows
+
+
+def encode_batch(batch: pa.Table, mask_threshold: float) -> pa.Table:
+    """Ray Data stage: predictor rows → rows of ``schema.PREDICTION_SCHEMA``.
+
+    An image whose encoding fails becomes an error row; the others are unaffected.
+    """
+    rows = batch.to_pylist()
+    statuses, errors, detections = [], [], []
+    for row in rows:
+        status, error, encoded = row["status"], row["error"], None
+        if status == schema.STATUS_OK:
+            try:
+                encoded = encode_detections(unpack_detections(row), row["height"], row["width"],
+                                            mask_threshold)
+            except Exception as exc:
+                status, error = schema.STATUS_ERROR, f"encode: {type(exc).__name__}: {exc}"
+        statuses.append(status)
+        errors.append(error)
+        detections.append(encoded)
+    return pa.table({
+        "image_id": batch.column("image_id"),
+        "file_name": batch.column("file_name"),
+        "width": batch.column("width"),
+        "height": batch.column("height"),
+        "status": pa.array(statuses, pa.string()),
+        "error": pa.array(errors, pa.string()),
+        "detections": pa.array(detections, schema.PREDICTION_SCHEMA.field("detections").type),
+    }, schema=schema.PREDICTION_SCHEMA)

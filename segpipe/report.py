@@ -1,0 +1,152 @@
+"""Account for every input, summarise errors, and write the run manifest ``OUTPUT/run.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from segpipe import __version__, schema, storage
+from segpipe.config import SegmentConfig
+from segpipe.export import ExportCounts
+
+_VERSIONED = ("torch", "torchvision", "ray", "pyarrow", "numpy", "pillow", "pycocotools")
+
+
+class Timer:
+    """Wall-clock seconds of named phases."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+            self.seconds["total"] = round(time.perf_counter() - self._start, 3)
+
+
+@dataclass
+class Accounting:
+    """Listed inputs against written rows: all three lists are empty in a correct run."""
+
+    listed: int
+    written: int
+    missing: list[str] = field(default_factory=list)      # listed, no row written
+    duplicated: list[str] = field(default_factory=list)   # more than one row written
+    unexpected: list[str] = field(default_factory=list)   # row written, not listed
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.duplicated or self.unexpected)
+
+
+def account_for_inputs(listing: pa.Table, images: pa.Table) -> Accounting:
+    """Check that each listed image has exactly one row in ``images`` (and nothing else does)."""
+    listed = dict(zip(listing.column("image_id").to_pylist(), listing.column("file_name").to_pylist()))
+    written = Counter(images.column("image_id").to_pylist())
+    names = dict(zip(images.column("image_id").to_pylist(), images.column("file_name").to_pylist()))
+    return Accounting(
+        listed=len(listed),
+        written=images.num_rows,
+        missing=sorted(listed[i] for i in listed.keys() - written.keys()),
+        duplicated=sorted(names[i] for i, n in written.items() if n > 1),
+        unexpected=sorted(names[i] for i in written.keys() - listed.keys()),
+    )
+
+
+def error_summary(images: pa.Table) -> list[dict]:
+    """``{"reason", "count", "examples"}`` for the error rows, most frequent reason first."""
+    errors = images.filter(pc.field("status") == schema.STATUS_ERROR)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in zip(errors.column("file_name").to_pylist(),
+                            errors.column("error").to_pylist()):
+        by_reason.setdefault(reason or "unknown error", []).append(name)
+    ranked = sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [{"reason": r, "count": len(n), "examples": n[:3]} for r, n in ranked]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "segpipe": __version__}
+    for name in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+@dataclass
+class RunReport:
+    """What a segment run did; ``write_manifest`` stores it as ``OUTPUT/run.json``."""
+
+    config: SegmentConfig
+    weights: dict
+    cluster: dict
+    counts: ExportCounts
+    accounting: Accounting
+    errors: list[dict]
+    timings: dict[str, float]
+
+    @property
+    def images_per_second(self) -> dict[str, Optional[float]]:
+        n = self.counts.images
+        rate = lambda key: round(n / self.timings[key], 3) if self.timings.get(key) else None
+        return {"pipeline": rate("pipeline"), "total": rate("total")}
+
+    def to_json(self) -> dict:
+        return {
+            "segpipe": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": self.config.to_dict(),
+            "arch": self.config.arch,
+            "weights": self.weights,
+            "versions": package_versions(),
+            "cluster": self.cluster,
+            "counts": dataclasses.asdict(self.counts),
+            "accounting": dataclasses.asdict(self.accounting) | {"complete": self.accounting.complete},
+            "errors": self.errors,
+            "timings_s": self.timings,
+            "images_per_s": self.images_per_second,
+        }
+
+    def summary_lines(self) -> list[str]:
+        c = self.counts
+        lines = [
+            f"segpipe: {c.images} images: {c.ok} ok, {c.errors} failed; {c.detections} detections "
+            f">= score floor, {c.annotations} written to coco/ (score >= "
+            f"{self.config.score_threshold}), {c.empty_masks_left_out} left out for empty masks, "
+            f"{c.unknown_category_left_out} for non-COCO ('N/A') labels",
+            f"segpipe: {self.images_per_second['pipeline']} images/s in the pipeline, "
+            f"{self.images_per_second['total']} images/s overall ({self.timings.get('total')} s)",
+        ]
+        if self.weights.get("warning"):
+            lines.append(f"segpipe: WARNING: {self.weights['warning']}")
+        if c.errors:
+            lines.append(f"segpipe: {c.errors} image(s) failed:")
+            for e in self.errors:
+                lines.append(f"  {e['count']:>6} x {e['reason']}  (e.g. {', '.join(e['examples'])})")
+        a = self.accounting
+        if not a.complete:
+            lines.append(f"segpipe: ACCOUNTING FAILED: {len(a.missing)} missing, "
+                         f"{len(a.duplicated)} duplicated, {len(a.unexpected)} unexpected rows "
+                         f"(see run.json)")
+        return lines
+
+
+def write_manifest(run_report: RunReport, output: str) -> None:
+    fs, root = storage.resolve(output.rstrip("/"))
+    data = json.dumps(run_report.to_json(), indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+    storage.write_bytes_atomic(fs, storage.join(root, "run.json"), data)

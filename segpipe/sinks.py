@@ -1,0 +1,63 @@
+"""Write prediction rows to ``OUTPUT/predictions/*.parquet`` from Ray write tasks, atomically.
+
+Each file is written under a temporary name and renamed into place once complete, so a file
+named ``part-*.parquet`` is always whole. Files hold at most ``rows_per_file`` rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+
+from segpipe import schema, storage
+
+PREDICTIONS_DIR = "predictions"
+PART_SUFFIX = ".parquet"
+
+
+def write_prediction_file(table: pa.Table, directory: str) -> str:
+    """Write ``table`` as one new Parquet file in ``directory``; return its path."""
+    fs, root = storage.resolve(directory)
+    path = storage.join(root, f"part-{uuid.uuid4().hex}{PART_SUFFIX}")
+    with storage.atomic_output(fs, path) as stream:
+        pq.write_table(table.cast(schema.PREDICTION_SCHEMA), stream, compression="zstd")
+    return path
+
+
+def prediction_files(directory: str) -> list[str]:
+    """The complete prediction files under ``directory`` (temporary files are not listed)."""
+    fs, root = storage.resolve(directory)
+    return [i.path for i in storage.list_files(fs, root, PART_SUFFIX)
+            if i.base_name.startswith("part-")]
+
+
+class PredictionSink(Datasink[list]):
+    """Ray Datasink: each write task writes its rows as one or more complete Parquet files."""
+
+    def __init__(self, directory: str, rows_per_file: int):
+        self.directory = directory
+        self.rows_per_file = rows_per_file
+
+    def write(self, blocks: Iterable[Block], ctx) -> list:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables)
+        written = []
+        for start in range(0, table.num_rows, self.rows_per_file):
+            part = table.slice(start, self.rows_per_file)
+            written.append((write_prediction_file(part, self.directory), part.num_rows))
+        return written
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def get_name(self) -> str:
+        return "WritePredictions"
