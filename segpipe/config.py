@@ -187,7 +187,9 @@ def _check_types(config: SegmentConfig) -> None:
             "str": isinstance(value, (str, int)),
         }.get(kind, True)
         if not ok:
-            raise ConfigError(f"{f.name} must be a {kind}, got {value!r}")
+            expected = {"int": "an integer", "float": "a number", "bool": "true or false",
+                        "str": "a string"}[kind]
+            raise ConfigError(f"{f.name} must be {expected}, got {value!r}")
         if kind == "float":
             setattr(config, f.name, float(value))
         if kind == "str" and not isinstance(value, str):

@@ -9,6 +9,7 @@ converted to 8-bit RGB. ``decode_batch`` is the Ray Data stage around it.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -47,7 +48,10 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
-            raise DecodeError(f"image too large to decode: {exc}") from None
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            pixels = found.group(1) if found else "too many"
+            raise DecodeError(f"image has {pixels} pixels, over max_image_pixels="
+                              f"{limits.max_pixels}") from None
         except UnidentifiedImageError:
             raise DecodeError("not a readable image: format not recognised") from None
         except Exception as exc:  # Pillow raises many types for unreadable data
