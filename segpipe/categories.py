@@ -68,3 +68,22 @@ def category_name(category_id: int) -> str:
 def coco_categories_json() -> list[dict]:
     """Return the ``categories`` list of a COCO dataset file."""
     return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in COCO_CATEGORIES]
+
+
+def parse_classes(text: str) -> frozenset[int]:
+    """COCO ids from a comma-separated list of names (any case) and/or ids: ``person,car,3``."""
+    by_name = {c.name.lower(): c.id for c in COCO_CATEGORIES}
+    ids = set()
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item.isdigit() and int(item) in _NAME_BY_ID:
+            ids.add(int(item))
+        elif item.lower() in by_name:
+            ids.add(by_name[item.lower()])
+        else:
+            raise ValueError(f"unknown COCO class {item!r}; use names such as "
+                             f"{', '.join(sorted(by_name)[:5])}... or ids 1..90")
+    if not ids:
+        raise ValueError("no class given")
+    return frozenset(ids)

@@ -50,6 +50,9 @@ class SegmentConfig:
                               0.05)
     score_threshold: float = _opt("lowest detection score written to coco/", 0.5)
     mask_threshold: float = _opt("soft-mask probability above which a pixel is in the mask", 0.5)
+    soft_masks: bool = _opt("keep each detection's 28x28 soft mask (uint8, 784 bytes) in "
+                            "predictions/ so that `segpipe export` can apply a new mask threshold",
+                            True)
     nms_threshold: float = _opt("IoU of per-class box NMS (model box_nms_thresh)", 0.5)
     detections_per_image: int = _opt("most detections kept per image (box_detections_per_img)", 100)
     proposals_per_image: int = _opt("RPN proposals kept after NMS per image at test time", 1000)
@@ -66,10 +69,16 @@ class SegmentConfig:
     max_image_pixels: int = _opt("images with more pixels become error rows (decode limit)",
                                  100_000_000)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
-    rows_per_file: int = _opt("most rows in one predictions/*.parquet file", 5000)
+    rows_per_file: int = _opt("most rows (images) in one predictions/*.parquet file", 1000)
     address: Optional[str] = _opt("Ray cluster to join; unset: RAY_ADDRESS, else a local Ray", None)
     overwrite: bool = _opt("replace the predictions of an earlier run in OUTPUT", False)
+    resume: bool = _opt("finish an interrupted run: keep OUTPUT's complete prediction files, "
+                        "segment only the images missing from them (same settings required)",
+                        False)
     progress: bool = _opt("show Ray Data's progress bars", True)
+    fault_kill_after_batches: int = _opt("TESTING ONLY: the first predictor actor kills its own "
+                                         "worker process after this many batches (0: never), "
+                                         "to show that Ray restarts it and no image is lost", 0)
 
     def replace(self, **changes: Any) -> "SegmentConfig":
         """Return a copy with ``changes`` applied (``None`` values are ignored)."""
@@ -77,6 +86,24 @@ class SegmentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model settings that change predictions (everything but the weights)."""
+
+    arch: str
+    min_size: int
+    max_size: int
+    score_floor: float
+    nms_threshold: float
+    detections_per_image: int
+    proposals_per_image: int
+
+    @classmethod
+    def from_config(cls, config: SegmentConfig) -> "ModelSpec":
+        return cls(config.arch, config.min_size, config.max_size, config.score_floor,
+                   config.nms_threshold, config.detections_per_image, config.proposals_per_image)
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -171,6 +198,11 @@ def validate(config: SegmentConfig) -> None:
     if config.torch_threads < 0:
         raise ConfigError(f"torch_threads must be >= 0, got {config.torch_threads}")
     parse_actors(config.actors)
+    if config.resume and config.overwrite:
+        raise ConfigError("resume and overwrite exclude each other: resume keeps earlier "
+                          "predictions, overwrite deletes them")
+    if config.fault_kill_after_batches < 0:
+        raise ConfigError("fault_kill_after_batches must be >= 0")
 
 
 def _check_types(config: SegmentConfig) -> None:

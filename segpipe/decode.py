@@ -132,12 +132,5 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
         statuses.append(schema.STATUS_OK)
         errors.append(None)
         pixels.append(rgb.tobytes())
-    return pa.table({
-        "image_id": batch.column("image_id"),
-        "file_name": batch.column("file_name"),
-        "width": pa.array(widths, pa.int32()),
-        "height": pa.array(heights, pa.int32()),
-        "status": pa.array(statuses, pa.string()),
-        "error": pa.array(errors, pa.string()),
-        schema.PIXELS: pa.array(pixels, pa.large_binary()),
-    })
+    return pa.table({**schema.image_columns(batch, statuses, errors, widths, heights),
+                     schema.PIXELS: pa.array(pixels, pa.large_binary())})

@@ -92,6 +92,28 @@ def encode_rle(crop: MaskCrop, height: int, width: int) -> dict:
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
+def quantise_soft_masks(soft_masks: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] → uint8 (``round(p * 255)``), for storage in predictions/."""
+    return np.clip(np.rint(soft_masks * 255.0), 0, 255).astype(np.uint8)
+
+
+def dequantise_soft_mask(data: bytes) -> np.ndarray:
+    """Inverse of ``quantise_soft_masks`` for one stored mask: an ``M×M`` float32 array."""
+    q = np.frombuffer(data, np.uint8)
+    m = int(round(len(q) ** 0.5))
+    if m * m != len(q):
+        raise ValueError(f"stored soft mask has {len(q)} values, not a square")
+    return (q.astype(np.float32) / 255.0).reshape(m, m)
+
+
+def rethreshold(detection: dict, height: int, width: int, mask_threshold: float) -> tuple[int, dict]:
+    """``(area, segmentation)`` of a stored detection binarised at a new mask threshold."""
+    soft = dequantise_soft_mask(detection["soft_mask"])[None]
+    box = np.asarray([detection["box"]], np.float32)
+    crop = next(paste_mask_crops(soft, box, height, width, mask_threshold))
+    return int(crop.mask.sum()), encode_rle(crop, height, width)
+
+
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     """COCO ``[x, y, width, height]`` from ``[x1, y1, x2, y2]``."""
     out = np.asarray(boxes, np.float32).copy()
@@ -99,14 +121,16 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_detections(det: ImageDetections, height: int, width: int,
-                      mask_threshold: float) -> list[dict]:
+def encode_detections(det: ImageDetections, height: int, width: int, mask_threshold: float,
+                      keep_soft_masks: bool = True) -> list[dict]:
     """The ``detections`` list of one output row (``schema.DETECTION`` dicts)."""
     crops = paste_mask_crops(det.soft_masks, det.boxes, height, width, mask_threshold)
     bboxes = xyxy_to_xywh(det.boxes)
+    stored = quantise_soft_masks(det.soft_masks) if keep_soft_masks else [None] * len(det.boxes)
     rows = []
-    for label, score, bbox, crop in zip(det.labels.tolist(), det.scores.tolist(),
-                                        bboxes.tolist(), crops):
+    for label, score, bbox, box, soft, crop in zip(det.labels.tolist(), det.scores.tolist(),
+                                                   bboxes.tolist(), det.boxes.tolist(), stored,
+                                                   crops):
         rows.append({
             "category_id": label,
             "category_name": category_name(label),
@@ -114,11 +138,13 @@ def encode_detections(det: ImageDetections, height: int, width: int,
             "bbox": bbox,
             "area": int(crop.mask.sum()),
             "segmentation": encode_rle(crop, height, width),
+            "box": box,
+            "soft_mask": soft.tobytes() if soft is not None else None,
         })
     return rows
 
 
-def encode_batch(batch: pa.Table, mask_threshold: float) -> pa.Table:
+def encode_batch(batch: pa.Table, mask_threshold: float, keep_soft_masks: bool = True) -> pa.Table:
     """Ray Data stage: predictor rows → rows of ``schema.PREDICTION_SCHEMA``.
 
     An image whose encoding fails becomes an error row; the others are unaffected.
@@ -130,18 +156,13 @@ def encode_batch(batch: pa.Table, mask_threshold: float) -> pa.Table:
         if status == schema.STATUS_OK:
             try:
                 encoded = encode_detections(unpack_detections(row), row["height"], row["width"],
-                                            mask_threshold)
+                                            mask_threshold, keep_soft_masks)
             except Exception as exc:
                 status, error = schema.STATUS_ERROR, f"encode: {type(exc).__name__}: {exc}"
         statuses.append(status)
         errors.append(error)
         detections.append(encoded)
     return pa.table({
-        "image_id": batch.column("image_id"),
-        "file_name": batch.column("file_name"),
-        "width": batch.column("width"),
-        "height": batch.column("height"),
-        "status": pa.array(statuses, pa.string()),
-        "error": pa.array(errors, pa.string()),
+        **schema.image_columns(batch, statuses, errors),
         "detections": pa.array(detections, schema.PREDICTION_SCHEMA.field("detections").type),
     }, schema=schema.PREDICTION_SCHEMA)

@@ -10,33 +10,53 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from segpipe import __version__, schema, storage
 from segpipe.categories import COCO_CATEGORY_IDS, coco_categories_json
-from segpipe.sinks import prediction_files
+from segpipe.encode import rethreshold
+from segpipe.config import ConfigError
+from segpipe.sinks import PREDICTIONS_DIR, prediction_files, read_run_settings
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "status", "error"]
 
 
 @dataclass
+class ExportOptions:
+    """Which detections go into the COCO files, and how their masks are made."""
+
+    score_threshold: float
+    mask_threshold: Optional[float] = None   # None: the run's own masks, as stored
+    classes: Optional[frozenset[int]] = None  # COCO ids to keep; None: all
+    max_per_image: Optional[int] = None      # highest-scoring N per image, after other filters
+    min_area: int = 1                        # masks with fewer pixels are left out
+    polygons: bool = False                   # polygon segmentations instead of RLE
+
+
+@dataclass
 class ExportCounts:
-    """What an export read and wrote."""
+    """What an export read, wrote and left out (each detection is counted once, first reason)."""
 
     images: int = 0
     ok: int = 0
     errors: int = 0
-    detections: int = 0              # rows' detections (>= the run's score floor)
-    annotations: int = 0             # written: score >= threshold and a non-empty mask
+    detections: int = 0                 # stored detections (>= the run's score floor)
+    annotations: int = 0                # written to both COCO files
     below_threshold: int = 0
-    empty_masks_left_out: int = 0    # score >= threshold but no pixel above the mask threshold
+    other_classes_left_out: int = 0     # not in --classes
     unknown_category_left_out: int = 0  # a label in COCO's id gaps ("N/A"): not a COCO category
+    empty_masks_left_out: int = 0       # no pixel above the mask threshold
+    small_masks_left_out: int = 0       # fewer pixels than min_area
+    no_polygon_left_out: int = 0        # --polygons: no contour of 3+ points
+    over_max_per_image: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
 
 
@@ -53,15 +73,74 @@ def read_image_table(predictions_dir: str) -> pa.Table:
     return table.sort_by("file_name")
 
 
-def iter_detections(predictions_dir: str, batch_rows: int = 256) -> Iterator[tuple[int, list[dict]]]:
-    """Yield ``(image_id, detections)`` for every ok image, streaming over the files."""
+def iter_ok_rows(predictions_dir: str, batch_rows: int = 256) -> Iterator[dict]:
+    """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming."""
     dataset = predictions_dataset(predictions_dir)
-    for batch in dataset.to_batches(columns=["image_id", "status", "detections"],
+    columns = ["image_id", "file_name", "width", "height", "detections"]
+    for batch in dataset.to_batches(columns=columns,
                                     filter=pc.field("status") == schema.STATUS_OK,
                                     batch_size=batch_rows):
-        ids = batch.column("image_id").to_pylist()
-        for image_id, detections in zip(ids, batch.column("detections").to_pylist()):
-            yield image_id, detections or []
+        yield from batch.to_pylist()
+
+
+def select_detections(row: dict, options: ExportOptions, run_mask_threshold: float,
+                      counts: ExportCounts) -> list[dict]:
+    """The detections of one ok row that go into the COCO files, with their final masks.
+
+    Applies, in order: score threshold, class filter, COCO category, new mask threshold,
+    empty and small masks, polygons, then ``max_per_image`` (highest scores first).
+    """
+    kept = []
+    rethreshold_masks = (options.mask_threshold is not None
+                         and options.mask_threshold != run_mask_threshold)
+    for det in row["detections"] or []:
+        counts.detections += 1
+        if det["score"] < options.score_threshold:
+            counts.below_threshold += 1
+            continue
+        if options.classes is not None and det["category_id"] not in options.classes:
+            counts.other_classes_left_out += 1
+            continue
+        if det["category_id"] not in COCO_CATEGORY_IDS:
+            counts.unknown_category_left_out += 1
+            continue
+        area, segmentation = det["area"], det["segmentation"]
+        if rethreshold_masks:
+            area, segmentation = rethreshold(det, row["height"], row["width"],
+                                             options.mask_threshold)
+        if area == 0:
+            counts.empty_masks_left_out += 1
+            continue
+        if area < options.min_area:
+            counts.small_masks_left_out += 1
+            continue
+        if options.polygons:
+            segmentation = rle_to_polygons(segmentation)
+            if not segmentation:
+                counts.no_polygon_left_out += 1
+                continue
+        kept.append({**det, "area": area, "segmentation": segmentation})
+    if options.max_per_image is not None and len(kept) > options.max_per_image:
+        kept.sort(key=lambda d: -d["score"])
+        counts.over_max_per_image += len(kept) - options.max_per_image
+        kept = kept[:options.max_per_image]
+    return kept
+
+
+def rle_to_polygons(rle: dict) -> list[list[float]]:
+    """COCO polygons of a mask's outer contours (OpenCV ``findContours``), as detectron2 does:
+    pixel-centre contours shifted by half a pixel, polygons of fewer than 3 points dropped."""
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        flat = (contour.reshape(-1).astype(np.float64) + 0.5).tolist()
+        if len(flat) >= 6:
+            polygons.append(flat)
+    return polygons
 
 
 class JsonArrayWriter:
@@ -87,13 +166,14 @@ def coco_info(description: str, extra: Optional[dict] = None) -> dict:
             **(extra or {})}
 
 
-def export_coco(predictions_dir: str, coco_dir: str, score_threshold: float,
-                info: Optional[dict] = None, images: Optional[pa.Table] = None) -> ExportCounts:
+def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
+                run_mask_threshold: float, info: Optional[dict] = None,
+                images: Optional[pa.Table] = None) -> ExportCounts:
     """Write ``coco_dir/instances.json`` and ``coco_dir/results.json`` from predictions.
 
-    Annotations and results hold the detections with ``score >= score_threshold``, a
-    non-empty mask and a COCO category (not one of the "N/A" ids in COCO's gaps); images lists the images that decoded and were predicted. ``images`` is
-    ``read_image_table(predictions_dir)`` when the caller has it already.
+    Both files hold the same detections, chosen by ``select_detections``; ``images`` lists the
+    images that decoded and were predicted. ``images`` is ``read_image_table(predictions_dir)``
+    when the caller has it already.
     """
     if images is None:
         images = read_image_table(predictions_dir)
@@ -117,19 +197,9 @@ def export_coco(predictions_dir: str, coco_dir: str, score_threshold: float,
         annotation_writer = JsonArrayWriter(instances)
         results.write(b"[")
         result_writer = JsonArrayWriter(results)
-        for image_id, detections in iter_detections(predictions_dir):
-            for det in detections:
-                counts.detections += 1
-                if det["score"] < score_threshold:
-                    counts.below_threshold += 1
-                    continue
-                if det["area"] == 0:
-                    counts.empty_masks_left_out += 1
-                    continue
-                if det["category_id"] not in COCO_CATEGORY_IDS:
-                    counts.unknown_category_left_out += 1
-                    continue
-                result = {"image_id": image_id, "category_id": det["category_id"],
+        for row in iter_ok_rows(predictions_dir):
+            for det in select_detections(row, options, run_mask_threshold, counts):
+                result = {"image_id": row["image_id"], "category_id": det["category_id"],
                           "bbox": det["bbox"], "score": det["score"],
                           "segmentation": det["segmentation"]}
                 result_writer.write(result)
@@ -141,3 +211,49 @@ def export_coco(predictions_dir: str, coco_dir: str, score_threshold: float,
     counts.annotations = annotation_writer.count
     counts.per_category = dict(sorted(per_category.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
+
+
+def run_export(output: str, to: str, options: ExportOptions) -> dict:
+    """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
+    from ``output/predictions`` alone. Raises ``ConfigError`` before any work for requests the
+    stored predictions cannot answer."""
+    predictions_dir = storage.join(output.rstrip("/"), PREDICTIONS_DIR)
+    if not prediction_files(predictions_dir):
+        raise ConfigError(f"{predictions_dir} holds no prediction files; run `segpipe segment` "
+                          "into OUTPUT first")
+    settings = read_run_settings(predictions_dir)
+    if settings is None:
+        raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
+    if options.score_threshold < settings.model.score_floor:
+        raise ConfigError(f"score threshold {options.score_threshold} is below the stored score "
+                          f"floor {settings.model.score_floor}: detections under the floor were never "
+                          "kept; rerun segment with a lower --score-floor")
+    if (options.mask_threshold is not None and options.mask_threshold != settings.mask_threshold
+            and not settings.soft_masks):
+        raise ConfigError(f"mask threshold {options.mask_threshold} differs from the run's "
+                          f"{settings.mask_threshold}, but the run kept no soft masks "
+                          "(--no-soft-masks); rerun segment with soft masks to re-threshold")
+    if not 0.0 <= options.score_threshold < 1.0 or (
+            options.mask_threshold is not None and not 0.0 <= options.mask_threshold < 1.0):
+        raise ConfigError("thresholds must be in [0, 1)")
+    start = time.perf_counter()
+    info = coco_info("segpipe export", {"arch": settings.model.arch,
+                                        "weights_sha256": settings.weights_sha256})
+    counts = export_coco(predictions_dir, to, options, settings.mask_threshold, info)
+    seconds = time.perf_counter() - start
+    summary = {
+        "segpipe": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": output,
+        "asked": {**asdict(options), "classes": sorted(options.classes) if options.classes else None,
+                  "mask_threshold": options.mask_threshold if options.mask_threshold is not None
+                  else settings.mask_threshold},
+        "run_settings": asdict(settings),
+        "counts": asdict(counts),
+        "seconds": round(seconds, 3),
+        "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
+    }
+    fs, root = storage.resolve(to.rstrip("/"))
+    storage.write_bytes_atomic(fs, storage.join(root, "export.json"),
+                               json.dumps(summary, indent=2, ensure_ascii=False).encode() + b"\n")
+    return summary

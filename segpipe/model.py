@@ -24,7 +24,7 @@ from torchvision.models.detection import (
 from torchvision.models._api import WeightsEnum
 
 from segpipe.categories import NUM_MODEL_CLASSES
-from segpipe.config import ConfigError, SegmentConfig
+from segpipe.config import ConfigError, ModelSpec
 
 _BUILDERS: dict[str, tuple[Callable[..., MaskRCNN], WeightsEnum]] = {
     "maskrcnn_resnet50_fpn": (maskrcnn_resnet50_fpn, MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
@@ -33,24 +33,6 @@ _BUILDERS: dict[str, tuple[Callable[..., MaskRCNN], WeightsEnum]] = {
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run used seeded random-initialised weights; its "
                           "detections are meaningless and only exercise the pipeline")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The model settings that change predictions (everything but the weights)."""
-
-    arch: str
-    min_size: int
-    max_size: int
-    score_floor: float
-    nms_threshold: float
-    detections_per_image: int
-    proposals_per_image: int
-
-    @classmethod
-    def from_config(cls, config: SegmentConfig) -> "ModelSpec":
-        return cls(config.arch, config.min_size, config.max_size, config.score_floor,
-                   config.nms_threshold, config.detections_per_image, config.proposals_per_image)
 
 
 def build_model(spec: ModelSpec) -> MaskRCNN:

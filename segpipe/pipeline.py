@@ -17,12 +17,13 @@ import pyarrow as pa
 import ray
 
 from segpipe import report, sinks, sources, storage
-from segpipe.config import ConfigError, SegmentConfig, parse_actors, validate
+from segpipe.schema import RunSettings
+from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors, validate
 from segpipe.decode import DecodeLimits, decode_batch
 from segpipe.encode import encode_batch
-from segpipe.export import coco_info, export_coco, read_image_table
-from segpipe.model import ModelSpec, ResolvedWeights, resolve_weights
-from segpipe.predictor import MaskRCNNPredictor
+from segpipe.export import ExportOptions, coco_info, export_coco, read_image_table
+from segpipe.model import ResolvedWeights, resolve_weights
+from segpipe.predictor import FaultInjection, MaskRCNNPredictor
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
 DECODE_BATCH = 4
@@ -89,17 +90,41 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
         ray.shutdown()
 
 
-def prepare_output(config: SegmentConfig) -> str:
-    """Return the predictions folder, after refusing (or, with overwrite, clearing) old output."""
+def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, set[int]]:
+    """Return the predictions folder and the ids of the images already done in it.
+
+    A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``.
+    With ``resume`` the complete files of an earlier run are kept (their images are skipped)
+    after checking that they were made with the same settings; leftover temporary files of a
+    killed run are removed.
+    """
     predictions_dir = storage.join(config.output.rstrip("/"), sinks.PREDICTIONS_DIR)
+    fs, root = storage.resolve(predictions_dir)
     old = sinks.prediction_files(predictions_dir)
+    if config.resume:
+        if old:
+            differences = settings.differences(sinks.read_run_settings(predictions_dir))
+            if differences:
+                raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
+                                  f"other settings ({', '.join(differences)}); resume with the "
+                                  "same settings, or use --overwrite")
+        for leftover in storage.list_files(fs, root, sinks.TEMPORARY_SUFFIX):
+            fs.delete_file(leftover.path)
+        return predictions_dir, sinks.written_image_ids(predictions_dir)
     if old and not config.overwrite:
         raise ConfigError(f"{predictions_dir} already holds {len(old)} prediction file(s) from an "
-                          "earlier run; pass --overwrite to replace them, or choose another OUTPUT")
-    fs, _ = storage.resolve(predictions_dir)
-    for path in old:
-        fs.delete_file(path)
-    return predictions_dir
+                          "earlier run; pass --resume to finish it, --overwrite to replace it, "
+                          "or choose another OUTPUT")
+    for info in storage.list_files(fs, root):
+        fs.delete_file(info.path)
+    return predictions_dir, set()
+
+
+def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
+    if not config.fault_kill_after_batches:
+        return None
+    return FaultInjection(config.fault_kill_after_batches,
+                          storage.join(config.output.rstrip("/"), ".fault-injected"))
 
 
 def build_dataset(listing: pa.Table, config: SegmentConfig, plan: ActorPlan,
@@ -112,15 +137,23 @@ def build_dataset(listing: pa.Table, config: SegmentConfig, plan: ActorPlan,
     ds = ds.map_batches(
         MaskRCNNPredictor,
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "use_gpu": plan.num_gpus > 0,
-                               "precision": config.precision, "torch_threads": plan.torch_threads},
+                               "precision": config.precision, "torch_threads": plan.torch_threads,
+                               "fault": fault_injection(config)},
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_gpus=plan.num_gpus,
         num_cpus=plan.cpus_per_actor,
     )
-    return ds.map_batches(encode_batch, fn_kwargs={"mask_threshold": config.mask_threshold},
+    return ds.map_batches(encode_batch, fn_kwargs={"mask_threshold": config.mask_threshold,
+                                                   "keep_soft_masks": config.soft_masks},
                           batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1)
+
+
+def run_settings(config: SegmentConfig, spec: ModelSpec, weights: ResolvedWeights) -> RunSettings:
+    """What the predictions of this run depend on (recorded in every Parquet file)."""
+    return RunSettings(model=spec, weights_sha256=weights.sha256,
+                       mask_threshold=config.mask_threshold, soft_masks=config.soft_masks)
 
 
 def run_segment(config: SegmentConfig) -> report.RunReport:
@@ -134,21 +167,29 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
         print(f"segpipe: WARNING: {weights.warning}", flush=True)
     with timer("list"):
         listing = sources.list_images(config.input)
-    predictions_dir = prepare_output(config)
-    print(f"segpipe: {listing.num_rows} images under {config.input}", flush=True)
+    settings = run_settings(config, spec, weights)
+    predictions_dir, done = prepare_output(config, settings)
+    todo = listing
+    if done:
+        todo = listing.filter(pa.array([i not in done for i in listing.column("image_id").to_pylist()]))
+        print(f"segpipe: resuming: {listing.num_rows - todo.num_rows} of {listing.num_rows} images "
+              "already in predictions/", flush=True)
+    print(f"segpipe: {todo.num_rows} images to segment under {config.input}", flush=True)
 
-    with ray_session(config.address):
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = config.progress
-        plan = plan_actors(config, ray.cluster_resources())
-        with timer("pipeline"):
-            weights_ref = ray.put(weights.state_dict)
-            dataset = build_dataset(listing, config, plan, spec, weights_ref)
-            dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file))
-        cluster = {"address": config.address or os.environ.get("RAY_ADDRESS") or "local",
-                   "resources": {k: v for k, v in ray.cluster_resources().items()
-                                 if k in ("CPU", "GPU", "memory")},
-                   "predictor_pool": plan.as_dict()}
+    cluster: dict = {"address": config.address or os.environ.get("RAY_ADDRESS") or "local"}
+    if todo.num_rows:
+        with ray_session(config.address):
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = config.progress
+            plan = plan_actors(config, ray.cluster_resources())
+            with timer("pipeline"):
+                weights_ref = ray.put(weights.state_dict)
+                dataset = build_dataset(todo, config, plan, spec, weights_ref)
+                dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
+                                                            settings))
+            cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
+                                      if k in ("CPU", "GPU", "memory")},
+                           predictor_pool=plan.as_dict())
 
     with timer("export"):
         images = read_image_table(predictions_dir)
@@ -156,9 +197,11 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
         info = coco_info("segpipe predictions", {"arch": config.arch,
                                                  "weights": weights.identity()})
         counts = export_coco(predictions_dir, storage.join(config.output.rstrip("/"), "coco"),
-                             config.score_threshold, info, images)
+                             ExportOptions(score_threshold=config.score_threshold),
+                             config.mask_threshold, info, images)
     run_report = report.RunReport(config=config, weights=weights.identity(), cluster=cluster,
                                   counts=counts, accounting=accounting,
-                                  errors=report.error_summary(images), timings=timer.seconds)
+                                  errors=report.error_summary(images), timings=timer.seconds,
+                                  processed=todo.num_rows, resumed_from=len(done))
     report.write_manifest(run_report, config.output)
     return run_report

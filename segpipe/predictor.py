@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class MaskRCNNPredictor:
     """
 
     def __init__(self, spec: ModelSpec, weights, use_gpu: bool, precision: str = "fp32",
-                 torch_threads: int = 0):
+                 torch_threads: int = 0, fault: Optional["FaultInjection"] = None):
         import ray
 
         if torch_threads > 0:
@@ -120,8 +121,13 @@ class MaskRCNNPredictor:
         self.model = build_model(spec)
         self.model.load_state_dict(state_dict)
         self.model.to(self.device)
+        self.fault = fault
+        self.batches = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.batches += 1
+        if self.fault is not None:
+            self.fault.maybe_kill(self.batches)
         statuses = batch.column("status").to_pylist()
         errors = batch.column("error").to_pylist()
         widths = batch.column("width").to_pylist()
@@ -154,6 +160,29 @@ class MaskRCNNPredictor:
             return self._predict_isolated(arrays[:half]) + self._predict_isolated(arrays[half:])
 
 
+@dataclass(frozen=True)
+class FaultInjection:
+    """Testing only: kill this actor's worker process in the middle of batch ``after + 1``.
+
+    The first actor to get there leaves ``marker`` behind, so the restarted actor (and every
+    other one) carries on: the run shows that Ray redoes the lost batch and no image is lost.
+    """
+
+    after: int
+    marker: str
+
+    def maybe_kill(self, batches: int) -> None:
+        if batches <= self.after:
+            return
+        from segpipe import storage
+
+        fs, path = storage.resolve(self.marker)
+        if storage.exists(fs, path):
+            return
+        storage.write_bytes_atomic(fs, path, f"killed pid {os.getpid()}\n".encode())
+        os._exit(17)
+
+
 def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[str]],
                     results: list[Optional[ImageDetections]]) -> pa.Table:
     """Build the predictor's output rows: per image, the detection arrays as raw bytes."""
@@ -162,12 +191,7 @@ def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[
                         pa.binary())
 
     return pa.table({
-        "image_id": batch.column("image_id"),
-        "file_name": batch.column("file_name"),
-        "width": batch.column("width"),
-        "height": batch.column("height"),
-        "status": pa.array(statuses, pa.string()),
-        "error": pa.array(errors, pa.string()),
+        **schema.image_columns(batch, statuses, errors),
         schema.NUM_DETECTIONS: pa.array([len(r.scores) if r is not None else 0 for r in results],
                                         pa.int32()),
         schema.MASK_SIZE: pa.array([r.soft_masks.shape[-1] if r is not None else 0

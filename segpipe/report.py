@@ -99,10 +99,12 @@ class RunReport:
     accounting: Accounting
     errors: list[dict]
     timings: dict[str, float]
+    processed: int = 0        # images segmented by this run
+    resumed_from: int = 0     # images already in predictions/ when it started (--resume)
 
     @property
     def images_per_second(self) -> dict[str, Optional[float]]:
-        n = self.counts.images
+        n = self.processed
         rate = lambda key: round(n / self.timings[key], 3) if self.timings.get(key) else None
         return {"pipeline": rate("pipeline"), "total": rate("total")}
 
@@ -118,6 +120,8 @@ class RunReport:
             "counts": dataclasses.asdict(self.counts),
             "accounting": dataclasses.asdict(self.accounting) | {"complete": self.accounting.complete},
             "errors": self.errors,
+            "processed": self.processed,
+            "resumed_from": self.resumed_from,
             "timings_s": self.timings,
             "images_per_s": self.images_per_second,
         }

@@ -6,7 +6,13 @@ sink writes it, export and the tests read it, and the README documents it.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from typing import Optional
+
 import pyarrow as pa
+
+from segpipe.config import ModelSpec
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -23,6 +29,9 @@ DETECTION = pa.struct([
     pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO [x, y, width, height], image pixels
     pa.field("area", pa.int64()),               # pixels in the mask at the run's mask threshold
     pa.field("segmentation", SEGMENTATION),
+    pa.field("box", pa.list_(pa.float32(), 4)),   # x1 y1 x2 y2 exactly as predicted (re-paste)
+    pa.field("soft_mask", pa.binary()),         # M×M mask probabilities as uint8 (p·255,
+                                                # rounded), row-major; null with --no-soft-masks
 ])
 
 PREDICTION_SCHEMA = pa.schema([
@@ -34,6 +43,24 @@ PREDICTION_SCHEMA = pa.schema([
     pa.field("error", pa.string()),                     # readable reason when status is "error"
     pa.field("detections", pa.list_(DETECTION)),        # score >= score floor; null on error
 ])
+
+#: Key of the Parquet key-value metadata that records the run settings predictions depend on
+#: (``RunSettings`` as JSON), so that predictions/ can be re-exported without run.json.
+RUN_SETTINGS_KEY = b"segpipe.run"
+
+def image_columns(batch: pa.Table, statuses: list, errors: list, widths: Optional[list] = None,
+                  heights: Optional[list] = None) -> dict[str, pa.Array]:
+    """The per-image columns every stage passes on: ids and names from ``batch``, the status
+    and error as the stage leaves them, and the size (from ``batch`` unless given)."""
+    return {
+        "image_id": batch.column("image_id"),
+        "file_name": batch.column("file_name"),
+        "width": batch.column("width") if widths is None else pa.array(widths, pa.int32()),
+        "height": batch.column("height") if heights is None else pa.array(heights, pa.int32()),
+        "status": pa.array(statuses, pa.string()),
+        "error": pa.array(errors, pa.string()),
+    }
+
 
 # Columns of the rows that flow between stages (not written anywhere).
 # sources → decode: image_id, file_name, path, size
@@ -47,3 +74,31 @@ SCORES = "scores"          # float32[N]
 BOXES = "boxes"            # float32[N, 4], x1 y1 x2 y2 in original image pixels
 SOFT_MASKS = "soft_masks"  # float32[N, M, M], the mask head's probabilities for the label
 MASK_SIZE = "mask_size"    # M
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings that predictions/ depend on, stored in every Parquet file's metadata."""
+
+    model: ModelSpec
+    weights_sha256: str
+    mask_threshold: float
+    soft_masks: bool
+
+    def to_metadata(self) -> dict[bytes, bytes]:
+        return {RUN_SETTINGS_KEY: json.dumps(asdict(self), sort_keys=True).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Optional[dict]) -> Optional["RunSettings"]:
+        raw = (metadata or {}).get(RUN_SETTINGS_KEY)
+        if not raw:
+            return None
+        values = json.loads(raw)
+        return cls(model=ModelSpec(**values.pop("model")), **values)
+
+    def differences(self, other: Optional["RunSettings"]) -> list[str]:
+        """``"name: then -> now"`` for every setting in which ``other`` (earlier) differs."""
+        now = {**asdict(self.model), **{k: v for k, v in asdict(self).items() if k != "model"}}
+        then = ({**asdict(other.model), **{k: v for k, v in asdict(other).items() if k != "model"}}
+                if other else {})
+        return [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in now.items() if then.get(k) != v]

@@ -7,7 +7,7 @@ named ``part-*.parquet`` is always whole. Files hold at most ``rows_per_file`` r
 from __future__ import annotations
 
 import uuid
-from typing import Iterable
+from typing import Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,15 +18,45 @@ from segpipe import schema, storage
 
 PREDICTIONS_DIR = "predictions"
 PART_SUFFIX = ".parquet"
+TEMPORARY_SUFFIX = ".tmp"
 
 
-def write_prediction_file(table: pa.Table, directory: str) -> str:
-    """Write ``table`` as one new Parquet file in ``directory``; return its path."""
+def write_prediction_file(table: pa.Table, directory: str, settings: schema.RunSettings) -> str:
+    """Write ``table`` as one new Parquet file in ``directory``; return its path.
+
+    The file's metadata records ``settings``, so that the file describes how it was made.
+    """
     fs, root = storage.resolve(directory)
     path = storage.join(root, f"part-{uuid.uuid4().hex}{PART_SUFFIX}")
+    table = table.cast(schema.PREDICTION_SCHEMA).replace_schema_metadata(settings.to_metadata())
     with storage.atomic_output(fs, path) as stream:
-        pq.write_table(table.cast(schema.PREDICTION_SCHEMA), stream, compression="zstd")
+        pq.write_table(table, stream, compression="zstd")
     return path
+
+
+def written_image_ids(directory: str) -> set[int]:
+    """The ``image_id`` of every row in the complete prediction files of ``directory``."""
+    fs, _ = storage.resolve(directory)
+    ids: set[int] = set()
+    for path in prediction_files(directory):
+        with fs.open_input_file(path) as f:
+            ids.update(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+    return ids
+
+
+def read_run_settings(directory: str) -> Optional[schema.RunSettings]:
+    """The settings recorded in the prediction files of ``directory``.
+
+    Raises ``ValueError`` when files disagree (predictions of different runs mixed).
+    """
+    fs, _ = storage.resolve(directory)
+    found: set[schema.RunSettings] = set()
+    for path in prediction_files(directory):
+        with fs.open_input_file(path) as f:
+            found.add(schema.RunSettings.from_metadata(pq.read_schema(f).metadata))
+    if len(found) > 1:
+        raise ValueError(f"{directory} mixes predictions made with different settings: {found}")
+    return found.pop() if found else None
 
 
 def prediction_files(directory: str) -> list[str]:
@@ -39,9 +69,10 @@ def prediction_files(directory: str) -> list[str]:
 class PredictionSink(Datasink[list]):
     """Ray Datasink: each write task writes its rows as one or more complete Parquet files."""
 
-    def __init__(self, directory: str, rows_per_file: int):
+    def __init__(self, directory: str, rows_per_file: int, settings: schema.RunSettings):
         self.directory = directory
         self.rows_per_file = rows_per_file
+        self.settings = settings
 
     def write(self, blocks: Iterable[Block], ctx) -> list:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
@@ -52,7 +83,8 @@ class PredictionSink(Datasink[list]):
         written = []
         for start in range(0, table.num_rows, self.rows_per_file):
             part = table.slice(start, self.rows_per_file)
-            written.append((write_prediction_file(part, self.directory), part.num_rows))
+            written.append((write_prediction_file(part, self.directory, self.settings),
+                            part.num_rows))
         return written
 
     @property

@@ -1,0 +1,257 @@
+"""Throughput of segpipe against the classic tutorial loop and the bare model, on the same images.
+
+    python bench/throughput.py [--images 64] [--width 640 --height 480] [--arch ...]
+        [--device cpu|cuda] [--batch-size 4] [--precision fp32|bf16|fp16] [--min-size 800]
+        [--modes tutorial,forward,predictor,pipeline] [--no-record]
+
+Each mode runs in a process of its own (so peak memory is its own) on the same generated images
+(scikit-image's sample photos, flipped and cropped to the requested size):
+
+1. ``tutorial``  the classic ``get_prediction`` loop: one image at a time, fp32, torchvision's
+                 full-canvas mask paste, ``masks > 0.5``, one pycocotools RLE per mask;
+2. ``forward``   the model forward only (transform, backbone, RPN, ROI heads; no paste, no
+                 encode) on batches already on the device: the compute floor;
+3. ``predictor`` segpipe's predictor and encode stage, without Ray;
+4. ``pipeline``  the whole ``segpipe segment`` on a local Ray, start-up, decode and writing
+                 included.
+
+Weights are seeded random (no download here); the score floor is 0.05, at which random weights
+keep the full ``detections_per_image`` (100) per image, a realistic load for paste and encode.
+Prints images/s, ratios to ``forward`` and ``tutorial``, detections per image, peak host RSS
+and peak GPU memory, and appends a dated row to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = ("tutorial", "forward", "predictor", "pipeline")
+
+
+def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]:
+    """``count`` distinct JPEGs of ``width×height`` made from scikit-image's photos."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(),
+               data.stereo_motorcycle()[0]]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        base = Image.fromarray(sources[i % len(sources)])
+        scale = max(width / base.width, height / base.height) * (1 + 0.1 * (i // len(sources) % 4))
+        big = base.resize((int(base.width * scale) + 1, int(base.height * scale) + 1))
+        x = (i * 37) % (big.width - width + 1)
+        y = (i * 23) % (big.height - height + 1)
+        crop = np.asarray(big.crop((x, y, x + width, y + height)))
+        if i % 2:
+            crop = crop[:, ::-1]
+        path = folder / f"img_{i:05d}.jpg"
+        Image.fromarray(np.ascontiguousarray(crop)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_mode(mode: str, args: argparse.Namespace, paths: list[Path]) -> dict:
+    """Time one mode in this process; return its figures."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from segpipe.decode import DecodeLimits, decode_image
+    from segpipe.model import ModelSpec, build_model, resolve_weights
+
+    spec = ModelSpec(args.arch, args.min_size, args.max_size, args.score_floor, 0.5,
+                     args.detections, 1000)
+    device = torch.device(args.device)
+    weights = resolve_weights("random", spec, seed=0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = DecodeLimits(10**9, 1 << 30)
+    arrays = [decode_image(p.read_bytes(), limits) for p in paths]
+    detections = 0
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if mode == "pipeline":
+        from segpipe.config import SegmentConfig
+        from segpipe.pipeline import run_segment
+
+        out = Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
+        weights_file = out / "weights.pth"
+        torch.save(weights.state_dict, weights_file)
+        config = SegmentConfig(
+            input=str(paths[0].parent), output=str(out / "run"), arch=args.arch,
+            weights=str(weights_file), min_size=args.min_size, max_size=args.max_size,
+            score_floor=args.score_floor, detections_per_image=args.detections,
+            batch_size=args.batch_size, precision=args.precision, progress=False,
+            num_gpus=1.0 if device.type == "cuda" else 0.0)
+        start = time.perf_counter()
+        report = run_segment(config)
+        seconds = time.perf_counter() - start
+        detections = report.counts.detections
+        return {"seconds": seconds, "detections": detections,
+                "pipeline_only_s": report.timings["pipeline"]}
+
+    model = build_model(spec)
+    model.load_state_dict(weights.state_dict)
+    model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if mode == "tutorial":
+        import torchvision.transforms.functional as TF
+        from pycocotools import mask as mask_utils
+
+        def one(path):
+            image = Image.open(path).convert("RGB")
+            with torch.no_grad():
+                pred = model([TF.to_tensor(image).to(device)])[0]
+            masks = (pred["masks"] > 0.5).squeeze(1).cpu().numpy()
+            rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+            return len(rles)
+
+        one(paths[0])
+        sync()
+        start = time.perf_counter()
+        for p in paths:
+            detections += one(p)
+        sync()
+    else:
+        from segpipe.encode import encode_detections
+        from segpipe.predictor import image_tensor, predict_images
+
+        batches = [arrays[i:i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
+        if mode == "forward":
+            on_device = [[image_tensor(a, device) for a in b] for b in batches]
+            predict_images(model, on_device[0], args.precision)
+            sync()
+            start = time.perf_counter()
+            for b in on_device:
+                detections += sum(len(d.scores) for d in predict_images(model, b, args.precision))
+            sync()
+        else:  # predictor
+            predict_images(model, [image_tensor(a, device) for a in batches[0]], args.precision)
+            sync()
+            start = time.perf_counter()
+            for b in batches:
+                dets = predict_images(model, [image_tensor(a, device) for a in b], args.precision)
+                for array, det in zip(b, dets):
+                    encoded = encode_detections(det, array.shape[0], array.shape[1], 0.5)
+                    detections += len(encoded)
+    seconds = time.perf_counter() - start
+    result = {"seconds": seconds, "detections": detections}
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def record(rows: list[dict], args: argparse.Namespace) -> None:
+    import ray
+    import torch
+    import torchvision
+
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+    path = ROOT / "docs" / "benchmarks.md"
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nRows appended by `python bench/throughput.py`.\n")
+    lines = [
+        f"\n## {dt.date.today().isoformat()} — {device}\n",
+        f"`python bench/throughput.py {' '.join(sys.argv[1:])}`  ",
+        f"arch {args.arch}, {args.images} images {args.width}×{args.height}, min_size "
+        f"{args.min_size}, max_size {args.max_size}, batch {args.batch_size}, precision "
+        f"{args.precision}, score floor {args.score_floor} (random weights), torch "
+        f"{torch.__version__}, torchvision {torchvision.__version__}, ray {ray.__version__}\n",
+        "| mode | images/s | × forward | × tutorial | detections/image | peak host RSS MB | peak GPU MB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['images_per_s']:.3f} | {r.get('x_forward', '')} | "
+                     f"{r.get('x_tutorial', '')} | {r['detections_per_image']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r.get('peak_gpu_mb', '') and round(r['peak_gpu_mb'])} |")
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--arch", default="maskrcnn_resnet50_fpn")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--min-size", type=int, default=800)
+    parser.add_argument("--max-size", type=int, default=1333)
+    parser.add_argument("--score-floor", type=float, default=0.05)
+    parser.add_argument("--detections", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--run-mode", help=argparse.SUPPRESS)
+    parser.add_argument("--image-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.run_mode:  # child process: one mode
+        paths = sorted(Path(args.image_dir).glob("*.jpg"))
+        result = run_mode(args.run_mode, args, paths)
+        result["peak_rss_mb"] = peak_rss_mb()
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="segpipe-bench-images-") as tmp:
+        image_dir = Path(tmp) / "images"
+        make_images(image_dir, args.images, args.width, args.height)
+        rows = []
+        for mode in args.modes.split(","):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--run-mode", mode,
+                   "--image-dir", str(image_dir)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"mode {mode} failed")
+            result = json.loads(line[0][7:])
+            result.update(mode=mode, images_per_s=args.images / result["seconds"],
+                          detections_per_image=result["detections"] / args.images)
+            rows.append(result)
+            print(f"{mode:>10}: {result['images_per_s']:.3f} images/s, "
+                  f"{result['detections_per_image']:.1f} detections/image, "
+                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    by_mode = {r["mode"]: r["images_per_s"] for r in rows}
+    for r in rows:
+        if "forward" in by_mode:
+            r["x_forward"] = round(r["images_per_s"] / by_mode["forward"], 3)
+        if "tutorial" in by_mode:
+            r["x_tutorial"] = round(r["images_per_s"] / by_mode["tutorial"], 3)
+    print(json.dumps(rows, indent=1))
+    if not args.no_record:
+        record(rows, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Synthetic predictions/ folders written through the real sink (hand-made cases, large tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from pycocotools import mask as mask_utils
+
+from segpipe import schema
+from segpipe.config import ModelSpec
+from segpipe.categories import category_name
+from segpipe.sinks import PREDICTIONS_DIR, write_prediction_file
+from segpipe.sources import image_id_for
+
+SETTINGS = schema.RunSettings(
+    model=ModelSpec(arch="maskrcnn_resnet50_fpn", min_size=800, max_size=1333, score_floor=0.05,
+                    nms_threshold=0.5, detections_per_image=100, proposals_per_image=1000),
+    weights_sha256="0" * 64, mask_threshold=0.5, soft_masks=True)
+
+
+def box_detection(category_id: int, score: float, x: int, y: int, w: int, h: int,
+                  height: int, width: int) -> dict:
+    """A detection whose mask is exactly its (integer) box."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[y:y + h, x:x + w] = 1
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    soft = np.zeros((28, 28), np.uint8)
+    soft[1:-1, 1:-1] = 255
+    return {"category_id": category_id, "category_name": category_name(category_id),
+            "score": score, "bbox": [float(x), float(y), float(w), float(h)],
+            "area": int(mask.sum()), "segmentation": {"size": [height, width],
+                                                      "counts": rle["counts"].decode()},
+            "box": [float(x), float(y), float(x + w), float(y + h)], "soft_mask": soft.tobytes()}
+
+
+def image_row(file_name: str, width: int, height: int, detections: list[dict]) -> dict:
+    return {"image_id": image_id_for(file_name), "file_name": file_name, "width": width,
+            "height": height, "status": "ok", "error": None, "detections": detections}
+
+
+def write_predictions(output: Path, rows: list[dict], rows_per_file: int = 1000,
+                      settings: schema.RunSettings = SETTINGS) -> None:
+    directory = str(output / PREDICTIONS_DIR)
+    for start in range(0, len(rows), rows_per_file):
+        table = pa.Table.from_pylist(rows[start:start + rows_per_file],
+                                     schema=schema.PREDICTION_SCHEMA)
+        write_prediction_file(table, directory, settings)
+
+
+def large_predictions(output: Path, images: int, per_image: int = 100, seed: int = 0) -> int:
+    """``images × per_image`` detections of random boxes on 64×64 images; returns the count."""
+    rng = np.random.default_rng(seed)
+    ids = [c for c in range(1, 91) if category_name(c) != "N/A"]
+    template = [box_detection(ids[k % len(ids)], 0.0, 0, 0, 1, 1, 64, 64) for k in range(per_image)]
+    rows = []
+    for i in range(images):
+        dets = []
+        for k in range(per_image):
+            x, y = (int(v) for v in rng.integers(0, 48, 2))
+            w, h = (int(v) for v in rng.integers(1, 16, 2))
+            det = box_detection(template[k]["category_id"], float(rng.uniform(0.05, 1.0)),
+                                x, y, w, h, 64, 64)
+            dets.append(det)
+        dets.sort(key=lambda d: -d["score"])
+        rows.append(image_row(f"img_{i:07d}.jpg", 64, 64, dets))
+        if len(rows) == 500:
+            write_predictions(output, rows)
+            rows = []
+    if rows:
+        write_predictions(output, rows)
+    return images * per_image

@@ -1,0 +1,137 @@
+"""``segpipe export``: the same answers as a fresh segment run, from predictions/ alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from conftest import small_config
+from images import write_photos
+from segpipe.categories import parse_classes
+from segpipe.config import ConfigError
+from segpipe.export import ExportOptions, run_export
+from segpipe.pipeline import run_segment
+from synthetic import large_predictions
+
+SEGPIPE = str(Path(sys.executable).parent / "segpipe")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoint, local_ray):
+    """A base run (0.5 / 0.5, soft masks) and fresh runs at a new score and mask threshold.
+
+    With batch size 1 every image is predicted alone in every run, so the runs' detections are
+    bit-identical and differences can only come from export.
+    """
+    root = tmp_path_factory.mktemp("export")
+    images = root / "images"
+    write_photos(images)
+    base = small_config(images, root / "base", checkpoint, batch_size=1)
+    high = small_config(images, root / "score07", checkpoint, batch_size=1, score_threshold=0.7)
+    low_mask = small_config(images, root / "mask03", checkpoint, batch_size=1,
+                            mask_threshold=0.3, soft_masks=False)
+    for config in (base, high, low_mask):
+        run_segment(config)
+    return root
+
+
+def annotations(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    names = {i["id"]: i["file_name"] for i in data["images"]}
+    return sorted(({**a, "file_name": names[a["image_id"]]} for a in data["annotations"]),
+                  key=lambda a: (a["file_name"], -a["score"], a["category_id"], a["bbox"]))
+
+
+def strip(a: dict) -> dict:
+    return {k: v for k, v in a.items() if k != "id"}
+
+
+def test_export_at_a_new_score_threshold_equals_a_fresh_run(runs):
+    run_export(str(runs / "base"), str(runs / "x07"), ExportOptions(score_threshold=0.7))
+    exported = annotations(runs / "x07" / "instances.json")
+    fresh = annotations(runs / "score07" / "coco" / "instances.json")
+    assert len(exported) == len(fresh) > 0
+    assert [strip(a) for a in exported] == [strip(a) for a in fresh]
+    results = json.loads((runs / "x07" / "results.json").read_text())
+    assert len(results) == len(exported)
+
+
+def test_export_at_a_new_mask_threshold_matches_a_fresh_run(runs):
+    run_export(str(runs / "base"), str(runs / "m03"),
+               ExportOptions(score_threshold=0.5, mask_threshold=0.3))
+    exported = annotations(runs / "m03" / "instances.json")
+    fresh = annotations(runs / "mask03" / "coco" / "instances.json")
+    assert len(exported) == len(fresh) > 0
+    ious, exact = [], 0
+    for a, b in zip(exported, fresh):
+        assert (a["file_name"], a["category_id"], a["score"]) == (b["file_name"], b["category_id"],
+                                                                b["score"])
+        ma = mask_utils.decode(a["segmentation"]).astype(bool)
+        mb = mask_utils.decode(b["segmentation"]).astype(bool)
+        ious.append((ma & mb).sum() / (ma | mb).sum())
+        exact += bool((ma == mb).all())
+    print(f"mask threshold 0.3 from uint8 soft masks: mean IoU {np.mean(ious):.5f}, "
+          f"min {np.min(ious):.5f}, {exact}/{len(ious)} pixel-identical")
+    assert np.mean(ious) >= 0.99
+    assert np.min(ious) >= 0.95
+
+
+def test_class_filter_and_counts(runs):
+    base = json.loads((runs / "base" / "run.json").read_text())["counts"]["per_category"]
+    name = next(iter(base))
+    summary = run_export(str(runs / "base"), str(runs / "cls"),
+                         ExportOptions(score_threshold=0.5, classes=parse_classes(name)))
+    data = json.loads((runs / "cls" / "instances.json").read_text())
+    assert {a["category_id"] for a in data["annotations"]} == set(parse_classes(name))
+    assert summary["counts"]["per_category"] == {name: base[name]}
+    assert json.loads((runs / "cls" / "export.json").read_text())["counts"]["annotations"] == base[name]
+
+
+def test_max_per_image_min_area_and_polygons(runs):
+    run_export(str(runs / "base"), str(runs / "poly"),
+               ExportOptions(score_threshold=0.5, max_per_image=2, min_area=20, polygons=True))
+    gt = COCO(str(runs / "poly" / "instances.json"))
+    per_image: dict[int, int] = {}
+    for a in gt.dataset["annotations"]:
+        per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
+        assert a["area"] >= 20
+        assert isinstance(a["segmentation"], list) and all(len(p) >= 6 for p in a["segmentation"])
+        assert gt.annToMask(a).sum() > 0
+    assert per_image and max(per_image.values()) <= 2
+
+
+def test_requests_the_predictions_cannot_answer_are_refused(runs):
+    with pytest.raises(ConfigError, match="below the stored score floor"):
+        run_export(str(runs / "base"), str(runs / "bad"), ExportOptions(score_threshold=0.01))
+    with pytest.raises(ConfigError, match="kept no soft masks"):
+        run_export(str(runs / "mask03"), str(runs / "bad"),
+                   ExportOptions(score_threshold=0.5, mask_threshold=0.4))
+    result = subprocess.run([SEGPIPE, "export", str(runs / "base"), "--to", str(runs / "bad"),
+                             "--classes", "unicorn"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown COCO class 'unicorn'" in result.stderr
+    assert not (runs / "bad").exists()
+
+
+def test_export_memory_stays_flat_as_detections_grow(tmp_path):
+    """Peak RSS of an export of 40k and of 160k detections differ by little (streaming)."""
+    peaks = {}
+    for images in (400, 1600):
+        output = tmp_path / f"p{images}"
+        large_predictions(output, images)
+        code = ("import resource, sys; from segpipe.export import ExportOptions, run_export; "
+                f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
+                "ExportOptions(score_threshold=0.3)); "
+                "print(s['counts']['detections'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert int(out[0]) == images * 100
+        peaks[images] = int(out[1]) / 1024
+    print(f"peak RSS: {peaks}")
+    assert peaks[1600] - peaks[400] < 60  # MB, for 4x the detections

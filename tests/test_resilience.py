@@ -1,0 +1,119 @@
+"""Never lose or duplicate an image: SIGKILL then --resume, a predictor actor dying, OOM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import small_config, small_spec
+from images import write_photos
+from segpipe import predictor as predictor_module
+from segpipe import schema
+from segpipe.model import resolve_weights
+from segpipe.pipeline import run_segment
+from segpipe.predictor import MaskRCNNPredictor
+from segpipe.sinks import prediction_files
+from segpipe.sources import list_images
+from test_cli import run_cli, small_flags
+
+SEGPIPE = str(Path(sys.executable).parent / "segpipe")
+
+
+def written_ids(out: Path) -> Counter:
+    return Counter(i for p in prediction_files(str(out / "predictions"))
+                   for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+
+
+def many_photos(folder: Path, copies: int) -> None:
+    write_photos(folder)
+    for k in range(1, copies):
+        for name in ("astronaut", "chelsea", "coffee", "rocket"):
+            (folder / f"{name}_{k}.png").write_bytes((folder / f"{name}.png").read_bytes())
+
+
+def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    many_photos(inputs, copies=8)
+    listed = set(list_images(str(inputs)).column("image_id").to_pylist())
+    args = ["segment", str(inputs), str(out), "--weights", str(checkpoint), *small_flags(),
+            "--batch-size", "1", "--rows-per-file", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen([SEGPIPE, *args], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not prediction_files(str(out / "predictions")):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver, its local Ray and every worker
+    process.wait()
+    before = written_ids(out)
+    assert 0 < sum(before.values()) < len(listed), "the kill should land mid-run"
+    assert max(before.values()) == 1
+
+    refused = run_cli(*args, "--resume", "--mask-threshold", "0.4")
+    assert refused.returncode == 2
+    assert "cannot resume" in refused.stderr and "mask_threshold: 0.5 then, 0.4 now" in refused.stderr
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = written_ids(out)
+    assert set(after) == listed and max(after.values()) == 1
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["resumed_from"] == sum(before.values())
+    assert manifest["processed"] == len(listed) - sum(before.values())
+    assert manifest["accounting"]["complete"] and manifest["counts"]["images"] == len(listed)
+    assert not [p for p in (out / "predictions").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_predictor_actor_killed_mid_batch_loses_nothing(tmp_path, checkpoint, local_ray):
+    inputs = tmp_path / "in"
+    many_photos(inputs, copies=2)
+    config = small_config(inputs, tmp_path / "out", checkpoint, batch_size=1,
+                          fault_kill_after_batches=2)
+    report = run_segment(config)
+    assert (tmp_path / "out" / ".fault-injected").read_text().startswith("killed pid")
+    ids = written_ids(tmp_path / "out")
+    assert len(ids) == 8 and max(ids.values()) == 1
+    assert report.accounting.complete and report.counts.ok == 8
+
+
+class _OutOfMemory:
+    """Stands in for predict_images: CUDA OOM for batches over one image, or for a poison image."""
+
+    def __init__(self, real, poison_width):
+        self.real, self.poison_width, self.calls = real, poison_width, []
+
+    def __call__(self, model, images, precision="fp32"):
+        self.calls.append(len(images))
+        if len(images) > 1 or images[0].shape[-1] == self.poison_width:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.real(model, images, precision)
+
+
+def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
+    spec = small_spec()
+    actor = MaskRCNNPredictor(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
+    sizes = [(40, 60), (40, 60), (40, 61), (40, 60)]
+    rows = [{"image_id": i, "file_name": f"{i}.png", "width": w, "height": h, "status": "ok",
+             "error": None, schema.PIXELS: np.full((h, w, 3), 100, np.uint8).tobytes()}
+            for i, (h, w) in enumerate(sizes)]
+    rows.append({"image_id": 9, "file_name": "bad.png", "width": None, "height": None,
+                 "status": "error", "error": "decode: empty file (0 bytes)", schema.PIXELS: b""})
+    fake = _OutOfMemory(predictor_module.predict_images, poison_width=61)
+    monkeypatch.setattr(predictor_module, "predict_images", fake)
+    out = actor(pa.Table.from_pylist(rows)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok", "error", "ok", "error"]
+    assert out[2]["error"].startswith("predict: OutOfMemoryError: CUDA out of memory")
+    assert out[4]["error"] == "decode: empty file (0 bytes)"
+    assert fake.calls[0] == 4 and fake.calls.count(1) == 4
