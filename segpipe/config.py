@@ -39,6 +39,12 @@ class SegmentConfig:
                                 positional=True)
     output: Optional[str] = _opt("folder or URI the run writes predictions/, coco/ and run.json to",
                                  None, positional=True)
+    input_format: str = _opt("auto | files (image files) | tar (WebDataset-style shards) | parquet "
+                             "(tables with an image-bytes column); auto: from what INPUT holds",
+                             "auto", choices=("auto", "files", "tar", "parquet"))
+    image_column: str = _opt("parquet input: the column holding encoded image bytes", "image")
+    name_column: Optional[str] = _opt("parquet input: a column naming each image (file_name); "
+                                      "unset: <table>#<hash of the bytes>", None)
     arch: str = _opt("Mask R-CNN builder: " + " | ".join(ARCHITECTURES), "maskrcnn_resnet50_fpn",
                      choices=ARCHITECTURES)
     weights: str = _opt("pretrained (torchvision cache, TORCH_HOME) | random (seeded, smoke runs "
@@ -164,6 +170,9 @@ def validate(config: SegmentConfig) -> None:
         raise ConfigError("INPUT is missing: give the image folder or URI to segment")
     if not config.output:
         raise ConfigError("OUTPUT is missing: give the folder or URI to write results to")
+    if config.input_format not in ("auto", "files", "tar", "parquet"):
+        raise ConfigError(f"input_format must be auto, files, tar or parquet, "
+                          f"got {config.input_format!r}")
     if config.arch not in ARCHITECTURES:
         raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
     if config.precision not in PRECISIONS:

@@ -104,21 +104,26 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Table:
-    """Ray Data stage: listing rows → decoded rows, one output row per input row.
+    """Ray Data stage: source rows → decoded rows, one output row per input row.
 
-    Reads each file through its filesystem and decodes it; any failure, reading included,
+    Reads each file through its filesystem (or takes the bytes a reader already read) and
+    decodes it; any failure, reading included,
     becomes that row's ``status="error"`` with the reason, so a bad file never fails the block.
     """
     fs, _ = storage.resolve(input_uri)
     widths, heights, statuses, errors, pixels = [], [], [], [], []
-    for path, size in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist()):
+    inline = (batch.column("data").to_pylist() if "data" in batch.column_names
+              else [None] * batch.num_rows)
+    for path, size, data in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist(),
+                                inline):
         try:
             if size > limits.max_bytes:
                 raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")
-            try:
-                data = storage.read_bytes(fs, path)
-            except OSError as exc:
-                raise DecodeError(f"cannot read file: {_reason(exc)}") from None
+            if data is None:
+                try:
+                    data = storage.read_bytes(fs, path)
+                except OSError as exc:
+                    raise DecodeError(f"cannot read file: {_reason(exc)}") from None
             rgb = decode_image(data, limits)
         except DecodeError as exc:
             widths.append(None)

@@ -88,7 +88,7 @@ def select_detections(row: dict, options: ExportOptions, run_mask_threshold: flo
     """The detections of one ok row that go into the COCO files, with their final masks.
 
     Applies, in order: score threshold, class filter, COCO category, new mask threshold,
-    empty and small masks, polygons, then ``max_per_image`` (highest scores first).
+    empty and small masks, ``max_per_image`` (highest scores first), then polygons.
     """
     kept = []
     rethreshold_masks = (options.mask_threshold is not None
@@ -114,16 +114,16 @@ def select_detections(row: dict, options: ExportOptions, run_mask_threshold: flo
         if area < options.min_area:
             counts.small_masks_left_out += 1
             continue
-        if options.polygons:
-            segmentation = rle_to_polygons(segmentation)
-            if not segmentation:
-                counts.no_polygon_left_out += 1
-                continue
         kept.append({**det, "area": area, "segmentation": segmentation})
     if options.max_per_image is not None and len(kept) > options.max_per_image:
         kept.sort(key=lambda d: -d["score"])
         counts.over_max_per_image += len(kept) - options.max_per_image
         kept = kept[:options.max_per_image]
+    if options.polygons:
+        for det in kept:
+            det["segmentation"] = rle_to_polygons(det["segmentation"])
+        counts.no_polygon_left_out += sum(1 for det in kept if not det["segmentation"])
+        kept = [det for det in kept if det["segmentation"]]
     return kept
 
 

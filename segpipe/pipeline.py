@@ -127,12 +127,32 @@ def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
                           storage.join(config.output.rstrip("/"), ".fault-injected"))
 
 
-def build_dataset(listing: pa.Table, config: SegmentConfig, plan: ActorPlan,
+def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[pa.Table],
+                   done: frozenset[int]) -> ray.data.Dataset:
+    """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment."""
+    if input_format == "files":
+        return ray.data.from_arrow(sources.split_listing(listing))
+    fs, _ = storage.resolve(config.input)
+    if input_format == "tar":
+        root, shards = sources.list_tables(config.input, ".tar")
+        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=None)
+        return ds.map_batches(sources.tar_members, fn_kwargs={"root": root, "done": done},
+                              batch_format="pyarrow")
+    root, tables = sources.list_tables(config.input, ".parquet")
+    columns = [config.image_column] + ([config.name_column] if config.name_column else [])
+    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True)
+    ds = ds.select_columns([*columns, "path"])
+    return ds.map_batches(sources.parquet_images,
+                          fn_kwargs={"root": root, "image_column": config.image_column,
+                                     "name_column": config.name_column, "done": done},
+                          batch_format="pyarrow")
+
+
+def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: ActorPlan,
                   spec: ModelSpec, weights_ref) -> ray.data.Dataset:
-    """The lazy Ray Dataset from listing rows to ``schema.PREDICTION_SCHEMA`` rows."""
+    """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows."""
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
-    ds = ray.data.from_arrow(sources.split_listing(listing))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
+    ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
                         batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=DECODE_CPUS)
     ds = ds.map_batches(
         MaskRCNNPredictor,
@@ -156,6 +176,20 @@ def run_settings(config: SegmentConfig, spec: ModelSpec, weights: ResolvedWeight
                        mask_threshold=config.mask_threshold, soft_masks=config.soft_masks)
 
 
+def list_inputs(config: SegmentConfig) -> tuple[str, Optional[pa.Table]]:
+    """The input format and, for image files, the listing of every image (checked up front)."""
+    input_format = config.input_format
+    if input_format == "auto":
+        input_format = sources.detect_input_format(config.input)
+    if input_format == "files":
+        return input_format, sources.list_images(config.input)
+    suffix = ".tar" if input_format == "tar" else ".parquet"
+    _, paths = sources.list_tables(config.input, suffix)
+    if input_format == "parquet":
+        sources.check_parquet_columns(paths, config.input, config.image_column, config.name_column)
+    return input_format, None
+
+
 def run_segment(config: SegmentConfig) -> report.RunReport:
     """Run the segment job described by ``config``; return its report (also in run.json)."""
     validate(config)
@@ -166,25 +200,28 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
     if weights.warning:
         print(f"segpipe: WARNING: {weights.warning}", flush=True)
     with timer("list"):
-        listing = sources.list_images(config.input)
+        input_format, listing = list_inputs(config)
     settings = run_settings(config, spec, weights)
     predictions_dir, done = prepare_output(config, settings)
-    todo = listing
     if done:
+        print(f"segpipe: resuming: {len(done)} images already in predictions/", flush=True)
+    todo = listing
+    if listing is not None:
         todo = listing.filter(pa.array([i not in done for i in listing.column("image_id").to_pylist()]))
-        print(f"segpipe: resuming: {listing.num_rows - todo.num_rows} of {listing.num_rows} images "
-              "already in predictions/", flush=True)
-    print(f"segpipe: {todo.num_rows} images to segment under {config.input}", flush=True)
+        print(f"segpipe: {todo.num_rows} images to segment under {config.input}", flush=True)
+    else:
+        print(f"segpipe: segmenting the images in the {input_format} input {config.input}", flush=True)
 
     cluster: dict = {"address": config.address or os.environ.get("RAY_ADDRESS") or "local"}
-    if todo.num_rows:
+    if todo is None or todo.num_rows:
         with ray_session(config.address):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = config.progress
             plan = plan_actors(config, ray.cluster_resources())
             with timer("pipeline"):
                 weights_ref = ray.put(weights.state_dict)
-                dataset = build_dataset(todo, config, plan, spec, weights_ref)
+                source = source_dataset(config, input_format, todo, frozenset(done))
+                dataset = build_dataset(source, config, plan, spec, weights_ref)
                 dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
                                                             settings))
             cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
@@ -202,6 +239,6 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
     run_report = report.RunReport(config=config, weights=weights.identity(), cluster=cluster,
                                   counts=counts, accounting=accounting,
                                   errors=report.error_summary(images), timings=timer.seconds,
-                                  processed=todo.num_rows, resumed_from=len(done))
+                                  processed=images.num_rows - len(done), resumed_from=len(done))
     report.write_manifest(run_report, config.output)
     return run_report

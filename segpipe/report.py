@@ -44,7 +44,7 @@ class Timer:
 class Accounting:
     """Listed inputs against written rows: all three lists are empty in a correct run."""
 
-    listed: int
+    listed: Optional[int]   # None when the input cannot be listed before reading
     written: int
     missing: list[str] = field(default_factory=list)      # listed, no row written
     duplicated: list[str] = field(default_factory=list)   # more than one row written
@@ -55,11 +55,18 @@ class Accounting:
         return not (self.missing or self.duplicated or self.unexpected)
 
 
-def account_for_inputs(listing: pa.Table, images: pa.Table) -> Accounting:
-    """Check that each listed image has exactly one row in ``images`` (and nothing else does)."""
-    listed = dict(zip(listing.column("image_id").to_pylist(), listing.column("file_name").to_pylist()))
+def account_for_inputs(listing: Optional[pa.Table], images: pa.Table) -> Accounting:
+    """Check that each listed image has exactly one row in ``images`` (and nothing else does).
+
+    Inputs read by Ray Data's readers (tar shards, Parquet tables) have no listing: then only
+    duplicates can be checked, and ``listed`` is ``None``.
+    """
     written = Counter(images.column("image_id").to_pylist())
     names = dict(zip(images.column("image_id").to_pylist(), images.column("file_name").to_pylist()))
+    if listing is None:
+        return Accounting(listed=None, written=images.num_rows,
+                          duplicated=sorted(names[i] for i, n in written.items() if n > 1))
+    listed = dict(zip(listing.column("image_id").to_pylist(), listing.column("file_name").to_pylist()))
     return Accounting(
         listed=len(listed),
         written=images.num_rows,

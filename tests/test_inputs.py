@@ -1,0 +1,79 @@
+"""Inputs beyond a folder: WebDataset-style tar shards and Parquet tables of image bytes."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import small_config
+from images import write_photos
+from segpipe.config import ConfigError
+from segpipe.pipeline import run_segment
+from segpipe.sinks import prediction_files
+
+
+def rows(out) -> dict[str, dict]:
+    found = [r for p in prediction_files(str(out / "predictions")) for r in pq.read_table(p).to_pylist()]
+    assert max(Counter(r["image_id"] for r in found).values()) == 1
+    return {r["file_name"]: r for r in found}
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    return {p.stem: p.read_bytes() for p in write_photos(folder, names=("chelsea", "coffee", "rocket"))}
+
+
+def test_tar_shards_one_row_per_image_member(tmp_path, photos, checkpoint, local_ray):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000.tar", "w") as tar:
+        add(tar, "a/001.png", photos["chelsea"])
+        add(tar, "a/001.json", b'{"caption": "a cat"}')
+        add(tar, "002.png", photos["coffee"])
+    with tarfile.open(shards / "shard-001.tar", "w") as tar:
+        add(tar, "003.png", photos["rocket"])
+        add(tar, "004.jpg", b"not a jpeg")
+    config = small_config(shards, tmp_path / "out", checkpoint)
+    report = run_segment(config)
+    found = rows(tmp_path / "out")
+    assert {n: r["status"] for n, r in found.items()} == {
+        "shard-000.tar/a/001.png": "ok", "shard-000.tar/002.png": "ok",
+        "shard-001.tar/003.png": "ok", "shard-001.tar/004.jpg": "error"}
+    assert report.accounting.listed is None and report.accounting.complete
+    resumed = run_segment(small_config(shards, tmp_path / "out", checkpoint, resume=True))
+    assert resumed.processed == 0 and resumed.resumed_from == 4 and len(rows(tmp_path / "out")) == 4
+
+
+def test_parquet_tables_with_and_without_a_name_column(tmp_path, photos, checkpoint, local_ray):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    pq.write_table(pa.table({"name": ["cat.png", "cup.png"],
+                             "img": [photos["chelsea"], photos["coffee"]]}), tables / "part-0.parquet")
+    pq.write_table(pa.table({"name": ["rocket.png", "junk.png"],
+                             "img": [photos["rocket"], b"junk"]}), tables / "part-1.parquet")
+    run_segment(small_config(tables, tmp_path / "named", checkpoint, image_column="img",
+                             name_column="name"))
+    assert {n: r["status"] for n, r in rows(tmp_path / "named").items()} == {
+        "cat.png": "ok", "cup.png": "ok", "rocket.png": "ok", "junk.png": "error"}
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": photos["chelsea"], "path": None}]}), hf / "train.parquet")
+    run_segment(small_config(hf, tmp_path / "unnamed", checkpoint))
+    (name, row), = rows(tmp_path / "unnamed").items()
+    assert name.startswith("train.parquet#") and row["status"] == "ok"
+
+    with pytest.raises(ConfigError, match="--image-column 'pixels' is not a column"):
+        run_segment(small_config(tables, tmp_path / "bad", checkpoint, image_column="pixels"))
