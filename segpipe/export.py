@@ -22,7 +22,6 @@ import pyarrow.dataset as pads
 
 from segpipe import __version__, schema, storage
 from segpipe.categories import COCO_CATEGORY_IDS, coco_categories_json
-from segpipe.encode import rethreshold
 from segpipe.config import ConfigError
 from segpipe.sinks import PREDICTIONS_DIR, prediction_files, read_run_settings
 
@@ -93,6 +92,8 @@ def select_detections(row: dict, options: ExportOptions, run_mask_threshold: flo
     kept = []
     rethreshold_masks = (options.mask_threshold is not None
                          and options.mask_threshold != run_mask_threshold)
+    if rethreshold_masks:
+        from segpipe.encode import rethreshold  # needs torch (650 MB): only imported to re-paste
     for det in row["detections"] or []:
         counts.detections += 1
         if det["score"] < options.score_threshold:

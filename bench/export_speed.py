@@ -1,0 +1,62 @@
+"""Speed and peak memory of ``segpipe export`` on a large synthetic predictions/ folder.
+
+    python bench/export_speed.py [--images 10000] [--per-image 100] [--mask-threshold X] [--no-record]
+
+Writes ``images × per-image`` detections (random boxes on 64×64 images, with soft masks) through
+segpipe's own sink, then times ``run_export`` in a fresh process and reports detections/s and
+that process's peak RSS. With ``--mask-threshold`` every mask is re-pasted from its soft mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--per-image", type=int, default=100)
+    parser.add_argument("--mask-threshold", type=float, default=None)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    from synthetic import large_predictions
+
+    work = Path(tempfile.mkdtemp(prefix="segpipe-export-bench-"))
+    start = time.time()
+    total = large_predictions(work, args.images, args.per_image)
+    print(f"wrote {total} detections in {time.time() - start:.0f} s", flush=True)
+    code = ("import json, resource; from segpipe.export import ExportOptions, run_export; "
+            f"s = run_export({str(work)!r}, {str(work / 'export')!r}, ExportOptions("
+            f"score_threshold=0.05, mask_threshold={args.mask_threshold!r})); "
+            "print(json.dumps({'detections': s['counts']['detections'], "
+            "'annotations': s['counts']['annotations'], 'seconds': s['seconds'], "
+            "'detections_per_s': s['detections_per_s'], "
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["instances_json_mb"] = round((work / "export" / "instances.json").stat().st_size / 2**20, 1)
+    print(json.dumps(result, indent=1))
+    if not args.no_record:
+        with (ROOT / "docs" / "benchmarks.md").open("a") as f:
+            f.write(f"\n## {dt.date.today().isoformat()} — export, CPU\n\n"
+                    f"`python bench/export_speed.py {' '.join(sys.argv[1:])}`: {total} synthetic "
+                    f"detections ({args.images} images × {args.per_image}), mask threshold "
+                    f"{args.mask_threshold or 'as stored'}\n\n```json\n"
+                    + json.dumps(result, indent=1) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
