@@ -43,9 +43,10 @@ def paste_mask_crops(soft_masks: np.ndarray, boxes: np.ndarray, height: int, wid
     """
     if len(boxes) == 0:
         return
-    masks = torch.from_numpy(np.ascontiguousarray(soft_masks, dtype=np.float32))[:, None]
+    # torch.tensor copies: the arrays arrive as read-only buffers, and they are small (N×M×M).
+    masks = torch.tensor(soft_masks, dtype=torch.float32)[:, None]
     padded, scale = expand_masks(masks, padding=1)
-    expanded = expand_boxes(torch.from_numpy(np.ascontiguousarray(boxes, np.float32)), scale)
+    expanded = expand_boxes(torch.tensor(boxes, dtype=torch.float32), scale)
     for mask, box in zip(padded, expanded.to(torch.int64).tolist()):
         bx0, by0, bx1, by1 = box
         w = max(bx1 - bx0 + 1, 1)
