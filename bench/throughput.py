@@ -28,7 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,7 +67,9 @@ def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (VmHWM); ru_maxrss would include the parent's peak."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
 
 
 def run_mode(mode: str, args: argparse.Namespace, paths: list[Path]) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from segpipe import __version__, schema, storage
 from segpipe.categories import COCO_CATEGORY_IDS, coco_categories_json
@@ -73,13 +74,20 @@ def read_image_table(predictions_dir: str) -> pa.Table:
 
 
 def iter_ok_rows(predictions_dir: str, batch_rows: int = 256) -> Iterator[dict]:
-    """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming."""
-    dataset = predictions_dataset(predictions_dir)
-    columns = ["image_id", "file_name", "width", "height", "detections"]
-    for batch in dataset.to_batches(columns=columns,
-                                    filter=pc.field("status") == schema.STATUS_OK,
-                                    batch_size=batch_rows):
-        yield from batch.to_pylist()
+    """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming.
+
+    Reads one file at a time, synchronously: pyarrow's dataset scanner reads ahead of a slow
+    consumer (this loop converts to Python) and its peak memory grew with the dataset
+    (measured: 436 MB for 160k detections, 710 MB for 480k); this stays flat.
+    """
+    fs, _ = storage.resolve(predictions_dir)
+    columns = ["image_id", "file_name", "width", "height", "status", "detections"]
+    for path in prediction_files(predictions_dir):
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+                for row in batch.to_pylist():
+                    if row["status"] == schema.STATUS_OK:
+                        yield row
 
 
 def select_detections(row: dict, options: ExportOptions, run_mask_threshold: float,

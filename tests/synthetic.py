@@ -49,7 +49,8 @@ def write_predictions(output: Path, rows: list[dict], rows_per_file: int = 1000,
         write_prediction_file(table, directory, settings)
 
 
-def large_predictions(output: Path, images: int, per_image: int = 100, seed: int = 0) -> int:
+def large_predictions(output: Path, images: int, per_image: int = 100, seed: int = 0,
+                      rows_per_file: int = 500) -> int:
     """``images × per_image`` detections of random boxes on 64×64 images; returns the count."""
     rng = np.random.default_rng(seed)
     ids = [c for c in range(1, 91) if category_name(c) != "N/A"]
@@ -65,9 +66,9 @@ def large_predictions(output: Path, images: int, per_image: int = 100, seed: int
             dets.append(det)
         dets.sort(key=lambda d: -d["score"])
         rows.append(image_row(f"img_{i:07d}.jpg", 64, 64, dets))
-        if len(rows) == 500:
-            write_predictions(output, rows)
+        if len(rows) == rows_per_file:
+            write_predictions(output, rows, rows_per_file)
             rows = []
     if rows:
-        write_predictions(output, rows)
+        write_predictions(output, rows, rows_per_file)
     return images * per_image
