@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -17,13 +16,13 @@ import pyarrow as pa
 import ray
 
 from segpipe import report, sinks, sources, storage
-from segpipe.schema import RunSettings
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors, validate
 from segpipe.decode import DecodeLimits, decode_batch
 from segpipe.encode import encode_batch
 from segpipe.export import ExportOptions, coco_info, export_coco, read_image_table
 from segpipe.model import ResolvedWeights, resolve_weights
 from segpipe.predictor import FaultInjection, MaskRCNNPredictor
+from segpipe.schema import RunSettings
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
 DECODE_BATCH = 4

@@ -19,7 +19,7 @@ def test_default_yaml_documents_every_key_with_its_default():
     assert values == SegmentConfig().to_dict()
     text = DEFAULT_YAML.read_text()
     for f in config_fields():
-        assert f"{f.name}:" in text and f"# " in text.split(f"\n{f.name}:")[0].splitlines()[-1]
+        assert f"{f.name}:" in text and "# " in text.split(f"\n{f.name}:")[0].splitlines()[-1]
 
 
 def test_every_key_is_a_flag():
