@@ -8,6 +8,7 @@ a reader (or a rerun) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import uuid
 from typing import IO, Iterator
@@ -19,8 +20,6 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """Return the filesystem and path for a local path or URI."""
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
-    import os
-
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
