@@ -24,7 +24,7 @@ from segpipe.categories import COCO_CATEGORIES
 from segpipe.config import ConfigError
 from segpipe.export import (ExportCounts, ExportOptions, iter_ok_rows, read_image_table,
                             select_detections)
-from segpipe.sinks import PREDICTIONS_DIR, prediction_files, read_run_settings
+from segpipe.sinks import existing_predictions, read_run_settings
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("segm", "bbox")
@@ -139,9 +139,7 @@ def evaluate(gt: COCO, results: list[dict], image_ids: list[int], iou_type: str)
 def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
              iou_types: tuple[str, ...] = IOU_TYPES) -> dict:
     """Evaluate ``output/predictions`` against ``gt_path``; write and return ``output/eval.json``."""
-    predictions_dir = storage.join(output.rstrip("/"), PREDICTIONS_DIR)
-    if not prediction_files(predictions_dir):
-        raise ConfigError(f"{predictions_dir} holds no prediction files")
+    predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
     floor = settings.model.score_floor if settings else 0.0
     threshold = floor if score_threshold is None else score_threshold
@@ -176,7 +174,5 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
     report["score_threshold"] = threshold
     report["detections"] = len(results)
     report["tables"] = tables
-    out_fs, root = storage.resolve(output.rstrip("/"))
-    storage.write_bytes_atomic(out_fs, storage.join(root, "eval.json"),
-                               json.dumps(report, indent=2).encode() + b"\n")
+    storage.write_json_atomic(output, "eval.json", report)
     return report

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from segpipe import __version__, schema, storage
 from segpipe.categories import COCO_CATEGORY_IDS, coco_categories_json
 from segpipe.config import ConfigError
-from segpipe.sinks import PREDICTIONS_DIR, prediction_files, read_run_settings
+from segpipe.sinks import existing_predictions, prediction_files, read_run_settings
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "status", "error"]
 
@@ -226,10 +226,7 @@ def run_export(output: str, to: str, options: ExportOptions) -> dict:
     """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
     from ``output/predictions`` alone. Raises ``ConfigError`` before any work for requests the
     stored predictions cannot answer."""
-    predictions_dir = storage.join(output.rstrip("/"), PREDICTIONS_DIR)
-    if not prediction_files(predictions_dir):
-        raise ConfigError(f"{predictions_dir} holds no prediction files; run `segpipe segment` "
-                          "into OUTPUT first")
+    predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
     if settings is None:
         raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
@@ -262,7 +259,5 @@ def run_export(output: str, to: str, options: ExportOptions) -> dict:
         "seconds": round(seconds, 3),
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
     }
-    fs, root = storage.resolve(to.rstrip("/"))
-    storage.write_bytes_atomic(fs, storage.join(root, "export.json"),
-                               json.dumps(summary, indent=2, ensure_ascii=False).encode() + b"\n")
+    storage.write_json_atomic(to, "export.json", summary)
     return summary

@@ -97,7 +97,7 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
     after checking that they were made with the same settings; leftover temporary files of a
     killed run are removed.
     """
-    predictions_dir = storage.join(config.output.rstrip("/"), sinks.PREDICTIONS_DIR)
+    predictions_dir = sinks.predictions_dir(config.output)
     fs, root = storage.resolve(predictions_dir)
     old = sinks.prediction_files(predictions_dir)
     if config.resume:
@@ -107,7 +107,7 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
                 raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
                                   f"other settings ({', '.join(differences)}); resume with the "
                                   "same settings, or use --overwrite")
-        for leftover in storage.list_files(fs, root, sinks.TEMPORARY_SUFFIX):
+        for leftover in storage.list_files(fs, root, storage.TEMPORARY_SUFFIX):
             fs.delete_file(leftover.path)
         return predictions_dir, sinks.written_image_ids(predictions_dir)
     if old and not config.overwrite:

@@ -25,7 +25,7 @@ from segpipe.categories import COCO_CATEGORY_IDS
 from segpipe.config import ConfigError
 from segpipe.decode import DecodeError, DecodeLimits, decode_image
 from segpipe.export import predictions_dataset
-from segpipe.sinks import PREDICTIONS_DIR, prediction_files, read_run_settings
+from segpipe.sinks import existing_predictions, read_run_settings
 
 MASK_OPACITY = 0.5
 HISTOGRAM_BINS = 20
@@ -88,10 +88,10 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
     return pa.table({"file_name": batch.column("file_name"), "error": pa.array(errors, pa.string())})
 
 
-def select_rows(output: str, limit: int, score_threshold: float,
+def select_rows(predictions_dir: str, limit: int, score_threshold: float,
                 classes: Optional[frozenset[int]]) -> pa.Table:
     """The first ``limit`` ok images by file_name, with the detections to draw as JSON."""
-    dataset = predictions_dataset(storage.join(output.rstrip("/"), PREDICTIONS_DIR))
+    dataset = predictions_dataset(predictions_dir)
     names = (dataset.to_table(columns=["file_name"], filter=pc.field("status") == schema.STATUS_OK)
              .column("file_name").to_pylist())
     chosen = set(sorted(names)[:limit])
@@ -164,16 +164,14 @@ def run_render(output: str, images_uri: str, to: str, limit: int = 100,
 
     from segpipe.pipeline import ray_session
 
-    predictions_dir = storage.join(output.rstrip("/"), PREDICTIONS_DIR)
-    if not prediction_files(predictions_dir):
-        raise ConfigError(f"{predictions_dir} holds no prediction files")
+    predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
     if settings and score_threshold < settings.model.score_floor:
         raise ConfigError(f"score threshold {score_threshold} is below the stored score floor "
                           f"{settings.model.score_floor}")
     if limit < 1:
         raise ConfigError("--limit must be at least 1")
-    table = select_rows(output, limit, score_threshold, classes)
+    table = select_rows(predictions_dir, limit, score_threshold, classes)
     if table.num_rows == 0:
         raise ConfigError(f"{output} has no successfully predicted image to render")
     with ray_session(address):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import platform
 import time
 from collections import Counter
@@ -158,6 +157,4 @@ class RunReport:
 
 
 def write_manifest(run_report: RunReport, output: str) -> None:
-    fs, root = storage.resolve(output.rstrip("/"))
-    data = json.dumps(run_report.to_json(), indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
-    storage.write_bytes_atomic(fs, storage.join(root, "run.json"), data)
+    storage.write_json_atomic(output, "run.json", run_report.to_json())

@@ -15,10 +15,24 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from segpipe import schema, storage
+from segpipe.config import ConfigError
 
 PREDICTIONS_DIR = "predictions"
 PART_SUFFIX = ".parquet"
-TEMPORARY_SUFFIX = ".tmp"
+
+
+def predictions_dir(output: str) -> str:
+    """The predictions folder of a segment run's OUTPUT (a path or URI)."""
+    return storage.join(output.rstrip("/"), PREDICTIONS_DIR)
+
+
+def existing_predictions(output: str) -> str:
+    """``predictions_dir(output)``; a ``ConfigError`` when it holds no prediction file."""
+    directory = predictions_dir(output)
+    if not prediction_files(directory):
+        raise ConfigError(f"{directory} holds no prediction files; run `segpipe segment` into "
+                          f"{output} first")
+    return directory
 
 
 def write_prediction_file(table: pa.Table, directory: str, settings: schema.RunSettings) -> str:

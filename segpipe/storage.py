@@ -8,10 +8,11 @@ a reader (or a rerun) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import uuid
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -47,10 +48,14 @@ def list_files(fs: pafs.FileSystem, path: str, suffix: str = "") -> list[pafs.Fi
     )
 
 
+#: Ends the name of every file still being written (see ``temporary_name``).
+TEMPORARY_SUFFIX = ".tmp"
+
+
 def temporary_name(path: str) -> str:
     """A sibling name for writing ``path`` before it is renamed into place."""
     directory, name = posixpath.split(path)
-    return posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    return posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
 
 
 @contextlib.contextmanager
@@ -71,6 +76,13 @@ def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[IO[bytes]]:
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with atomic_output(fs, path) as stream:
         stream.write(data)
+
+
+def write_json_atomic(folder: str, name: str, value: Any) -> None:
+    """Write ``value`` as indented UTF-8 JSON to ``folder/name`` (a path or URI), atomically."""
+    fs, root = resolve(folder.rstrip("/"))
+    data = json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+    write_bytes_atomic(fs, join(root, name), data)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -11,7 +11,7 @@ from pycocotools import mask as mask_utils
 from segpipe import schema
 from segpipe.config import ModelSpec
 from segpipe.categories import category_name
-from segpipe.sinks import PREDICTIONS_DIR, write_prediction_file
+from segpipe.sinks import predictions_dir, write_prediction_file
 from segpipe.sources import image_id_for
 
 SETTINGS = schema.RunSettings(
@@ -42,7 +42,7 @@ def image_row(file_name: str, width: int, height: int, detections: list[dict]) -
 
 def write_predictions(output: Path, rows: list[dict], rows_per_file: int = 1000,
                       settings: schema.RunSettings = SETTINGS) -> None:
-    directory = str(output / PREDICTIONS_DIR)
+    directory = predictions_dir(str(output))
     for start in range(0, len(rows), rows_per_file):
         table = pa.Table.from_pylist(rows[start:start + rows_per_file],
                                      schema=schema.PREDICTION_SCHEMA)
