@@ -5,9 +5,9 @@
 Generates ``--images`` synthetic PNGs (random shapes on noise), runs the segment job on a local
 Ray with a tiny model configuration (seeded random weights, min_size = size, 5 detections per
 image from 20 proposals), and samples every few seconds the RSS of the driver and of each
-predictor actor process, plus Ray's object-store spilling. Reports the figures at start, middle
-and end, checks that every image came out exactly once and that no Parquet file holds more than
-``--rows-per-file`` rows, and appends a dated row to docs/benchmarks.md.
+predictor and encoder actor process, plus Ray's object-store spilling. Reports the figures at
+start, middle and end, checks that every image came out exactly once and that no Parquet file
+holds more than ``--rows-per-file`` rows, and appends a dated row to docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ def sample_memory() -> dict:
     import psutil
     import ray
 
-    actors = [p.info["memory_info"].rss / 2**20 for p in psutil.process_iter(["cmdline", "memory_info"])
-              if p.info["cmdline"] and "MaskRCNNPredictor" in p.info["cmdline"][0]]
+    def rss_of(name: str) -> list[float]:
+        return [p.info["memory_info"].rss / 2**20
+                for p in psutil.process_iter(["cmdline", "memory_info"])
+                if p.info["cmdline"] and name in p.info["cmdline"][0]]
+
     spilled = 0.0
     try:
         from ray._private.internal_api import memory_summary
@@ -61,7 +64,8 @@ def sample_memory() -> dict:
     except Exception:
         pass
     return {"t": time.time(), "driver_mb": psutil.Process().memory_info().rss / 2**20,
-            "actor_mb": actors, "spilled_mb": spilled, "ray": ray.is_initialized()}
+            "actor_mb": rss_of("MaskRCNNPredictor"), "encoder_mb": rss_of("MaskEncoder"),
+            "spilled_mb": spilled, "ray": ray.is_initialized()}
 
 
 def main() -> int:
@@ -116,7 +120,9 @@ def main() -> int:
         "files": len(rows_per_file), "max_rows_per_file": max(rows_per_file),
         "pipeline_s": report.timings["pipeline"],
         "images_per_s": report.images_per_second["pipeline"],
-        "memory": {k: {"driver_mb": round(v["driver_mb"]), "actor_mb": [round(a) for a in v["actor_mb"]],
+        "memory": {k: {"driver_mb": round(v["driver_mb"]),
+                       "actor_mb": [round(a) for a in v["actor_mb"]],
+                       "encoder_mb": [round(a) for a in v["encoder_mb"]],
                        "spilled_mb": v["spilled_mb"]} for k, v in pick.items()},
         "peak_spilled_mb": max(s["spilled_mb"] for s in samples),
     }

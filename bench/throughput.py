@@ -2,7 +2,7 @@
 
     python bench/throughput.py [--images 64] [--width 640 --height 480] [--arch ...]
         [--device cpu|cuda] [--batch-size 4] [--precision fp32|bf16|fp16] [--min-size 800]
-        [--modes tutorial,forward,predictor,pipeline] [--no-record]
+        [--modes tutorial,forward,forward_per_core,predictor,pipeline] [--no-record]
 
 Each mode runs in a process of its own (so peak memory is its own) on the same generated images
 (scikit-image's sample photos, flipped and cropped to the requested size):
@@ -10,7 +10,11 @@ Each mode runs in a process of its own (so peak memory is its own) on the same g
 1. ``tutorial``  the classic ``get_prediction`` loop: one image at a time, fp32, torchvision's
                  full-canvas mask paste, ``masks > 0.5``, one pycocotools RLE per mask;
 2. ``forward``   the model forward only (transform, backbone, RPN, ROI heads; no paste, no
-                 encode) on batches already on the device: the compute floor;
+                 encode) on batches already on the device: the compute floor of one process
+                 with torch's default threads;
+   ``forward_per_core`` (CPU) the same forward in one single-threaded process per core, each
+                 on its share of the images, started together: the CPU's throughput floor when
+                 the cores work independently, as segpipe's CPU predictor pool does;
 3. ``predictor`` segpipe's predictor and encode stage, without Ray;
 4. ``pipeline``  the whole ``segpipe segment`` on a local Ray, start-up, decode and writing
                  included.
@@ -39,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODES = ("tutorial", "forward", "predictor", "pipeline")
+CPU_MODES = ("tutorial", "forward", "forward_per_core", "predictor", "pipeline")
+RATIO_BASES = ("forward", "forward_per_core", "tutorial")
 
 
 def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]:
@@ -72,8 +78,39 @@ def peak_rss_mb() -> float:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
 
 
-def run_mode(mode: str, args: argparse.Namespace, paths: list[Path]) -> dict:
-    """Time one mode in this process; return its figures."""
+def forward_share(args: argparse.Namespace, paths: list[Path], barrier, results) -> None:
+    """One single-threaded forward process of ``forward_per_core``: time the loop over ``paths``."""
+    import torch
+
+    args.threads = 1
+    torch.set_num_threads(1)
+    result = run_mode("forward", args, paths, barrier)
+    results.put({**result, "peak_rss_mb": peak_rss_mb()})
+
+
+def forward_per_core(args: argparse.Namespace, paths: list[Path]) -> dict:
+    """``forward`` in one 1-thread process per core; the time is the slowest process's."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    cores = os.cpu_count() or 1
+    barrier, results = ctx.Barrier(cores), ctx.Queue()
+    procs = [ctx.Process(target=forward_share, args=(args, paths[i::cores], barrier, results))
+             for i in range(cores)]
+    for p in procs:
+        p.start()
+    shares = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return {"seconds": max(r["seconds"] for r in shares),
+            "detections": sum(r["detections"] for r in shares), "processes": cores,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in shares)}
+
+
+def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=None) -> dict:
+    """Time one mode in this process; return its figures (``barrier``: wait there to start)."""
+    if mode == "forward_per_core":
+        return forward_per_core(args, paths)
     import numpy as np
     import torch
     from PIL import Image
@@ -148,6 +185,8 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path]) -> dict:
             on_device = [[image_tensor(a, device) for a in b] for b in batches]
             predict_images(model, on_device[0], args.precision)
             sync()
+            if barrier is not None:
+                barrier.wait()
             start = time.perf_counter()
             for b in on_device:
                 detections += sum(len(d.scores) for d in predict_images(model, b, args.precision))
@@ -168,8 +207,15 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path]) -> dict:
     return result
 
 
+def ray_version() -> str:
+    try:
+        import ray
+    except ImportError:
+        return "not installed"
+    return ray.__version__
+
+
 def record(rows: list[dict], args: argparse.Namespace) -> None:
-    import ray
     import torch
     import torchvision
 
@@ -184,14 +230,16 @@ def record(rows: list[dict], args: argparse.Namespace) -> None:
         f"arch {args.arch}, {args.images} images {args.width}×{args.height}, min_size "
         f"{args.min_size}, max_size {args.max_size}, batch {args.batch_size}, precision "
         f"{args.precision}, score floor {args.score_floor} (random weights), torch "
-        f"{torch.__version__}, torchvision {torchvision.__version__}, ray {ray.__version__}\n",
-        "| mode | images/s | × forward | × tutorial | detections/image | peak host RSS MB | peak GPU MB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"{torch.__version__}, torchvision {torchvision.__version__}, ray {ray_version()}\n",
+        "| mode | images/s | × forward | × forward_per_core | × tutorial | detections/image "
+        "| peak host RSS MB (per process) | peak GPU MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['images_per_s']:.3f} | {r.get('x_forward', '')} | "
-                     f"{r.get('x_tutorial', '')} | {r['detections_per_image']:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r.get('peak_gpu_mb', '') and round(r['peak_gpu_mb'])} |")
+        ratios = " | ".join(str(r.get(f"x_{base}", "")) for base in RATIO_BASES)
+        lines.append(f"| {r['mode']} | {r['images_per_s']:.3f} | {ratios} | "
+                     f"{r['detections_per_image']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r.get('peak_gpu_mb', '') and round(r['peak_gpu_mb'])} |")
     with path.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"appended to {path}")
@@ -211,16 +259,22 @@ def main() -> int:
     parser.add_argument("--score-floor", type=float, default=0.05)
     parser.add_argument("--detections", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", help="comma-separated; default: all (forward_per_core on CPU)")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not args.modes:
+        modes = CPU_MODES if args.device == "cpu" else MODES
+        if ray_version() == "not installed":
+            print("ray is not installed: leaving out the pipeline mode", file=sys.stderr)
+            modes = tuple(m for m in modes if m != "pipeline")
+        args.modes = ",".join(modes)
 
     if args.run_mode:  # child process: one mode
         paths = sorted(Path(args.image_dir).glob("*.jpg"))
         result = run_mode(args.run_mode, args, paths)
-        result["peak_rss_mb"] = peak_rss_mb()
+        result["peak_rss_mb"] = max(result.get("peak_rss_mb", 0), peak_rss_mb())
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -240,15 +294,14 @@ def main() -> int:
             result.update(mode=mode, images_per_s=args.images / result["seconds"],
                           detections_per_image=result["detections"] / args.images)
             rows.append(result)
-            print(f"{mode:>10}: {result['images_per_s']:.3f} images/s, "
+            print(f"{mode:>16}: {result['images_per_s']:.3f} images/s, "
                   f"{result['detections_per_image']:.1f} detections/image, "
                   f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     by_mode = {r["mode"]: r["images_per_s"] for r in rows}
     for r in rows:
-        if "forward" in by_mode:
-            r["x_forward"] = round(r["images_per_s"] / by_mode["forward"], 3)
-        if "tutorial" in by_mode:
-            r["x_tutorial"] = round(r["images_per_s"] / by_mode["tutorial"], 3)
+        for base in RATIO_BASES:
+            if base in by_mode:
+                r[f"x_{base}"] = round(r["images_per_s"] / by_mode[base], 3)
     print(json.dumps(rows, indent=1))
     if not args.no_record:
         record(rows, args)

@@ -2,7 +2,7 @@
 
 The flow runs one way, one module per stage:
 ``sources`` (list image files) → ``decode`` (CPU tasks) → ``predictor`` (actor pool of
-Mask R-CNN models) → ``encode`` (CPU tasks: paste masks, COCO RLE) → ``sinks`` (Parquet) →
+Mask R-CNN models) → ``encode`` (CPU actors: paste masks, COCO RLE) → ``sinks`` (Parquet) →
 ``export`` (COCO JSON). ``pipeline`` wires the stages on Ray Data; ``config`` and ``cli`` parse
 what the user asked for.
 """

@@ -66,10 +66,14 @@ class SegmentConfig:
     num_gpus: Optional[float] = _opt("GPUs per predictor actor (fractions share a GPU); "
                                      "unset: 1 when the cluster has GPUs, else 0", None)
     actors: str = _opt("predictor actors: N (fixed pool) or MIN-MAX (autoscaling pool); "
-                       "auto: one per GPU, or 1 on CPU", "auto")
-    cpus_per_actor: float = _opt("CPUs Ray reserves for each predictor actor", 1.0)
-    torch_threads: int = _opt("torch threads per CPU predictor actor; 0: the node's CPUs shared "
-                              "among the actors", 0)
+                       "auto: one per GPU, or on CPU-only clusters one per CPU (at most one per "
+                       "2 GiB of Ray's memory)", "auto")
+    cpus_per_actor: Optional[float] = _opt("CPUs Ray reserves for each predictor actor; unset: 1 "
+                                           "with GPUs, on CPU-only clusters the CPUs left by "
+                                           "decode, encode and write shared among the actors",
+                                           None)
+    torch_threads: int = _opt("torch threads per CPU predictor actor; 0: the cluster's CPUs "
+                              "shared among the actors", 0)
     precision: str = _opt("autocast on CUDA: fp32 | fp16 | bf16 (CPU always runs fp32)", "fp32",
                           choices=PRECISIONS)
     max_image_pixels: int = _opt("images with more pixels become error rows (decode limit)",
@@ -202,7 +206,7 @@ def validate(config: SegmentConfig) -> None:
                           "(Pillow's decompression-bomb limit)")
     if config.num_gpus is not None and config.num_gpus < 0:
         raise ConfigError(f"num_gpus must be >= 0, got {config.num_gpus}")
-    if config.cpus_per_actor <= 0:
+    if config.cpus_per_actor is not None and config.cpus_per_actor <= 0:
         raise ConfigError(f"cpus_per_actor must be > 0, got {config.cpus_per_actor}")
     if config.torch_threads < 0:
         raise ConfigError(f"torch_threads must be >= 0, got {config.torch_threads}")

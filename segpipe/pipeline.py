@@ -8,6 +8,7 @@ what landed in ``predictions/`` and checks that every listed input came out exac
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -18,7 +19,7 @@ import ray
 from segpipe import report, sinks, sources, storage
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors, validate
 from segpipe.decode import DecodeLimits, decode_batch
-from segpipe.encode import encode_batch
+from segpipe.encode import MaskEncoder
 from segpipe.export import ExportOptions, coco_info, export_coco, read_image_table
 from segpipe.model import ResolvedWeights, resolve_weights
 from segpipe.predictor import FaultInjection, MaskRCNNPredictor
@@ -26,50 +27,105 @@ from segpipe.schema import RunSettings
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
 DECODE_BATCH = 4
-#: CPUs per decode task. Reading from object stores is I/O-bound, so two tasks share a core;
-#: the value also differs from the predictor's, which keeps Ray Data from fusing decode into
-#: the predictor actors (decode must stay in CPU tasks, off the GPU actors' critical path).
-DECODE_CPUS = 0.5
+#: Host memory allowed for each CPU predictor actor when sizing the pool (measured: 1.1-1.7 GB
+#: RSS for Mask R-CNN R50-FPN at min_size 800, docs/benchmarks.md).
+CPU_ACTOR_MEMORY = 2 << 30
+#: CPUs Ray reserves for a decode task, an encode actor and a write task: (decode, encode, write).
+#: With GPUs, decode and encode are real CPU work beside the GPU (decode is partly I/O).
+#: On CPU-only clusters the forward pass is the work (seconds per image against milliseconds
+#: for decode and encode), so those stages get small shares and the predictors the rest.
+GPU_STAGE_CPUS = (0.5, 1.0, 0.25)
+CPU_STAGE_CPUS = (0.25, 0.2, 0.05)
+#: On CPU-only clusters, one encode actor per this many CPUs (one encoder keeps up with dozens
+#: of CPU predictors: ~30 ms of encoding against ~6 s of forward per image).
+CPU_PREDICTORS_PER_ENCODER = 16
 
 
 @dataclass(frozen=True)
-class ActorPlan:
-    """How the predictor pool is sized on the cluster it runs on."""
+class StagePlan:
+    """How the stages share the cluster: the predictor pool and the CPU stages around it.
+
+    On a CPU-only cluster the default is one single-threaded predictor actor per CPU, which
+    turns the cores into independent workers: measured on 2 cores, two 1-thread model
+    instances ran 0.338 images/s together where one 2-thread instance ran 0.29, and the
+    2-thread one lost a further ~10% to light background load, since each parallel region
+    waits for its slowest thread (docs/benchmarks.md).
+
+    ``decode_cpus`` always differs from ``cpus_per_actor``: Ray Data fuses a task stage into
+    the actor stage after it when their remote arguments are equal, and decoding would then
+    run inside the predictor actors.
+    """
 
     min_actors: int
     max_actors: int
     num_gpus: float
     cpus_per_actor: float
     torch_threads: int
+    decode_cpus: float
+    encode_cpus: float
+    write_cpus: float
+    max_encoders: int
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def plan_actors(config: SegmentConfig, resources: dict) -> ActorPlan:
-    """Size the predictor pool for ``resources`` (``ray.cluster_resources()``)."""
+def plan_stages(config: SegmentConfig, resources: dict,
+                node_cpus: Optional[list[float]] = None) -> StagePlan:
+    """Size the predictor pool and the CPU stages for a cluster.
+
+    ``resources`` is ``ray.cluster_resources()``; ``node_cpus`` the CPUs of each node (default:
+    one node with all of them). On CPU-only clusters every actor reserves ``(c - s) / c`` CPUs,
+    ``c`` the smallest node's CPUs and ``s`` the stages' share. Then however Ray places the
+    ``sum(floor(c_i))`` actors, some node keeps ``s`` free: a node holding at most ``c_i``
+    actors keeps ``c_i - c_i (c - s) / c >= s``, and not every node can hold more than its
+    ``c_i``. Decode, encode and write can always start, so the pipeline cannot stall.
+    """
     total_gpus = float(resources.get("GPU", 0))
     total_cpus = float(resources.get("CPU", 0))
+    nodes = [c for c in (node_cpus or [total_cpus]) if c >= 1] or [max(total_cpus, 1.0)]
     num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if total_gpus else 0.0)
     if num_gpus > 0 and total_gpus == 0:
         raise ConfigError(f"num_gpus={num_gpus} but the Ray cluster has no GPU; "
                           "set --num-gpus 0 to run the predictors on CPU")
+    on_gpu = num_gpus > 0
+    decode_cpus, encode_cpus, write_cpus = GPU_STAGE_CPUS if on_gpu else CPU_STAGE_CPUS
+    # Set aside room for one decode task, one write task and the encoders that always run:
+    # one with GPUs (more start on the CPUs the predictors leave), all of them on CPU.
+    cpu_encoders = 1 + int(total_cpus) // CPU_PREDICTORS_PER_ENCODER
+    set_aside = decode_cpus + write_cpus + encode_cpus * (1 if on_gpu else cpu_encoders)
     actors = parse_actors(config.actors)
     if actors is None:
-        n = max(1, int(total_gpus // num_gpus)) if num_gpus > 0 else 1
+        if on_gpu:
+            n = max(1, int(total_gpus // num_gpus))
+        else:
+            by_memory = int(float(resources.get("memory", 0)) // CPU_ACTOR_MEMORY)
+            n = max(1, min(sum(int(c) for c in nodes), by_memory))
         actors = (n, n)
     low, high = actors
-    if num_gpus > 0 and high * num_gpus > total_gpus:
+    if on_gpu and high * num_gpus > total_gpus:
         raise ConfigError(f"{high} actors x {num_gpus} GPUs need {high * num_gpus:g} GPUs but the "
                           f"cluster has {total_gpus:g}; lower --actors or --num-gpus")
-    if high * config.cpus_per_actor >= total_cpus:
-        raise ConfigError(f"{high} actors x {config.cpus_per_actor:g} CPUs take all {total_cpus:g} "
-                          "CPUs of the cluster and leave none for decode and encode tasks; "
-                          "lower --actors or cpus_per_actor")
+    cpus_per_actor = config.cpus_per_actor
+    if cpus_per_actor is None:
+        share = (min(nodes) - set_aside) / min(nodes)
+        cpus_per_actor = 1.0 if on_gpu else math.floor(share * 1000) / 1000
+    if cpus_per_actor <= 0 or high * cpus_per_actor + set_aside > total_cpus + 1e-9:
+        raise ConfigError(f"{high} predictor actors leave too few of the cluster's {total_cpus:g} "
+                          f"CPUs for decode, encode and write tasks ({set_aside:g} needed); "
+                          "lower --actors or --cpus-per-actor")
+    if cpus_per_actor == decode_cpus:
+        raise ConfigError(f"cpus_per_actor may not be {cpus_per_actor:g}, the CPUs of a decode "
+                          "task: Ray Data would then fuse decoding into the predictor actors")
     threads = config.torch_threads
-    if threads == 0 and num_gpus == 0:
+    if threads == 0 and not on_gpu:
         threads = max(1, int(total_cpus // high))
-    return ActorPlan(low, high, num_gpus, config.cpus_per_actor, threads)
+    max_encoders = cpu_encoders
+    if on_gpu:  # half of the CPUs the predictors leave
+        spare = total_cpus - high * cpus_per_actor - decode_cpus - write_cpus
+        max_encoders = max(1, int(spare / 2 // encode_cpus))
+    return StagePlan(low, high, num_gpus, cpus_per_actor, threads, decode_cpus, encode_cpus,
+                     write_cpus, max_encoders)
 
 
 @contextlib.contextmanager
@@ -127,32 +183,36 @@ def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
 
 
 def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[pa.Table],
-                   done: frozenset[int]) -> ray.data.Dataset:
-    """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment."""
+                   done: frozenset[int], cpus: float) -> ray.data.Dataset:
+    """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment.
+
+    Reading shards or tables runs in tasks of ``cpus`` CPUs each, the decode stage's share:
+    Ray's default of one CPU may not be free while the predictors hold the rest.
+    """
     if input_format == "files":
         return ray.data.from_arrow(sources.split_listing(listing))
     fs, _ = storage.resolve(config.input)
     if input_format == "tar":
         root, shards = sources.list_tables(config.input, ".tar")
-        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=None)
+        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=None, num_cpus=cpus)
         return ds.map_batches(sources.tar_members, fn_kwargs={"root": root, "done": done},
-                              batch_format="pyarrow")
+                              batch_format="pyarrow", num_cpus=cpus)
     root, tables = sources.list_tables(config.input, ".parquet")
     columns = [config.image_column] + ([config.name_column] if config.name_column else [])
-    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True)
-    ds = ds.select_columns([*columns, "path"])
+    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, num_cpus=cpus)
+    ds = ds.select_columns([*columns, "path"], num_cpus=cpus)
     return ds.map_batches(sources.parquet_images,
                           fn_kwargs={"root": root, "image_column": config.image_column,
                                      "name_column": config.name_column, "done": done},
-                          batch_format="pyarrow")
+                          batch_format="pyarrow", num_cpus=cpus)
 
 
-def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: ActorPlan,
+def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
                   spec: ModelSpec, weights_ref) -> ray.data.Dataset:
     """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows."""
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
-                        batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=DECODE_CPUS)
+                        batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         MaskRCNNPredictor,
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "use_gpu": plan.num_gpus > 0,
@@ -164,9 +224,13 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: ActorPl
         num_gpus=plan.num_gpus,
         num_cpus=plan.cpus_per_actor,
     )
-    return ds.map_batches(encode_batch, fn_kwargs={"mask_threshold": config.mask_threshold,
-                                                   "keep_soft_masks": config.soft_masks},
-                          batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=1)
+    return ds.map_batches(
+        MaskEncoder,
+        fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
+                               "keep_soft_masks": config.soft_masks},
+        batch_size=DECODE_BATCH, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
+        num_cpus=plan.encode_cpus)
 
 
 def run_settings(config: SegmentConfig, spec: ModelSpec, weights: ResolvedWeights) -> RunSettings:
@@ -216,16 +280,24 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
         with ray_session(config.address):
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = config.progress
-            plan = plan_actors(config, ray.cluster_resources())
+            # Parquet's DataSourceV2 reader lists files in a task that always asks for a whole
+            # CPU (its num_cpus cannot be set); while the predictors hold the CPUs it never
+            # starts, and the run hangs. The V1 reader honours source_dataset's num_cpus.
+            ctx.use_datasource_v2 = False
+            plan = plan_stages(config, ray.cluster_resources(),
+                               [node["Resources"].get("CPU", 0) for node in ray.nodes()
+                                if node["Alive"]])
             with timer("pipeline"):
                 weights_ref = ray.put(weights.state_dict)
-                source = source_dataset(config, input_format, todo, frozenset(done))
+                source = source_dataset(config, input_format, todo, frozenset(done),
+                                        plan.decode_cpus)
                 dataset = build_dataset(source, config, plan, spec, weights_ref)
                 dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
-                                                            settings))
+                                                            settings),
+                                       ray_remote_args={"num_cpus": plan.write_cpus})
             cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
                                       if k in ("CPU", "GPU", "memory")},
-                           predictor_pool=plan.as_dict())
+                           stages=plan.as_dict())
 
     with timer("export"):
         images = read_image_table(predictions_dir)

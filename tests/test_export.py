@@ -120,9 +120,15 @@ def test_requests_the_predictions_cannot_answer_are_refused(runs):
 
 
 def test_export_memory_stays_flat_as_detections_grow(tmp_path):
-    """Peak RSS of an export of 40k and of 160k detections (4 and 16 files) differ by little."""
+    """Peak RSS of an export of 40k and of 320k detections (4 and 32 files) differ by little.
+
+    Holding the 280k extra annotations in memory would take well over 150 MB (a COCO
+    annotation dict with its bbox list and RLE string is over 600 bytes in Python). Peak RSS
+    of the same export varies by up to ~25 MB from run to run (allocator timing), so each
+    size takes the lower of two runs.
+    """
     peaks = {}
-    for images in (800, 3200):
+    for images in (800, 6400):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
         # VmHWM is this process's own peak; ru_maxrss would carry pytest's over fork + exec.
@@ -131,9 +137,12 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
                 "ExportOptions(score_threshold=0.3)); "
                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
                 "print(s['counts']['detections'], hwm)")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout.split()
-        assert int(out[0]) == images * 50
-        peaks[images] = int(out[1]) / 1024
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.split()
+            assert int(out[0]) == images * 50
+            runs.append(int(out[1]) / 1024)
+        peaks[images] = min(runs)
     print(f"peak RSS: {peaks}")
-    assert peaks[3200] - peaks[800] < 40  # MB, for 4x the detections
+    assert peaks[6400] - peaks[800] < 80  # MB, for 8x the detections
