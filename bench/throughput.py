@@ -80,10 +80,7 @@ def peak_rss_mb() -> float:
 
 def forward_share(args: argparse.Namespace, paths: list[Path], barrier, results) -> None:
     """One single-threaded forward process of ``forward_per_core``: time the loop over ``paths``."""
-    import torch
-
-    args.threads = 1
-    torch.set_num_threads(1)
+    args.threads = 1  # run_mode applies it
     result = run_mode("forward", args, paths, barrier)
     results.put({**result, "peak_rss_mb": peak_rss_mb()})
 
