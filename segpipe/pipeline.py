@@ -155,17 +155,17 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
     """
     predictions_dir = sinks.predictions_dir(config.output)
     fs, root = storage.resolve(predictions_dir)
-    old = sinks.prediction_files(predictions_dir)
     if config.resume:
-        if old:
-            differences = settings.differences(sinks.read_run_settings(predictions_dir))
-            if differences:
-                raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
-                                  f"other settings ({', '.join(differences)}); resume with the "
-                                  "same settings, or use --overwrite")
+        earlier, done = sinks.read_written(predictions_dir)
+        differences = settings.differences(earlier) if earlier is not None else []
+        if differences:
+            raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
+                              f"other settings ({', '.join(differences)}); resume with the "
+                              "same settings, or use --overwrite")
         for leftover in storage.list_files(fs, root, storage.TEMPORARY_SUFFIX):
             fs.delete_file(leftover.path)
-        return predictions_dir, sinks.written_image_ids(predictions_dir)
+        return predictions_dir, done
+    old = sinks.prediction_files(predictions_dir)
     if old and not config.overwrite:
         raise ConfigError(f"{predictions_dir} already holds {len(old)} prediction file(s) from an "
                           "earlier run; pass --resume to finish it, --overwrite to replace it, "

@@ -48,14 +48,21 @@ def write_prediction_file(table: pa.Table, directory: str, settings: schema.RunS
     return path
 
 
-def written_image_ids(directory: str) -> set[int]:
-    """The ``image_id`` of every row in the complete prediction files of ``directory``."""
+def read_written(directory: str) -> tuple[Optional[schema.RunSettings], set[int]]:
+    """The settings recorded in the complete prediction files of ``directory`` and the
+    ``image_id`` of every row in them, opening each file once (what ``--resume`` needs).
+
+    Raises ``ValueError`` when files disagree (predictions of different runs mixed).
+    """
     fs, _ = storage.resolve(directory)
+    found: set[schema.RunSettings] = set()
     ids: set[int] = set()
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
-            ids.update(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
-    return ids
+            table = pq.read_table(f, columns=["image_id"])
+        found.add(schema.RunSettings.from_metadata(table.schema.metadata))
+        ids.update(table.column("image_id").to_pylist())
+    return _one_settings(directory, found), ids
 
 
 def read_run_settings(directory: str) -> Optional[schema.RunSettings]:
@@ -68,6 +75,10 @@ def read_run_settings(directory: str) -> Optional[schema.RunSettings]:
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
             found.add(schema.RunSettings.from_metadata(pq.read_schema(f).metadata))
+    return _one_settings(directory, found)
+
+
+def _one_settings(directory: str, found: set[schema.RunSettings]) -> Optional[schema.RunSettings]:
     if len(found) > 1:
         raise ValueError(f"{directory} mixes predictions made with different settings: {found}")
     return found.pop() if found else None
