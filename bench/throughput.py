@@ -163,6 +163,8 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
             image = Image.open(path).convert("RGB")
             with torch.no_grad():
                 pred = model([TF.to_tensor(image).to(device)])[0]
+            if "masks" not in pred:  # a box-only detector: the tutorial keeps its boxes
+                return len(pred["boxes"].cpu().numpy())
             masks = (pred["masks"] > 0.5).squeeze(1).cpu().numpy()
             rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
             return len(rles)
@@ -258,6 +260,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--modes", help="comma-separated; default: all (forward_per_core on CPU)")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
     parser.add_argument("--image-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -300,6 +303,8 @@ def main() -> int:
             if base in by_mode:
                 r[f"x_{base}"] = round(r["images_per_s"] / by_mode[base], 3)
     print(json.dumps(rows, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     if not args.no_record:
         record(rows, args)
     return 0

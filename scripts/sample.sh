@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Segment the bundled samples/ into out/sample on a local Ray (CPU). Uses torchvision's
-# pretrained weights when they are in the cache (`segpipe weights` says where), otherwise
-# seeded random weights, loudly, so that the pipeline can still be seen working end to end.
+# pretrained weights, downloading them into torch's cache if they are not there yet (`segpipe
+# weights` says where); without internet access it runs with seeded random weights, loudly,
+# so that the pipeline can still be seen working end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 weights=pretrained
-if ! where=$(.venv/bin/segpipe weights); then
+if ! .venv/bin/segpipe weights --download; then
   weights=random
-  echo "segpipe sample: pretrained weights not cached: $where"
-  echo "segpipe sample: running with --weights random (masks are meaningless); put the file there for real masks"
+  echo "segpipe sample: no pretrained weights (see above); running with --weights random, whose masks are meaningless"
 fi
 .venv/bin/segpipe segment samples out/sample --config conf/sample.yaml --weights "$weights" --overwrite
 echo "segpipe sample: outputs in out/sample (coco/instances.json, coco/results.json, predictions/, run.json)"

@@ -1,138 +1,303 @@
-"""The ``segpipe`` command line: parse arguments and call the library.
+"""The ``segpipe`` command line: parse arguments, check them, and call the library.
 
-Exit status: 0 when the run completed (images that failed are rows with ``status="error"``,
-counted in the summary), 2 for a configuration mistake (found before any work), 1 when the
-run could not account for every input.
+Mistakes are found before torch is imported or Ray started (``preflight``, ``render``'s and
+``export``'s own checks): exit 2 with one line saying what to fix. While Ray runs, everything
+it prints goes to a log file in OUTPUT (``console``); the terminal shows segpipe's lines only.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 from typing import Optional, Sequence
 
 from segpipe.config import ARCHITECTURES, ConfigError, config_fields, load_config
 
+DESCRIPTION = """\
+Segment large image datasets with torchvision's Mask R-CNN (or box-only Faster R-CNN) on a
+Ray cluster or a laptop, and write COCO instance annotations to train on, evaluate, or load
+into a labelling tool.
+
+`segpipe segment` is the one expensive pass: it writes every image's detections (with soft
+masks) to OUTPUT/predictions/*.parquet and the COCO files to OUTPUT/coco/. `export`, `eval`
+and `render` then work from OUTPUT/predictions alone, without a GPU or the images' model.
+"""
+
+EPILOG = """\
+Run `segpipe COMMAND --help` for the options of a command.
+Exit status: 0 done; 1 the run could not account for every image, or nothing could be drawn;
+2 a mistake in what was asked (nothing was done); 130 interrupted (Ctrl-C).
+"""
+
+#: Sections of ``segment --help``: config fields by what they are about.
+SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
+    "model and weights": ("arch", "weights", "categories", "seed", "min_size", "max_size",
+                          "nms_threshold", "detections_per_image", "proposals_per_image",
+                          "precision"),
+    "what is kept": ("score_floor", "score_threshold", "mask_threshold", "soft_masks"),
+    "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
+               "max_image_bytes"),
+    "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
+                           "batch_size", "rows_per_file"),
+    "run": ("overwrite", "resume", "progress", "fault_kill_after_batches"),
+}
+
 _TYPES = {"int": int, "float": float, "str": str}
 
 
+class SegpipeParser(argparse.ArgumentParser):
+    """argparse with "did you mean" for misspelled commands, flags and choices."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        found = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if found:
+            choices = re.findall(r"'([^']*)'", found.group(2)) or \
+                [c.strip() for c in found.group(2).split(",")]
+            close = difflib.get_close_matches(found.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+    def unknown_flags(self, extra: list[str]) -> None:
+        """Exit 2 naming each unknown argument, with the closest flag where there is one."""
+        known = [s for s in self._option_string_actions if s.startswith("--")]
+        lines = [f"unrecognized arguments: {' '.join(extra)}"]
+        for arg in extra:
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("-"):
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if close:
+                    lines.append(f"  {flag}: did you mean {close[0]}?")
+        self.error("\n".join(lines))
+
+
+def _help(f) -> str:
+    text = f.metadata["help"]
+    if f.default is not None and not f.metadata.get("positional"):
+        default = f.default if not isinstance(f.default, bool) else \
+            ("on" if f.default else "off")
+        text += f" (default: {default})"
+    return text.replace("%", "%%")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for f in config_fields():
-        help_text = f.metadata["help"]
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", default=None,
-                                help=help_text)
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type.replace("Optional[", "").rstrip("]")
-        if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=f"{help_text} (default {f.default})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=_TYPES[kind], default=None,
-                                choices=f.metadata.get("choices"),
-                                help=f"{help_text} (default {f.default})")
+    fields = {f.name: f for f in config_fields()}
+    inputs = parser.add_argument_group("INPUT and OUTPUT (or `input:` / `output:` in --config)")
+    for name in ("input", "output"):
+        inputs.add_argument(name, metavar=name.upper(), nargs="?", default=None,
+                            help=_help(fields[name]))
+    inputs.add_argument("--config", metavar="FILE",
+                        help="YAML file of these options (keys as in conf/default.yaml, "
+                             "score_floor for --score-floor); flags override its keys")
+    grouped = {n for names in SEGMENT_GROUPS.values() for n in names}
+    missing = set(fields) - grouped - {"input", "output"}
+    assert not missing, f"config fields without a --help section: {missing}"
+    for title, names in SEGMENT_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            flag = "--" + f.name.replace("_", "-")
+            kind = f.type.replace("Optional[", "").rstrip("]")
+            if kind == "bool":
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=None, help=_help(f))
+            else:
+                metavar = f.metadata.get("metavar") or \
+                    {"int": "N", "float": "X"}.get(kind, f.name.upper())
+                group.add_argument(flag, dest=f.name, type=_TYPES[kind], default=None,
+                                   choices=f.metadata.get("choices"), metavar=metavar,
+                                   help=_help(f))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segpipe", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> SegpipeParser:
+    parser = SegpipeParser(prog="segpipe", description=DESCRIPTION, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    segment = commands.add_parser("segment", help="segment the images under INPUT into OUTPUT")
-    segment.add_argument("--config", metavar="FILE", help="YAML config; flags override its keys")
+    segment = commands.add_parser(
+        "segment", help="segment the images under INPUT into OUTPUT (the expensive pass)",
+        description="Segment every image under INPUT (a folder, tar shards or Parquet tables, "
+                    "local or s3://) and write OUTPUT/predictions/*.parquet, "
+                    "OUTPUT/coco/instances.json, OUTPUT/coco/results.json and OUTPUT/run.json. "
+                    "Every option is also a key of a --config YAML file.",
+        usage="segpipe segment INPUT OUTPUT [--config FILE] [options]")
     _add_config_flags(segment)
 
     export = commands.add_parser(
-        "export", help="write COCO files from OUTPUT/predictions at new thresholds (no model)")
-    export.add_argument("output", metavar="OUTPUT", help="the OUTPUT of a segment run")
+        "export", help="write COCO files from OUTPUT/predictions at new thresholds (no model)",
+        description="Write DIR/instances.json, DIR/results.json and DIR/export.json from a "
+                    "run's predictions/ at other thresholds, classes or limits, without the "
+                    "model or the images.")
+    export.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     export.add_argument("--to", required=True, metavar="DIR",
-                        help="folder for instances.json, results.json and export.json")
-    export.add_argument("--score-threshold", type=float, default=0.5,
-                        help="lowest score written (default 0.5; not below the run's score floor)")
-    export.add_argument("--mask-threshold", type=float, default=None,
-                        help="re-binarise the stored soft masks (default: the run's masks)")
+                        help="folder to write instances.json, results.json and export.json to")
+    export.add_argument("--score-threshold", type=float, default=0.5, metavar="X",
+                        help="lowest score written; not below the run's score floor "
+                             "(default: 0.5)")
+    export.add_argument("--mask-threshold", type=float, default=None, metavar="X",
+                        help="re-binarise the stored soft masks at X (default: the run's own "
+                             "masks, as stored)")
     export.add_argument("--classes", metavar="NAMES_OR_IDS",
-                        help="comma-separated COCO names or ids to keep, e.g. person,car")
+                        help="comma-separated class names (any case) or category ids to keep, "
+                             "e.g. person,car (default: all)")
     export.add_argument("--max-per-image", type=int, metavar="N",
-                        help="keep the N highest-scoring annotations per image")
+                        help="keep only the N highest-scoring annotations of each image "
+                             "(default: all)")
     export.add_argument("--min-area", type=int, default=1, metavar="PIXELS",
-                        help="leave out masks with fewer pixels (default 1: no empty masks)")
+                        help="leave out masks (or boxes) with a smaller area (default: 1, which "
+                             "leaves out empty masks only)")
     export.add_argument("--polygons", action="store_true",
-                        help="write polygon segmentations (OpenCV contours) instead of RLE")
+                        help="write polygon segmentations (for labelling tools) instead of RLE "
+                             "(default: RLE)")
+    export.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress line")
 
-    evaluate = commands.add_parser("eval", help="COCO AP of OUTPUT's predictions against ground truth")
-    evaluate.add_argument("output", metavar="OUTPUT", help="the OUTPUT of a segment run")
+    evaluate = commands.add_parser(
+        "eval", help="COCO AP of OUTPUT's predictions against ground-truth annotations",
+        description="Evaluate a run's predictions with pycocotools' COCOeval against a COCO "
+                    "instances file. Images are matched by file_name; categories by id, or "
+                    "by name when the ground truth numbers them differently. Writes "
+                    "OUTPUT/eval.json.")
+    evaluate.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     evaluate.add_argument("--gt", required=True, metavar="ANNOTATIONS.json",
-                          help="COCO instances file; images are matched by file_name")
-    evaluate.add_argument("--score-threshold", type=float, default=None,
-                          help="lowest score evaluated (default: the run's score floor)")
-    evaluate.add_argument("--iou-type", choices=("segm", "bbox", "both"), default="both")
+                          help="COCO instances file (images, annotations, categories)")
+    evaluate.add_argument("--score-threshold", type=float, default=None, metavar="X",
+                          help="lowest score evaluated (default: the run's score floor, as "
+                               "COCO evaluation expects all detections)")
+    evaluate.add_argument("--iou-type", choices=("segm", "bbox", "both"), default=None,
+                          help="which AP to compute: mask (segm), box (bbox) or both "
+                               "(default: both; bbox only for box-only detectors)")
 
-    render = commands.add_parser("render", help="draw OUTPUT's detections on the images")
-    render.add_argument("output", metavar="OUTPUT", help="the OUTPUT of a segment run")
+    render = commands.add_parser(
+        "render", help="draw OUTPUT's detections on the images and write a gallery",
+        description="Draw each detection's mask, box and label on the original images (in "
+                    "Ray tasks) and write DIR/images/ and DIR/index.html.")
+    render.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     render.add_argument("--images", required=True, metavar="INPUT",
-                        help="the INPUT the run segmented")
-    render.add_argument("--to", required=True, metavar="DIR", help="folder for images/ and index.html")
-    render.add_argument("--limit", type=int, default=100, help="images to draw (default 100)")
-    render.add_argument("--score-threshold", type=float, default=0.5)
-    render.add_argument("--classes", metavar="NAMES_OR_IDS")
-    render.add_argument("--address", default=None, help="Ray cluster to join (default local)")
+                        help="the INPUT folder the run segmented (image files)")
+    render.add_argument("--to", required=True, metavar="DIR",
+                        help="folder to write images/ and index.html to")
+    render.add_argument("--limit", type=int, default=100, metavar="N",
+                        help="draw the first N images by name (default: 100)")
+    render.add_argument("--score-threshold", type=float, default=0.5, metavar="X",
+                        help="lowest score drawn (default: 0.5)")
+    render.add_argument("--classes", metavar="NAMES_OR_IDS",
+                        help="comma-separated class names or ids to draw (default: all)")
+    render.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    render.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress line")
 
-    weights = commands.add_parser("weights", help="say where pretrained weights must be cached")
-    weights.add_argument("--arch", choices=ARCHITECTURES, default=ARCHITECTURES[0])
+    weights = commands.add_parser(
+        "weights", help="where pretrained weights are cached, and download them",
+        description="Print where torch's cache keeps the pretrained COCO weights of an "
+                    "architecture and the URL they come from; exit 0 when the file is there, "
+                    "1 when it is missing. --download fetches it (for container images and "
+                    "machines that prepare offline nodes).")
+    weights.add_argument("--arch", choices=ARCHITECTURES, default=ARCHITECTURES[0],
+                         help=f"architecture (default: {ARCHITECTURES[0]})")
+    weights.add_argument("--download", action="store_true",
+                         help="download the file into the cache if it is missing")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "weights":
-        return _weights(args.arch)
-    if args.command == "export":
-        return _export(args)
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "render":
-        return _render(args)
-    return _segment(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore
+        subparser.unknown_flags(extra)
+    commands = {"segment": _segment, "export": _export, "eval": _eval, "render": _render,
+                "weights": _weights}
+    return commands[args.command](args)
+
+
+def _config_error(exc: Exception) -> int:
+    print(f"segpipe: configuration error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from segpipe.pipeline import run_segment
+    from segpipe.preflight import check_segment
 
     overrides = {f.name: getattr(args, f.name) for f in config_fields()}
     try:
         config = load_config(args.config, **overrides)
-        run_report = run_segment(config)
+        checked = check_segment(config)
     except ConfigError as exc:
-        print(f"segpipe: configuration error: {exc}", file=sys.stderr)
-        return 2
-    for line in run_report.summary_lines():
+        return _config_error(exc)
+
+    from segpipe import console
+    from segpipe.pipeline import execute_segment, prepare_segment
+
+    try:
+        prepared = prepare_segment(config, checked)   # torch, weights: still nothing written
+    except ConfigError as exc:
+        return _config_error(exc)
+    except KeyboardInterrupt:
+        print("\nsegpipe: interrupted before any work; nothing was written", file=sys.stderr)
+        return 130
+    log = console.RunLog(config.output, "segment")
+    try:
+        with console.output_to_log(log.path):
+            run_report = execute_segment(prepared)
+    except ConfigError as exc:
+        return _config_error(exc)
+    except KeyboardInterrupt:
+        return _interrupted(config, log)
+    finally:
+        log.publish()
+    for line in run_report.summary_lines() + console.translate(log.text()):
         print(line)
     print(f"segpipe: wrote {config.output}/predictions, coco/instances.json, coco/results.json, "
-          "run.json")
+          f"run.json; Ray's own messages are in {log.where}")
     return 0 if run_report.accounting.complete else 1
 
 
+def _interrupted(config, log) -> int:
+    from segpipe.layout import predictions_dir, prediction_files
+
+    kept = len(prediction_files(predictions_dir(config.output)))
+    command = " ".join(a if re.fullmatch(r"[\w@%+=:,./-]+", a) else repr(a) for a in sys.argv)
+    resume = command if "--resume" in sys.argv else f"{command} --resume"
+    resume = re.sub(r"\s--overwrite\b", "", resume)
+    print(f"\nsegpipe: interrupted; {kept} complete prediction file(s) are kept in "
+          f"{config.output}/predictions. Finish the run with:\n  {resume}\n"
+          f"(Ray's messages: {log.where})", file=sys.stderr)
+    return 130
+
+
 def _export(args: argparse.Namespace) -> int:
-    from segpipe.categories import parse_classes
     from segpipe.export import ExportOptions, run_export
+    from segpipe.layout import existing_predictions, read_run_settings
 
     try:
-        classes = parse_classes(args.classes) if args.classes else None
         if args.max_per_image is not None and args.max_per_image < 1:
             raise ConfigError("--max-per-image must be at least 1")
+        classes = None
+        if args.classes:
+            settings = read_run_settings(existing_predictions(args.output))
+            if settings is None:
+                raise ConfigError(f"{args.output}/predictions has no segpipe run settings")
+            classes = settings.categories.parse_classes(args.classes)
         options = ExportOptions(score_threshold=args.score_threshold,
                                 mask_threshold=args.mask_threshold, classes=classes,
                                 max_per_image=args.max_per_image, min_area=args.min_area,
                                 polygons=args.polygons)
-        summary = run_export(args.output, args.to, options)
-    except (ConfigError, ValueError) as exc:
-        print(f"segpipe: configuration error: {exc}", file=sys.stderr)
-        return 2
+        summary = run_export(args.output, args.to, options, show_progress=args.progress)
+    except ConfigError as exc:
+        return _config_error(exc)
+    from segpipe.export import ExportCounts
+
     c = summary["counts"]
+    counts = ExportCounts(**c)
     print(f"segpipe export: {c['annotations']} annotations on {c['ok']} images from "
           f"{c['detections']} stored detections in {summary['seconds']} s "
           f"({summary['detections_per_s']} detections/s) → {args.to}")
+    for n, reason in counts.left_out():
+        print(f"segpipe export:   {n} left out: {reason}")
     for name, n in list(c["per_category"].items())[:10]:
         print(f"  {n:>8}  {name}")
     return 0
@@ -141,16 +306,16 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from segpipe.evaluate import IOU_TYPES, run_eval
 
-    iou_types = IOU_TYPES if args.iou_type == "both" else (args.iou_type,)
+    iou_types = None if args.iou_type is None else \
+        IOU_TYPES if args.iou_type == "both" else (args.iou_type,)
     try:
         report = run_eval(args.output, args.gt, args.score_threshold, iou_types)
     except ConfigError as exc:
-        print(f"segpipe: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _config_error(exc)
     matching = report["matching"]
     if matching["category_message"]:
         print(f"segpipe eval: NOTE: {matching['category_message']}")
-    for iou_type in iou_types:
+    for iou_type in report["iou_types"]:
         print(f"segpipe eval: {iou_type}")
         print(report["tables"][iou_type], end="")
     print(f"segpipe eval: {matching['images_evaluated']} of {matching['ground_truth_images']} "
@@ -166,30 +331,50 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from segpipe.categories import parse_classes
+    from segpipe.render import RenderRequest, check_render
+
+    request = RenderRequest(args.output, args.images, args.to, args.limit,
+                            args.score_threshold, args.classes, args.address)
+    try:
+        checked = check_render(request)
+    except ConfigError as exc:
+        return _config_error(exc)
+
+    from segpipe import console
     from segpipe.render import run_render
 
+    log = console.RunLog(args.to, "render")
     try:
-        classes = parse_classes(args.classes) if args.classes else None
-        summary = run_render(args.output, args.images, args.to, args.limit,
-                             args.score_threshold, classes, args.address)
-    except (ConfigError, ValueError) as exc:
-        print(f"segpipe: configuration error: {exc}", file=sys.stderr)
-        return 2
+        with console.output_to_log(log.path):
+            summary = run_render(request, checked, show_progress=args.progress)
+    finally:
+        log.publish()
     print(f"segpipe render: {summary['rendered']} images drawn, {len(summary['errors'])} failed; "
           f"open {summary['index']}")
     for name, error in summary["errors"].items():
         print(f"  {name}: {error}")
+    if summary["rendered"] == 0:
+        print("segpipe render: no image could be drawn (are --images the INPUT the run "
+              "segmented?)", file=sys.stderr)
+        return 1
     return 0
 
 
-def _weights(arch: str) -> int:
-    """Print the cache path of the pretrained file; exit 0 if it is there, 1 if not."""
-    from segpipe.model import pretrained_weights_file
+def _weights(args: argparse.Namespace) -> int:
+    """Print the cache path and URL of the pretrained file; exit 0 if it is there, 1 if not."""
+    from segpipe.weights import PRETRAINED, WeightsError, describe_cache_folder, fetch, \
+        weights_source
 
-    path = pretrained_weights_file(arch)
-    present = path.is_file()
-    print(f"{path} ({'present' if present else 'missing'})")
+    source = weights_source("pretrained", args.arch)
+    if args.download and source.missing:
+        try:
+            fetch(source)
+        except WeightsError as exc:
+            print(f"segpipe: {exc}", file=sys.stderr)
+    present = not source.missing
+    print(f"{args.arch}: {'present' if present else 'missing'}: {source.path}")
+    print(f"  weights: {PRETRAINED[args.arch][0]} from {source.url}")
+    print(f"  folder:  {describe_cache_folder()}")
     return 0 if present else 1
 
 

@@ -15,7 +15,11 @@ from typing import Any, Optional
 
 import yaml
 
-ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+#: Detectors that predict masks, and box-only detectors (their detections have no segmentation).
+MASK_ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
+                     "fasterrcnn_mobilenet_v3_large_fpn")
+ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 #: Pillow refuses to open images above twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb
@@ -41,14 +45,23 @@ class SegmentConfig:
                                  None, positional=True)
     input_format: str = _opt("auto | files (image files) | tar (WebDataset-style shards) | parquet "
                              "(tables with an image-bytes column); auto: from what INPUT holds",
-                             "auto", choices=("auto", "files", "tar", "parquet"))
+                             "auto", choices=("auto", "files", "tar", "parquet"), metavar="FORMAT")
     image_column: str = _opt("parquet input: the column holding encoded image bytes", "image")
     name_column: Optional[str] = _opt("parquet input: a column naming each image (file_name); "
                                       "unset: <table>#<hash of the bytes>", None)
-    arch: str = _opt("Mask R-CNN builder: " + " | ".join(ARCHITECTURES), "maskrcnn_resnet50_fpn",
-                     choices=ARCHITECTURES)
-    weights: str = _opt("pretrained (torchvision cache, TORCH_HOME) | random (seeded, smoke runs "
-                        "only) | PATH of a state_dict checkpoint", "pretrained")
+    arch: str = _opt("torchvision detector: " + " | ".join(ARCHITECTURES) + " (the "
+                     "fasterrcnn ones find boxes only, no masks)", "maskrcnn_resnet50_fpn",
+                     choices=ARCHITECTURES, metavar="ARCH")
+    weights: str = _opt("pretrained (torchvision's COCO weights, from torch's cache or "
+                        "downloaded into it: $TORCH_HOME/hub/checkpoints) | PATH of a state_dict "
+                        "checkpoint (any number of classes) | an http(s) URL of one | random "
+                        "(seeded, smoke runs only)", "pretrained",
+                       metavar="pretrained|PATH|URL|random")
+    categories: Optional[str] = _opt("names the classes of a checkpoint: a COCO JSON (a dataset "
+                                     "with a categories list, or the list itself) or a text "
+                                     "file with one name per line; model label k is the k-th "
+                                     "category. unset: COCO's table for 91-class models, "
+                                     "class_1..class_K-1 otherwise", None, metavar="FILE")
     seed: int = _opt("seed for --weights random", 0)
     min_size: int = _opt("shorter image side after the model's resize", 800)
     max_size: int = _opt("longer image side limit after the model's resize", 1333)
@@ -75,7 +88,7 @@ class SegmentConfig:
     torch_threads: int = _opt("torch threads per CPU predictor actor; 0: the cluster's CPUs "
                               "shared among the actors", 0)
     precision: str = _opt("autocast on CUDA: fp32 | fp16 | bf16 (CPU always runs fp32)", "fp32",
-                          choices=PRECISIONS)
+                          choices=PRECISIONS, metavar="PRECISION")
     max_image_pixels: int = _opt("images with more pixels become error rows (decode limit)",
                                  100_000_000)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
@@ -85,7 +98,8 @@ class SegmentConfig:
     resume: bool = _opt("finish an interrupted run: keep OUTPUT's complete prediction files, "
                         "segment only the images missing from them (same settings required)",
                         False)
-    progress: bool = _opt("show Ray Data's progress bars", True)
+    progress: bool = _opt("show progress: a live bar on a terminal, a plain line every 30 s "
+                          "otherwise", True)
     fault_kill_after_batches: int = _opt("TESTING ONLY: the first predictor actor kills its own "
                                          "worker process after this many batches (0: never), "
                                          "to show that Ray restarts it and no image is lost", 0)
@@ -100,7 +114,11 @@ class SegmentConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model settings that change predictions (everything but the weights)."""
+    """The model settings that change predictions (everything but the weights).
+
+    ``num_classes`` is the classifier's outputs, background included (91 for COCO); it comes
+    from the checkpoint, not from the config.
+    """
 
     arch: str
     min_size: int
@@ -109,11 +127,22 @@ class ModelSpec:
     nms_threshold: float
     detections_per_image: int
     proposals_per_image: int
+    num_classes: int = 91
+
+    @property
+    def has_masks(self) -> bool:
+        return has_masks(self.arch)
 
     @classmethod
-    def from_config(cls, config: SegmentConfig) -> "ModelSpec":
+    def from_config(cls, config: SegmentConfig, num_classes: int = 91) -> "ModelSpec":
         return cls(config.arch, config.min_size, config.max_size, config.score_floor,
-                   config.nms_threshold, config.detections_per_image, config.proposals_per_image)
+                   config.nms_threshold, config.detections_per_image, config.proposals_per_image,
+                   num_classes)
+
+
+def has_masks(arch: str) -> bool:
+    """True for the detectors that predict instance masks (Mask R-CNN)."""
+    return arch in MASK_ARCHITECTURES
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -5,13 +5,14 @@ keeps only the part of each pasted mask that can be non-zero (its expanded box, 
 image): the rest of torchvision's ``H×W`` canvas is zeros by construction. ``encode_rle`` then
 builds the column-major runs of the full-size mask from the crop and lets pycocotools compress
 them, so no ``H×W`` array is ever made per detection. ``encode_batch`` is the stage;
-``MaskEncoder`` runs it in Ray Data actors.
+``MaskEncoder`` runs it in Ray Data actors. Each detection's label becomes the run's category
+(``CategoryTable``); box-only detections get no mask, area or segmentation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
 from segpipe import schema
-from segpipe.categories import category_name
+from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.predictor import ImageDetections, unpack_detections
 
 
@@ -124,29 +125,37 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 
 
 def encode_detections(det: ImageDetections, height: int, width: int, mask_threshold: float,
-                      keep_soft_masks: bool = True) -> list[dict]:
+                      keep_soft_masks: bool = True,
+                      categories: CategoryTable = COCO_TABLE) -> list[dict]:
     """The ``detections`` list of one output row (``schema.DETECTION`` dicts)."""
-    crops = paste_mask_crops(det.soft_masks, det.boxes, height, width, mask_threshold)
+    count = len(det.boxes)
+    if det.has_masks:
+        crops: Iterator[Optional[MaskCrop]] = paste_mask_crops(det.soft_masks, det.boxes,
+                                                               height, width, mask_threshold)
+        stored = quantise_soft_masks(det.soft_masks) if keep_soft_masks else [None] * count
+    else:
+        crops, stored = iter([None] * count), [None] * count
     bboxes = xyxy_to_xywh(det.boxes)
-    stored = quantise_soft_masks(det.soft_masks) if keep_soft_masks else [None] * len(det.boxes)
     rows = []
     for label, score, bbox, box, soft, crop in zip(det.labels.tolist(), det.scores.tolist(),
                                                    bboxes.tolist(), det.boxes.tolist(), stored,
                                                    crops):
+        category_id, name = categories.category_of(label)
         rows.append({
-            "category_id": label,
-            "category_name": category_name(label),
+            "category_id": category_id,
+            "category_name": name,
             "score": score,
             "bbox": bbox,
-            "area": int(crop.mask.sum()),
-            "segmentation": encode_rle(crop, height, width),
+            "area": int(crop.mask.sum()) if crop is not None else None,
+            "segmentation": encode_rle(crop, height, width) if crop is not None else None,
             "box": box,
             "soft_mask": soft.tobytes() if soft is not None else None,
         })
     return rows
 
 
-def encode_batch(batch: pa.Table, mask_threshold: float, keep_soft_masks: bool = True) -> pa.Table:
+def encode_batch(batch: pa.Table, mask_threshold: float, keep_soft_masks: bool = True,
+                 categories: CategoryTable = COCO_TABLE) -> pa.Table:
     """Ray Data stage: predictor rows → rows of ``schema.PREDICTION_SCHEMA``.
 
     An image whose encoding fails becomes an error row; the others are unaffected.
@@ -158,7 +167,7 @@ def encode_batch(batch: pa.Table, mask_threshold: float, keep_soft_masks: bool =
         if status == schema.STATUS_OK:
             try:
                 encoded = encode_detections(unpack_detections(row), row["height"], row["width"],
-                                            mask_threshold, keep_soft_masks)
+                                            mask_threshold, keep_soft_masks, categories)
             except Exception as exc:
                 status, error = schema.STATUS_ERROR, f"encode: {type(exc).__name__}: {exc}"
         statuses.append(status)
@@ -178,11 +187,21 @@ class MaskEncoder:
     within a second on a node whose CPUs are held by predictor actors (measured on 2 cores:
     each encode batch started a fresh worker, and the import stole ~2.5 s from the
     predictors every time). An actor imports it once.
+
+    ``counter`` (a ``progress.ImageCounter`` actor, optional) is told how many images each
+    batch finished, for the driver's progress line.
     """
 
-    def __init__(self, mask_threshold: float, keep_soft_masks: bool = True):
+    def __init__(self, mask_threshold: float, keep_soft_masks: bool = True,
+                 categories: CategoryTable = COCO_TABLE, counter: Optional[Any] = None):
         self.mask_threshold = mask_threshold
         self.keep_soft_masks = keep_soft_masks
+        self.categories = categories
+        self.counter = counter
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return encode_batch(batch, self.mask_threshold, self.keep_soft_masks)
+        encoded = encode_batch(batch, self.mask_threshold, self.keep_soft_masks, self.categories)
+        if self.counter is not None:
+            failed = encoded.column("status").to_pylist().count(schema.STATUS_ERROR)
+            self.counter.add.remote(encoded.num_rows - failed, failed)
+        return encoded

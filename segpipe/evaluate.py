@@ -1,9 +1,10 @@
 """``segpipe eval``: COCO AP of a run's predictions against a user's ground truth.
 
 Ground-truth images are matched to predictions by ``file_name`` (the user's ids are their own).
-Categories are matched by COCO id; when the ground truth uses other ids for COCO names (80
-contiguous ids, as detectron2 and Ultralytics export), the mismatch is reported and categories
-are matched by name instead of being silently scored as zero. Evaluation is pycocotools'
+Categories are matched by the run's category ids (COCO's, or the run's categories file); when
+the ground truth numbers the same names differently (80 contiguous ids, as detectron2 and
+Ultralytics export COCO), the mismatch is reported and categories are matched by name instead of
+being silently scored as zero. Evaluation is pycocotools'
 ``COCOeval`` over the ground-truth images that were predicted; the others are listed. The
 detections scored are those ``segpipe export`` would write at the same score threshold.
 """
@@ -20,11 +21,11 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segpipe import schema, storage
-from segpipe.categories import COCO_CATEGORIES
+from segpipe.categories import CategoryTable
 from segpipe.config import ConfigError
-from segpipe.export import (ExportCounts, ExportOptions, iter_ok_rows, read_image_table,
-                            select_detections)
-from segpipe.sinks import existing_predictions, read_run_settings
+from segpipe.export import (ExportCounts, ExportOptions, coco_result, iter_ok_rows,
+                            read_image_table, select_detections)
+from segpipe.layout import existing_predictions, read_run_settings
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("segm", "bbox")
@@ -32,34 +33,35 @@ IOU_TYPES = ("segm", "bbox")
 
 @dataclass
 class CategoryMatch:
-    """How ground-truth category ids relate to COCO ids."""
+    """How ground-truth category ids relate to the run's category ids."""
 
     how: str                             # "by id" | "by name"
-    to_gt: dict[int, int]                # COCO id → ground-truth id
+    to_gt: dict[int, int]                # the run's category id → ground-truth id
     message: Optional[str] = None
 
 
-def match_categories(gt_categories: list[dict]) -> CategoryMatch:
-    """Map COCO ids to the ground truth's ids; raise ``ConfigError`` if that is impossible."""
-    coco_by_name = {c.name.lower(): c.id for c in COCO_CATEGORIES}
-    coco_names = {c.id: c.name.lower() for c in COCO_CATEGORIES}
+def match_categories(gt_categories: list[dict], table: CategoryTable) -> CategoryMatch:
+    """Map the run's category ids to the ground truth's; ``ConfigError`` if impossible."""
+    ours_by_name = {c.name.lower(): c.id for c in table.categories}
+    ours_names = {c.id: c.name.lower() for c in table.categories}
     gt = {int(c["id"]): str(c.get("name", "")).lower() for c in gt_categories}
-    if all(coco_names.get(i) == name for i, name in gt.items()):
+    if all(ours_names.get(i) == name for i, name in gt.items()):
         return CategoryMatch("by id", {i: i for i in gt})
-    known = {i: coco_by_name[n] for i, n in gt.items() if n in coco_by_name}
+    known = {i: ours_by_name[n] for i, n in gt.items() if n in ours_by_name}
     if known and len(known) == len(gt):
-        shifted = sorted(i for i, coco_id in known.items() if i != coco_id)
+        shifted = sorted(i for i, ours in known.items() if i != ours) or sorted(known)
+        hint = "; 80 contiguous ids?" if table.origin == "coco" else ""
         return CategoryMatch(
-            "by name", {coco_id: i for i, coco_id in known.items()},
-            f"ground-truth category ids differ from COCO ids for {len(shifted)} of {len(gt)} "
+            "by name", {ours: i for i, ours in known.items()},
+            f"ground-truth category ids differ from this run's for {len(shifted)} of {len(gt)} "
             f"categories (e.g. {gt[shifted[0]]!r} is {shifted[0]} there, {known[shifted[0]]} in "
-            "COCO; 80 contiguous ids?): matched categories by name")
-    if sorted(gt) == list(range(1, 81)):
+            f"this run{hint}): matched categories by name")
+    if table.origin == "coco" and sorted(gt) == list(range(1, 81)):
         raise ConfigError("ground truth uses 80 contiguous category ids whose names are not COCO "
                           "names; give it COCO ids (1..90) or COCO category names")
     unknown = sorted(n for i, n in gt.items() if i not in known)[:5]
-    raise ConfigError(f"ground-truth categories {unknown} are neither COCO ids with COCO names "
-                      "nor COCO names: cannot match them to the model's classes")
+    raise ConfigError(f"ground-truth categories {unknown} are not among this run's "
+                      f"{table.describe()}: cannot match them to the model's classes")
 
 
 @dataclass
@@ -99,7 +101,7 @@ def match_images(gt_images: list[dict], predictions_dir: str) -> ImageMatch:
 
 
 def collect_results(predictions_dir: str, images: ImageMatch, categories: CategoryMatch,
-                    score_threshold: float, run_mask_threshold: float) -> list[dict]:
+                    score_threshold: float, settings: schema.RunSettings) -> list[dict]:
     """COCO results for the matched images, with ground-truth image and category ids.
 
     The detections are those ``segpipe export`` would write at ``score_threshold``.
@@ -111,12 +113,11 @@ def collect_results(predictions_dir: str, images: ImageMatch, categories: Catego
         gt_id = gt_by_pred.get(row["image_id"])
         if gt_id is None:
             continue
-        for det in select_detections(row, options, run_mask_threshold, ExportCounts()):
+        for det in select_detections(row, options, settings, ExportCounts()):
             category = categories.to_gt.get(det["category_id"])
             if category is None:
                 continue
-            results.append({"image_id": gt_id, "category_id": category, "bbox": det["bbox"],
-                            "score": det["score"], "segmentation": det["segmentation"]})
+            results.append({**coco_result(gt_id, det), "category_id": category})
     return results
 
 
@@ -137,11 +138,22 @@ def evaluate(gt: COCO, results: list[dict], image_ids: list[int], iou_type: str)
 
 
 def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
-             iou_types: tuple[str, ...] = IOU_TYPES) -> dict:
-    """Evaluate ``output/predictions`` against ``gt_path``; write and return ``output/eval.json``."""
+             iou_types: Optional[tuple[str, ...]] = None) -> dict:
+    """Evaluate ``output/predictions`` against ``gt_path``; write and return ``output/eval.json``.
+
+    ``iou_types`` defaults to segm and bbox (bbox alone for a box-only run; asking a box-only
+    run for segm is a ``ConfigError``).
+    """
     predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
-    floor = settings.model.score_floor if settings else 0.0
+    if settings is None:
+        raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
+    if iou_types is None:
+        iou_types = IOU_TYPES if settings.model.has_masks else ("bbox",)
+    if "segm" in iou_types and not settings.model.has_masks:
+        raise ConfigError(f"--iou-type segm needs masks, but this run's detector "
+                          f"({settings.model.arch}) finds boxes only; use --iou-type bbox")
+    floor = settings.model.score_floor
     threshold = floor if score_threshold is None else score_threshold
     if threshold < floor:
         raise ConfigError(f"score threshold {threshold} is below the stored score floor {floor}")
@@ -152,14 +164,13 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
         raise ConfigError(f"cannot read ground truth {gt_path}: {exc}") from None
     if not isinstance(gt_json, dict) or not {"images", "annotations", "categories"} <= set(gt_json):
         raise ConfigError(f"{gt_path} is not a COCO instances file (images, annotations, categories)")
-    categories = match_categories(gt_json["categories"])
+    categories = match_categories(gt_json["categories"], settings.categories)
     images = match_images(gt_json["images"], predictions_dir)
     gt = COCO()
     gt.dataset = gt_json
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-    results = collect_results(predictions_dir, images, categories, threshold,
-                              settings.mask_threshold if settings else 0.5)
+    results = collect_results(predictions_dir, images, categories, threshold, settings)
     report: dict = {}
     tables = {}
     image_ids = sorted(images.pred_by_gt)
@@ -171,6 +182,7 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
         "not_predicted": images.not_predicted, "failed": images.failed,
         "size_mismatch": images.size_mismatch,
     }
+    report["iou_types"] = list(iou_types)
     report["score_threshold"] = threshold
     report["detections"] = len(results)
     report["tables"] = tables

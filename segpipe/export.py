@@ -22,9 +22,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from segpipe import __version__, schema, storage
-from segpipe.categories import COCO_CATEGORY_IDS, coco_categories_json
 from segpipe.config import ConfigError
-from segpipe.sinks import existing_predictions, prediction_files, read_run_settings
+from segpipe.layout import existing_predictions, prediction_files, read_run_settings
+from segpipe.progress import Progress
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "status", "error"]
 
@@ -35,7 +35,7 @@ class ExportOptions:
 
     score_threshold: float
     mask_threshold: Optional[float] = None   # None: the run's own masks, as stored
-    classes: Optional[frozenset[int]] = None  # COCO ids to keep; None: all
+    classes: Optional[frozenset[int]] = None  # category ids to keep; None: all
     max_per_image: Optional[int] = None      # highest-scoring N per image, after other filters
     min_area: int = 1                        # masks with fewer pixels are left out
     polygons: bool = False                   # polygon segmentations instead of RLE
@@ -52,12 +52,25 @@ class ExportCounts:
     annotations: int = 0                # written to both COCO files
     below_threshold: int = 0
     other_classes_left_out: int = 0     # not in --classes
-    unknown_category_left_out: int = 0  # a label in COCO's id gaps ("N/A"): not a COCO category
+    unknown_category_left_out: int = 0  # a label without a category (COCO's id gaps, "N/A")
     empty_masks_left_out: int = 0       # no pixel above the mask threshold
     small_masks_left_out: int = 0       # fewer pixels than min_area
     no_polygon_left_out: int = 0        # --polygons: no contour of 3+ points
     over_max_per_image: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
+
+    def left_out(self) -> list[tuple[int, str]]:
+        """``(count, reason)`` for every reason that left detections out, in selection order."""
+        reasons = [
+            (self.below_threshold, "below the score threshold"),
+            (self.other_classes_left_out, "of classes not asked for (--classes)"),
+            (self.unknown_category_left_out, "with labels that are no category ('N/A')"),
+            (self.empty_masks_left_out, "with empty masks at the mask threshold"),
+            (self.small_masks_left_out, "smaller than --min-area"),
+            (self.over_max_per_image, "over --max-per-image"),
+            (self.no_polygon_left_out, "without a polygon of 3+ points (--polygons)"),
+        ]
+        return [(n, reason) for n, reason in reasons if n]
 
 
 def predictions_dataset(predictions_dir: str) -> pads.Dataset:
@@ -90,16 +103,18 @@ def iter_ok_rows(predictions_dir: str, batch_rows: int = 256) -> Iterator[dict]:
                         yield row
 
 
-def select_detections(row: dict, options: ExportOptions, run_mask_threshold: float,
+def select_detections(row: dict, options: ExportOptions, settings: schema.RunSettings,
                       counts: ExportCounts) -> list[dict]:
     """The detections of one ok row that go into the COCO files, with their final masks.
 
-    Applies, in order: score threshold, class filter, COCO category, new mask threshold,
-    empty and small masks, ``max_per_image`` (highest scores first), then polygons.
+    Applies, in order: score threshold, class filter, the run's categories, new mask
+    threshold, empty and small masks, ``max_per_image`` (highest scores first), then polygons.
+    Box-only detections (no segmentation) get COCO's box-only ``area``, the box's.
     """
     kept = []
+    category_ids = settings.categories.ids
     rethreshold_masks = (options.mask_threshold is not None
-                         and options.mask_threshold != run_mask_threshold)
+                         and options.mask_threshold != settings.mask_threshold)
     if rethreshold_masks:
         from segpipe.encode import rethreshold  # needs torch (650 MB): only imported to re-paste
     for det in row["detections"] or []:
@@ -110,14 +125,16 @@ def select_detections(row: dict, options: ExportOptions, run_mask_threshold: flo
         if options.classes is not None and det["category_id"] not in options.classes:
             counts.other_classes_left_out += 1
             continue
-        if det["category_id"] not in COCO_CATEGORY_IDS:
+        if det["category_id"] not in category_ids:
             counts.unknown_category_left_out += 1
             continue
         area, segmentation = det["area"], det["segmentation"]
-        if rethreshold_masks:
+        if segmentation is None:
+            area = box_area(det["bbox"])
+        elif rethreshold_masks:
             area, segmentation = rethreshold(det, row["height"], row["width"],
                                              options.mask_threshold)
-        if area == 0:
+        if segmentation is not None and area == 0:
             counts.empty_masks_left_out += 1
             continue
         if area < options.min_area:
@@ -134,6 +151,11 @@ def select_detections(row: dict, options: ExportOptions, run_mask_threshold: flo
         counts.no_polygon_left_out += sum(1 for det in kept if not det["segmentation"])
         kept = [det for det in kept if det["segmentation"]]
     return kept
+
+
+def box_area(bbox: list[float]) -> float:
+    """COCO's ``area`` of a box-only annotation: the box's width × height."""
+    return float(bbox[2]) * float(bbox[3])
 
 
 def rle_to_polygons(rle: dict) -> list[list[float]]:
@@ -176,13 +198,14 @@ def coco_info(description: str, extra: Optional[dict] = None) -> dict:
 
 
 def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
-                run_mask_threshold: float, info: Optional[dict] = None,
-                images: Optional[pa.Table] = None) -> ExportCounts:
+                settings: schema.RunSettings, info: Optional[dict] = None,
+                images: Optional[pa.Table] = None, show_progress: bool = False) -> ExportCounts:
     """Write ``coco_dir/instances.json`` and ``coco_dir/results.json`` from predictions.
 
     Both files hold the same detections, chosen by ``select_detections``; ``images`` lists the
     images that decoded and were predicted. ``images`` is ``read_image_table(predictions_dir)``
-    when the caller has it already.
+    when the caller has it already. The ``categories`` list is the run's category table;
+    box-only detections have no ``segmentation`` key.
     """
     if images is None:
         images = read_image_table(predictions_dir)
@@ -196,7 +219,8 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
         instances = stack.enter_context(storage.atomic_output(fs, storage.join(root, "instances.json")))
         results = stack.enter_context(storage.atomic_output(fs, storage.join(root, "results.json")))
         instances.write(b'{"info":' + _dumps(info or coco_info("segpipe predictions")))
-        instances.write(b',"licenses":[],"categories":' + _dumps(coco_categories_json()))
+        instances.write(b',"licenses":[],"categories":'
+                        + _dumps(settings.categories.coco_json()))
         instances.write(b',"images":[')
         image_writer = JsonArrayWriter(instances)
         for row in ok_images.select(["image_id", "file_name", "width", "height"]).to_pylist():
@@ -206,15 +230,16 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
         annotation_writer = JsonArrayWriter(instances)
         results.write(b"[")
         result_writer = JsonArrayWriter(results)
+        progress = stack.enter_context(Progress(f"writing {coco_dir}", counts.ok,
+                                                enabled=show_progress))
         for row in iter_ok_rows(predictions_dir):
-            for det in select_detections(row, options, run_mask_threshold, counts):
-                result = {"image_id": row["image_id"], "category_id": det["category_id"],
-                          "bbox": det["bbox"], "score": det["score"],
-                          "segmentation": det["segmentation"]}
+            for det in select_detections(row, options, settings, counts):
+                result = coco_result(row["image_id"], det)
                 result_writer.write(result)
                 annotation_writer.write({"id": annotation_writer.count + 1, **result,
                                          "area": det["area"], "iscrowd": 0})
                 per_category[det["category_name"]] += 1
+            progress.advance()
         instances.write(b"\n]}\n")
         results.write(b"\n]\n")
     counts.annotations = annotation_writer.count
@@ -222,7 +247,16 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     return counts
 
 
-def run_export(output: str, to: str, options: ExportOptions) -> dict:
+def coco_result(image_id: int, det: dict) -> dict:
+    """One COCO results entry; box-only detections have no ``segmentation`` key."""
+    result = {"image_id": image_id, "category_id": det["category_id"], "bbox": det["bbox"],
+              "score": det["score"]}
+    if det["segmentation"] is not None:
+        result["segmentation"] = det["segmentation"]
+    return result
+
+
+def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False) -> dict:
     """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
     from ``output/predictions`` alone. Raises ``ConfigError`` before any work for requests the
     stored predictions cannot answer."""
@@ -234,6 +268,10 @@ def run_export(output: str, to: str, options: ExportOptions) -> dict:
         raise ConfigError(f"score threshold {options.score_threshold} is below the stored score "
                           f"floor {settings.model.score_floor}: detections under the floor were never "
                           "kept; rerun segment with a lower --score-floor")
+    if not settings.model.has_masks and (options.polygons or options.mask_threshold is not None):
+        flag = "--polygons" if options.polygons else "--mask-threshold"
+        raise ConfigError(f"{flag} needs masks, but this run's detector ({settings.model.arch}) "
+                          "finds boxes only")
     if (options.mask_threshold is not None and options.mask_threshold != settings.mask_threshold
             and not settings.soft_masks):
         raise ConfigError(f"mask threshold {options.mask_threshold} differs from the run's "
@@ -245,7 +283,8 @@ def run_export(output: str, to: str, options: ExportOptions) -> dict:
     start = time.perf_counter()
     info = coco_info("segpipe export", {"arch": settings.model.arch,
                                         "weights_sha256": settings.weights_sha256})
-    counts = export_coco(predictions_dir, to, options, settings.mask_threshold, info)
+    counts = export_coco(predictions_dir, to, options, settings, info,
+                         show_progress=show_progress)
     seconds = time.perf_counter() - start
     summary = {
         "segpipe": __version__,
@@ -254,7 +293,7 @@ def run_export(output: str, to: str, options: ExportOptions) -> dict:
         "asked": {**asdict(options), "classes": sorted(options.classes) if options.classes else None,
                   "mask_threshold": options.mask_threshold if options.mask_threshold is not None
                   else settings.mask_threshold},
-        "run_settings": asdict(settings),
+        "run_settings": settings.to_json(),
         "counts": asdict(counts),
         "seconds": round(seconds, 3),
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,

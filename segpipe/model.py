@@ -1,47 +1,49 @@
-"""Build torchvision's Mask R-CNN and resolve its weights (pretrained, seeded random, or a file).
+"""Build torchvision's detectors and load the weights a run names, with the classes they predict.
 
-Weights are resolved once, in the driver, before any image is read: a missing pretrained file
-fails the run at once with the file name and the folder to put it in. The resolved state dict
-then travels to every predictor actor through Ray's object store, so nodes need no cache.
+Weights are resolved once, in the driver, before any image is read: a pretrained file missing
+from torch's cache is downloaded or the run fails at once (``segpipe.weights``); a checkpoint
+file is loaded with ``torch.load(..., weights_only=True)`` and inspected. Its keys say which
+architecture it is (a v1 checkpoint given ``--arch ..._v2`` is refused, naming the right flag)
+and its box predictor says how many classes it has; the categories file must name exactly that
+many. The resolved state dict then travels to every predictor actor through Ray's object
+store, so cluster nodes need no cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
-from torchvision.models.detection import (
-    MaskRCNN,
-    MaskRCNN_ResNet50_FPN_V2_Weights,
-    MaskRCNN_ResNet50_FPN_Weights,
-    maskrcnn_resnet50_fpn,
-    maskrcnn_resnet50_fpn_v2,
-)
-from torchvision.models._api import WeightsEnum
+from torchvision.models import detection
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
-from segpipe.categories import NUM_MODEL_CLASSES
-from segpipe.config import ConfigError, ModelSpec
+from segpipe.categories import Category, CategoryError, CategoryTable, table_for, \
+    unnamed_classes_warning
+from segpipe.config import ARCHITECTURES, ConfigError, ModelSpec
+from segpipe.weights import WeightsSource, check_hash, fetch, weights_source
 
-_BUILDERS: dict[str, tuple[Callable[..., MaskRCNN], WeightsEnum]] = {
-    "maskrcnn_resnet50_fpn": (maskrcnn_resnet50_fpn, MaskRCNN_ResNet50_FPN_Weights.COCO_V1),
-    "maskrcnn_resnet50_fpn_v2": (maskrcnn_resnet50_fpn_v2, MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1),
-}
+_BUILDERS: dict[str, Callable[..., GeneralizedRCNN]] = {
+    arch: getattr(detection, arch) for arch in ARCHITECTURES}
+
+#: Keys whose rows are the classes: (box classifier, mask classifier).
+CLASS_ROWS_KEY = "roi_heads.box_predictor.cls_score.weight"
+MASK_ROWS_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run used seeded random-initialised weights; its "
                           "detections are meaningless and only exercise the pipeline")
 
 
-def build_model(spec: ModelSpec) -> MaskRCNN:
+def build_model(spec: ModelSpec) -> GeneralizedRCNN:
     """Build the architecture with no weights loaded (randomly initialised), in eval mode."""
-    builder, _ = _BUILDERS[spec.arch]
-    model = builder(
+    model = _BUILDERS[spec.arch](
         weights=None,
         weights_backbone=None,
-        num_classes=NUM_MODEL_CLASSES,
+        num_classes=spec.num_classes,
         min_size=spec.min_size,
         max_size=spec.max_size,
         box_score_thresh=spec.score_floor,
@@ -54,98 +56,136 @@ def build_model(spec: ModelSpec) -> MaskRCNN:
 
 @dataclass
 class ResolvedWeights:
-    """A state dict with what identifies it in the manifest."""
+    """A state dict, the model spec it fits (``num_classes`` from the checkpoint), the category
+    table of its classes, and what identifies it in the manifest."""
 
-    kind: str                      # "pretrained" | "random" | "file"
-    name: str                      # weights enum name, "random(seed=N)", or the file path
+    kind: str                      # "pretrained" | "url" | "file" | "random"
+    name: str                      # weights enum member, URL, file path, or "random(seed=N)"
     sha256: str
     state_dict: dict[str, torch.Tensor]
-    warning: Optional[str] = None
+    spec: ModelSpec
+    categories: CategoryTable
+    warnings: list[str] = field(default_factory=list)
 
-    def identity(self) -> dict[str, Optional[str]]:
+    def identity(self) -> dict:
         return {"kind": self.kind, "name": self.name, "sha256": self.sha256,
-                "warning": self.warning}
+                "num_classes": self.spec.num_classes, "categories": self.categories.origin,
+                "warnings": self.warnings}
 
 
-def pretrained_weights_file(arch: str) -> Path:
-    """Where torchvision's cache keeps the pretrained file for ``arch`` (honours TORCH_HOME)."""
-    _, weights = _BUILDERS[arch]
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+def resolve_weights(weights: Union[str, WeightsSource], spec: ModelSpec, seed: int = 0,
+                    categories: Optional[tuple[Category, ...]] = None,
+                    show_progress: bool = False) -> ResolvedWeights:
+    """Turn the ``weights`` setting into a state dict, the spec it fits and its categories.
 
-
-def resolve_weights(weights: str, spec: ModelSpec, seed: int = 0) -> ResolvedWeights:
-    """Turn the ``weights`` setting into a state dict that fits ``spec.arch``.
-
-    Raises ``ConfigError`` when the pretrained file is neither cached nor downloadable, when a
-    checkpoint file is missing or unreadable, or when it does not fit the architecture.
+    Raises ``ConfigError`` when a file is missing, unreadable, of another architecture, or has
+    another number of classes than ``categories`` names; when pretrained weights are neither
+    cached nor downloadable.
     """
-    if weights == "pretrained":
-        resolved = _pretrained(spec.arch)
-    elif weights == "random":
-        resolved = _random(spec, seed)
+    source = weights if isinstance(weights, WeightsSource) else \
+        weights_source(weights, spec.arch, seed)
+    if source.kind == "random":
+        num_classes = len(categories) + 1 if categories is not None else spec.num_classes
+        spec = dataclasses.replace(spec, num_classes=num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = build_model(spec).state_dict()
+        sha256 = state_dict_sha256(state)
     else:
-        resolved = _from_file(Path(weights))
-    check_fits(resolved.state_dict, spec, source=resolved.name)
-    return resolved
+        fetch(source, show_progress=show_progress)
+        sha256 = file_sha256(source.path)
+        if source.url is not None:
+            check_hash(source.path, sha256)
+        state = load_checkpoint(source.path)
+        spec = dataclasses.replace(spec, num_classes=checkpoint_classes(state, spec.arch, source.name))
+        check_fits(state, spec, source.name)
+    try:
+        table = table_for(spec.num_classes, categories)
+    except CategoryError as exc:
+        raise ConfigError(f"{exc} (weights {source.name})") from None
+    warnings = [RANDOM_WEIGHTS_WARNING] if source.kind == "random" else []
+    if unnamed_classes_warning(table):
+        warnings.append(unnamed_classes_warning(table))
+    return ResolvedWeights(source.kind, source.name, sha256, state, spec, table, warnings)
 
 
-def _pretrained(arch: str) -> ResolvedWeights:
-    _, weights = _BUILDERS[arch]
-    path = pretrained_weights_file(arch)
-    if not path.is_file():
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
-        except Exception as exc:
-            raise ConfigError(
-                f"pretrained weights for {arch} are not in the torchvision cache and could not be "
-                f"downloaded ({type(exc).__name__}: {exc}). Put the file {path.name} "
-                f"(from {weights.url}) into {path.parent}/ (set TORCH_HOME to use another cache "
-                "folder), or pass --weights PATH to a state_dict checkpoint"
-            ) from None
-    state = _load_checkpoint(path)
-    return ResolvedWeights("pretrained", f"{type(weights).__name__}.{weights.name}",
-                           _file_sha256(path), state)
-
-
-def _random(spec: ModelSpec, seed: int) -> ResolvedWeights:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        state = build_model(spec).state_dict()
-    return ResolvedWeights("random", f"random(seed={seed})", state_dict_sha256(state), state,
-                           warning=RANDOM_WEIGHTS_WARNING)
-
-
-def _from_file(path: Path) -> ResolvedWeights:
-    if not path.is_file():
-        raise ConfigError(f"weights file {path} does not exist (--weights takes pretrained, "
-                          "random or the path of a state_dict checkpoint)")
-    return ResolvedWeights("file", str(path), _file_sha256(path), _load_checkpoint(path))
-
-
-def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict with ``weights_only=True``; accept ``{"model": state_dict}`` too."""
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True``; accept it under a ``model`` or
+    ``state_dict`` key (training checkpoints) and with DataParallel's ``module.`` prefix."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot load weights file {path} as a safe (weights_only) torch "
-                          f"checkpoint: {type(exc).__name__}: {exc}") from None
+                          f"checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                          ) from None
     for key in ("model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ConfigError(f"weights file {path} holds no state_dict (a dict of tensors)")
+    if not isinstance(loaded, dict) or not loaded or \
+            not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise ConfigError(f"weights file {path} holds no state_dict (a dict of tensors, bare or "
+                          "under a 'model' or 'state_dict' key)")
+    if all(k.startswith("module.") for k in loaded):
+        loaded = {k[len("module."):]: v for k, v in loaded.items()}
     return loaded
 
 
+def _normal_keys(keys) -> frozenset[str]:
+    """Keys as today's torchvision names them, without BatchNorm's ``num_batches_tracked``
+    (torchvision's pretrained files use frozen BatchNorm and an older RPN head naming)."""
+    renamed = {"rpn.head.conv.weight": "rpn.head.conv.0.0.weight",
+               "rpn.head.conv.bias": "rpn.head.conv.0.0.bias"}
+    return frozenset(renamed.get(k, k) for k in keys if not k.endswith("num_batches_tracked"))
+
+
+@functools.lru_cache(maxsize=None)
+def architecture_keys(arch: str) -> frozenset[str]:
+    """The state-dict keys of ``arch`` (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        model = _BUILDERS[arch](weights=None, weights_backbone=None, num_classes=2)
+    return _normal_keys(model.state_dict())
+
+
+def checkpoint_architectures(state_dict: dict) -> list[str]:
+    """The architectures whose keys are exactly the checkpoint's."""
+    keys = _normal_keys(state_dict)
+    return [arch for arch in ARCHITECTURES if architecture_keys(arch) == keys]
+
+
+def checkpoint_classes(state_dict: dict, arch: str, source: str) -> int:
+    """Classes (background included) of a checkpoint for ``arch``; ``ConfigError`` when its keys
+    are another architecture's or its box and mask predictors disagree."""
+    keys = _normal_keys(state_dict)
+    if keys != architecture_keys(arch):
+        others = [a for a in checkpoint_architectures(state_dict) if a != arch]
+        if others:
+            raise ConfigError(f"weights {source} are a {others[0]} checkpoint, not "
+                              f"{arch}: pass --arch {others[0]}")
+        expected = architecture_keys(arch)
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        raise ConfigError(f"weights {source} are not a torchvision {arch} state dict: "
+                          f"{len(missing)} keys missing (e.g. {', '.join(missing[:3]) or '-'}), "
+                          f"{len(extra)} unexpected (e.g. {', '.join(extra[:3]) or '-'})")
+    classes = int(state_dict[CLASS_ROWS_KEY].shape[0])
+    if MASK_ROWS_KEY in state_dict and int(state_dict[MASK_ROWS_KEY].shape[0]) != classes:
+        raise ConfigError(f"weights {source}: the box predictor has {classes} classes but the "
+                          f"mask predictor has {int(state_dict[MASK_ROWS_KEY].shape[0])}; both "
+                          "heads must be trained for the same classes")
+    if classes < 2:
+        raise ConfigError(f"weights {source}: the box predictor has {classes} class; a detector "
+                          "needs background and at least one class")
+    return classes
+
+
 def check_fits(state_dict: dict[str, torch.Tensor], spec: ModelSpec, source: str) -> None:
-    """Raise ``ConfigError`` unless ``state_dict`` loads strictly into ``spec.arch``."""
+    """Raise ``ConfigError`` unless ``state_dict`` loads strictly into ``spec``'s model."""
     model = build_model(spec)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        detail = str(exc).splitlines()
-        raise ConfigError(f"weights {source} do not fit {spec.arch} with {NUM_MODEL_CLASSES} COCO "
-                          f"classes: {' '.join(detail[:4])[:600]}") from None
+        detail = " ".join(str(exc).splitlines()[:4])[:600]
+        raise ConfigError(f"weights {source} do not fit {spec.arch} with {spec.num_classes} "
+                          f"classes: {detail}") from None
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
@@ -156,7 +196,7 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

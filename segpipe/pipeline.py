@@ -1,8 +1,9 @@
 """The segment job: wire sources → decode → predictor pool → encode → Parquet on Ray Data.
 
-``run_segment`` checks everything it can before any image is read (config, weights, input,
-output), runs the Ray Data pipeline, then writes the COCO files and the run manifest from
-what landed in ``predictions/`` and checks that every listed input came out exactly once.
+``run_segment`` takes what ``preflight.check_segment`` found (config, input, output, weights
+and categories files, checked before torch or Ray), resolves the weights and their classes,
+runs the Ray Data pipeline, then writes the COCO files and the run manifest from what landed
+in ``predictions/`` and checks that every listed input came out exactly once.
 """
 
 from __future__ import annotations
@@ -10,19 +11,23 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import ray
 
-from segpipe import report, sinks, sources, storage
-from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors, validate
+from segpipe import layout, report, sinks, sources, storage
+from segpipe.categories import CategoryTable
+from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors
 from segpipe.decode import DecodeLimits, decode_batch
 from segpipe.encode import MaskEncoder
 from segpipe.export import ExportOptions, coco_info, export_coco, read_image_table
 from segpipe.model import ResolvedWeights, resolve_weights
 from segpipe.predictor import FaultInjection, MaskRCNNPredictor
+from segpipe.preflight import CheckedRun, check_segment
+from segpipe.progress import ImageCounter, Progress
 from segpipe.schema import RunSettings
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
@@ -153,10 +158,10 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
     after checking that they were made with the same settings; leftover temporary files of a
     killed run are removed.
     """
-    predictions_dir = sinks.predictions_dir(config.output)
+    predictions_dir = layout.predictions_dir(config.output)
     fs, root = storage.resolve(predictions_dir)
     if config.resume:
-        earlier, done = sinks.read_written(predictions_dir)
+        earlier, done = layout.read_written(predictions_dir)
         differences = settings.differences(earlier) if earlier is not None else []
         if differences:
             raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
@@ -165,7 +170,7 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
         for leftover in storage.list_files(fs, root, storage.TEMPORARY_SUFFIX):
             fs.delete_file(leftover.path)
         return predictions_dir, done
-    old = sinks.prediction_files(predictions_dir)
+    old = layout.prediction_files(predictions_dir)
     if old and not config.overwrite:
         raise ConfigError(f"{predictions_dir} already holds {len(old)} prediction file(s) from an "
                           "earlier run; pass --resume to finish it, --overwrite to replace it, "
@@ -208,8 +213,13 @@ def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[p
 
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
-                  spec: ModelSpec, weights_ref) -> ray.data.Dataset:
-    """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows."""
+                  spec: ModelSpec, weights_ref, categories: Optional[CategoryTable] = None,
+                  counter: Optional[Any] = None) -> ray.data.Dataset:
+    """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows.
+
+    ``categories`` maps the model's labels to the run's categories (default: COCO's);
+    ``counter`` is an ``ImageCounter`` actor the encoders report finished images to.
+    """
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
                         batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=plan.decode_cpus)
@@ -227,45 +237,87 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
     return ds.map_batches(
         MaskEncoder,
         fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
-                               "keep_soft_masks": config.soft_masks},
+                               "keep_soft_masks": config.soft_masks,
+                               **({"categories": categories} if categories else {}),
+                               "counter": counter},
         batch_size=DECODE_BATCH, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)
 
 
-def run_settings(config: SegmentConfig, spec: ModelSpec, weights: ResolvedWeights) -> RunSettings:
+def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings:
     """What the predictions of this run depend on (recorded in every Parquet file)."""
-    return RunSettings(model=spec, weights_sha256=weights.sha256,
-                       mask_threshold=config.mask_threshold, soft_masks=config.soft_masks)
+    return RunSettings(model=weights.spec, weights_sha256=weights.sha256,
+                       mask_threshold=config.mask_threshold, soft_masks=config.soft_masks,
+                       categories=weights.categories)
 
 
-def list_inputs(config: SegmentConfig) -> tuple[str, Optional[pa.Table]]:
-    """The input format and, for image files, the listing of every image (checked up front)."""
-    input_format = config.input_format
-    if input_format == "auto":
-        input_format = sources.detect_input_format(config.input)
-    if input_format == "files":
-        return input_format, sources.list_images(config.input)
-    suffix = ".tar" if input_format == "tar" else ".parquet"
-    _, paths = sources.list_tables(config.input, suffix)
-    if input_format == "parquet":
-        sources.check_parquet_columns(paths, config.input, config.image_column, config.name_column)
-    return input_format, None
+@contextlib.contextmanager
+def watching(counter: Optional[Any], progress: Progress, period_s: float = 1.0) -> Iterator[None]:
+    """While the block runs, update ``progress`` from the ``ImageCounter`` actor ``counter``."""
+    if counter is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(period_s):
+            with contextlib.suppress(Exception):  # a slow answer only delays the next line
+                progress.update(*ray.get(counter.totals.remote(), timeout=10))
+
+    thread = threading.Thread(target=poll, name="segpipe-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            progress.update(*ray.get(counter.totals.remote(), timeout=10))
+        progress.close()
 
 
-def run_segment(config: SegmentConfig) -> report.RunReport:
-    """Run the segment job described by ``config``; return its report (also in run.json)."""
-    validate(config)
+@dataclass
+class PreparedRun:
+    """A run whose weights are loaded and whose OUTPUT is ready: all that remains is the work."""
+
+    config: SegmentConfig
+    checked: CheckedRun
+    weights: ResolvedWeights
+    settings: RunSettings
+    predictions_dir: str
+    done: set[int]
+    timer: report.Timer
+
+
+def prepare_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> PreparedRun:
+    """Load the weights and their classes, check them against the categories file and any
+    earlier run to resume, then create OUTPUT. Raises ``ConfigError`` before anything is
+    written. ``checked`` is ``preflight.check_segment(config)`` when the caller ran it."""
+    checked = checked or check_segment(config)
     timer = report.Timer()
-    spec = ModelSpec.from_config(config)
+    timer.seconds["checks"] = checked.seconds
     with timer("weights"):
-        weights: ResolvedWeights = resolve_weights(config.weights, spec, config.seed)
-    if weights.warning:
-        print(f"segpipe: WARNING: {weights.warning}", flush=True)
-    with timer("list"):
-        input_format, listing = list_inputs(config)
-    settings = run_settings(config, spec, weights)
+        weights = resolve_weights(checked.weights, ModelSpec.from_config(config), config.seed,
+                                  checked.categories, show_progress=config.progress)
+    settings = run_settings(config, weights)
+    layout.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
     predictions_dir, done = prepare_output(config, settings)
+    return PreparedRun(config, checked, weights, settings, predictions_dir, done, timer)
+
+
+def run_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> report.RunReport:
+    """Run the segment job described by ``config``; return its report (also in run.json)."""
+    return execute_segment(prepare_segment(config, checked))
+
+
+def execute_segment(prepared: PreparedRun) -> report.RunReport:
+    """Segment the images still to do on Ray, then write coco/ and run.json."""
+    config, weights, timer = prepared.config, prepared.weights, prepared.timer
+    settings, predictions_dir, done = prepared.settings, prepared.predictions_dir, prepared.done
+    for warning in weights.warnings:
+        print(f"segpipe: WARNING: {warning}", flush=True)
+    input_format, listing = prepared.checked.input_format, prepared.checked.listing
     if done:
         print(f"segpipe: resuming: {len(done)} images already in predictions/", flush=True)
     todo = listing
@@ -279,7 +331,7 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
     if todo is None or todo.num_rows:
         with ray_session(config.address):
             ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = config.progress
+            ctx.enable_progress_bars = False  # segpipe shows one line of its own (progress.py)
             # Parquet's DataSourceV2 reader lists files in a task that always asks for a whole
             # CPU (its num_cpus cannot be set); while the predictors hold the CPUs it never
             # starts, and the run hangs. The V1 reader honours source_dataset's num_cpus.
@@ -287,11 +339,15 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
             plan = plan_stages(config, ray.cluster_resources(),
                                [node["Resources"].get("CPU", 0) for node in ray.nodes()
                                 if node["Alive"]])
-            with timer("pipeline"):
+            counter = ray.remote(num_cpus=0)(ImageCounter).remote() if config.progress else None
+            progress = Progress("segment", todo.num_rows if todo is not None else None,
+                                enabled=config.progress)
+            with timer("pipeline"), watching(counter, progress):
                 weights_ref = ray.put(weights.state_dict)
                 source = source_dataset(config, input_format, todo, frozenset(done),
                                         plan.decode_cpus)
-                dataset = build_dataset(source, config, plan, spec, weights_ref)
+                dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
+                                        weights.categories, counter)
                 dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
                                                             settings),
                                        ray_remote_args={"num_cpus": plan.write_cpus})
@@ -304,12 +360,13 @@ def run_segment(config: SegmentConfig) -> report.RunReport:
         accounting = report.account_for_inputs(listing, images)
         info = coco_info("segpipe predictions", {"arch": config.arch,
                                                  "weights": weights.identity()})
-        counts = export_coco(predictions_dir, storage.join(config.output.rstrip("/"), "coco"),
+        counts = export_coco(predictions_dir, layout.coco_dir(config.output),
                              ExportOptions(score_threshold=config.score_threshold),
-                             config.mask_threshold, info, images)
+                             settings, info, images, show_progress=config.progress)
     run_report = report.RunReport(config=config, weights=weights.identity(), cluster=cluster,
                                   counts=counts, accounting=accounting,
                                   errors=report.error_summary(images), timings=timer.seconds,
-                                  processed=images.num_rows - len(done), resumed_from=len(done))
+                                  processed=images.num_rows - len(done), resumed_from=len(done),
+                                  categories=weights.categories.coco_json())
     report.write_manifest(run_report, config.output)
     return run_report

@@ -1,4 +1,4 @@
-"""Run Mask R-CNN on batches of decoded images: the GPU (or CPU) stage of the pipeline.
+"""Run the detector on batches of decoded images: the GPU (or CPU) stage of the pipeline.
 
 ``predict_images`` is torchvision's own inference path (``transform`` → ``backbone`` → ``rpn``
 → ``roi_heads``, then ``resize_boxes``) with two differences that keep results exact and cheap:
@@ -9,7 +9,8 @@
   a float32 ``H×W`` canvas per detection; the encode stage pastes them inside their boxes on
   the CPU with the same arithmetic as torchvision's ``paste_masks_in_image``.
 
-``MaskRCNNPredictor`` is the callable class that Ray Data runs in an actor pool.
+``MaskRCNNPredictor`` is the callable class that Ray Data runs in an actor pool. Box-only
+detectors (Faster R-CNN) run through the same code; their detections have no soft masks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import torch
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 
@@ -38,10 +39,15 @@ _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 class ImageDetections:
     """The detections of one image, in original image pixels, on the host."""
 
-    labels: np.ndarray      # int32[N], COCO category ids
+    labels: np.ndarray      # int32[N], the model's labels (CategoryTable maps them)
     scores: np.ndarray      # float32[N]
     boxes: np.ndarray       # float32[N, 4], x1 y1 x2 y2
-    soft_masks: np.ndarray  # float32[N, M, M], mask probabilities for the predicted label
+    soft_masks: np.ndarray  # float32[N, M, M], mask probabilities for the predicted label;
+                            # float32[N, 0, 0] for box-only detectors
+
+    @property
+    def has_masks(self) -> bool:
+        return self.soft_masks.shape[-1] > 0
 
 
 def image_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -56,7 +62,7 @@ def image_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_images(model: MaskRCNN, images: list[torch.Tensor],
+def predict_images(model: GeneralizedRCNN, images: list[torch.Tensor],
                    precision: str = "fp32") -> list[ImageDetections]:
     """Detect instances in ``images`` (``3×H×W`` floats on the model's device)."""
     transform = model.transform
@@ -82,11 +88,13 @@ def predict_images(model: MaskRCNN, images: list[torch.Tensor],
         for i, size, det in zip(indices, sizes, detections):
             original = tuple(images[i].shape[-2:])
             boxes = resize_boxes(det["boxes"].float(), size, original)
+            masks = det.get("masks")
             results[i] = ImageDetections(
                 labels=det["labels"].to(torch.int32).cpu().numpy(),
                 scores=det["scores"].float().cpu().numpy(),
                 boxes=boxes.cpu().numpy(),
-                soft_masks=det["masks"][:, 0].float().cpu().numpy(),
+                soft_masks=(masks[:, 0].float().cpu().numpy() if masks is not None
+                            else np.zeros((len(boxes), 0, 0), np.float32)),
             )
     return results  # type: ignore[return-value]
 

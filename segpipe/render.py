@@ -1,9 +1,11 @@
 """``segpipe render``: draw a run's detections on the original images and write a gallery.
 
 Draws what the classic tutorial draws: each instance's mask in its own colour at 50% opacity,
-its box, and its class name with score. Drawing runs in Ray Data tasks (one image per row,
-read and decoded like the segment job, EXIF included); ``index.html`` shows every rendered image
-with per-class counts and a score histogram.
+its box, and its class name with score (box-only runs: boxes and labels). Drawing runs in Ray
+Data tasks (one image per row, read and decoded like the segment job, EXIF included);
+``index.html`` shows every rendered image with per-class counts and a score histogram.
+Rendered images are JPEGs named like their inputs with a ``.jpg`` extension, always inside the
+target folder.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import colorsys
 import html
 import json
+import posixpath
 import urllib.parse
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -20,12 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from segpipe import schema, storage
-from segpipe.categories import COCO_CATEGORY_IDS
+from segpipe import layout, schema, sources, storage
+from segpipe.categories import CategoryTable
 from segpipe.config import ConfigError
 from segpipe.decode import DecodeError, DecodeLimits, decode_image
 from segpipe.export import predictions_dataset
-from segpipe.sinks import existing_predictions, read_run_settings
+from segpipe.progress import Progress
 
 MASK_OPACITY = 0.5
 HISTOGRAM_BINS = 20
@@ -43,6 +47,8 @@ def draw_detections(rgb: np.ndarray, detections: list[dict]) -> Image.Image:
 
     canvas = rgb.astype(np.float32)
     for i, det in enumerate(detections):
+        if det.get("segmentation") is None:
+            continue  # box-only detector: the box below is all there is
         mask = mask_utils.decode(det["segmentation"]).astype(bool)
         colour = np.array(instance_colour(i), np.float32)
         canvas[mask] = canvas[mask] * (1 - MASK_OPACITY) + colour * MASK_OPACITY
@@ -60,8 +66,24 @@ def draw_detections(rgb: np.ndarray, detections: list[dict]) -> Image.Image:
     return image
 
 
-def rendered_name(file_name: str) -> str:
-    return file_name + ".jpg"
+def rendered_names(file_names: list[str]) -> dict[str, str]:
+    """The path under ``images/`` of each rendered image: the input's relative path with a
+    ``.jpg`` extension (``a/cat.png`` → ``a/cat.jpg``; ``cat.jpg`` stays). Two inputs that
+    would share a name (``cat.png`` and ``cat.jpg``) keep their own extension in it
+    (``cat.png.jpg``). Names never leave the folder: ``..`` and leading ``/`` are dropped."""
+    def safe(name: str) -> str:
+        return posixpath.normpath("/" + name.replace("\\", "/")).lstrip("/") or "image"
+
+    def jpg(name: str) -> str:
+        stem, ext = posixpath.splitext(name)
+        return name if ext.lower() in (".jpg", ".jpeg") else stem + ".jpg"
+
+    wanted = {name: jpg(safe(name)) for name in file_names}
+    taken: dict[str, int] = {}
+    for target in wanted.values():
+        taken[target.lower()] = taken.get(target.lower(), 0) + 1
+    return {name: (target if taken[target.lower()] == 1 or target == safe(name)
+                   else safe(name) + ".jpg") for name, target in wanted.items()}
 
 
 def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
@@ -78,7 +100,7 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
                 raise DecodeError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, predictions were "
                                   f"made on {row['width']}x{row['height']}")
             image = draw_detections(rgb, json.loads(row["detections_json"]))
-            path = storage.join(out_root, "images", rendered_name(row["file_name"]))
+            path = storage.join(out_root, "images", row["rendered_name"])
             out_fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
             with storage.atomic_output(out_fs, path) as stream:
                 image.save(stream, "JPEG", quality=90)
@@ -89,8 +111,9 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
 
 
 def select_rows(predictions_dir: str, limit: int, score_threshold: float,
-                classes: Optional[frozenset[int]]) -> pa.Table:
-    """The first ``limit`` ok images by file_name, with the detections to draw as JSON."""
+                classes: Optional[frozenset[int]], categories: CategoryTable) -> pa.Table:
+    """The first ``limit`` ok images by file_name, with the detections to draw as JSON and the
+    name each is rendered under."""
     dataset = predictions_dataset(predictions_dir)
     names = (dataset.to_table(columns=["file_name"], filter=pc.field("status") == schema.STATUS_OK)
              .column("file_name").to_pylist())
@@ -101,11 +124,14 @@ def select_rows(predictions_dir: str, limit: int, score_threshold: float,
     for row in table.to_pylist():
         dets = [{k: d[k] for k in ("category_id", "category_name", "score", "bbox", "segmentation")}
                 for d in row["detections"] or []
-                if d["score"] >= score_threshold and d["area"] > 0
-                and d["category_id"] in COCO_CATEGORY_IDS
+                if d["score"] >= score_threshold and (d["area"] is None or d["area"] > 0)
+                and d["category_id"] in categories.ids
                 and (classes is None or d["category_id"] in classes)]
         rows.append({"file_name": row["file_name"], "width": row["width"], "height": row["height"],
                      "detections_json": json.dumps(dets)})
+    names = rendered_names([r["file_name"] for r in rows])
+    for r in rows:
+        r["rendered_name"] = names[r["file_name"]]
     return pa.Table.from_pylist(rows).sort_by("file_name") if rows else pa.table({})
 
 
@@ -129,7 +155,7 @@ def gallery_html(rows: list[dict], errors: dict[str, str], title: str) -> str:
     tiles = []
     for row in rows:
         name = row["file_name"]
-        href = urllib.parse.quote("images/" + rendered_name(name))
+        href = urllib.parse.quote("images/" + row["rendered_name"])
         count = len(json.loads(row["detections_json"]))
         if name in errors:
             tiles.append(f'<figure class="err"><figcaption>{html.escape(name)}: '
@@ -156,36 +182,82 @@ font-size="10">1</text></svg>
 """
 
 
-def run_render(output: str, images_uri: str, to: str, limit: int = 100,
-               score_threshold: float = 0.5, classes: Optional[frozenset[int]] = None,
-               address: Optional[str] = None) -> dict:
-    """Render up to ``limit`` images of a run into ``to`` on Ray; return a summary."""
+@dataclass
+class RenderRequest:
+    """What ``segpipe render`` was asked, checked against the run before Ray starts."""
+
+    output: str
+    images_uri: str
+    to: str
+    limit: int = 100
+    score_threshold: float = 0.5
+    classes: Optional[str] = None   # names or ids, comma-separated
+    address: Optional[str] = None
+
+
+@dataclass
+class CheckedRender:
+    predictions_dir: str
+    rows: pa.Table
+    title: str
+
+
+def check_render(request: RenderRequest) -> CheckedRender:
+    """Everything ``render`` can check without Ray: the run, the images, the target folder,
+    the thresholds and classes. Raises ``ConfigError`` saying what to fix."""
+    if request.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    if not 0.0 <= request.score_threshold <= 1.0:
+        raise ConfigError(f"--score-threshold must be in [0, 1], got {request.score_threshold}")
+    predictions_dir = layout.existing_predictions(request.output)
+    settings = layout.read_run_settings(predictions_dir)
+    if settings is None:
+        raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
+    if request.score_threshold < settings.model.score_floor:
+        raise ConfigError(f"score threshold {request.score_threshold} is below the stored score "
+                          f"floor {settings.model.score_floor}")
+    classes = settings.categories.parse_classes(request.classes) if request.classes else None
+    fs, root = storage.resolve(request.images_uri)
+    if not storage.exists(fs, root):
+        raise ConfigError(f"--images {request.images_uri} does not exist (give the INPUT the "
+                          "run segmented)")
+    if sources.detect_input_format(request.images_uri) != "files":
+        raise ConfigError(f"--images {request.images_uri} holds tar shards or Parquet tables; "
+                          "render can read image files only for now")
+    layout.check_folder_target(request.to, "--to")
+    rows = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
+                       settings.categories)
+    if rows.num_rows == 0:
+        raise ConfigError(f"{request.output} has no successfully predicted image to render")
+    return CheckedRender(predictions_dir, rows, f"segpipe: {request.output}")
+
+
+def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
+               show_progress: bool = False) -> dict:
+    """Render up to ``request.limit`` images of a run into ``request.to`` on Ray."""
     import ray
 
     from segpipe.pipeline import ray_session
 
-    predictions_dir = existing_predictions(output)
-    settings = read_run_settings(predictions_dir)
-    if settings and score_threshold < settings.model.score_floor:
-        raise ConfigError(f"score threshold {score_threshold} is below the stored score floor "
-                          f"{settings.model.score_floor}")
-    if limit < 1:
-        raise ConfigError("--limit must be at least 1")
-    table = select_rows(predictions_dir, limit, score_threshold, classes)
-    if table.num_rows == 0:
-        raise ConfigError(f"{output} has no successfully predicted image to render")
-    with ray_session(address):
+    checked = checked or check_render(request)
+    table, to = checked.rows, request.to
+    with ray_session(request.address):
         blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]
-        done = (ray.data.from_arrow(blocks)
-                .map_batches(render_batch, fn_kwargs={"images_uri": images_uri, "to": to},
-                             batch_size=8, batch_format="pyarrow")
-                .to_arrow_refs())
-        outcome = pa.concat_tables(ray.get(done))
+        dataset = ray.data.from_arrow(blocks).map_batches(
+            render_batch, fn_kwargs={"images_uri": request.images_uri, "to": to},
+            batch_size=8, batch_format="pyarrow")
+        outcomes = []
+        with Progress("rendering", table.num_rows, enabled=show_progress) as progress:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                outcomes.append(batch)
+                failed = sum(e is not None for e in batch.column("error").to_pylist())
+                progress.advance(batch.num_rows, failed)
+        outcome = pa.concat_tables(outcomes)
     errors = {n: e for n, e in zip(outcome.column("file_name").to_pylist(),
                                    outcome.column("error").to_pylist()) if e}
     rows = table.to_pylist()
     fs, root = storage.resolve(to.rstrip("/"))
     storage.write_bytes_atomic(fs, storage.join(root, "index.html"),
-                               gallery_html(rows, errors, f"segpipe: {output}").encode())
+                               gallery_html(rows, errors, checked.title).encode())
     return {"rendered": len(rows) - len(errors), "errors": errors,
             "index": storage.join(root, "index.html")}

@@ -107,6 +107,7 @@ class RunReport:
     timings: dict[str, float]
     processed: int = 0        # images segmented by this run
     resumed_from: int = 0     # images already in predictions/ when it started (--resume)
+    categories: list[dict] = field(default_factory=list)   # the run's COCO categories list
 
     @property
     def images_per_second(self) -> dict[str, Optional[float]]:
@@ -121,6 +122,7 @@ class RunReport:
             "config": self.config.to_dict(),
             "arch": self.config.arch,
             "weights": self.weights,
+            "categories": self.categories,
             "versions": package_versions(),
             "cluster": self.cluster,
             "counts": dataclasses.asdict(self.counts),
@@ -137,13 +139,13 @@ class RunReport:
         lines = [
             f"segpipe: {c.images} images: {c.ok} ok, {c.errors} failed; {c.detections} detections "
             f">= score floor, {c.annotations} written to coco/ (score >= "
-            f"{self.config.score_threshold}), {c.empty_masks_left_out} left out for empty masks, "
-            f"{c.unknown_category_left_out} for non-COCO ('N/A') labels",
+            f"{self.config.score_threshold})",
+            *(f"segpipe:   {n} left out: {reason}" for n, reason in c.left_out()),
             f"segpipe: {self.images_per_second['pipeline']} images/s in the pipeline, "
             f"{self.images_per_second['total']} images/s overall ({self.timings.get('total')} s)",
         ]
-        if self.weights.get("warning"):
-            lines.append(f"segpipe: WARNING: {self.weights['warning']}")
+        for warning in self.weights.get("warnings", []):
+            lines.append(f"segpipe: WARNING: {warning}")
         if c.errors:
             lines.append(f"segpipe: {c.errors} image(s) failed:")
             for e in self.errors:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import pyarrow as pa
 
+from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.config import ModelSpec
 
 STATUS_OK = "ok"
@@ -23,12 +24,13 @@ SEGMENTATION = pa.struct([
 ])
 
 DETECTION = pa.struct([
-    pa.field("category_id", pa.int32()),        # COCO id, as the model predicts it
-    pa.field("category_name", pa.string()),
+    pa.field("category_id", pa.int32()),        # the run's category id of the predicted label
+    pa.field("category_name", pa.string()),     # (CategoryTable; "N/A" for a label without one)
     pa.field("score", pa.float32()),
     pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO [x, y, width, height], image pixels
-    pa.field("area", pa.int64()),               # pixels in the mask at the run's mask threshold
-    pa.field("segmentation", SEGMENTATION),
+    pa.field("area", pa.int64()),               # pixels in the mask at the run's mask threshold;
+                                                # null for box-only detectors
+    pa.field("segmentation", SEGMENTATION),     # null for box-only detectors
     pa.field("box", pa.list_(pa.float32(), 4)),   # x1 y1 x2 y2 exactly as predicted (re-paste)
     pa.field("soft_mask", pa.binary()),         # M×M mask probabilities as uint8 (p·255,
                                                 # rounded), row-major; null with --no-soft-masks
@@ -78,15 +80,25 @@ MASK_SIZE = "mask_size"    # M
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The settings that predictions/ depend on, stored in every Parquet file's metadata."""
+    """The settings that predictions/ depend on, stored in every Parquet file's metadata.
+
+    ``categories`` is the run's category table (which category each model label is); files
+    written before tables were recorded read as COCO's.
+    """
 
     model: ModelSpec
     weights_sha256: str
     mask_threshold: float
     soft_masks: bool
+    categories: CategoryTable = COCO_TABLE
+
+    def to_json(self) -> dict:
+        return {"model": asdict(self.model), "weights_sha256": self.weights_sha256,
+                "mask_threshold": self.mask_threshold, "soft_masks": self.soft_masks,
+                "categories": self.categories.to_json()}
 
     def to_metadata(self) -> dict[bytes, bytes]:
-        return {RUN_SETTINGS_KEY: json.dumps(asdict(self), sort_keys=True).encode()}
+        return {RUN_SETTINGS_KEY: json.dumps(self.to_json(), sort_keys=True).encode()}
 
     @classmethod
     def from_metadata(cls, metadata: Optional[dict]) -> Optional["RunSettings"]:
@@ -94,11 +106,19 @@ class RunSettings:
         if not raw:
             return None
         values = json.loads(raw)
-        return cls(model=ModelSpec(**values.pop("model")), **values)
+        categories = CategoryTable.from_json(values.pop("categories", None))
+        return cls(model=ModelSpec(**values.pop("model")), categories=categories, **values)
 
     def differences(self, other: Optional["RunSettings"]) -> list[str]:
         """``"name: then -> now"`` for every setting in which ``other`` (earlier) differs."""
-        now = {**asdict(self.model), **{k: v for k, v in asdict(self).items() if k != "model"}}
-        then = ({**asdict(other.model), **{k: v for k, v in asdict(other).items() if k != "model"}}
-                if other else {})
-        return [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in now.items() if then.get(k) != v]
+        def flat(s: "RunSettings") -> dict:
+            return {**asdict(s.model), "weights_sha256": s.weights_sha256,
+                    "mask_threshold": s.mask_threshold, "soft_masks": s.soft_masks}
+
+        now, then = flat(self), (flat(other) if other else {})
+        found = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in now.items()
+                 if then.get(k) != v]
+        if other is None or other.categories != self.categories:
+            before = other.categories.describe() if other else None
+            found.append(f"categories: {before} then, {self.categories.describe()} now")
+        return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -175,6 +176,24 @@ def parquet_images(batch: pa.Table, root: str, image_column: str, name_column: s
         names = [f"{relative_name(p, root)}#{hashlib.blake2b(d, digest_size=8).hexdigest()}"
                  for p, d in zip(paths, datas)]
     return _source_table(names, datas, done)
+
+
+def list_inputs(input_uri: str, input_format: str, image_column: str = "image",
+                name_column: Optional[str] = None) -> tuple[str, Optional[pa.Table]]:
+    """The input format (``auto`` resolved) and, for image files, the listing of every image.
+
+    Shards and tables are checked to exist (and tables to have the named columns); their
+    images are only known as they are read, so they have no listing.
+    """
+    if input_format == "auto":
+        input_format = detect_input_format(input_uri)
+    if input_format == "files":
+        return input_format, list_images(input_uri)
+    suffix = ".tar" if input_format == "tar" else ".parquet"
+    _, paths = list_tables(input_uri, suffix)
+    if input_format == "parquet":
+        check_parquet_columns(paths, input_uri, image_column, name_column)
+    return input_format, None
 
 
 def check_parquet_columns(paths: list[str], input_uri: str, image_column: str,

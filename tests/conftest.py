@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import http.server
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -25,9 +31,9 @@ def small_config(input_dir, output_dir, weights, **changes) -> SegmentConfig:
                          **{**SMALL, **changes})
 
 
-def small_spec(**changes) -> ModelSpec:
+def small_spec(num_classes: int = 91, **changes) -> ModelSpec:
     config = small_config("in", "out", "random", **changes)
-    return ModelSpec.from_config(config)
+    return ModelSpec.from_config(config, num_classes)
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +46,63 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def decisive_classifier(model, slope: float = 0.05) -> None:
+    """Make a randomly initialised classifier pick different classes for different proposals.
+
+    Random box-head features share one dominant direction, so random class rows let one class
+    win everywhere, and a test of the label → category mapping would see a single label. Here
+    class k's logit is ``(k - 1) * slope * t`` plus a bias, where ``t`` is a proposal's feature
+    along the mean feature direction of the test photos: each class wins on one band of ``t``
+    (cut at its quantiles), with margins of several logits, so no result hangs on a near-tie.
+    """
+    from images import photo
+
+    features = []
+    hook = model.roi_heads.box_head.register_forward_hook(
+        lambda module, inputs, output: features.append(output.detach()))
+    with torch.inference_mode():
+        for name in ("astronaut", "chelsea", "coffee", "rocket"):
+            model([torch.from_numpy(photo(name).copy()).permute(2, 0, 1).float() / 255])
+    hook.remove()
+    f = torch.cat(features)
+    direction = f.mean(0) / f.mean(0).norm()
+    classes = model.roi_heads.box_predictor.cls_score.out_features
+    cuts = torch.quantile(f @ direction, torch.linspace(0, 1, classes)[1:-1])
+    with torch.no_grad():
+        weight = model.roi_heads.box_predictor.cls_score.weight
+        bias = model.roi_heads.box_predictor.cls_score.bias
+        weight.zero_()
+        bias.zero_()
+        bias[0] = -1.0                      # background: never the most likely
+        for k in range(1, classes):
+            weight[k] = (k - 1) * slope * direction
+            if k > 1:
+                bias[k] = bias[k - 1] - slope * cuts[k - 2]
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """``make_checkpoint(arch, num_classes, wrap=None)``: seeded random weights of any
+    architecture and class count, saved as a state_dict file (``wrap``: under that key)."""
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str = "maskrcnn_resnet50_fpn", num_classes: int = 91,
+             wrap: str | None = None) -> Path:
+        key = (arch, num_classes, wrap)
+        if key not in made:
+            torch.manual_seed(CHECKPOINT_SEED)
+            model = build_model(small_spec(arch=arch, num_classes=num_classes))
+            if num_classes != 91:
+                decisive_classifier(model)
+            state = model.state_dict()
+            path = tmp_path_factory.mktemp("weights") / f"{arch}_{num_classes}.pth"
+            torch.save({wrap: state, "epoch": 3} if wrap else state, path)
+            made[key] = path
+        return made[key]
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for in-process pipeline runs, started once per test module."""
@@ -49,3 +112,39 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """Serve ``folder`` over HTTP on 127.0.0.1 (a stand-in for download.pytorch.org); yield
+    its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def http_folder(tmp_path):
+    folder = tmp_path / "served"
+    folder.mkdir()
+    with serve_folder(folder) as base:
+        yield folder, base
+
+
+def served_checkpoint(folder: Path, source: Path, stem: str = "maskrcnn_custom") -> str:
+    """Copy ``source`` into ``folder`` under a torchvision-style name with its sha256 prefix."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    name = f"{stem}-{digest[:8]}.pth"
+    (folder / name).write_bytes(source.read_bytes())
+    return name

@@ -10,8 +10,9 @@ from pycocotools import mask as mask_utils
 
 from segpipe import schema
 from segpipe.config import ModelSpec
-from segpipe.categories import category_name
-from segpipe.sinks import predictions_dir, write_prediction_file
+from segpipe.categories import COCO_TABLE
+from segpipe.layout import predictions_dir
+from segpipe.sinks import write_prediction_file
 from segpipe.sources import image_id_for
 
 SETTINGS = schema.RunSettings(
@@ -28,7 +29,7 @@ def box_detection(category_id: int, score: float, x: int, y: int, w: int, h: int
     rle = mask_utils.encode(np.asfortranarray(mask))
     soft = np.zeros((28, 28), np.uint8)
     soft[1:-1, 1:-1] = 255
-    return {"category_id": category_id, "category_name": category_name(category_id),
+    return {"category_id": category_id, "category_name": COCO_TABLE.category_of(category_id)[1],
             "score": score, "bbox": [float(x), float(y), float(w), float(h)],
             "area": int(mask.sum()), "segmentation": {"size": [height, width],
                                                       "counts": rle["counts"].decode()},
@@ -53,7 +54,7 @@ def large_predictions(output: Path, images: int, per_image: int = 100, seed: int
                       rows_per_file: int = 500) -> int:
     """``images × per_image`` detections of random boxes on 64×64 images; returns the count."""
     rng = np.random.default_rng(seed)
-    ids = [c for c in range(1, 91) if category_name(c) != "N/A"]
+    ids = sorted(COCO_TABLE.ids)
     template = [box_detection(ids[k % len(ids)], 0.0, 0, 0, 1, 1, 64, 64) for k in range(per_image)]
     rows = []
     for i in range(images):

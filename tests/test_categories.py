@@ -2,7 +2,7 @@
 
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-from segpipe.categories import COCO_CATEGORIES, NUM_MODEL_CLASSES, category_name
+from segpipe.categories import COCO_CATEGORIES, COCO_TABLE, NUM_MODEL_CLASSES
 
 
 def test_table_matches_torchvision_labels():
@@ -13,4 +13,5 @@ def test_table_matches_torchvision_labels():
         assert labels[category.id] == category.name
     gaps = [i for i, name in enumerate(labels) if name == "N/A"]
     assert gaps == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
-    assert all(category_name(i) == "N/A" for i in gaps)
+    assert all(COCO_TABLE.category_of(i) == (i, "N/A") for i in gaps)
+    assert all(COCO_TABLE.for_label(c.id) == c for c in COCO_CATEGORIES)

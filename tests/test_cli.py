@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SMALL
+from conftest import SMALL, serve_folder, served_checkpoint
 from images import AWKWARD_EXPECTED, write_awkward_inputs, write_photos
-from segpipe.sinks import prediction_files
+from segpipe.layout import prediction_files
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
 
@@ -35,12 +35,17 @@ def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def awkward_run(tmp_path_factory, checkpoint):
+    """The CLI on awkward files, its weights downloaded from 127.0.0.1 into an empty cache."""
     root = tmp_path_factory.mktemp("cli")
     inputs = root / "in"
     write_awkward_inputs(inputs)
     write_photos(inputs, names=("chelsea",))
-    result = run_cli("segment", str(inputs), str(root / "out"), "--weights", str(checkpoint),
-                     *small_flags())
+    (root / "served").mkdir()
+    name = served_checkpoint(root / "served", checkpoint)
+    with serve_folder(root / "served") as base:
+        result = run_cli("segment", str(inputs), str(root / "out"), "--weights",
+                         f"{base}/{name}", *small_flags(),
+                         env_extra={"TORCH_HOME": str(root / "empty-torch-home")})
     return inputs, root / "out", result
 
 
@@ -53,6 +58,24 @@ def test_cli_exits_0_and_prints_failures(awkward_run):
     assert "empty file" in result.stdout
     assert "format not recognised" in result.stdout
     assert "3600000000 pixels, over max_image_pixels" in result.stdout
+
+
+def test_url_weights_were_downloaded_into_the_empty_cache(awkward_run, checkpoint):
+    _, out, result = awkward_run
+    cached = list((out.parent / "empty-torch-home" / "hub" / "checkpoints").iterdir())
+    assert [p.read_bytes() == checkpoint.read_bytes() for p in cached] == [True]
+    weights = json.loads((out / "run.json").read_text())["weights"]
+    assert weights["kind"] == "url" and weights["name"].startswith("http://127.0.0.1:")
+
+
+def test_the_terminal_shows_segpipes_lines_and_ray_goes_to_the_log(awkward_run):
+    _, out, result = awkward_run
+    assert result.stderr == ""
+    for line in result.stdout.splitlines():
+        assert line.startswith(("segpipe", "  ")), f"not segpipe's: {line!r}"
+    logs = list((out / "logs").iterdir())
+    assert len(logs) == 1 and str(logs[0]) in result.stdout
+    assert "Started a local Ray instance" in logs[0].read_text()
 
 
 def test_one_row_per_image_file_with_the_right_status(awkward_run):
@@ -111,9 +134,14 @@ def test_offline_pretrained_weights_fail_early_with_the_cache_path(tmp_path):
     result = run_cli("segment", str(tmp_path / "in"), str(tmp_path / "out"),
                      "--weights", "pretrained", env_extra=env)
     assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth" in result.stderr
+    assert "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth" in result.stderr
+    assert "cannot reach download.pytorch.org (Connection refused)" in result.stderr
     assert str(cache / "hub" / "checkpoints") in result.stderr
     assert "Started a local Ray" not in result.stderr + result.stdout  # no work started
     assert not (tmp_path / "out").exists()
-    weights = run_cli("weights", env_extra=env)
+    assert list((cache / "hub" / "checkpoints").iterdir()) == []  # no .partial left behind
+    weights = run_cli("weights", "--download", env_extra=env)
     assert weights.returncode == 1 and "missing" in weights.stdout
+    assert "Connection refused" in weights.stderr

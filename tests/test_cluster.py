@@ -14,7 +14,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from images import write_photos
-from segpipe.sinks import prediction_files
+from segpipe.layout import prediction_files
 from test_cli import run_cli, small_flags
 
 BIN = Path(sys.executable).parent

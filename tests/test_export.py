@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,9 @@ from pycocotools.coco import COCO
 
 from conftest import small_config
 from images import write_photos
-from segpipe.categories import parse_classes
+from segpipe.categories import COCO_TABLE
 from segpipe.config import ConfigError
-from segpipe.export import ExportOptions, run_export
+from segpipe.export import ExportCounts, ExportOptions, run_export
 from segpipe.pipeline import run_segment
 from synthetic import large_predictions
 
@@ -87,9 +88,9 @@ def test_class_filter_and_counts(runs):
     base = json.loads((runs / "base" / "run.json").read_text())["counts"]["per_category"]
     name = next(iter(base))
     summary = run_export(str(runs / "base"), str(runs / "cls"),
-                         ExportOptions(score_threshold=0.5, classes=parse_classes(name)))
+                         ExportOptions(score_threshold=0.5, classes=COCO_TABLE.parse_classes(name)))
     data = json.loads((runs / "cls" / "instances.json").read_text())
-    assert {a["category_id"] for a in data["annotations"]} == set(parse_classes(name))
+    assert {a["category_id"] for a in data["annotations"]} == set(COCO_TABLE.parse_classes(name))
     assert summary["counts"]["per_category"] == {name: base[name]}
     assert json.loads((runs / "cls" / "export.json").read_text())["counts"]["annotations"] == base[name]
 
@@ -115,7 +116,7 @@ def test_requests_the_predictions_cannot_answer_are_refused(runs):
                    ExportOptions(score_threshold=0.5, mask_threshold=0.4))
     result = subprocess.run([SEGPIPE, "export", str(runs / "base"), "--to", str(runs / "bad"),
                              "--classes", "unicorn"], capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown COCO class 'unicorn'" in result.stderr
+    assert result.returncode == 2 and "unknown class 'unicorn'" in result.stderr
     assert not (runs / "bad").exists()
 
 
@@ -132,7 +133,7 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
         # VmHWM is this process's own peak; ru_maxrss would carry pytest's over fork + exec.
-        code = ("import re; from segpipe.export import ExportOptions, run_export; "
+        code = ("import re; from segpipe.export import ExportCounts, ExportOptions, run_export; "
                 f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
                 "ExportOptions(score_threshold=0.3)); "
                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
@@ -146,3 +147,19 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
         peaks[images] = min(runs)
     print(f"peak RSS: {peaks}")
     assert peaks[6400] - peaks[800] < 80  # MB, for 8x the detections
+
+
+def test_export_summary_says_what_was_left_out_and_why(runs, tmp_path):
+    result = subprocess.run([SEGPIPE, "export", str(runs / "base"), "--to", str(tmp_path / "p"),
+                             "--polygons", "--max-per-image", "3", "--min-area", "30",
+                             "--no-progress"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    counts = json.loads((tmp_path / "p" / "export.json").read_text())["counts"]
+    annotations = json.loads((tmp_path / "p" / "instances.json").read_text())["annotations"]
+    assert f"segpipe export: {len(annotations)} annotations" in result.stdout
+    printed = {reason: int(n) for n, reason in
+               re.findall(r"segpipe export:\s+(\d+) left out: (.+)", result.stdout)}
+    assert len(printed) >= 3  # score, --max-per-image and --min-area all leave some out here
+    assert printed == {reason: n for n, reason in ExportCounts(**counts).left_out()}
+    # Every stored detection is either written or left out for one reason.
+    assert len(annotations) + sum(printed.values()) == counts["detections"]

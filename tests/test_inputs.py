@@ -14,7 +14,7 @@ from conftest import small_config
 from images import write_photos
 from segpipe.config import ConfigError
 from segpipe.pipeline import run_segment
-from segpipe.sinks import prediction_files
+from segpipe.layout import prediction_files
 
 
 def rows(out) -> dict[str, dict]:

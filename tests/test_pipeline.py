@@ -9,19 +9,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import small_config, small_spec
 from images import write_photos
+from parity import compare_with_torchvision
 from segpipe import schema
-from segpipe.categories import COCO_CATEGORY_IDS
+from segpipe.categories import COCO_TABLE
+from segpipe.layout import prediction_files
 from segpipe.model import build_model
 from segpipe.pipeline import run_segment
-from segpipe.sinks import prediction_files
+
+COCO_CATEGORY_IDS = COCO_TABLE.ids
 
 
 @pytest.fixture(scope="module")
@@ -39,77 +41,39 @@ def run(tmp_path_factory, checkpoint, local_ray):
     return config, report, images, root / "out"
 
 
-def read_predictions(out) -> dict[str, dict]:
-    rows = {}
+def read_rows(out) -> list[dict]:
+    """Every row of every prediction file, checked against the schema."""
+    rows = []
     for path in prediction_files(str(out / "predictions")):
         table = pq.read_table(path)
         assert table.schema.equals(schema.PREDICTION_SCHEMA, check_metadata=False)
-        for row in table.to_pylist():
-            rows[row["file_name"]] = row
+        rows += table.to_pylist()
     return rows
 
 
-def get_prediction(model, path, mask_threshold):
-    """The classic tutorial's ``get_prediction``, made exact: EXIF, RGB, one image per call."""
-    image = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    with torch.inference_mode():
-        pred = model([TF.to_tensor(image)])[0]
-    return {
-        "labels": pred["labels"].numpy(),
-        "scores": pred["scores"].numpy(),
-        "boxes": pred["boxes"].numpy(),
-        "masks": (pred["masks"][:, 0] > mask_threshold).numpy(),
-    }
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else float(np.array_equal(a, b))
-
-
-def mask_iou(a, b) -> float:
-    union = np.logical_or(a, b).sum()
-    return np.logical_and(a, b).sum() / union if union else 1.0
+def read_predictions(out) -> dict[str, dict]:
+    rows = read_rows(out)
+    by_name = {r["file_name"]: r for r in rows}
+    assert len(by_name) == len(rows), "an image has more than one row"
+    return by_name
 
 
 def test_every_image_once_and_all_ok(run):
     config, report, images, out = run
-    rows = read_predictions(out)
-    assert report.accounting.complete
-    assert sorted(rows) == sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
-    assert all(r["status"] == "ok" and r["error"] is None for r in rows.values())
+    rows = read_rows(out)
+    names = [r["file_name"] for r in rows]
+    assert sorted(names) == sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    assert len(set(r["image_id"] for r in rows)) == len(rows)
+    assert all(r["status"] == "ok" and r["error"] is None for r in rows)
+    assert report.accounting.complete and report.accounting.written == len(rows)
 
 
 def test_detections_equal_direct_torchvision_calls(run, checkpoint):
     config, report, images, out = run
     model = build_model(small_spec())
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    rows = read_predictions(out)
-    compared = exact = 0
-    for file_name, row in rows.items():
-        ref = get_prediction(model, images / file_name, config.mask_threshold)
-        ours = row["detections"]
-        assert (row["width"], row["height"]) == Image.open(images / file_name).size
-        assert len(ours) == len(ref["scores"]) > 0, file_name
-        unused = set(range(len(ours)))
-        for label, score, box, mask in zip(ref["labels"], ref["scores"], ref["boxes"], ref["masks"]):
-            def iou_with(j):
-                x, y, w, h = ours[j]["bbox"]
-                return box_iou(box, np.array([x, y, x + w, y + h]))
-            candidates = [j for j in unused if ours[j]["category_id"] == label]
-            assert candidates, f"{file_name}: no detection of category {label}"
-            j = max(candidates, key=iou_with)
-            unused.remove(j)
-            assert iou_with(j) > 0.99
-            assert abs(ours[j]["score"] - score) < 1e-3
-            decoded = mask_utils.decode(ours[j]["segmentation"]).astype(bool)
-            assert mask_iou(decoded, mask) > 0.99
-            assert ours[j]["area"] == decoded.sum()
-            compared += 1
-            exact += np.array_equal(decoded, mask)
+    compared, exact = compare_with_torchvision(read_predictions(out), images, model,
+                                               config.mask_threshold)
     assert compared >= 30
     print(f"parity: {compared} detections compared, {exact} masks pixel-identical")
 

@@ -23,7 +23,7 @@ from segpipe import schema
 from segpipe.model import resolve_weights
 from segpipe.pipeline import run_segment
 from segpipe.predictor import MaskRCNNPredictor
-from segpipe.sinks import prediction_files
+from segpipe.layout import prediction_files
 from segpipe.sources import list_images
 from test_cli import run_cli, small_flags
 

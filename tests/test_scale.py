@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -9,21 +10,27 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pycocotools.coco import COCO
 
+from segpipe import progress
 from segpipe.config import SegmentConfig
 from segpipe.pipeline import run_segment
-from segpipe.sinks import prediction_files
+from segpipe.layout import prediction_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from scale import make_images  # noqa: E402
 
 
-def test_many_small_images_stream_into_bounded_files(tmp_path, local_ray):
+def test_many_small_images_stream_into_bounded_files(tmp_path, local_ray, monkeypatch, capsys):
     make_images(tmp_path / "images", 240, 48)
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)  # a plain line at every poll
     config = SegmentConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
                            weights="random", min_size=48, max_size=48, detections_per_image=5,
                            proposals_per_image=20, batch_size=16, rows_per_file=50,
-                           progress=False)
+                           progress=True)
     report = run_segment(config)
+    # Not a terminal: plain progress lines, counting up to every image.
+    lines = re.findall(r"segpipe: segment: (\d+)/240 images", capsys.readouterr().out)
+    counts = [int(n) for n in lines]
+    assert counts and counts == sorted(counts) and counts[-1] == 240
     files = prediction_files(str(tmp_path / "out" / "predictions"))
     rows = [pq.read_metadata(p).num_rows for p in files]
     assert max(rows) <= 50 and sum(rows) == 240

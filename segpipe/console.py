@@ -1,0 +1,98 @@
+"""What a command shows: segpipe's own lines on the terminal, everything Ray says in a log file.
+
+Ray writes to the process's stderr from Python loggers, from its C++ core (glog lines such as
+``core_worker.cc``) and from worker output it forwards. None of that is meant for the user of
+a finished tool, and none of it can be silenced from Python alone. ``output_to_log`` points file
+descriptor 2 at a log file while Ray runs (so every writer is caught, C++ included) and restores
+it afterwards; segpipe's own lines go to stdout and are not touched. ``RunLog`` places the log
+in ``OUTPUT/logs/`` (a local file first when OUTPUT is a bucket, copied there at the end), and
+``translate`` turns the few things in it that a user must know into segpipe's words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from segpipe import storage
+from segpipe.layout import LOGS_DIR
+
+#: Things Ray logs that change what a user should do, and what segpipe says about them.
+TRANSLATIONS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"(killed|kill) .{0,80}(memory|OOM)|OutOfMemoryError|memory monitor", re.I),
+     "WARNING: Ray killed worker processes because a node ran low on memory; the work was "
+     "retried, but lower --batch-size or --actors (or give the nodes more memory) to avoid it"),
+    (re.compile(r"Spilled \d+ MiB"),
+     "NOTE: Ray spilled objects to disk because its object store was full; nothing was lost, "
+     "but the run was slower (more memory for Ray's object store avoids it)"),
+    (re.compile(r"ActorDiedError|RayActorError|actor died|Worker exit type: (SYSTEM_ERROR|"
+                r"NODE_OUT_OF_MEMORY)", re.I),
+     "NOTE: a Ray worker process died during the run and Ray restarted it; the image counts "
+     "above show whether any image was lost"),
+)
+
+
+def translate(log_text: str) -> list[str]:
+    """segpipe's lines for the things in ``log_text`` that a user must know, once each."""
+    return [f"segpipe: {message}" for pattern, message in TRANSLATIONS
+            if pattern.search(log_text)]
+
+
+@contextlib.contextmanager
+def output_to_log(path: Path) -> Iterator[None]:
+    """Send everything written to stderr (fd 2) to ``path`` while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab", buffering=0) as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class RunLog:
+    """The log file of one command run: ``OUTPUT/logs/<command>-<UTC time>.log``.
+
+    For a local OUTPUT the file is written in place; for a bucket it is written to a local
+    temporary file and copied into OUTPUT by ``publish``.
+    """
+
+    def __init__(self, output: str, command: str):
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        name = f"{command}-{stamp}-{os.getpid()}.log"
+        fs, root = storage.resolve(output)
+        self._remote = None
+        if isinstance(fs, pafs.LocalFileSystem):
+            self.path = Path(root) / LOGS_DIR / name
+            self.where = str(self.path)
+        else:
+            self.path = Path(tempfile.mkdtemp(prefix="segpipe-log-")) / name
+            self._remote = (fs, storage.join(root, LOGS_DIR, name))
+            self.where = storage.join(output.rstrip("/"), LOGS_DIR, name)
+
+    def text(self) -> str:
+        try:
+            return self.path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def publish(self) -> None:
+        """Copy a local log of a bucket OUTPUT into it (nothing to do for local outputs)."""
+        if self._remote is None or not self.path.exists():
+            return
+        fs, target = self._remote
+        with contextlib.suppress(Exception):
+            storage.write_bytes_atomic(fs, target, self.path.read_bytes())

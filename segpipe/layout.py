@@ -1,0 +1,137 @@
+"""The OUTPUT folder of a segment run: where each file lives, and what is already there.
+
+``OUTPUT/predictions/part-*.parquet`` (the run's rows; a file is complete when it has this
+name), ``OUTPUT/coco/``, ``OUTPUT/run.json`` and ``OUTPUT/logs/``. Reading what is there
+(the prediction files, the settings recorded in them, the ids already done) needs only
+pyarrow, so commands can check OUTPUT before they import torch or start Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from segpipe import schema, storage
+from segpipe.config import ConfigError
+
+PREDICTIONS_DIR = "predictions"
+COCO_DIR = "coco"
+LOGS_DIR = "logs"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
+
+
+def predictions_dir(output: str) -> str:
+    """The predictions folder of a segment run's OUTPUT (a path or URI)."""
+    return storage.join(output.rstrip("/"), PREDICTIONS_DIR)
+
+
+def coco_dir(output: str) -> str:
+    return storage.join(output.rstrip("/"), COCO_DIR)
+
+
+def prediction_files(directory: str) -> list[str]:
+    """The complete prediction files under ``directory`` (temporary files are not listed)."""
+    fs, root = storage.resolve(directory)
+    return [i.path for i in storage.list_files(fs, root, PART_SUFFIX)
+            if i.base_name.startswith(PART_PREFIX)]
+
+
+def existing_predictions(output: str) -> str:
+    """``predictions_dir(output)``; a ``ConfigError`` when it holds no prediction file."""
+    directory = predictions_dir(output)
+    if not prediction_files(directory):
+        raise ConfigError(f"{directory} holds no prediction files; run `segpipe segment` into "
+                          f"{output} first")
+    return directory
+
+
+def read_written(directory: str) -> tuple[Optional[schema.RunSettings], set[int]]:
+    """The settings recorded in the complete prediction files of ``directory`` and the
+    ``image_id`` of every row in them, opening each file once (what ``--resume`` needs).
+
+    Raises ``ConfigError`` when files disagree (predictions of different runs mixed).
+    """
+    fs, _ = storage.resolve(directory)
+    found: set[schema.RunSettings] = set()
+    ids: set[int] = set()
+    for path in prediction_files(directory):
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=["image_id"])
+        found.add(schema.RunSettings.from_metadata(table.schema.metadata))
+        ids.update(table.column("image_id").to_pylist())
+    return _one_settings(directory, found), ids
+
+
+def read_run_settings(directory: str) -> Optional[schema.RunSettings]:
+    """The settings recorded in the prediction files of ``directory``.
+
+    Raises ``ConfigError`` when files disagree (predictions of different runs mixed).
+    """
+    fs, _ = storage.resolve(directory)
+    found: set[schema.RunSettings] = set()
+    for path in prediction_files(directory):
+        with fs.open_input_file(path) as f:
+            found.add(schema.RunSettings.from_metadata(pq.read_schema(f).metadata))
+    return _one_settings(directory, found)
+
+
+def _one_settings(directory: str, found: set) -> Optional[schema.RunSettings]:
+    if len(found) > 1:
+        raise ConfigError(f"{directory} mixes predictions made with different settings; keep "
+                          "the files of one run only")
+    return found.pop() if found else None
+
+
+def check_output(output: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse an OUTPUT that cannot take a new run, before any work: a file, a folder that
+    cannot be created or written, or one holding an earlier run's predictions (unless
+    ``resume`` or ``overwrite``)."""
+    fs, root = storage.resolve(output)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise ConfigError(f"OUTPUT {output} is a file; give a folder (the run writes "
+                          "predictions/, coco/ and run.json into it)")
+    if isinstance(fs, pafs.LocalFileSystem):
+        _check_local_folder_writable(Path(root), output)
+    predictions = predictions_dir(output)
+    if fs.get_file_info(storage.resolve(predictions)[1]).type == pafs.FileType.File:
+        raise ConfigError(f"{predictions} is a file; OUTPUT must be a segpipe output folder")
+    old = prediction_files(predictions)
+    if old and not (resume or overwrite):
+        raise ConfigError(f"{predictions} already holds {len(old)} prediction file(s) from an "
+                          "earlier run; pass --resume to finish it, --overwrite to replace it, "
+                          "or choose another OUTPUT")
+
+
+def create_folder(folder: str, what: str) -> None:
+    """Create ``folder`` (a path or URI) now, so that a run cannot fail on it after its work;
+    ``ConfigError`` with the reason when that is impossible."""
+    fs, root = storage.resolve(folder)
+    try:
+        fs.create_dir(root, recursive=True)
+    except Exception as exc:  # OSError locally; pyarrow's own errors for object stores
+        raise ConfigError(f"{what} {folder} cannot be created: {exc}") from None
+
+
+def check_folder_target(folder: str, what: str) -> None:
+    """Refuse a folder to write into that is a file, or cannot be created or written."""
+    fs, root = storage.resolve(folder)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        raise ConfigError(f"{what} {folder} is a file; give a folder")
+    if isinstance(fs, pafs.LocalFileSystem):
+        _check_local_folder_writable(Path(root), folder)
+
+
+def _check_local_folder_writable(path: Path, given: str) -> None:
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{given} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{given} cannot be written: no write permission on {existing}")

@@ -1,0 +1,45 @@
+"""Check that a segment run can start, before torch is imported or Ray started.
+
+Everything that can be checked from the configuration and the files it names is checked here,
+in about a second: values and their ranges, INPUT (it exists and holds images), OUTPUT (a folder
+that can be written and holds no earlier run unless ``--resume``/``--overwrite``), the weights
+file (present) and the categories file (readable, well formed). A mistake is a
+``ConfigError`` naming what to fix; only then does the run pay for torch, Ray and the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import pyarrow as pa
+
+from segpipe import layout, sources
+from segpipe.categories import Category, load_categories
+from segpipe.config import SegmentConfig, validate
+from segpipe.weights import WeightsSource, weights_source
+
+
+@dataclass
+class CheckedRun:
+    """What the checks found, for ``pipeline.run_segment`` to use instead of looking again."""
+
+    input_format: str                            # files | tar | parquet
+    listing: Optional[pa.Table]                  # every image, for ``files`` inputs
+    weights: WeightsSource
+    categories: Optional[tuple[Category, ...]]   # from --categories, in file order
+    seconds: float
+
+
+def check_segment(config: SegmentConfig) -> CheckedRun:
+    """Check ``config`` and the files it names; raise ``ConfigError`` on the first mistake."""
+    start = time.perf_counter()
+    validate(config)
+    categories = load_categories(config.categories) if config.categories else None
+    weights = weights_source(config.weights, config.arch, config.seed)
+    layout.check_output(config.output, config.resume, config.overwrite)
+    input_format, listing = sources.list_inputs(config.input, config.input_format,
+                                                config.image_column, config.name_column)
+    return CheckedRun(input_format, listing, weights, categories,
+                      round(time.perf_counter() - start, 3))

@@ -1,0 +1,150 @@
+"""The first hour of a new user: mistakes caught at once, help that is a manual, progress, quiet."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL, served_checkpoint
+from images import write_photos
+from segpipe.progress import Progress
+from test_cli import SEGPIPE, run_cli, small_flags
+
+
+@pytest.fixture(scope="module")
+def no_torch_no_ray(tmp_path_factory) -> dict:
+    """An environment where importing torch or ray fails: what runs there needs neither."""
+    fake = tmp_path_factory.mktemp("blocked")
+    for name in ("torch", "torchvision", "ray"):
+        (fake / name).mkdir()
+        (fake / name / "__init__.py").write_text(
+            f"raise ImportError('{name} was imported before the checks finished')\n")
+    return {"PYTHONPATH": str(fake)}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("first-hour") / "in"
+    write_photos(folder, names=("chelsea",))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["value", "input", "output_file", "weights", "categories",
+                                  "output_unwritable", "earlier_run", "config_key"])
+def test_mistakes_fail_before_torch_or_ray_with_one_line(case, photos, tmp_path, no_torch_no_ray):
+    out = tmp_path / "out"
+    args = [str(photos), str(out), "--weights", "random"]
+    expected = {
+        "value": "score_threshold must be in [0, 1), got 2.0",
+        "input": "INPUT", "output_file": "is a file", "weights": "weights file",
+        "categories": "categories file", "output_unwritable": "cannot be",
+        "earlier_run": "--resume to finish it", "config_key": "unknown key(s) score_treshold",
+    }[case]
+    if case == "value":
+        args += ["--score-threshold", "2"]
+    elif case == "input":
+        args[0] = str(photos) + "-typo"
+    elif case == "output_file":
+        out.write_text("I am a file")
+    elif case == "weights":
+        args[3] = str(tmp_path / "model_final.pth")
+    elif case == "categories":
+        args += ["--categories", str(tmp_path / "classes.txt")]
+    elif case == "output_unwritable":
+        (tmp_path / "file").write_text("x")
+        args[1] = str(tmp_path / "file" / "out")
+    elif case == "earlier_run":
+        (out / "predictions").mkdir(parents=True)
+        (out / "predictions" / "part-0.parquet").write_bytes(b"x")
+    elif case == "config_key":
+        (tmp_path / "c.yaml").write_text("score_treshold: 0.7\n")
+        args += ["--config", str(tmp_path / "c.yaml")]
+    result = run_cli("segment", *args, env_extra=no_torch_no_ray)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("segpipe: configuration error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr and "RANDOM WEIGHTS" not in result.stderr
+    if case not in ("output_file", "earlier_run"):
+        assert not out.exists()
+
+
+def test_render_and_export_check_their_paths_before_ray(tmp_path, no_torch_no_ray):
+    render = run_cli("render", str(tmp_path / "no-run"), "--images", str(tmp_path), "--to",
+                     str(tmp_path / "g"), env_extra=no_torch_no_ray)
+    assert render.returncode == 2 and "holds no prediction files" in render.stderr
+    export = run_cli("export", str(tmp_path / "no-run"), "--to", str(tmp_path / "x"),
+                     env_extra=no_torch_no_ray)
+    assert export.returncode == 2 and "holds no prediction files" in export.stderr
+
+
+def test_help_is_a_manual(no_torch_no_ray):
+    top = run_cli("--help", env_extra=no_torch_no_ray)
+    assert top.returncode == 0
+    assert "Segment large image datasets" in top.stdout and "Exit status" in top.stdout
+    for command in ("segment", "export", "eval", "render", "weights"):
+        assert f"    {command}" in top.stdout
+    segment = run_cli("segment", "--help", env_extra=no_torch_no_ray).stdout
+    assert segment.startswith("usage: segpipe segment INPUT OUTPUT")
+    for section in ("model and weights", "what is kept", "inputs", "cluster and sizing"):
+        assert f"\n{section}:" in segment
+    flat = " ".join(segment.split())
+    assert "(default: 0.05)" in flat and "(default: maskrcnn_resnet50_fpn)" in flat
+    for command, flags in {"render": ("--score-threshold", "--classes", "--limit"),
+                           "eval": ("--iou-type", "--score-threshold"),
+                           "export": ("--polygons", "--min-area")}.items():
+        text = run_cli(command, "--help", env_extra=no_torch_no_ray).stdout
+        # Each option's entry: from "  --flag" to the next option.
+        entries = {("-" + chunk).split()[0].rstrip(","): chunk
+                   for chunk in text.split("\n  -")[1:]}
+        for flag in flags:
+            assert len(entries[flag].split()) > 5 and "(default" in " ".join(entries[flag].split()), \
+                f"{command} {flag} has no help or no default"
+
+
+@pytest.mark.parametrize("args,hint", [
+    (["segmnet", "a", "b"], "did you mean 'segment'?"),
+    (["segment", "a", "b", "--score-treshold", "0.5"], "--score-treshold: did you mean --score-threshold?"),
+    (["export", "out", "--to", "x", "--polygns"], "did you mean --polygons?"),
+    (["segment", "a", "b", "--arch", "maskrcnn_resnet50"], "did you mean 'maskrcnn_resnet50_fpn'?"),
+])
+def test_misspellings_get_a_did_you_mean(args, hint, no_torch_no_ray):
+    result = run_cli(*args, env_extra=no_torch_no_ray)
+    assert result.returncode == 2 and hint in result.stderr
+
+
+def test_weights_command_prints_the_file_folder_and_url(tmp_path, no_torch_no_ray):
+    env = {**no_torch_no_ray, "TORCH_HOME": str(tmp_path / "th")}
+    result = run_cli("weights", "--arch", "fasterrcnn_resnet50_fpn", env_extra=env)
+    assert result.returncode == 1 and "missing" in result.stdout
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth") \
+        in result.stdout
+    assert "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in result.stdout
+    assert "TORCH_HOME=" in result.stdout
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    plain = io.StringIO()
+    with Progress("segment", 4, stream=plain, interval=0) as progress:
+        for done in range(1, 5):
+            progress.update(done, failed=1 if done > 2 else 0)
+    lines = plain.getvalue().splitlines()
+    assert lines[0].startswith("segpipe: segment: 1/4 images (25%)")
+    assert "4/4 images (100%)" in lines[-1] and "1 failed" in lines[-1]
+    assert "\r" not in plain.getvalue()
+    terminal = io.StringIO()
+    with Progress("segment", 4, stream=terminal, terminal=True) as progress:
+        progress.update(3)
+    assert "segpipe: segment:" in terminal.getvalue() and "3/4" in terminal.getvalue()
+    assert "\r" in terminal.getvalue()
+    quiet = io.StringIO()
+    with Progress("segment", 4, stream=quiet, interval=0, enabled=False) as progress:
+        progress.update(4)
+    assert quiet.getvalue() == ""
