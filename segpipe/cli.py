@@ -151,6 +151,11 @@ def build_parser() -> SegpipeParser:
     export.add_argument("--polygons", action="store_true",
                         help="write polygon segmentations (for labelling tools) instead of RLE "
                              "(default: RLE)")
+    export.add_argument("--instances-bbox", choices=("mask", "model"), default="mask",
+                        help="bbox of instances.json annotations: the tight box of the written "
+                             "mask, as COCO ground truth has it and importers expect, or the "
+                             "model's predicted box (results.json always has the model's) "
+                             "(default: mask)")
     export.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress line")
 
@@ -169,6 +174,9 @@ def build_parser() -> SegpipeParser:
     evaluate.add_argument("--iou-type", choices=("segm", "bbox", "both"), default=None,
                           help="which AP to compute: mask (segm), box (bbox) or both "
                                "(default: both; bbox only for box-only detectors)")
+    evaluate.add_argument("--crowd-as-objects", action="store_true",
+                          help="evaluate ground truth marked iscrowd=1 as ordinary objects "
+                               "(default: off, crowd regions are ignored as COCO defines)")
 
     render = commands.add_parser(
         "render", help="draw OUTPUT's detections on the images and write a gallery",
@@ -285,7 +293,7 @@ def _export(args: argparse.Namespace) -> int:
         options = ExportOptions(score_threshold=args.score_threshold,
                                 mask_threshold=args.mask_threshold, classes=classes,
                                 max_per_image=args.max_per_image, min_area=args.min_area,
-                                polygons=args.polygons)
+                                polygons=args.polygons, instances_bbox=args.instances_bbox)
         summary = run_export(args.output, args.to, options, show_progress=args.progress)
     except ConfigError as exc:
         return _config_error(exc)
@@ -298,6 +306,9 @@ def _export(args: argparse.Namespace) -> int:
           f"({summary['detections_per_s']} detections/s) → {args.to}")
     for n, reason in counts.left_out():
         print(f"segpipe export:   {n} left out: {reason}")
+    if counts.masks_with_holes:
+        print(f"segpipe export:   {counts.masks_with_holes} masks have holes: their polygons "
+              "reach each hole along a zero-width cut (keyhole polygons), which keeps the holes")
     for name, n in list(c["per_category"].items())[:10]:
         print(f"  {n:>8}  {name}")
     return 0
@@ -309,12 +320,14 @@ def _eval(args: argparse.Namespace) -> int:
     iou_types = None if args.iou_type is None else \
         IOU_TYPES if args.iou_type == "both" else (args.iou_type,)
     try:
-        report = run_eval(args.output, args.gt, args.score_threshold, iou_types)
+        report = run_eval(args.output, args.gt, args.score_threshold, iou_types,
+                          args.crowd_as_objects)
     except ConfigError as exc:
         return _config_error(exc)
     matching = report["matching"]
-    if matching["category_message"]:
-        print(f"segpipe eval: NOTE: {matching['category_message']}")
+    for key in ("category_message", "crowd_message"):
+        if matching[key]:
+            print(f"segpipe eval: NOTE: {matching[key]}")
     for iou_type in report["iou_types"]:
         print(f"segpipe eval: {iou_type}")
         print(report["tables"][iou_type], end="")

@@ -137,12 +137,35 @@ def evaluate(gt: COCO, results: list[dict], image_ids: list[int], iou_type: str)
     return stats, "\n".join(l for l in table.getvalue().splitlines() if "Average" in l) + "\n"
 
 
+def crowd_regions(gt_json: dict, as_objects: bool) -> Optional[str]:
+    """What to tell a user about ``iscrowd=1`` ground truth (``None``: nothing to tell).
+
+    COCOeval ignores crowd regions, so a ground truth whose annotations are all crowd (as
+    datumaro's mask export writes them) scores every AP as -1. With ``as_objects`` they are
+    turned into ordinary objects (in ``gt_json``)."""
+    annotations = gt_json["annotations"]
+    crowd = [a for a in annotations if a.get("iscrowd")]
+    if not crowd:
+        return None
+    if as_objects:
+        for a in crowd:
+            a["iscrowd"] = 0
+        return (f"{len(crowd)} ground-truth annotations marked iscrowd=1 were evaluated as "
+                "ordinary objects (--crowd-as-objects)")
+    if len(crowd) == len(annotations):
+        return (f"all {len(crowd)} ground-truth annotations are iscrowd=1 (crowd regions; "
+                "datumaro's mask export writes them so): COCOeval ignores crowd regions, so "
+                "every AP is -1. If they are single objects, pass --crowd-as-objects")
+    return None
+
+
 def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
-             iou_types: Optional[tuple[str, ...]] = None) -> dict:
+             iou_types: Optional[tuple[str, ...]] = None, crowd_as_objects: bool = False) -> dict:
     """Evaluate ``output/predictions`` against ``gt_path``; write and return ``output/eval.json``.
 
     ``iou_types`` defaults to segm and bbox (bbox alone for a box-only run; asking a box-only
-    run for segm is a ``ConfigError``).
+    run for segm is a ``ConfigError``). ``crowd_as_objects`` evaluates ``iscrowd=1`` ground
+    truth as ordinary objects.
     """
     predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
@@ -164,6 +187,7 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
         raise ConfigError(f"cannot read ground truth {gt_path}: {exc}") from None
     if not isinstance(gt_json, dict) or not {"images", "annotations", "categories"} <= set(gt_json):
         raise ConfigError(f"{gt_path} is not a COCO instances file (images, annotations, categories)")
+    crowd_message = crowd_regions(gt_json, crowd_as_objects)
     categories = match_categories(gt_json["categories"], settings.categories)
     images = match_images(gt_json["images"], predictions_dir)
     gt = COCO()
@@ -178,6 +202,7 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
         report[iou_type], tables[iou_type] = evaluate(gt, results, image_ids, iou_type)
     report["matching"] = {
         "categories": categories.how, "category_message": categories.message,
+        "crowd_message": crowd_message,
         "images_evaluated": len(image_ids), "ground_truth_images": len(gt_json["images"]),
         "not_predicted": images.not_predicted, "failed": images.failed,
         "size_mismatch": images.size_mismatch,

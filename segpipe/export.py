@@ -39,6 +39,9 @@ class ExportOptions:
     max_per_image: Optional[int] = None      # highest-scoring N per image, after other filters
     min_area: int = 1                        # masks with fewer pixels are left out
     polygons: bool = False                   # polygon segmentations instead of RLE
+    instances_bbox: str = "mask"             # instances.json bbox: "mask" (the tight box of the
+                                             # written mask, as COCO ground truth has it) or
+                                             # "model" (the predicted box)
 
 
 @dataclass
@@ -55,8 +58,9 @@ class ExportCounts:
     unknown_category_left_out: int = 0  # a label without a category (COCO's id gaps, "N/A")
     empty_masks_left_out: int = 0       # no pixel above the mask threshold
     small_masks_left_out: int = 0       # fewer pixels than min_area
-    no_polygon_left_out: int = 0        # --polygons: no contour of 3+ points
+    no_polygon_left_out: int = 0        # --polygons: no polygon (never for a non-empty mask)
     over_max_per_image: int = 0
+    masks_with_holes: int = 0           # --polygons: masks with holes (kept by keyhole rings)
     per_category: dict[str, int] = field(default_factory=dict)
 
     def left_out(self) -> list[tuple[int, str]]:
@@ -147,9 +151,11 @@ def select_detections(row: dict, options: ExportOptions, settings: schema.RunSet
         kept = kept[:options.max_per_image]
     if options.polygons:
         for det in kept:
-            det["segmentation"] = rle_to_polygons(det["segmentation"])
-        counts.no_polygon_left_out += sum(1 for det in kept if not det["segmentation"])
-        kept = [det for det in kept if det["segmentation"]]
+            if det["segmentation"] is not None:
+                det["segmentation"], holes = mask_polygons(det["segmentation"])
+                counts.masks_with_holes += holes
+        counts.no_polygon_left_out += sum(1 for det in kept if det["segmentation"] == [])
+        kept = [det for det in kept if det["segmentation"] != []]
     return kept
 
 
@@ -158,20 +164,51 @@ def box_area(bbox: list[float]) -> float:
     return float(bbox[2]) * float(bbox[3])
 
 
-def rle_to_polygons(rle: dict) -> list[list[float]]:
-    """COCO polygons of a mask's outer contours (OpenCV ``findContours``), as detectron2 does:
-    pixel-centre contours shifted by half a pixel, polygons of fewer than 3 points dropped."""
-    import cv2
+def mask_polygons(rle: dict) -> tuple[list[list[float]], bool]:
+    """COCO polygons of the mask ``rle`` that trace its pixel edges, so that pycocotools
+    rasterises them back to exactly the mask's pixels, holes included.
+
+    One polygon per 8-connected part (rasterio's GDAL polygonize), with vertices on pixel
+    corners. COCO has no polygon holes, so a part with holes is one "keyhole" ring: its outline,
+    then each hole reached along a zero-width cut and walked round, and back along the same cut.
+    The cut's two edges cancel under both the even-odd and the nonzero fill rule (GDAL winds
+    holes opposite to outlines), so the holes stay holes. The second value says whether the
+    mask had any.
+    """
+    from pycocotools import mask as mask_utils
+    from rasterio import features
+
+    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+    crop = np.ascontiguousarray(mask_utils.decode(rle)[y:y + h, x:x + w], dtype=np.uint8)
+    polygons, holes = [], False
+    for geometry, _ in features.shapes(crop, mask=crop.astype(bool), connectivity=8):
+        rings = [[(px + x, py + y) for px, py in ring[:-1]] for ring in geometry["coordinates"]]
+        holes |= len(rings) > 1
+        polygons.append([float(v) for point in keyhole_ring(rings) for v in point])
+    return polygons, holes
+
+
+def keyhole_ring(rings: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """One ring from an outline and its holes: each hole joined to the outline's first vertex
+    by a cut to its nearest vertex, walked round, and left along the same cut."""
+    outline = rings[0]
+    ring = list(outline)
+    start = outline[0]
+    for hole in rings[1:]:
+        j = min(range(len(hole)),
+                key=lambda k: (hole[k][0] - start[0]) ** 2 + (hole[k][1] - start[1]) ** 2)
+        ring += [start, *hole[j:], *hole[:j], hole[j]]
+    return ring
+
+
+def mask_box_and_area(segmentation, height: int, width: int) -> tuple[list[float], int]:
+    """The tight ``[x, y, w, h]`` box and pixel count of a segmentation (RLE or polygons) as
+    pycocotools rasterises it."""
     from pycocotools import mask as mask_utils
 
-    mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons = []
-    for contour in contours:
-        flat = (contour.reshape(-1).astype(np.float64) + 0.5).tolist()
-        if len(flat) >= 6:
-            polygons.append(flat)
-    return polygons
+    rle = segmentation if isinstance(segmentation, dict) else \
+        mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    return [float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle))
 
 
 class JsonArrayWriter:
@@ -236,8 +273,14 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
             for det in select_detections(row, options, settings, counts):
                 result = coco_result(row["image_id"], det)
                 result_writer.write(result)
-                annotation_writer.write({"id": annotation_writer.count + 1, **result,
-                                         "area": det["area"], "iscrowd": 0})
+                annotation = {"id": annotation_writer.count + 1, **result, "area": det["area"],
+                              "iscrowd": 0}
+                if det["segmentation"] is not None:
+                    box, area = mask_box_and_area(det["segmentation"], row["height"], row["width"])
+                    annotation["area"] = area
+                    if options.instances_bbox == "mask":
+                        annotation["bbox"] = box
+                annotation_writer.write(annotation)
                 per_category[det["category_name"]] += 1
             progress.advance()
         instances.write(b"\n]}\n")
@@ -277,6 +320,8 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
         raise ConfigError(f"mask threshold {options.mask_threshold} differs from the run's "
                           f"{settings.mask_threshold}, but the run kept no soft masks "
                           "(--no-soft-masks); rerun segment with soft masks to re-threshold")
+    if options.instances_bbox not in ("mask", "model"):
+        raise ConfigError(f"instances bbox must be mask or model, got {options.instances_bbox!r}")
     if not 0.0 <= options.score_threshold < 1.0 or (
             options.mask_threshold is not None and not 0.0 <= options.mask_threshold < 1.0):
         raise ConfigError("thresholds must be in [0, 1)")

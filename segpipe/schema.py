@@ -18,6 +18,13 @@ from segpipe.config import ModelSpec
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
+#: Image ids are the first 53 bits of BLAKE2b of ``file_name``: the same on every rerun, and
+#: exact in JSON (at most 2**53 - 1, the largest integer that JavaScript tools and jq keep).
+#: Files written before this rule used 63 bits (``IMAGE_IDS_BEFORE``).
+IMAGE_ID_BITS = 53
+IMAGE_IDS = "blake2b-53"
+IMAGE_IDS_BEFORE = "blake2b-63"
+
 SEGMENTATION = pa.struct([
     pa.field("size", pa.list_(pa.int32())),   # [height, width], as COCO RLE has it
     pa.field("counts", pa.string()),           # compressed RLE string (pycocotools)
@@ -37,7 +44,7 @@ DETECTION = pa.struct([
 ])
 
 PREDICTION_SCHEMA = pa.schema([
-    pa.field("image_id", pa.int64(), nullable=False),   # stable: derived from file_name
+    pa.field("image_id", pa.int64(), nullable=False),   # stable: from file_name (IMAGE_IDS)
     pa.field("file_name", pa.string(), nullable=False),  # path relative to INPUT, '/' separators
     pa.field("width", pa.int32()),                      # after EXIF orientation; null on error
     pa.field("height", pa.int32()),
@@ -91,11 +98,12 @@ class RunSettings:
     mask_threshold: float
     soft_masks: bool
     categories: CategoryTable = COCO_TABLE
+    image_ids: str = IMAGE_IDS
 
     def to_json(self) -> dict:
         return {"model": asdict(self.model), "weights_sha256": self.weights_sha256,
                 "mask_threshold": self.mask_threshold, "soft_masks": self.soft_masks,
-                "categories": self.categories.to_json()}
+                "categories": self.categories.to_json(), "image_ids": self.image_ids}
 
     def to_metadata(self) -> dict[bytes, bytes]:
         return {RUN_SETTINGS_KEY: json.dumps(self.to_json(), sort_keys=True).encode()}
@@ -106,6 +114,7 @@ class RunSettings:
         if not raw:
             return None
         values = json.loads(raw)
+        values.setdefault("image_ids", IMAGE_IDS_BEFORE)
         categories = CategoryTable.from_json(values.pop("categories", None))
         return cls(model=ModelSpec(**values.pop("model")), categories=categories, **values)
 
@@ -113,7 +122,8 @@ class RunSettings:
         """``"name: then -> now"`` for every setting in which ``other`` (earlier) differs."""
         def flat(s: "RunSettings") -> dict:
             return {**asdict(s.model), "weights_sha256": s.weights_sha256,
-                    "mask_threshold": s.mask_threshold, "soft_masks": s.soft_masks}
+                    "mask_threshold": s.mask_threshold, "soft_masks": s.soft_masks,
+                    "image_ids": s.image_ids}
 
         now, then = flat(self), (flat(other) if other else {})
         found = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in now.items()

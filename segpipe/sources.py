@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 
 from segpipe import storage
 from segpipe.config import ConfigError
+from segpipe.schema import IMAGE_ID_BITS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -30,9 +31,10 @@ LISTING_SCHEMA = pa.schema([
 
 
 def image_id_for(file_name: str) -> int:
-    """A stable, positive 63-bit id for ``file_name`` (BLAKE2b of the relative path)."""
+    """A stable id for ``file_name``: 53 bits of BLAKE2b of the relative path, so that it stays
+    exact in every JSON tool (``schema.IMAGE_IDS``)."""
     digest = hashlib.blake2b(file_name.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+    return int.from_bytes(digest, "big") & ((1 << IMAGE_ID_BITS) - 1)
 
 
 def is_image_name(name: str) -> bool:

@@ -74,6 +74,12 @@ AWKWARD_EXPECTED = {
 }
 
 
+def gray16_of(base: np.ndarray) -> np.ndarray:
+    """16-bit gray whose high byte is the 8-bit gray and whose low byte differs from it."""
+    gray = base.mean(axis=2).astype(np.uint16)
+    return (gray << 8) | (255 - gray)
+
+
 def write_awkward_inputs(folder: Path) -> None:
     """Every kind of file the decode stage must survive, plus a non-image that is ignored."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,8 +94,7 @@ def write_awkward_inputs(folder: Path) -> None:
     rgba = np.dstack([base, np.full((h, w), 128, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
     Image.fromarray(base).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
-    gray16 = (base.mean(axis=2).astype(np.uint16) * 257)
-    Image.fromarray(gray16).save(folder / "gray16.png")
+    Image.fromarray(gray16_of(base)).save(folder / "gray16.png")
     Image.fromarray(base).convert("CMYK").save(folder / "cmyk.jpg", quality=90)
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
@@ -32,28 +36,63 @@ def ray_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def own_ray_processes(temp_dir: str, client_port: int) -> list[psutil.Process]:
+    """The processes of the cluster a test started: every process whose command line names
+    the cluster's own temp dir (or its Ray Client server, on the port the test chose), and all
+    their descendants (workers, job drivers). Nothing else on the machine matches."""
+    roots = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmd = process.info["cmdline"] or []
+        if any(temp_dir in arg for arg in cmd) or (
+                "ray.util.client.server" in cmd and f"--port={client_port}" in cmd):
+            roots.append(process)
+    family = set(roots)
+    for process in roots:
+        with contextlib.suppress(psutil.Error):
+            family.update(process.children(recursive=True))
+    return list(family)
+
+
+def stop_processes(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=15)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
 @pytest.fixture()
-def cluster(tmp_path):
-    """Head node (1 CPU) and a second node (2 CPUs, its own resource) on 127.0.0.1."""
-    port, dashboard = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def cluster():
+    """Head node (1 CPU, the dashboard) and a second node (2 CPUs) on 127.0.0.1.
+
+    Started with ``ray start`` in a temp dir of the test's own, on ports it chose, and stopped
+    by stopping exactly those processes: never ``ray stop``, which stops every Ray on the
+    machine (a user's, a neighbour test's).
+    """
+    port, dashboard, client = free_port(), free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="sp-ray-", dir="/tmp")   # short: Ray's socket paths are
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # limited to 107 chars
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    # Ray 2.5x turns token authentication on by default; this cluster listens on 127.0.0.1 only,
-    # so every node and the job client run without it, consistently.
+    # Ray 2.5x turns token authentication on by default; this cluster listens on 127.0.0.1
+    # only, so every node and the job client run without it, consistently.
     env["RAY_AUTH_MODE"] = "disabled"
-    head = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                   "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                   f"--dashboard-port={dashboard}", "--object-store-memory=300000000",
-                   "--disable-usage-stats", env=env)
     try:
+        head = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                       "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+                       "--object-store-memory=300000000", "--disable-usage-stats",
+                       f"--temp-dir={temp}", env=env)
         assert head.returncode == 0, head.stderr[-2000:]
         worker = ray_cli("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                          "--num-cpus=2", '--resources={"second_node": 1}',
-                         "--object-store-memory=300000000", env=env)
+                         "--object-store-memory=300000000", f"--temp-dir={temp}", env=env)
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        ray_cli("stop", "--force", env=env)
+        stop_processes(own_ray_processes(temp, client))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def rows(out: Path) -> dict[str, dict]:
@@ -66,14 +105,28 @@ def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpo
     inputs = tmp_path / "in"
     write_photos(inputs)
     (inputs / "broken.png").write_bytes(b"\x89PNG not really")
-    flags = [*small_flags(), "--weights", str(checkpoint), "--torch-threads", "2"]
+    flags = [*small_flags(), "--weights", str(checkpoint), "--torch-threads", "1",
+             "--batch-size", "1"]
+    # Two 1-CPU predictors: the 1-CPU head holds one at most, so the second node runs one.
+    sizing = ["--actors", "2", "--cpus-per-actor", "1"]
     submitted = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--", sys.executable, "jobs/segment.py", str(inputs), str(tmp_path / "cluster_out"),
-         *flags], capture_output=True, text=True, env=env, timeout=600)
+         *flags, *sizing], capture_output=True, text=True, env=env, timeout=600)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
     assert "1 failed" in submitted.stdout
+    # Where the work ran, from Ray's own state API: predictor batches on the second node.
+    from ray.util.state import list_nodes, list_tasks
+
+    second_node, = [n["node_id"] for n in list_nodes(address=address, detail=True)
+                    if "second_node" in n["resources_total"]]
+    predicted = [t for t in list_tasks(address=address, detail=True, limit=10000,
+                                       raise_on_missing_output=False)
+                 if "MaskRCNNPredictor" in (t.get("func_or_class_name") or "")
+                 and t.get("state") == "FINISHED"]
+    assert second_node in {t["node_id"] for t in predicted}, \
+        [(t["func_or_class_name"], t["node_id"]) for t in predicted]
     local = run_cli("segment", str(inputs), str(tmp_path / "local_out"), *flags)
     assert local.returncode == 0, local.stderr[-3000:]
     on_cluster, here = rows(tmp_path / "cluster_out"), rows(tmp_path / "local_out")

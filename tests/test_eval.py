@@ -14,6 +14,7 @@ from images import write_photos
 from segpipe.categories import COCO_CATEGORIES
 from segpipe.config import ConfigError
 from segpipe.evaluate import STAT_NAMES, run_eval
+from segpipe.export import ExportOptions, run_export
 from segpipe.pipeline import run_segment
 from synthetic import box_detection, image_row, write_predictions
 
@@ -26,12 +27,16 @@ def run(tmp_path_factory, checkpoint, local_ray):
     write_photos(root / "images")
     (root / "images" / "broken.jpg").write_bytes(b"not a jpeg")
     run_segment(small_config(root / "images", root / "out", checkpoint))
+    # Ground truth as a user would have it: the predictions' own boxes (instances.json has the
+    # tight boxes of the masks, which would not score bbox AP 1 against the model's boxes).
+    run_export(str(root / "out"), str(root / "gt-source"),
+               ExportOptions(score_threshold=0.5, instances_bbox="model"))
     return root
 
 
 def ground_truth_from_run(run: Path, id_offset: int = 1000) -> dict:
     """The run's own instances.json with new image ids (and file names as a user has them)."""
-    gt = json.loads((run / "out" / "coco" / "instances.json").read_text())
+    gt = json.loads((run / "gt-source" / "instances.json").read_text())
     new_id = {image["id"]: n + id_offset for n, image in enumerate(gt["images"])}
     for image in gt["images"]:
         image["id"] = new_id[image["id"]]
@@ -82,11 +87,18 @@ def test_80_contiguous_ids_are_detected_and_matched_by_name(run):
 
 
 def test_hand_made_case_gives_the_known_ap(tmp_path):
-    """Two objects; ranked detections TP, FP, TP: 101-point AP = (51 + 50 * 2/3) / 101."""
+    """Two objects; ranked detections TP, FP, TP: 101-point AP = (51 + 50 * 2/3) / 101.
+
+    The third detection's box is exactly object B but its mask is B's left half (mask IoU
+    0.5): a match for segm at IoU 0.50 only, so segm AP averages (51 + 50 * 2/3) / 101 at 0.50
+    with 51 / 101 at the nine stricter thresholds, while bbox AP stays (51 + 50 * 2/3) / 101.
+    """
     h, w = 100, 100
+    half = box_detection(1, 0.7, 50, 50, 20, 40, h, w)   # B's left half, as a mask
     dets = [box_detection(1, 0.9, 10, 10, 30, 30, h, w),   # exactly object A
             box_detection(1, 0.8, 60, 0, 20, 20, h, w),    # nothing there
-            box_detection(1, 0.7, 50, 50, 40, 40, h, w)]   # exactly object B
+            {**box_detection(1, 0.7, 50, 50, 40, 40, h, w),  # box exactly object B
+             "segmentation": half["segmentation"], "area": half["area"]}]
     write_predictions(tmp_path / "out", [image_row("scene.png", w, h, dets)])
     gt = {"images": [{"id": 7, "file_name": "scene.png", "width": w, "height": h}],
           "categories": [{"id": 1, "name": "person", "supercategory": "person"}],
@@ -96,8 +108,13 @@ def test_hand_made_case_gives_the_known_ap(tmp_path):
               {"id": 2, "image_id": 7, "category_id": 1, "bbox": [50, 50, 40, 40], "area": 1600,
                "iscrowd": 0, "segmentation": [[50, 50, 90, 50, 90, 90, 50, 90]]}]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    report = run_eval(str(tmp_path / "out"), str(tmp_path / "gt.json"), iou_types=("bbox",))
+    report = run_eval(str(tmp_path / "out"), str(tmp_path / "gt.json"))
+    assert report["iou_types"] == ["segm", "bbox"]
     assert report["bbox"]["AP"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-6)
+    both_found, one_found = (51 + 50 * 2 / 3) / 101, 51 / 101
+    assert report["segm"]["AP"] == pytest.approx((both_found + 9 * one_found) / 10, abs=1e-6)
+    assert report["segm"]["AP50"] == pytest.approx(both_found, abs=1e-6)
+    assert report["segm"]["AP75"] == pytest.approx(one_found, abs=1e-6)
     assert report["bbox"]["AP50"] == pytest.approx((51 + 50 * 2 / 3) / 101, abs=1e-6)
     assert report["bbox"]["AR100"] == pytest.approx(1.0)
     high = run_eval(str(tmp_path / "out"), str(tmp_path / "gt.json"), score_threshold=0.85,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -18,6 +19,7 @@ from images import write_photos
 from segpipe.categories import COCO_TABLE
 from segpipe.config import ConfigError
 from segpipe.export import ExportCounts, ExportOptions, run_export
+from segpipe.layout import prediction_files
 from segpipe.pipeline import run_segment
 from synthetic import large_predictions
 
@@ -54,6 +56,19 @@ def strip(a: dict) -> dict:
     return {k: v for k, v in a.items() if k != "id"}
 
 
+def stored(run: Path) -> list[dict]:
+    """Every stored detection of a run, read straight from its Parquet files, with its image."""
+    return [{**det, "file_name": row["file_name"], "image_id": row["image_id"]}
+            for path in prediction_files(str(run / "predictions"))
+            for row in pq.read_table(path).to_pylist() if row["status"] == "ok"
+            for det in row["detections"]]
+
+
+def writable(det: dict, score: float) -> bool:
+    """What COCO files hold at ``score``: scored, a COCO category, a non-empty mask."""
+    return det["score"] >= score and det["category_id"] in COCO_TABLE.ids and det["area"] > 0
+
+
 def test_export_at_a_new_score_threshold_equals_a_fresh_run(runs):
     run_export(str(runs / "base"), str(runs / "x07"), ExportOptions(score_threshold=0.7))
     exported = annotations(runs / "x07" / "instances.json")
@@ -62,6 +77,12 @@ def test_export_at_a_new_score_threshold_equals_a_fresh_run(runs):
     assert [strip(a) for a in exported] == [strip(a) for a in fresh]
     results = json.loads((runs / "x07" / "results.json").read_text())
     assert len(results) == len(exported)
+    # Against the stored rows themselves: exactly the detections scoring 0.7 or more.
+    expected = sorted((d["image_id"], d["score"], d["segmentation"]["counts"])
+                      for d in stored(runs / "base") if writable(d, 0.7))
+    assert sorted((r["image_id"], r["score"], r["segmentation"]["counts"]) for r in results) == expected
+    assert min(a["score"] for a in exported) >= 0.7
+    assert len(expected) < sum(writable(d, 0.5) for d in stored(runs / "base"))  # 0.7 removed some
 
 
 def test_export_at_a_new_mask_threshold_matches_a_fresh_run(runs):
@@ -96,16 +117,26 @@ def test_class_filter_and_counts(runs):
 
 
 def test_max_per_image_min_area_and_polygons(runs):
+    candidates = [d for d in stored(runs / "base") if writable(d, 0.5)]
+    min_area = int(np.median([d["area"] for d in candidates]))  # leaves out about half
     run_export(str(runs / "base"), str(runs / "poly"),
-               ExportOptions(score_threshold=0.5, max_per_image=2, min_area=20, polygons=True))
+               ExportOptions(score_threshold=0.5, max_per_image=2, min_area=min_area,
+                             polygons=True))
     gt = COCO(str(runs / "poly" / "instances.json"))
-    per_image: dict[int, int] = {}
+    kept: dict[int, list[float]] = {}
     for a in gt.dataset["annotations"]:
-        per_image[a["image_id"]] = per_image.get(a["image_id"], 0) + 1
-        assert a["area"] >= 20
-        assert isinstance(a["segmentation"], list) and all(len(p) >= 6 for p in a["segmentation"])
+        kept.setdefault(a["image_id"], []).append(a["score"])
+        assert isinstance(a["segmentation"], list) and all(len(p) >= 8 for p in a["segmentation"])
         assert gt.annToMask(a).sum() > 0
-    assert per_image and max(per_image.values()) <= 2
+    # Per image: the two highest scores among the stored detections that pass min_area.
+    eligible: dict[int, list[float]] = {}
+    for d in candidates:
+        if d["area"] >= min_area:
+            eligible.setdefault(d["image_id"], []).append(d["score"])
+    assert sum(len(v) for v in eligible.values()) < len(candidates)  # min_area removed some
+    assert any(len(v) > 2 for v in eligible.values())                # max_per_image cuts some
+    assert {i: sorted(v, reverse=True) for i, v in kept.items()} == \
+        {i: sorted(v, reverse=True)[:2] for i, v in eligible.items()}
 
 
 def test_requests_the_predictions_cannot_answer_are_refused(runs):
@@ -133,7 +164,7 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
         # VmHWM is this process's own peak; ru_maxrss would carry pytest's over fork + exec.
-        code = ("import re; from segpipe.export import ExportCounts, ExportOptions, run_export; "
+        code = ("import re; from segpipe.export import ExportOptions, run_export; "
                 f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
                 "ExportOptions(score_threshold=0.3)); "
                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "

@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import small_config, small_spec
 from images import write_photos
-from parity import compare_with_torchvision
+from parity import compare_with_torchvision, get_prediction
 from segpipe import schema
 from segpipe.categories import COCO_TABLE
 from segpipe.layout import prediction_files
@@ -78,16 +78,33 @@ def test_detections_equal_direct_torchvision_calls(run, checkpoint):
     print(f"parity: {compared} detections compared, {exact} masks pixel-identical")
 
 
-def test_coco_files_load_and_evaluate_to_ap_1(run):
+def test_results_score_ap_1_against_torchvisions_own_predictions(run, checkpoint):
+    """Ground truth made from direct torchvision calls (masks encoded by pycocotools):
+    segpipe's results.json must match it exactly, or AP drops below 1."""
     config, report, images, out = run
-    gt = COCO(str(out / "coco" / "instances.json"))
-    assert len(gt.getAnnIds()) == report.counts.annotations > 0
-    assert {c["id"] for c in gt.loadCats(gt.getCatIds())} == COCO_CATEGORY_IDS
-    results = json.loads((out / "coco" / "results.json").read_text())
-    assert len(results) == report.counts.annotations
-    dt = gt.loadRes(str(out / "coco" / "results.json"))
+    model = build_model(small_spec())
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    instances = json.loads((out / "coco" / "instances.json").read_text())
+    gt = {"images": instances["images"], "categories": instances["categories"], "annotations": []}
+    for image in instances["images"]:
+        ref = get_prediction(model, images / image["file_name"], config.mask_threshold)
+        for label, score, box, mask in zip(ref["labels"], ref["scores"], ref["boxes"], ref["masks"]):
+            if score < config.score_threshold or label not in COCO_CATEGORY_IDS or not mask.any():
+                continue
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            gt["annotations"].append({
+                "id": len(gt["annotations"]) + 1, "image_id": image["id"], "category_id": int(label),
+                "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])],
+                "area": int(mask.sum()), "iscrowd": 0,
+                "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()}})
+    assert len(gt["annotations"]) == report.counts.annotations > 0
+    coco = COCO()
+    coco.dataset = gt
+    coco.createIndex()
+    assert {c["id"] for c in coco.loadCats(coco.getCatIds())} == COCO_CATEGORY_IDS
+    results = coco.loadRes(str(out / "coco" / "results.json"))
     for iou_type in ("segm", "bbox"):
-        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator = COCOeval(coco, results, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()

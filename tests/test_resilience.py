@@ -71,7 +71,7 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its local Ray
     process.wait()
-    settled_files(out)
+    kept = {path: Path(path).read_bytes() for path in settled_files(out)}
     before = written_ids(out)
     assert 0 < sum(before.values()) < len(listed), "the kill should land mid-run"
     assert max(before.values()) == 1
@@ -84,9 +84,15 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = written_ids(out)
     assert set(after) == listed and max(after.values()) == 1
+    # The earlier files are still there, unchanged: resume kept them and redid nothing.
+    assert all(Path(path).read_bytes() == data for path, data in kept.items())
+    new_files = set(prediction_files(str(out / "predictions"))) - set(kept)
+    new_ids = Counter(i for p in new_files
+                      for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+    assert set(new_ids) == listed - set(before) and max(new_ids.values()) == 1
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["resumed_from"] == sum(before.values())
-    assert manifest["processed"] == len(listed) - sum(before.values())
+    assert manifest["processed"] == sum(new_ids.values())
     assert manifest["accounting"]["complete"] and manifest["counts"]["images"] == len(listed)
     assert not [p for p in (out / "predictions").iterdir() if p.name.endswith(".tmp")]
 
@@ -132,3 +138,23 @@ def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
     assert out[2]["error"].startswith("predict: OutOfMemoryError: CUDA out of memory")
     assert out[4]["error"] == "decode: empty file (0 bytes)"
     assert fake.calls[0] == 4 and fake.calls.count(1) == 4
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, checkpoint):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    many_photos(inputs, copies=4)
+    args = [SEGPIPE, "segment", str(inputs), str(out), "--weights", str(checkpoint),
+            *small_flags(), "--batch-size", "1", "--rows-per-file", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(args, env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not prediction_files(str(out / "predictions")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)   # what Ctrl-C sends to the driver
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "complete prediction file(s) are kept" in stderr
+    resume_line = stderr.split("Finish the run with:\n", 1)[1].splitlines()[0].strip()
+    assert resume_line.endswith("--resume") and str(out) in resume_line

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from images import write_photos
+from segpipe.categories import COCO_TABLE
 from test_cli import run_cli, small_flags
 
 BIN = Path(sys.executable).parent
@@ -79,3 +81,19 @@ def test_segment_and_export_from_and_to_a_bucket(s3_env, tmp_path, checkpoint):
     assert exported.returncode == 0, exported.stderr[-2000:]
     with fs.open_input_stream("segpipe-test/export07/export.json") as f:
         assert json.loads(f.read())["asked"]["score_threshold"] == 0.7
+    # The exported annotations are exactly the stored detections scoring 0.7 or more, read
+    # from the bucket's Parquet files directly.
+    stored = []
+    for info in fs.get_file_info(pafs.FileSelector("segpipe-test/out/predictions")):
+        if info.base_name.startswith("part-") and info.path.endswith(".parquet"):
+            with fs.open_input_file(info.path) as f:
+                stored += [(row["image_id"], det["score"], det["segmentation"]["counts"])
+                           for row in pq.read_table(f).to_pylist() if row["status"] == "ok"
+                           for det in row["detections"]
+                           if det["score"] >= 0.7 and det["area"] > 0
+                           and det["category_id"] in COCO_TABLE.ids]
+    with fs.open_input_stream("segpipe-test/export07/instances.json") as f:
+        exported = json.loads(f.read())["annotations"]
+    assert sorted((a["image_id"], a["score"], a["segmentation"]["counts"]) for a in exported) \
+        == sorted(stored)
+    assert stored and all(a["score"] >= 0.7 for a in exported)
