@@ -2,27 +2,35 @@
 
     python bench/throughput.py [--images 64] [--width 640 --height 480] [--arch ...]
         [--device cpu|cuda] [--batch-size 4] [--precision fp32|bf16|fp16] [--min-size 800]
-        [--modes tutorial,forward,forward_per_core,predictor,pipeline] [--no-record]
+        [--modes decode,tutorial,forward,forward_per_core,predictor,pipeline] [--repeats 3]
+        [--no-record] [--json PATH]
 
-Each mode runs in a process of its own (so peak memory is its own) on the same generated images
-(scikit-image's sample photos, flipped and cropped to the requested size):
+Each mode runs ``--repeats`` times (median reported, with the range), each time in a process
+of its own (so peak memory is its own), on the same generated JPEGs (scikit-image's sample
+photos, flipped and cropped to the requested size). Every mode times the same work from the
+files on: reading and decoding each JPEG is inside every timer, as in the tutorial, and the
+``decode`` mode times it alone so it can be subtracted.
 
-1. ``tutorial``  the classic ``get_prediction`` loop: one image at a time, fp32, torchvision's
-                 full-canvas mask paste, ``masks > 0.5``, one pycocotools RLE per mask;
-2. ``forward``   the model forward only (transform, backbone, RPN, ROI heads; no paste, no
-                 encode) on batches already on the device: the compute floor of one process
-                 with torch's default threads;
-   ``forward_per_core`` (CPU) the same forward in one single-threaded process per core, each
-                 on its share of the images, started together: the CPU's throughput floor when
+0. ``decode``    JPEG read + decode to RGB arrays, nothing else;
+1. ``tutorial``  the classic ``get_prediction`` loop: one image at a time, always fp32,
+                 torchvision's full-canvas mask paste, ``masks > 0.5``, one pycocotools RLE
+                 per mask;
+2. ``forward``   decode and the model forward only (transform, backbone, RPN, ROI heads; no
+                 paste, no encode) in batches of ``--batch-size``, at ``--precision``: the
+                 compute floor of one process with torch's default threads;
+   ``forward_fp32`` (when ``--precision`` is not fp32) the same at fp32: ``forward`` over it
+                 is the precision gain, apart from what the pipeline adds;
+   ``forward_per_core`` (CPU) the forward in one single-threaded process per core, each on
+                 its share of the images, started together: the CPU's throughput floor when
                  the cores work independently, as segpipe's CPU predictor pool does;
-3. ``predictor`` segpipe's predictor and encode stage, without Ray;
-4. ``pipeline``  the whole ``segpipe segment`` on a local Ray, start-up, decode and writing
-                 included.
+3. ``predictor`` decode, segpipe's predictor and its encode stage, without Ray;
+4. ``pipeline``  the whole ``segpipe segment`` on a local Ray, start-up and writing included;
+                 besides the driver's peak RSS it reports the predictor actors' (polled VmHWM).
 
 Weights are seeded random (no download here); the score floor is 0.05, at which random weights
 keep the full ``detections_per_image`` (100) per image, a realistic load for paste and encode.
-Prints images/s, ratios to ``forward`` and ``tutorial``, detections per image, peak host RSS
-and peak GPU memory, and appends a dated row to docs/benchmarks.md.
+Ratios within the run-to-run noise (``NOISE``) are marked as ties. Appends a dated table to
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,9 +51,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODES = ("tutorial", "forward", "predictor", "pipeline")
-CPU_MODES = ("tutorial", "forward", "forward_per_core", "predictor", "pipeline")
+MODES = ("decode", "tutorial", "forward", "predictor", "pipeline")
+CPU_MODES = ("decode", "tutorial", "forward", "forward_per_core", "predictor", "pipeline")
 RATIO_BASES = ("forward", "forward_per_core", "tutorial")
+#: Run-to-run noise measured on the 2-core machine (docs/benchmarks.md): ratios closer to 1
+#: than this are reported as ties.
+NOISE = 0.10
 
 
 def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]:
@@ -76,6 +88,43 @@ def peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM); ru_maxrss would include the parent's peak."""
     with open("/proc/self/status") as f:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+class ActorMemory:
+    """Peak RSS of the Ray actor processes whose title names ``name``, polled from /proc
+    (VmHWM, each process's own peak) while the block runs."""
+
+    def __init__(self, name: str, period_s: float = 0.5):
+        self.name, self.period_s, self.peaks = name, period_s, {}
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.period_s):
+            for process in psutil.process_iter(["cmdline"]):
+                if self.name in " ".join(process.info["cmdline"] or []):
+                    try:
+                        status = Path(f"/proc/{process.pid}/status").read_text()
+                    except OSError:
+                        continue
+                    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+                    self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), hwm)
+
+    @property
+    def peak_mb(self) -> float:
+        return max(self.peaks.values(), default=0.0)
+
+    def __enter__(self) -> "ActorMemory":
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def forward_share(args: argparse.Namespace, paths: list[Path], barrier, results) -> None:
@@ -122,8 +171,16 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
     if args.threads:
         torch.set_num_threads(args.threads)
     limits = DecodeLimits(10**9, 1 << 30)
-    arrays = [decode_image(p.read_bytes(), limits) for p in paths]
     detections = 0
+
+    def decoded(batch_paths):
+        """Every mode decodes inside its timer, as the tutorial does (``Image.open``)."""
+        return [decode_image(p.read_bytes(), limits) for p in batch_paths]
+
+    if mode == "decode":  # the decoding every other mode includes, alone
+        start = time.perf_counter()
+        decoded(paths)
+        return {"seconds": time.perf_counter() - start, "detections": 0}
 
     def sync():
         if device.type == "cuda":
@@ -142,12 +199,14 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
             score_floor=args.score_floor, detections_per_image=args.detections,
             batch_size=args.batch_size, precision=args.precision, progress=False,
             num_gpus=1.0 if device.type == "cuda" else 0.0)
-        start = time.perf_counter()
-        report = run_segment(config)
-        seconds = time.perf_counter() - start
+        with ActorMemory("MaskRCNNPredictor") as actors:
+            start = time.perf_counter()
+            report = run_segment(config)
+            seconds = time.perf_counter() - start
         detections = report.counts.detections
         return {"seconds": seconds, "detections": detections,
-                "pipeline_only_s": report.timings["pipeline"]}
+                "pipeline_only_s": report.timings["pipeline"],
+                "actor_peak_rss_mb": actors.peak_mb}
 
     model = build_model(spec)
     model.load_state_dict(weights.state_dict)
@@ -179,26 +238,22 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
         from segpipe.encode import encode_detections
         from segpipe.predictor import image_tensor, predict_images
 
-        batches = [arrays[i:i + args.batch_size] for i in range(0, len(arrays), args.batch_size)]
-        if mode == "forward":
-            on_device = [[image_tensor(a, device) for a in b] for b in batches]
-            predict_images(model, on_device[0], args.precision)
-            sync()
-            if barrier is not None:
-                barrier.wait()
-            start = time.perf_counter()
-            for b in on_device:
-                detections += sum(len(d.scores) for d in predict_images(model, b, args.precision))
-            sync()
-        else:  # predictor
-            predict_images(model, [image_tensor(a, device) for a in batches[0]], args.precision)
-            sync()
-            start = time.perf_counter()
-            for b in batches:
-                dets = predict_images(model, [image_tensor(a, device) for a in b], args.precision)
-                for array, det in zip(b, dets):
-                    encoded = encode_detections(det, array.shape[0], array.shape[1], 0.5)
-                    detections += len(encoded)
+        batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+        precision = "fp32" if mode == "forward_fp32" else args.precision
+        predict_images(model, [image_tensor(a, device) for a in decoded(batches[0])], precision)
+        sync()
+        if barrier is not None:
+            barrier.wait()
+        start = time.perf_counter()
+        for b in batches:
+            arrays = decoded(b)
+            dets = predict_images(model, [image_tensor(a, device) for a in arrays], precision)
+            if mode == "predictor":  # segpipe's encode stage too
+                for array, det in zip(arrays, dets):
+                    detections += len(encode_detections(det, array.shape[0], array.shape[1], 0.5))
+            else:                    # forward, forward_fp32: the model alone
+                detections += sum(len(d.scores) for d in dets)
+        sync()
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "detections": detections}
     if device.type == "cuda":
@@ -230,15 +285,22 @@ def record(rows: list[dict], args: argparse.Namespace) -> None:
         f"{args.min_size}, max_size {args.max_size}, batch {args.batch_size}, precision "
         f"{args.precision}, score floor {args.score_floor} (random weights), torch "
         f"{torch.__version__}, torchvision {torchvision.__version__}, ray {ray_version()}\n",
-        "| mode | images/s | × forward | × forward_per_core | × tutorial | detections/image "
-        "| peak host RSS MB (per process) | peak GPU MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Each mode ran {rows[0]['repeats']} times, each in a process of its own, decoding the "
+        f"JPEG files inside its timer as the tutorial does; images/s is the median, with the "
+        f"range. Ratios within ±{NOISE:.0%} (the run-to-run noise here) are ties. "
+        f"`tutorial` is always fp32; `forward_fp32` (with another --precision) separates the "
+        f"precision gain from the pipeline's.\n",
+        "| mode | images/s (median) | range | × forward | × forward_per_core | × tutorial "
+        "| detections/image | peak RSS MB: process | predictor actor | peak GPU MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ratios = " | ".join(str(r.get(f"x_{base}", "")) for base in RATIO_BASES)
-        lines.append(f"| {r['mode']} | {r['images_per_s']:.3f} | {ratios} | "
-                     f"{r['detections_per_image']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r.get('peak_gpu_mb', '') and round(r['peak_gpu_mb'])} |")
+        low, high = r["images_per_s_range"]
+        lines.append(f"| {r['mode']} | {r['images_per_s']:.3f} | {low:.3f}–{high:.3f} | "
+                     f"{ratios} | {r['detections_per_image']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r.get('actor_peak_rss_mb') and round(r['actor_peak_rss_mb']) or ''} | "
+                     f"{r.get('peak_gpu_mb') and round(r['peak_gpu_mb']) or ''} |")
     with path.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"appended to {path}")
@@ -259,6 +321,8 @@ def main() -> int:
     parser.add_argument("--detections", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--modes", help="comma-separated; default: all (forward_per_core on CPU)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each mode; the median is reported (default 3)")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     parser.add_argument("--run-mode", help=argparse.SUPPRESS)
@@ -269,6 +333,9 @@ def main() -> int:
         if ray_version() == "not installed":
             print("ray is not installed: leaving out the pipeline mode", file=sys.stderr)
             modes = tuple(m for m in modes if m != "pipeline")
+        if args.precision != "fp32":  # the precision gain, apart from the pipeline's
+            modes = tuple(m for mode in modes for m in (
+                (mode, "forward_fp32") if mode == "forward" else (mode,)))
         args.modes = ",".join(modes)
 
     if args.run_mode:  # child process: one mode
@@ -283,25 +350,36 @@ def main() -> int:
         make_images(image_dir, args.images, args.width, args.height)
         rows = []
         for mode in args.modes.split(","):
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--run-mode", mode,
-                   "--image-dir", str(image_dir)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"mode {mode} failed")
-            result = json.loads(line[0][7:])
-            result.update(mode=mode, images_per_s=args.images / result["seconds"],
-                          detections_per_image=result["detections"] / args.images)
+            results = []
+            for _ in range(args.repeats):
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--run-mode", mode,
+                       "--image-dir", str(image_dir)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+                    raise SystemExit(f"mode {mode} failed")
+                results.append(json.loads(line[0][7:]))
+            rates = sorted(args.images / r["seconds"] for r in results)
+            result = {
+                "mode": mode, "repeats": len(rates), "images_per_s": statistics.median(rates),
+                "images_per_s_range": [rates[0], rates[-1]],
+                "detections_per_image": results[0]["detections"] / args.images,
+                **{key: max(r.get(key, 0) for r in results)
+                   for key in ("peak_rss_mb", "actor_peak_rss_mb", "peak_gpu_mb")
+                   if any(key in r for r in results)}}
             rows.append(result)
-            print(f"{mode:>16}: {result['images_per_s']:.3f} images/s, "
-                  f"{result['detections_per_image']:.1f} detections/image, "
-                  f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"{mode:>16}: {result['images_per_s']:.3f} images/s (median of {len(rates)}, "
+                  f"{rates[0]:.3f}-{rates[-1]:.3f}), {result['detections_per_image']:.1f} "
+                  f"detections/image, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
     by_mode = {r["mode"]: r["images_per_s"] for r in rows}
     for r in rows:
         for base in RATIO_BASES:
-            if base in by_mode:
-                r[f"x_{base}"] = round(r["images_per_s"] / by_mode[base], 3)
+            if base in by_mode and r["mode"] != "decode":
+                ratio = r["images_per_s"] / by_mode[base]
+                r[f"x_{base}"] = f"{ratio:.3f}" + (" (tie)" if abs(ratio - 1) <= NOISE else "")
+        if "forward_fp32" in by_mode and r["mode"] == "forward":
+            r["precision_gain"] = round(r["images_per_s"] / by_mode["forward_fp32"], 3)
     print(json.dumps(rows, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -127,7 +127,7 @@ class CategoryTable:
         for item in (part.strip() for part in text.split(",")):
             if not item:
                 continue
-            if item.lstrip("-").isdigit() and int(item) in self._by_id:
+            if item.isdigit() and int(item) in self._by_id:
                 ids.add(int(item))
             elif item.lower() in by_name:
                 ids.add(by_name[item.lower()])

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from segpipe.cli import build_parser
-from segpipe.config import ConfigError, SegmentConfig, config_fields, load_config, parse_actors
+from segpipe.config import PIL_HARD_PIXEL_LIMIT, ConfigError, SegmentConfig, config_fields, \
+    load_config, parse_actors, validate
 
 DEFAULT_YAML = Path(__file__).parent.parent / "conf" / "default.yaml"
 
@@ -58,3 +59,81 @@ def test_actor_ranges():
     assert parse_actors("3") == (3, 3)
     assert parse_actors("1-4") == (1, 4)
     assert parse_actors("auto") is None
+
+
+def config_with(**changes) -> SegmentConfig:
+    return SegmentConfig(**{"input": "in", "output": "out", **changes})
+
+
+@pytest.mark.parametrize("changes", [
+    {"score_floor": 0.0, "score_threshold": 0.0}, {"mask_threshold": 0.0},
+    {"score_floor": 0.999, "score_threshold": 0.999}, {"nms_threshold": 1.0},
+    {"score_floor": 0.3, "score_threshold": 0.3}, {"min_size": 1, "max_size": 1},
+    {"batch_size": 1, "rows_per_file": 1, "detections_per_image": 1, "proposals_per_image": 1,
+     "max_image_pixels": 1, "max_image_bytes": 1},
+    {"min_size": 640, "max_size": 640}, {"max_image_pixels": PIL_HARD_PIXEL_LIMIT},
+    {"num_gpus": 0.0}, {"num_gpus": 0.25}, {"cpus_per_actor": 0.01}, {"torch_threads": 0},
+    {"resume": True}, {"overwrite": True}, {"input_format": "files"},
+    {"input_format": "tar"}, {"input_format": "parquet"}, {"actors": "1-3"},
+])
+def test_values_on_the_allowed_side_of_every_limit_pass(changes):
+    validate(config_with(**changes))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"score_floor": -0.01}, "score_floor must be in [0, 1)"),
+    ({"score_threshold": 1.0}, "score_threshold must be in [0, 1)"),
+    ({"mask_threshold": 1.0}, "mask_threshold must be in [0, 1)"),
+    ({"nms_threshold": 0.0}, "nms_threshold must be in (0, 1]"),
+    ({"nms_threshold": 1.01}, "nms_threshold must be in (0, 1]"),
+    ({"score_floor": 0.31, "score_threshold": 0.3}, "score_threshold (0.3) is below score_floor"),
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"rows_per_file": 0}, "rows_per_file must be at least 1"),
+    ({"min_size": 641, "max_size": 640}, "max_size (640) must be >= min_size (641)"),
+    ({"max_image_pixels": PIL_HARD_PIXEL_LIMIT + 1}, "max_image_pixels may be at most"),
+    ({"num_gpus": -0.5}, "num_gpus must be >= 0"),
+    ({"cpus_per_actor": 0.0}, "cpus_per_actor must be > 0"),
+    ({"torch_threads": -1}, "torch_threads must be >= 0"),
+    ({"resume": True, "overwrite": True}, "resume and overwrite exclude each other"),
+    ({"input_format": "zip"}, "input_format must be auto, files, tar or parquet"),
+    ({"precision": "fp8"}, "precision must be one of fp32, fp16, bf16"),
+    ({"arch": "yolo"}, "arch must be one of maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2, "),
+    ({"fault_kill_after_batches": -1}, "fault_kill_after_batches must be >= 0"),
+    ({"output": None}, "OUTPUT is missing"),
+])
+def test_values_past_every_limit_are_refused_with_the_key_to_fix(changes, message):
+    with pytest.raises(ConfigError) as info:
+        validate(config_with(**changes))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("score_floor", "high", "score_floor must be a number, got 'high'"),
+    ("score_floor", True, "score_floor must be a number, got True"),
+    ("batch_size", 2.5, "batch_size must be an integer, got 2.5"),
+    ("batch_size", True, "batch_size must be an integer, got True"),
+    ("soft_masks", "yes", "soft_masks must be true or false, got 'yes'"),
+    ("weights", ["a"], "weights must be a string, got ['a']"),
+])
+def test_yaml_values_of_the_wrong_type_name_their_key(key, value, message):
+    with pytest.raises(ConfigError) as info:
+        validate(config_with(**{key: value}))
+    assert str(info.value) == message
+
+
+def test_yaml_numbers_and_names_are_coerced_where_that_is_safe():
+    config = config_with(score_floor=0, score_threshold=1 - 1, name_column=2024, num_gpus=1)
+    validate(config)
+    assert isinstance(config.score_floor, float) and config.score_floor == 0.0
+    assert config.name_column == "2024" and isinstance(config.num_gpus, float)
+
+
+def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input: a\noutput: b\nscore_treshold: 0.7\nbatchsize: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert f"config file {path}: unknown key(s) batchsize, score_treshold; valid keys are " in text
+    assert "actors, address, arch, " in text
+    assert load_config(None, input="a", output="b").input == "a"

@@ -87,3 +87,64 @@ def test_pixel_and_byte_limits(awkward):
         decode_image(data, DecodeLimits(max_pixels=14_999, max_bytes=1 << 30))
     with pytest.raises(DecodeError, match="over max_image_bytes=10"):
         decode_image(data, DecodeLimits(max_pixels=100_000_000, max_bytes=10))
+
+
+def encoded(image: Image.Image, fmt: str = "TIFF") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_float_and_32_bit_images_are_scaled_to_8_bit_gray():
+    unit = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    rgb = decode_image(encoded(Image.fromarray(unit, "F")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 0], (unit * 255).astype(np.uint8))  # [0, 1] → ×255
+    big = np.array([[0.5, 100.0, 300.0, -4.0]], np.float32)
+    rgb = decode_image(encoded(Image.fromarray(big, "F")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 1], [[0, 100, 255, 0]])           # kept, clipped
+    small = np.array([[0, 7, 255]], np.int32)
+    rgb = decode_image(encoded(Image.fromarray(small, "I")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 2], [[0, 7, 255]])                # 8-bit range as is
+    wide = np.array([[256, 65535, 70000, 4660]], np.int32)
+    rgb = decode_image(encoded(Image.fromarray(wide, "I")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 0], [[1, 255, 255, 18]])          # high byte
+    assert (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 1] == rgb[:, :, 2]).all()
+
+
+def test_limits_allow_exactly_their_value(awkward):
+    data = (awkward / "gray.png").read_bytes()
+    assert decode_image(data, DecodeLimits(max_pixels=15_000, max_bytes=len(data))).shape == \
+        (100, 150, 3)
+    with pytest.raises(DecodeError, match=f"is {len(data)} bytes, over max_image_bytes="):
+        decode_image(data, DecodeLimits(max_pixels=15_000, max_bytes=len(data) - 1))
+
+
+def test_errors_name_the_format_and_stay_short():
+    from segpipe.decode import _reason
+
+    with pytest.raises(DecodeError, match="^JPEG does not decode: "):
+        full = encoded(Image.fromarray(photo("coffee", 0.25)), "JPEG")
+        decode_image(full[: len(full) // 2], LIMITS)
+    long = _reason(ValueError("x" * 400))
+    assert len(long) == 300 and long.endswith("x...")
+    assert _reason(ValueError("  ")) == "ValueError" and _reason(OSError("short")) == "short"
+
+
+def test_scaling_rules_at_their_boundaries():
+    from segpipe.decode import _reason
+
+    # Floats up to 1.0 are probabilities (×255); a maximum of 1.5 means values as they are.
+    rgb = decode_image(encoded(Image.fromarray(np.array([[0.5, 1.5]], np.float32), "F")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 0], [[0, 1]])
+    # 32-bit integers up to 255 are 8-bit values; from 256 on, 16-bit ones (high byte).
+    rgb = decode_image(encoded(Image.fromarray(np.array([[0, 256]], np.int32), "I")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 0], [[0, 1]])
+    assert _reason(ValueError("y" * 300)) == "y" * 300
+    assert _reason(ValueError("y" * 301)) == "y" * 297 + "..."
+
+
+def test_negative_integer_samples_are_black_not_wrapped():
+    rgb = decode_image(encoded(Image.fromarray(np.array([[-5, 7]], np.int32), "I")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 0], [[0, 7]])
+    rgb = decode_image(encoded(Image.fromarray(np.array([[-5, 300]], np.int32), "I")), LIMITS)
+    np.testing.assert_array_equal(rgb[:, :, 0], [[0, 1]])

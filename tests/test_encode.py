@@ -61,3 +61,17 @@ def test_rle_edge_cases(mask, x0, y0):
 
 def test_xyxy_to_xywh():
     np.testing.assert_allclose(xyxy_to_xywh(np.array([[1, 2, 4, 8]], np.float32)), [[1, 2, 3, 6]])
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_any_number_of_boxes_gives_that_many_crops(count):
+    rng = np.random.default_rng(count)
+    soft = rng.random((count, 28, 28)).astype(np.float32)
+    boxes = random_boxes(rng, count, 40, 60)
+    crops = list(paste_mask_crops(soft, boxes, 40, 60, 0.5))
+    assert len(crops) == count
+    if count:
+        pasted = paste_masks_in_image(torch.from_numpy(soft)[:, None], torch.from_numpy(boxes),
+                                      (40, 60))[:, 0].numpy() > 0.5
+        for crop, expected in zip(crops, pasted):
+            np.testing.assert_array_equal(full_mask(crop, 40, 60), expected)
