@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 
 from segpipe import layout, report, sinks, sources, storage
-from segpipe.categories import CategoryTable
+from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors
 from segpipe.decode import DecodeLimits, decode_batch
 from segpipe.encode import MaskEncoder
@@ -170,11 +170,7 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
         for leftover in storage.list_files(fs, root, storage.TEMPORARY_SUFFIX):
             fs.delete_file(leftover.path)
         return predictions_dir, done
-    old = layout.prediction_files(predictions_dir)
-    if old and not config.overwrite:
-        raise ConfigError(f"{predictions_dir} already holds {len(old)} prediction file(s) from an "
-                          "earlier run; pass --resume to finish it, --overwrite to replace it, "
-                          "or choose another OUTPUT")
+    layout.check_output(config.output, config.resume, config.overwrite)
     for info in storage.list_files(fs, root):
         fs.delete_file(info.path)
     return predictions_dir, set()
@@ -213,7 +209,7 @@ def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[p
 
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
-                  spec: ModelSpec, weights_ref, categories: Optional[CategoryTable] = None,
+                  spec: ModelSpec, weights_ref, categories: CategoryTable = COCO_TABLE,
                   counter: Optional[Any] = None) -> ray.data.Dataset:
     """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows.
 
@@ -238,8 +234,7 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
         MaskEncoder,
         fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
                                "keep_soft_masks": config.soft_masks,
-                               **({"categories": categories} if categories else {}),
-                               "counter": counter},
+                               "categories": categories, "counter": counter},
         batch_size=DECODE_BATCH, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)
