@@ -279,22 +279,16 @@ def _interrupted(config, log) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from segpipe.export import ExportOptions, run_export
-    from segpipe.layout import existing_predictions, read_run_settings
 
     try:
         if args.max_per_image is not None and args.max_per_image < 1:
             raise ConfigError("--max-per-image must be at least 1")
-        classes = None
-        if args.classes:
-            settings = read_run_settings(existing_predictions(args.output))
-            if settings is None:
-                raise ConfigError(f"{args.output}/predictions has no segpipe run settings")
-            classes = settings.categories.parse_classes(args.classes)
         options = ExportOptions(score_threshold=args.score_threshold,
-                                mask_threshold=args.mask_threshold, classes=classes,
+                                mask_threshold=args.mask_threshold,
                                 max_per_image=args.max_per_image, min_area=args.min_area,
                                 polygons=args.polygons, instances_bbox=args.instances_bbox)
-        summary = run_export(args.output, args.to, options, show_progress=args.progress)
+        summary = run_export(args.output, args.to, options, show_progress=args.progress,
+                             class_names=args.classes)
     except ConfigError as exc:
         return _config_error(exc)
     from segpipe.export import ExportCounts

@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any, Iterator, Optional
 
 import numpy as np
@@ -299,14 +299,18 @@ def coco_result(image_id: int, det: dict) -> dict:
     return result
 
 
-def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False) -> dict:
+def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False,
+               class_names: Optional[str] = None) -> dict:
     """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
-    from ``output/predictions`` alone. Raises ``ConfigError`` before any work for requests the
-    stored predictions cannot answer."""
+    from ``output/predictions`` alone. ``class_names`` (comma-separated names or ids of the
+    run's categories) sets ``options.classes``. Raises ``ConfigError`` before any work for
+    requests the stored predictions cannot answer."""
     predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
     if settings is None:
         raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
+    if class_names:
+        options = replace(options, classes=settings.categories.parse_classes(class_names))
     if options.score_threshold < settings.model.score_floor:
         raise ConfigError(f"score threshold {options.score_threshold} is below the stored score "
                           f"floor {settings.model.score_floor}: detections under the floor were never "
