@@ -59,8 +59,10 @@ RATIO_BASES = ("forward", "forward_per_core", "tutorial")
 NOISE = 0.10
 
 
-def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]:
-    """``count`` distinct JPEGs of ``width×height`` made from scikit-image's photos."""
+def make_images(folder: Path, count: int, width: int, height: int,
+                mixed: bool = False) -> list[Path]:
+    """``count`` distinct JPEGs of ``width×height`` made from scikit-image's photos; ``mixed``:
+    every third one portrait (``height×width``) and every third one square."""
     import numpy as np
     from PIL import Image
     from skimage import data
@@ -69,7 +71,13 @@ def make_images(folder: Path, count: int, width: int, height: int) -> list[Path]
                data.stereo_motorcycle()[0]]
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    full = (width, height)
     for i in range(count):
+        width, height = full
+        if mixed and i % 3 == 1:
+            width, height = full[1], full[0]
+        elif mixed and i % 3 == 2:
+            width = height = min(full)
         base = Image.fromarray(sources[i % len(sources)])
         scale = max(width / base.width, height / base.height) * (1 + 0.1 * (i // len(sources) % 4))
         big = base.resize((int(base.width * scale) + 1, int(base.height * scale) + 1))
@@ -236,26 +244,36 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
         sync()
     else:
         from segpipe.encode import encode_detections
+        from segpipe.precision import prepare_model
         from segpipe.predictor import image_tensor, predict_images
 
         batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
         precision = "fp32" if mode == "forward_fp32" else args.precision
-        predict_images(model, [image_tensor(a, device) for a in decoded(batches[0])], precision)
+        canvas = args.canvas
+        prepare_model(model, device, precision)
+        predict_images(model, [image_tensor(a, device) for a in decoded(batches[0])], precision,
+                       canvas)
         sync()
         if barrier is not None:
             barrier.wait()
         start = time.perf_counter()
+        encode_s = 0.0
         for b in batches:
             arrays = decoded(b)
-            dets = predict_images(model, [image_tensor(a, device) for a in arrays], precision)
-            if mode == "predictor":  # segpipe's encode stage too
+            dets = predict_images(model, [image_tensor(a, device) for a in arrays], precision,
+                                  canvas)
+            if mode == "predictor":  # segpipe's encode stage too, timed apart
+                encode_start = time.perf_counter()
                 for array, det in zip(arrays, dets):
                     detections += len(encode_detections(det, array.shape[0], array.shape[1], 0.5))
+                encode_s += time.perf_counter() - encode_start
             else:                    # forward, forward_fp32: the model alone
                 detections += sum(len(d.scores) for d in dets)
         sync()
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "detections": detections}
+    if mode == "predictor":
+        result["encode_s"] = encode_s
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -279,6 +297,12 @@ def record(rows: list[dict], args: argparse.Namespace) -> None:
     without_start_up = (f" The `pipeline` row includes Ray's start-up; the pipeline part alone "
                         f"ran {pipeline[0]['pipeline_only_images_per_s']:.3f} images/s (median)."
                         if pipeline else "")
+    predictor = [r for r in rows if "predict_only_images_per_s" in r]
+    if predictor:
+        without_start_up += (f" In the `predictor` row, prediction alone ran "
+                             f"{predictor[0]['predict_only_images_per_s']:.3f} images/s and "
+                             f"encoding took {predictor[0]['encode_ms_per_image']:.1f} ms/image "
+                             f"on one core (medians).")
     path = ROOT / "docs" / "benchmarks.md"
     if not path.exists():
         path.write_text("# Benchmarks\n\nRows appended by `python bench/throughput.py`.\n")
@@ -319,6 +343,9 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--canvas", default="exact", help="batch canvas: exact | fixed")
+    parser.add_argument("--mixed", action="store_true",
+                        help="every third image portrait, every third square (mixed aspects)")
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--score-floor", type=float, default=0.05)
@@ -351,7 +378,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="segpipe-bench-images-") as tmp:
         image_dir = Path(tmp) / "images"
-        make_images(image_dir, args.images, args.width, args.height)
+        make_images(image_dir, args.images, args.width, args.height, args.mixed)
         rows = []
         for mode in args.modes.split(","):
             results = []
@@ -372,6 +399,11 @@ def main() -> int:
                 **{key: max(r.get(key, 0) for r in results)
                    for key in ("peak_rss_mb", "actor_peak_rss_mb", "peak_gpu_mb")
                    if any(key in r for r in results)}}
+            if any("encode_s" in r for r in results):  # prediction apart from encoding
+                result["predict_only_images_per_s"] = statistics.median(
+                    args.images / (r["seconds"] - r["encode_s"]) for r in results)
+                result["encode_ms_per_image"] = statistics.median(
+                    1000 * r["encode_s"] / args.images for r in results)
             if any("pipeline_only_s" in r for r in results):  # without Ray's start-up
                 result["pipeline_only_images_per_s"] = statistics.median(
                     args.images / r["pipeline_only_s"] for r in results)

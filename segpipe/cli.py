@@ -13,7 +13,10 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from segpipe import console
 from segpipe.config import ARCHITECTURES, ConfigError, config_fields, load_config
+from segpipe.layout import prediction_files, predictions_dir
+from segpipe.storage import redact
 
 DESCRIPTION = """\
 Segment large image datasets with torchvision's Mask R-CNN (or box-only Faster R-CNN) on a
@@ -35,12 +38,12 @@ Exit status: 0 done; 1 the run could not account for every image, or nothing cou
 SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
     "model and weights": ("arch", "weights", "categories", "seed", "min_size", "max_size",
                           "nms_threshold", "detections_per_image", "proposals_per_image",
-                          "precision"),
+                          "precision", "batch_canvas"),
     "what is kept": ("score_floor", "score_threshold", "mask_threshold", "soft_masks"),
     "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
                "max_image_bytes"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
-                           "batch_size", "rows_per_file"),
+                           "batch_size", "predictor_threads", "rows_per_file"),
     "run": ("overwrite", "resume", "progress", "fault_kill_after_batches"),
 }
 
@@ -219,7 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         subparser.unknown_flags(extra)
     commands = {"segment": _segment, "export": _export, "eval": _eval, "render": _render,
                 "weights": _weights}
-    return commands[args.command](args)
+    with console.redacted_output():
+        return commands[args.command](args)
 
 
 def _config_error(exc: Exception) -> int:
@@ -237,7 +241,6 @@ def _segment(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
 
-    from segpipe import console
     from segpipe.pipeline import execute_segment, prepare_segment
 
     try:
@@ -259,20 +262,21 @@ def _segment(args: argparse.Namespace) -> int:
         log.publish()
     for line in run_report.summary_lines() + console.translate(log.text()):
         print(line)
-    print(f"segpipe: wrote {config.output}/predictions, coco/instances.json, coco/results.json, "
-          f"run.json; Ray's own messages are in {log.where}")
+    print(f"segpipe: wrote {predictions_dir(config.output)}, coco/instances.json, "
+          f"coco/results.json, run.json; Ray's own messages are in {log.where}")
     return 0 if run_report.accounting.complete else 1
 
 
 def _interrupted(config, log) -> int:
-    from segpipe.layout import predictions_dir, prediction_files
-
     kept = len(prediction_files(predictions_dir(config.output)))
     command = " ".join(a if re.fullmatch(r"[\w@%+=:,./-]+", a) else repr(a) for a in sys.argv)
     resume = command if "--resume" in sys.argv else f"{command} --resume"
     resume = re.sub(r"\s--overwrite\b", "", resume)
+    if redact(resume) != resume:
+        resume += ("\n  (credentials in the URIs are hidden here: give them again, or through "
+                   "the environment, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     print(f"\nsegpipe: interrupted; {kept} complete prediction file(s) are kept in "
-          f"{config.output}/predictions. Finish the run with:\n  {resume}\n"
+          f"{predictions_dir(config.output)}. Finish the run with:\n  {resume}\n"
           f"(Ray's messages: {log.where})", file=sys.stderr)
     return 130
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 import os
 import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TextIO
 
 import pyarrow.fs as pafs
 
@@ -63,6 +64,45 @@ def output_to_log(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
+class RedactedStream(io.TextIOBase):
+    """A text stream whose writes pass through ``storage.redact``: no line segpipe prints
+    (messages, errors, tracebacks, the resume command) shows a credential from a URI."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(storage.redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def redacted_output() -> Iterator[None]:
+    """Redact credentials from everything written to ``sys.stdout`` and ``sys.stderr``."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactedStream(sys.stdout), RedactedStream(sys.stderr)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
+
+
 class RunLog:
     """The log file of one command run: ``OUTPUT/logs/<command>-<UTC time>.log``.
 
@@ -90,9 +130,15 @@ class RunLog:
             return ""
 
     def publish(self) -> None:
-        """Copy a local log of a bucket OUTPUT into it (nothing to do for local outputs)."""
-        if self._remote is None or not self.path.exists():
+        """Redact credentials from the log, then copy a local log of a bucket OUTPUT into it."""
+        if not self.path.exists():
+            return
+        text = self.text()
+        redacted = storage.redact(text)
+        if redacted != text:
+            self.path.write_text(redacted)
+        if self._remote is None:
             return
         fs, target = self._remote
         with contextlib.suppress(Exception):
-            storage.write_bytes_atomic(fs, target, self.path.read_bytes())
+            storage.write_bytes_atomic(fs, target, redacted.encode())

@@ -112,10 +112,19 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
     """
     fs, _ = storage.resolve(input_uri)
     widths, heights, statuses, errors, pixels = [], [], [], [], []
-    inline = (batch.column("data").to_pylist() if "data" in batch.column_names
-              else [None] * batch.num_rows)
-    for path, size, data in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist(),
-                                inline):
+    def column(name: str) -> list:
+        return (batch.column(name).to_pylist() if name in batch.column_names
+                else [None] * batch.num_rows)
+
+    for path, size, data, source_error in zip(column("path"), column("size"), column("data"),
+                                              column("source_error")):
+        if source_error is not None:   # the reader could not give this row's bytes
+            widths.append(None)
+            heights.append(None)
+            statuses.append(schema.STATUS_ERROR)
+            errors.append(f"read: {source_error}")
+            pixels.append(b"")
+            continue
         try:
             if size > limits.max_bytes:
                 raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")

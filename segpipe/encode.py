@@ -188,20 +188,20 @@ class MaskEncoder:
     each encode batch started a fresh worker, and the import stole ~2.5 s from the
     predictors every time). An actor imports it once.
 
-    ``counter`` (a ``progress.ImageCounter`` actor, optional) is told how many images each
+    ``monitor`` (a ``progress.RunMonitor`` actor, optional) is told how many images each
     batch finished, for the driver's progress line.
     """
 
     def __init__(self, mask_threshold: float, keep_soft_masks: bool = True,
-                 categories: CategoryTable = COCO_TABLE, counter: Optional[Any] = None):
+                 categories: CategoryTable = COCO_TABLE, monitor: Optional[Any] = None):
         self.mask_threshold = mask_threshold
         self.keep_soft_masks = keep_soft_masks
         self.categories = categories
-        self.counter = counter
+        self.monitor = monitor
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         encoded = encode_batch(batch, self.mask_threshold, self.keep_soft_masks, self.categories)
-        if self.counter is not None:
+        if self.monitor is not None:
             failed = encoded.column("status").to_pylist().count(schema.STATUS_ERROR)
-            self.counter.add.remote(encoded.num_rows - failed, failed)
+            self.monitor.add.remote(encoded.num_rows - failed, failed)
         return encoded

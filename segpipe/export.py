@@ -255,7 +255,8 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     with contextlib.ExitStack() as stack:
         instances = stack.enter_context(storage.atomic_output(fs, storage.join(root, "instances.json")))
         results = stack.enter_context(storage.atomic_output(fs, storage.join(root, "results.json")))
-        instances.write(b'{"info":' + _dumps(info or coco_info("segpipe predictions")))
+        instances.write(b'{"info":' + storage.redact(
+            _dumps(info or coco_info("segpipe predictions")).decode()).encode())
         instances.write(b',"licenses":[],"categories":'
                         + _dumps(settings.categories.coco_json()))
         instances.write(b',"images":[')

@@ -91,15 +91,11 @@ def check_output(output: str, resume: bool = False, overwrite: bool = False) -> 
     """Refuse an OUTPUT that cannot take a new run, before any work: a file, a folder that
     cannot be created or written, or one holding an earlier run's predictions (unless
     ``resume`` or ``overwrite``)."""
-    fs, root = storage.resolve(output)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        raise ConfigError(f"OUTPUT {output} is a file; give a folder (the run writes "
-                          "predictions/, coco/ and run.json into it)")
-    if isinstance(fs, pafs.LocalFileSystem):
-        _check_local_folder_writable(Path(root), output)
+    check_folder_target(output, "OUTPUT",
+                        " (the run writes predictions/, coco/ and run.json into it)")
     predictions = predictions_dir(output)
-    if fs.get_file_info(storage.resolve(predictions)[1]).type == pafs.FileType.File:
+    fs, path = storage.resolve(predictions)
+    if fs.get_file_info(path).type == pafs.FileType.File:
         raise ConfigError(f"{predictions} is a file; OUTPUT must be a segpipe output folder")
     old = prediction_files(predictions)
     if old and not (resume or overwrite):
@@ -118,11 +114,12 @@ def create_folder(folder: str, what: str) -> None:
         raise ConfigError(f"{what} {folder} cannot be created: {exc}") from None
 
 
-def check_folder_target(folder: str, what: str) -> None:
-    """Refuse a folder to write into that is a file, or cannot be created or written."""
+def check_folder_target(folder: str, what: str, purpose: str = "") -> None:
+    """Refuse a folder to write into that is a file, or cannot be created or written;
+    ``purpose`` ends the message about a file."""
     fs, root = storage.resolve(folder)
     if fs.get_file_info(root).type == pafs.FileType.File:
-        raise ConfigError(f"{what} {folder} is a file; give a folder")
+        raise ConfigError(f"{what} {folder} is a file; give a folder{purpose}")
     if isinstance(fs, pafs.LocalFileSystem):
         _check_local_folder_writable(Path(root), folder)
 

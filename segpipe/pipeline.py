@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -27,7 +28,8 @@ from segpipe.export import ExportOptions, coco_info, export_coco, read_image_tab
 from segpipe.model import ResolvedWeights, resolve_weights
 from segpipe.predictor import FaultInjection, MaskRCNNPredictor
 from segpipe.preflight import CheckedRun, check_segment
-from segpipe.progress import ImageCounter, Progress
+from segpipe.lease import Lease, acquire as acquire_lease
+from segpipe.progress import Progress, RunMonitor
 from segpipe.schema import RunSettings
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
@@ -94,6 +96,10 @@ def plan_stages(config: SegmentConfig, resources: dict,
         raise ConfigError(f"num_gpus={num_gpus} but the Ray cluster has no GPU; "
                           "set --num-gpus 0 to run the predictors on CPU")
     on_gpu = num_gpus > 0
+    if config.precision == "fp16" and not on_gpu:
+        raise ConfigError("precision fp16 runs on CUDA GPUs only and the predictors would run on "
+                          "CPU; use --precision bf16 (fast on CPUs with AMX or AVX-512 BF16) or "
+                          "fp32")
     decode_cpus, encode_cpus, write_cpus = GPU_STAGE_CPUS if on_gpu else CPU_STAGE_CPUS
     # Set aside room for one decode task, one write task and the encoders that always run:
     # one with GPUs (more start on the CPUs the predictors leave), all of them on CPU.
@@ -131,6 +137,31 @@ def plan_stages(config: SegmentConfig, resources: dict,
         max_encoders = max(1, int(spare / 2 // encode_cpus))
     return StagePlan(low, high, num_gpus, cpus_per_actor, threads, decode_cpus, encode_cpus,
                      write_cpus, max_encoders)
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[threading.Event]:
+    """Record Ctrl-C (SIGINT) while the block runs, besides raising ``KeyboardInterrupt`` as
+    usual: a KeyboardInterrupt raised inside Ray's code can be caught there, and the run must
+    still stop before it writes coco/ and run.json as if nothing happened."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        flag.set()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -184,21 +215,26 @@ def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
 
 
 def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[pa.Table],
-                   done: frozenset[int], cpus: float) -> ray.data.Dataset:
+                   done: frozenset[int], cpus: float,
+                   monitor: Optional[Any] = None) -> ray.data.Dataset:
     """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment.
 
     Reading shards or tables runs in tasks of ``cpus`` CPUs each, the decode stage's share:
-    Ray's default of one CPU may not be free while the predictors hold the rest.
+    Ray's default of one CPU may not be free while the predictors hold the rest. Tar shards
+    are read by segpipe's own stage (``sources.read_tar_shards``) so that a damaged shard
+    costs only its own unreadable part; ``monitor`` counts the members it skips.
     """
     if input_format == "files":
         return ray.data.from_arrow(sources.split_listing(listing))
     fs, _ = storage.resolve(config.input)
     if input_format == "tar":
-        root, shards = sources.list_tables(config.input, ".tar")
-        ds = ray.data.read_webdataset(shards, filesystem=fs, decoder=None, num_cpus=cpus)
-        return ds.map_batches(sources.tar_members, fn_kwargs={"root": root, "done": done},
-                              batch_format="pyarrow", num_cpus=cpus)
-    root, tables = sources.list_tables(config.input, ".parquet")
+        root, shards = sources.list_tables(config.input, ".tar", exclude=(config.output,))
+        listing = ray.data.from_arrow([pa.table({"path": [shard]}) for shard in shards])
+        return listing.map_batches(sources.read_tar_shards, batch_size=1,
+                                   fn_kwargs={"input_uri": config.input, "root": root,
+                                              "done": done, "monitor": monitor},
+                                   batch_format="pyarrow", num_cpus=cpus)
+    root, tables = sources.list_tables(config.input, ".parquet", exclude=(config.output,))
     columns = [config.image_column] + ([config.name_column] if config.name_column else [])
     ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, num_cpus=cpus)
     ds = ds.select_columns([*columns, "path"], num_cpus=cpus)
@@ -210,11 +246,12 @@ def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[p
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
                   spec: ModelSpec, weights_ref, categories: CategoryTable = COCO_TABLE,
-                  counter: Optional[Any] = None) -> ray.data.Dataset:
+                  monitor: Optional[Any] = None) -> ray.data.Dataset:
     """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows.
 
     ``categories`` maps the model's labels to the run's categories (default: COCO's);
-    ``counter`` is an ``ImageCounter`` actor the encoders report finished images to.
+    ``monitor`` is a ``RunMonitor`` actor: encoders report finished images to it, predictors
+    the device they run on.
     """
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
@@ -223,10 +260,14 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
         MaskRCNNPredictor,
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "use_gpu": plan.num_gpus > 0,
                                "precision": config.precision, "torch_threads": plan.torch_threads,
-                               "fault": fault_injection(config)},
+                               "fault": fault_injection(config), "canvas": config.batch_canvas,
+                               "monitor": monitor},
         batch_size=config.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=plan.min_actors, max_size=plan.max_actors,
+            **({"max_concurrent_calls_per_actor": config.predictor_threads,
+                "enable_true_multi_threading": True} if config.predictor_threads > 1 else {})),
         num_gpus=plan.num_gpus,
         num_cpus=plan.cpus_per_actor,
     )
@@ -234,7 +275,7 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
         MaskEncoder,
         fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
                                "keep_soft_masks": config.soft_masks,
-                               "categories": categories, "counter": counter},
+                               "categories": categories, "monitor": monitor},
         batch_size=DECODE_BATCH, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)
@@ -248,9 +289,9 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
 
 
 @contextlib.contextmanager
-def watching(counter: Optional[Any], progress: Progress, period_s: float = 1.0) -> Iterator[None]:
-    """While the block runs, update ``progress`` from the ``ImageCounter`` actor ``counter``."""
-    if counter is None:
+def watching(monitor: Optional[Any], progress: Progress, period_s: float = 1.0) -> Iterator[None]:
+    """While the block runs, update ``progress`` from the ``RunMonitor`` actor ``monitor``."""
+    if monitor is None:
         yield
         return
     stop = threading.Event()
@@ -258,7 +299,7 @@ def watching(counter: Optional[Any], progress: Progress, period_s: float = 1.0) 
     def poll() -> None:
         while not stop.wait(period_s):
             with contextlib.suppress(Exception):  # a slow answer only delays the next line
-                progress.update(*ray.get(counter.totals.remote(), timeout=10))
+                progress.update(*ray.get(monitor.totals.remote(), timeout=10))
 
     thread = threading.Thread(target=poll, name="segpipe-progress", daemon=True)
     thread.start()
@@ -268,7 +309,7 @@ def watching(counter: Optional[Any], progress: Progress, period_s: float = 1.0) 
         stop.set()
         thread.join()
         with contextlib.suppress(Exception):
-            progress.update(*ray.get(counter.totals.remote(), timeout=10))
+            progress.update(*ray.get(monitor.totals.remote(), timeout=10))
         progress.close()
 
 
@@ -283,6 +324,7 @@ class PreparedRun:
     predictions_dir: str
     done: set[int]
     timer: report.Timer
+    lease: Lease
 
 
 def prepare_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> PreparedRun:
@@ -297,8 +339,13 @@ def prepare_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None)
                                   checked.categories, show_progress=config.progress)
     settings = run_settings(config, weights)
     layout.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
-    predictions_dir, done = prepare_output(config, settings)
-    return PreparedRun(config, checked, weights, settings, predictions_dir, done, timer)
+    lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
+    try:
+        predictions_dir, done = prepare_output(config, settings)
+    except BaseException:
+        lease.release()
+        raise
+    return PreparedRun(config, checked, weights, settings, predictions_dir, done, timer, lease)
 
 
 def run_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> report.RunReport:
@@ -307,12 +354,24 @@ def run_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> 
 
 
 def execute_segment(prepared: PreparedRun) -> report.RunReport:
-    """Segment the images still to do on Ray, then write coco/ and run.json."""
+    """Segment the images still to do on Ray, then write coco/ and run.json; OUTPUT's lease
+    is renewed meanwhile and released at the end, whatever happens."""
+    prepared.lease.start_renewing()
+    try:
+        return _execute_segment(prepared)
+    finally:
+        prepared.lease.release()
+
+
+def _execute_segment(prepared: PreparedRun) -> report.RunReport:
     config, weights, timer = prepared.config, prepared.weights, prepared.timer
     settings, predictions_dir, done = prepared.settings, prepared.predictions_dir, prepared.done
     for warning in weights.warnings:
         print(f"segpipe: WARNING: {warning}", flush=True)
     input_format, listing = prepared.checked.input_format, prepared.checked.listing
+    for reason, paths in prepared.checked.skipped.items():
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        print(f"segpipe: INPUT: left out {len(paths)} {reason}: {shown}", flush=True)
     if done:
         print(f"segpipe: resuming: {len(done)} images already in predictions/", flush=True)
     todo = listing
@@ -323,8 +382,9 @@ def execute_segment(prepared: PreparedRun) -> report.RunReport:
         print(f"segpipe: segmenting the images in the {input_format} input {config.input}", flush=True)
 
     cluster: dict = {"address": config.address or os.environ.get("RAY_ADDRESS") or "local"}
+    reading: dict = {"skipped": {}, "shards_cut": []}
     if todo is None or todo.num_rows:
-        with ray_session(config.address):
+        with ray_session(config.address), interrupt_flag() as interrupted:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # segpipe shows one line of its own (progress.py)
             # Parquet's DataSourceV2 reader lists files in a task that always asks for a whole
@@ -334,25 +394,33 @@ def execute_segment(prepared: PreparedRun) -> report.RunReport:
             plan = plan_stages(config, ray.cluster_resources(),
                                [node["Resources"].get("CPU", 0) for node in ray.nodes()
                                 if node["Alive"]])
-            counter = ray.remote(num_cpus=0)(ImageCounter).remote() if config.progress else None
+            monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
             progress = Progress("segment", todo.num_rows if todo is not None else None,
                                 enabled=config.progress)
-            with timer("pipeline"), watching(counter, progress):
+            with timer("pipeline"), watching(monitor if config.progress else None, progress):
                 weights_ref = ray.put(weights.state_dict)
                 source = source_dataset(config, input_format, todo, frozenset(done),
-                                        plan.decode_cpus)
+                                        plan.decode_cpus, monitor)
                 dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
-                                        weights.categories, counter)
+                                        weights.categories, monitor)
                 dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
-                                                            settings),
+                                                            settings, config.output,
+                                                            prepared.lease.run_id),
                                        ray_remote_args={"num_cpus": plan.write_cpus})
+            for reason, count in ray.get(monitor.skipped.remote(), timeout=30).items():
+                reading["skipped"][reason] = count
+                print(f"segpipe: INPUT: left out {count} {reason}", flush=True)
             cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
                                       if k in ("CPU", "GPU", "memory")},
-                           stages=plan.as_dict())
+                           stages=plan.as_dict(),
+                           predictors=ray.get(monitor.devices.remote(), timeout=30))
 
+        if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
+            raise KeyboardInterrupt
     with timer("export"):
         images = read_image_table(predictions_dir)
         accounting = report.account_for_inputs(listing, images)
+        reading["shards_cut"] = report.shards_cut(images)
         info = coco_info("segpipe predictions", {"arch": config.arch,
                                                  "weights": weights.identity()})
         counts = export_coco(predictions_dir, layout.coco_dir(config.output),
@@ -362,6 +430,7 @@ def execute_segment(prepared: PreparedRun) -> report.RunReport:
                                   counts=counts, accounting=accounting,
                                   errors=report.error_summary(images), timings=timer.seconds,
                                   processed=images.num_rows - len(done), resumed_from=len(done),
-                                  categories=weights.categories.coco_json())
+                                  categories=weights.categories.coco_json(),
+                                  input_skipped=prepared.checked.skipped, reading=reading)
     report.write_manifest(run_report, config.output)
     return run_report

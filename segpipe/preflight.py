@@ -10,7 +10,7 @@ file (present) and the categories file (readable, well formed). A mistake is a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import pyarrow as pa
@@ -18,6 +18,7 @@ import pyarrow as pa
 from segpipe import layout, sources
 from segpipe.categories import Category, load_categories
 from segpipe.config import SegmentConfig, validate
+from segpipe.lease import check_free as check_lease
 from segpipe.weights import WeightsSource, weights_source
 
 
@@ -30,6 +31,7 @@ class CheckedRun:
     weights: WeightsSource
     categories: Optional[tuple[Category, ...]]   # from --categories, in file order
     seconds: float
+    skipped: dict[str, list[str]] = field(default_factory=dict)   # INPUT files left out
 
 
 def check_segment(config: SegmentConfig) -> CheckedRun:
@@ -39,7 +41,8 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     categories = load_categories(config.categories) if config.categories else None
     weights = weights_source(config.weights, config.arch, config.seed)
     layout.check_output(config.output, config.resume, config.overwrite)
-    input_format, listing = sources.list_inputs(config.input, config.input_format,
-                                                config.image_column, config.name_column)
-    return CheckedRun(input_format, listing, weights, categories,
-                      round(time.perf_counter() - start, 3))
+    check_lease(config.output)   # another live run writing OUTPUT: say so before any work
+    found = sources.list_inputs(config.input, config.input_format, config.image_column,
+                                config.name_column, exclude=(config.output,))
+    return CheckedRun(found.input_format, found.listing, weights, categories,
+                      round(time.perf_counter() - start, 3), found.skipped)

@@ -131,16 +131,39 @@ class Progress:
         self.close()
 
 
-class ImageCounter:
-    """Images finished so far, counted by the encode stage for the driver's progress line.
+class RunMonitor:
+    """What the workers tell the driver while a run goes: images finished so far (for the
+    progress line), the devices the predictors run on and the inputs readers skipped (for
+    run.json).
 
-    Runs as a Ray actor with no CPU (``ray.remote(num_cpus=0)(ImageCounter)``); encoders call
-    ``add`` once per batch and the driver polls ``totals``.
+    Runs as a Ray actor with no CPU (``ray.remote(num_cpus=0)(RunMonitor)``); encoders call
+    ``add`` once per batch, each predictor actor calls ``add_device`` once when it starts, and
+    the driver polls ``totals`` and reads ``devices`` at the end.
     """
 
     def __init__(self) -> None:
         self.ok = 0
         self.failed = 0
+        self._devices: dict[str, dict] = {}
+        self._device_actors: dict[str, int] = {}
+        self._skipped: dict[str, int] = {}
+
+    def add_skipped(self, reason: str, count: int) -> None:
+        """Readers report inputs they left out (tar members without an image extension)."""
+        self._skipped[reason] = self._skipped.get(reason, 0) + count
+
+    def skipped(self) -> dict[str, int]:
+        return dict(self._skipped)
+
+    def add_device(self, described: dict) -> None:
+        key = repr(sorted(described.items()))
+        self._devices[key] = described
+        self._device_actors[key] = self._device_actors.get(key, 0) + 1
+
+    def devices(self) -> list[dict]:
+        """Each distinct device description, with how many predictor actors started on it."""
+        return [{**described, "actors_started": self._device_actors[key]}
+                for key, described in self._devices.items()]
 
     def add(self, ok: int, failed: int) -> None:
         self.ok += ok

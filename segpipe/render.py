@@ -94,8 +94,10 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
     errors = []
     for row in batch.to_pylist():
         try:
-            rgb = decode_image(storage.read_bytes(in_fs, storage.join(in_root, row["file_name"])),
-                               limits)
+            name = row["file_name"]
+            if name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
+                raise DecodeError(f"{name!r} is not a path inside the images folder")
+            rgb = decode_image(storage.read_bytes(in_fs, storage.join(in_root, name)), limits)
             if (rgb.shape[1], rgb.shape[0]) != (row["width"], row["height"]):
                 raise DecodeError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, predictions were "
                                   f"made on {row['width']}x{row['height']}")
@@ -259,5 +261,7 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
     fs, root = storage.resolve(to.rstrip("/"))
     storage.write_bytes_atomic(fs, storage.join(root, "index.html"),
                                gallery_html(rows, errors, checked.title).encode())
-    return {"rendered": len(rows) - len(errors), "errors": errors,
-            "index": storage.join(root, "index.html")}
+    summary = {"rendered": len(rows) - len(errors), "errors": errors,
+               "index": storage.join(root, "index.html")}
+    storage.write_json_atomic(to, "render.json", summary)   # also marks the folder as output
+    return summary

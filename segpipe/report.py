@@ -108,6 +108,8 @@ class RunReport:
     processed: int = 0        # images segmented by this run
     resumed_from: int = 0     # images already in predictions/ when it started (--resume)
     categories: list[dict] = field(default_factory=list)   # the run's COCO categories list
+    input_skipped: dict[str, list[str]] = field(default_factory=dict)  # INPUT files left out
+    reading: dict = field(default_factory=dict)   # members skipped by reason; shards cut short
 
     @property
     def images_per_second(self) -> dict[str, Optional[float]]:
@@ -130,6 +132,8 @@ class RunReport:
             "errors": self.errors,
             "processed": self.processed,
             "resumed_from": self.resumed_from,
+            "input_skipped": self.input_skipped,
+            "reading": self.reading,
             "timings_s": self.timings,
             "images_per_s": self.images_per_second,
         }
@@ -150,12 +154,25 @@ class RunReport:
             lines.append(f"segpipe: {c.errors} image(s) failed:")
             for e in self.errors:
                 lines.append(f"  {e['count']:>6} x {e['reason']}  (e.g. {', '.join(e['examples'])})")
+        cut = self.reading.get("shards_cut", [])
+        if cut:
+            lines.append(f"segpipe: {len(cut)} shard(s) could not be read to their end; the "
+                         f"images read before the damage are in the run: {', '.join(cut[:5])}")
         a = self.accounting
         if not a.complete:
             lines.append(f"segpipe: ACCOUNTING FAILED: {len(a.missing)} missing, "
                          f"{len(a.duplicated)} duplicated, {len(a.unexpected)} unexpected rows "
                          f"(see run.json)")
         return lines
+
+
+def shards_cut(images: pa.Table) -> list[str]:
+    """The shards whose error row says they could not be read to their end."""
+    from segpipe.sources import SHARD_CUT
+
+    return sorted(name for name, error in zip(images.column("file_name").to_pylist(),
+                                              images.column("error").to_pylist())
+                  if error and error.startswith(f"read: {SHARD_CUT}"))
 
 
 def write_manifest(run_report: RunReport, output: str) -> None:

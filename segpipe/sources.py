@@ -2,16 +2,24 @@
 
 For image files the driver lists every input itself, so that the run knows before any work
 exactly which images must come out the other end; the listing becomes the Ray Dataset the
-decode tasks read. Tar shards (WebDataset style) and Parquet tables with an image column are
-read by Ray Data's own readers (``read_webdataset``, ``read_parquet``); their members are only
-known as they are read.
+decode tasks read. Tar shards (WebDataset style) are read by segpipe's own Ray Data stage
+(``read_tar_shards``, Python's ``tarfile`` as a stream), so that a damaged shard costs only its
+unreadable part; Parquet tables with an image column by Ray Data's ``read_parquet``. Their
+images are only known as they are read. Names from shards and tables pass ``safe_file_name``.
+``input_files`` decides what under INPUT is input at all: no symbolic links to folders, no
+file twice, none of segpipe's own output folders.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Optional
+import os
+import posixpath
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -30,6 +38,25 @@ LISTING_SCHEMA = pa.schema([
 ])
 
 
+#: Characters percent-encoded in a file_name: ``%`` itself (so the encoding is reversible),
+#: backslashes and control characters.
+_UNSAFE_CHARACTERS = re.compile(r"[%\\\x00-\x1f\x7f]")
+
+
+def safe_file_name(name: str) -> str:
+    """``name`` (from a tar member, a Parquet name column or a folder) as a safe relative POSIX
+    path: ``%``, ``\\`` and control characters, a leading ``/`` and every empty, ``.`` or
+    ``..`` segment are percent-encoded (``../../x.jpg`` → ``%2E%2E/%2E%2E/x.jpg``, ``/abs/x.jpg``
+    → ``%2Fabs/x.jpg``). Ordinary names are unchanged. The mapping is one to one, so distinct
+    inputs keep distinct names and ids, and no consumer of ``file_name`` (render, a labeling
+    tool) is led outside its folder."""
+    encoded = _UNSAFE_CHARACTERS.sub(lambda m: f"%{ord(m.group()):02X}", name)
+    head = "%2F" if encoded.startswith("/") else ""
+    segments = (encoded[1:] if head else encoded).split("/")
+    special = {"": "%00", ".": "%2E", "..": "%2E%2E"}
+    return head + "/".join(special.get(segment, segment) for segment in segments)
+
+
 def image_id_for(file_name: str) -> int:
     """A stable id for ``file_name``: 53 bits of BLAKE2b of the relative path, so that it stays
     exact in every JSON tool (``schema.IMAGE_IDS``)."""
@@ -42,22 +69,106 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_images(input_uri: str) -> pa.Table:
+#: Files that mark a folder segpipe wrote (a segment OUTPUT; export, render or eval ``--to``).
+OUTPUT_MARKERS = ("run.json", "export.json", "render.json", "eval.json")
+SKIPPED_LINKED_FOLDERS = "symbolic links to folders (not followed)"
+SKIPPED_SAME_FILE = "links to a file listed already under another name"
+SKIPPED_OUTPUT_FOLDERS = "segpipe output folders (OUTPUT, or an export/render/eval --to)"
+
+
+@dataclass
+class InputFiles:
+    """The files of INPUT and what was left out, by reason (paths relative to ``root``)."""
+
+    fs: pafs.FileSystem
+    root: str                      # the folder (for a single-file INPUT, its folder)
+    files: list[pafs.FileInfo]     # sorted by path
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
+    """Every file under ``input_uri``, without what is not the user's input:
+
+    * a local INPUT is walked without following symbolic links to folders (a link to ``..``
+      would loop), and a file reached twice (a link to a file listed already, a hard link) is
+      listed once; links to files are followed;
+    * folders segpipe wrote (holding one of ``OUTPUT_MARKERS``) and the folders in ``exclude``
+      (the run's own OUTPUT, when it sits inside INPUT) are left out.
+
+    Raises ``ConfigError`` when INPUT does not exist."""
+    fs, root = storage.resolve(input_uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"INPUT {input_uri} does not exist")
+    if info.type == pafs.FileType.File:
+        return InputFiles(fs, root.rsplit("/", 1)[0], [info])
+    skipped: dict[str, list[str]] = {}
+    excluded = {storage.resolve(e)[1].rstrip("/") for e in exclude
+                if type(storage.resolve(e)[0]) is type(fs)}
+    if isinstance(fs, pafs.LocalFileSystem):
+        files = _walk_local(root, skipped)
+    else:
+        files = storage.list_files(fs, root)
+    prefix = root.rstrip("/") + "/"
+    excluded |= {posixpath.dirname(f.path) for f in files
+                 if posixpath.basename(f.path) in OUTPUT_MARKERS}
+    kept, left_out = [], set()
+    for f in files:
+        holder = next((d for d in excluded if f.path.startswith(d.rstrip("/") + "/")), None)
+        if holder is None:
+            kept.append(f)
+        else:
+            left_out.add(holder[len(prefix):] if holder.startswith(prefix) else holder)
+    if left_out:
+        skipped[SKIPPED_OUTPUT_FOLDERS] = sorted(left_out)
+    return InputFiles(fs, root, kept, skipped)
+
+
+def _walk_local(root: str, skipped: dict[str, list[str]]) -> list[pafs.FileInfo]:
+    files, seen = [], {}
+
+    def relative(path: str) -> str:
+        return os.path.relpath(path, root).replace(os.sep, "/")
+
+    for folder, subfolders, names in os.walk(root, followlinks=False):
+        for sub in list(subfolders):
+            if os.path.islink(os.path.join(folder, sub)):
+                skipped.setdefault(SKIPPED_LINKED_FOLDERS, []).append(
+                    relative(os.path.join(folder, sub)))
+                subfolders.remove(sub)
+        subfolders.sort()
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            try:
+                status = os.stat(path)           # follows a link to a file
+            except OSError:
+                continue                          # a broken link: nothing to read
+            if not stat.S_ISREG(status.st_mode):
+                continue
+            key = (status.st_dev, status.st_ino)
+            if key in seen:
+                skipped.setdefault(SKIPPED_SAME_FILE, []).append(
+                    f"{relative(path)} (= {seen[key]})")
+                continue
+            seen[key] = relative(path)
+            files.append(pafs.FileInfo(path.replace(os.sep, "/"), pafs.FileType.File,
+                                       size=status.st_size))
+    return sorted(files, key=lambda f: f.path)
+
+
+def list_images(input_uri: str, exclude: Sequence[str] = ()) -> pa.Table:
     """List image files under ``input_uri`` (a folder or a single file), sorted by file_name.
 
     Returns a table with ``LISTING_SCHEMA``. ``file_name`` is the path relative to the input
     folder with ``/`` separators. Raises ``ConfigError`` when the input does not exist, holds no
     image, or two names would share an id.
     """
-    fs, root = storage.resolve(input_uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"INPUT {input_uri} does not exist")
-    if info.type == pafs.FileType.File:
-        files = [info]
-        root = root.rsplit("/", 1)[0]
-    else:
-        files = storage.list_files(fs, root)
+    return image_listing(input_files(input_uri, exclude), input_uri)
+
+
+def image_listing(found: InputFiles, input_uri: str) -> pa.Table:
+    """``list_images`` of the files ``input_files`` found."""
+    root, files = found.root, found.files
     rows = []
     prefix = root.rstrip("/") + "/"
     for f in files:
@@ -93,23 +204,21 @@ def split_listing(listing: pa.Table, target_blocks: int = 64, max_rows: int = 10
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
 
 #: Rows from every source into decode: ``path`` (read by decode) or ``data`` (bytes already read).
+#: ``source_error``: why a reader could not give this row's bytes (decode makes it an error row).
 SOURCE_SCHEMA = pa.schema([
     pa.field("image_id", pa.int64(), nullable=False),
     pa.field("file_name", pa.string(), nullable=False),
     pa.field("path", pa.string()),
     pa.field("size", pa.int64(), nullable=False),
     pa.field("data", pa.large_binary()),
+    pa.field("source_error", pa.string()),
 ])
 
 
-def detect_input_format(input_uri: str) -> str:
+def detect_input_format(input_uri: str, found: Optional[InputFiles] = None) -> str:
     """``files``, ``tar`` or ``parquet``, from the kinds of files under ``input_uri``."""
-    fs, root = storage.resolve(input_uri)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"INPUT {input_uri} does not exist")
-    names = [info.path] if info.type == pafs.FileType.File else \
-        [i.path for i in storage.list_files(fs, root)]
+    found = found or input_files(input_uri)
+    names = [i.path for i in found.files]
     kinds = {"files" if is_image_name(n) else "tar" if n.lower().endswith(".tar")
              else "parquet" if n.lower().endswith(".parquet") else None for n in names} - {None}
     if len(kinds) > 1:
@@ -120,12 +229,11 @@ def detect_input_format(input_uri: str) -> str:
     return kinds.pop()
 
 
-def list_tables(input_uri: str, suffix: str) -> tuple[str, list[str]]:
+def list_tables(input_uri: str, suffix: str, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
     """The root folder and the sorted paths of the ``suffix`` files under ``input_uri``."""
-    fs, root = storage.resolve(input_uri)
-    if fs.get_file_info(root).type == pafs.FileType.File:
-        return root.rsplit("/", 1)[0], [root]
-    paths = [i.path for i in storage.list_files(fs, root) if i.path.lower().endswith(suffix)]
+    found = input_files(input_uri, exclude)
+    root = found.root
+    paths = [i.path for i in found.files if i.path.lower().endswith(suffix)]
     if not paths:
         raise ConfigError(f"INPUT {input_uri} holds no {suffix} file")
     return root, paths
@@ -136,30 +244,94 @@ def relative_name(path: str, root: str) -> str:
     return path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
 
 
-def _source_table(names: list[str], datas: list[bytes], done: frozenset[int]) -> pa.Table:
-    rows = [(image_id_for(n), n, None, len(d), d) for n, d in zip(names, datas)]
+def _source_table(names: list[str], datas: list[Optional[bytes]], done: frozenset[int],
+                  source_errors: Optional[list[Optional[str]]] = None) -> pa.Table:
+    """Source rows; ``names`` are safe already (``safe_file_name``)."""
+    source_errors = source_errors or [None] * len(names)
+    rows = [(image_id_for(n), n, None, len(d or b""), d, e)
+            for n, d, e in zip(names, datas, source_errors)]
     rows = [r for r in rows if r[0] not in done]
     columns = list(zip(*rows)) if rows else [[] for _ in SOURCE_SCHEMA]
     return pa.table([pa.array(c, type=f.type) for c, f in zip(columns, SOURCE_SCHEMA)],
                     schema=SOURCE_SCHEMA)
 
 
-def tar_members(batch: pa.Table, root: str, done: frozenset[int]) -> pa.Table:
-    """Ray Data stage after ``read_webdataset``: one row per image member of each sample.
+#: How a cut shard's error row starts (``report`` counts the shards that were cut).
+SHARD_CUT = "shard could not be read to its end"
 
-    WebDataset groups members by key (``001.jpg`` and ``001.json`` are one sample); every
-    member with an image extension is one image, named ``<shard path>/<member name>``.
+
+class _TailKeepingReader:
+    """A file object that remembers the last bytes read through it, so that after Python's
+    ``tarfile`` stops, the end-of-archive marker (two zero blocks) can be checked: ``tarfile``
+    ends silently at a file cut between or inside headers."""
+
+    KEEP = 1 << 16
+
+    def __init__(self, stream):
+        self.stream, self.consumed, self.tail = stream, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.consumed += len(data)
+        self.tail = (self.tail + data)[-self.KEEP:]
+        return data
+
+    def has_end_marker(self, offset: int) -> bool:
+        """True when two zero blocks follow the last member (which ends at ``offset``)."""
+        start = offset - (self.consumed - len(self.tail))
+        return 0 <= start and len(self.tail) >= start + 1024 and \
+            not any(self.tail[start:start + 1024])
+
+
+def read_tar_shards(batch: pa.Table, input_uri: str, root: str, done: frozenset[int],
+                    monitor: Optional[object] = None) -> pa.Table:
+    """Ray Data stage: each row names a tar shard (``path``); read it with Python's ``tarfile``
+    as a stream and return one row per image member, named ``<shard>/<member>``.
+
+    A shard that cannot be read to its end (truncated in a member or a header, cut at a member
+    boundary without the end-of-archive marker, not a tar at all) keeps the rows of every
+    member read before the damage and adds one error row named after the shard, saying where
+    it stopped; other shards are not affected. Members without an image extension (captions,
+    JSON, class files) are counted, through ``monitor``, as skipped.
     """
-    names, datas = [], []
-    for sample in batch.to_pylist():
-        shard = relative_name(sample["__url__"], root)
-        for suffix, value in sample.items():
-            member = f"{sample['__key__']}.{suffix}"
-            if suffix.startswith("__") or value is None or not is_image_name(member):
-                continue
-            names.append(f"{shard}/{member}")
-            datas.append(value)
-    return _source_table(names, datas, done)
+    import tarfile
+
+    fs, _ = storage.resolve(input_uri)
+    names: list[str] = []
+    datas: list[Optional[bytes]] = []
+    errors: list[Optional[str]] = []
+    skipped = 0
+    for path in batch.column("path").to_pylist():
+        shard = safe_file_name(relative_name(path, root))
+        members = 0
+        try:
+            with fs.open_input_stream(path) as raw:
+                reader = _TailKeepingReader(raw)
+                with tarfile.open(fileobj=reader, mode="r|") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        if not is_image_name(member.name):
+                            skipped += 1
+                            members += 1
+                            continue
+                        data = tar.extractfile(member).read()
+                        if len(data) != member.size:
+                            raise tarfile.ReadError("unexpected end of data")
+                        names.append(f"{shard}/{safe_file_name(member.name)}")
+                        datas.append(data)
+                        errors.append(None)
+                        members += 1
+                    if not reader.has_end_marker(tar.offset):
+                        raise tarfile.ReadError("no end-of-archive marker: the file ends early")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            names.append(shard)
+            datas.append(None)
+            errors.append(f"{SHARD_CUT}: {str(exc) or type(exc).__name__} (after {members} "
+                          "members; the members after that are not in the run)")
+    if monitor is not None and skipped:
+        monitor.add_skipped.remote("tar members without an image extension", skipped)
+    return _source_table(names, datas, done, errors)
 
 
 def parquet_images(batch: pa.Table, root: str, image_column: str, name_column: str | None,
@@ -172,30 +344,41 @@ def parquet_images(batch: pa.Table, root: str, image_column: str, name_column: s
     images = batch.column(image_column).to_pylist()
     datas = [(v or {}).get("bytes") or b"" if isinstance(v, dict) else (v or b"") for v in images]
     if name_column:
-        names = [str(n) for n in batch.column(name_column).to_pylist()]
+        names = [safe_file_name(str(n)) for n in batch.column(name_column).to_pylist()]
     else:
         paths = batch.column("path").to_pylist()
-        names = [f"{relative_name(p, root)}#{hashlib.blake2b(d, digest_size=8).hexdigest()}"
+        names = [f"{safe_file_name(relative_name(p, root))}#{hashlib.blake2b(d, digest_size=8).hexdigest()}"
                  for p, d in zip(paths, datas)]
     return _source_table(names, datas, done)
 
 
+@dataclass
+class InputListing:
+    """What ``list_inputs`` found: the format, the images (files inputs) and what was left out."""
+
+    input_format: str
+    listing: Optional[pa.Table]
+    skipped: dict[str, list[str]]
+
+
 def list_inputs(input_uri: str, input_format: str, image_column: str = "image",
-                name_column: Optional[str] = None) -> tuple[str, Optional[pa.Table]]:
+                name_column: Optional[str] = None, exclude: Sequence[str] = ()) -> InputListing:
     """The input format (``auto`` resolved) and, for image files, the listing of every image.
 
     Shards and tables are checked to exist (and tables to have the named columns); their
-    images are only known as they are read, so they have no listing.
+    images are only known as they are read, so they have no listing. ``exclude``: folders
+    to leave out (the run's OUTPUT); see ``input_files``.
     """
+    found = input_files(input_uri, exclude)
     if input_format == "auto":
-        input_format = detect_input_format(input_uri)
+        input_format = detect_input_format(input_uri, found)
     if input_format == "files":
-        return input_format, list_images(input_uri)
+        return InputListing(input_format, image_listing(found, input_uri), found.skipped)
     suffix = ".tar" if input_format == "tar" else ".parquet"
-    _, paths = list_tables(input_uri, suffix)
+    _, paths = list_tables(input_uri, suffix, exclude)
     if input_format == "parquet":
         check_parquet_columns(paths, input_uri, image_column, name_column)
-    return input_format, None
+    return InputListing(input_format, None, found.skipped)
 
 
 def check_parquet_columns(paths: list[str], input_uri: str, image_column: str,

@@ -11,22 +11,56 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import uuid
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, Optional
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from segpipe.config import ConfigError
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Return the filesystem and path for a local path or URI."""
+    """Return the filesystem and path for a local path or URI; a URI pyarrow cannot use is a
+    ``ConfigError`` that names it (without its credentials)."""
     if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowException, ValueError) as exc:
+            raise ConfigError(f"cannot use {redact(uri)}: {redact(str(exc))}") from None
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def split_options(uri: str) -> tuple[str, str]:
+    """``scheme://bucket/path`` and its ``?options`` apart (``""`` when there are none); a
+    local path has no options, whatever characters it holds."""
+    if "://" in uri and "?" in uri:
+        head, _, options = uri.partition("?")
+        return head, "?" + options
+    return uri, ""
+
+
 def join(base: str, *parts: str) -> str:
-    """Join path parts with ``/``, as every pyarrow filesystem expects."""
-    return posixpath.join(base, *parts)
+    """Join path parts with ``/``, as every pyarrow filesystem expects; a URI's ``?options``
+    stay at its end (``s3://b/out?scheme=http`` + ``predictions`` →
+    ``s3://b/out/predictions?scheme=http``)."""
+    head, options = split_options(base)
+    return posixpath.join(head, *parts) + options
+
+
+#: A URI's user info (``scheme://KEY:SECRET@``) and the query options that carry secrets.
+_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#'\"]+@")
+_SECRET_OPTION = re.compile(
+    r"([?&][A-Za-z0-9_.-]*(?:secret|password|passwd|token|access_key|credential|signature)"
+    r"[A-Za-z0-9_.-]*=)[^&\s'\"#]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``: user info
+    (``s3://KEY:SECRET@bucket``) and secret-like options (``secret_key=``, ``access_key=``,
+    ``session_token=``, ``password=``...). Everything segpipe prints or writes passes here."""
+    return _SECRET_OPTION.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -59,13 +93,17 @@ def temporary_name(path: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[IO[bytes]]:
-    """Open ``path`` for writing; it appears under its name only if the block succeeds."""
+def atomic_output(fs: pafs.FileSystem, path: str,
+                  before_commit: Optional[Callable[[], None]] = None) -> Iterator[IO[bytes]]:
+    """Open ``path`` for writing; it appears under its name only if the block succeeds (and
+    ``before_commit``, called just before the rename, does not raise)."""
     fs.create_dir(posixpath.dirname(path), recursive=True)
     tmp = temporary_name(path)
     try:
         with fs.open_output_stream(tmp) as stream:
             yield stream
+        if before_commit is not None:
+            before_commit()
         fs.move(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -80,8 +118,8 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def write_json_atomic(folder: str, name: str, value: Any) -> None:
     """Write ``value`` as indented UTF-8 JSON to ``folder/name`` (a path or URI), atomically."""
-    fs, root = resolve(folder.rstrip("/"))
-    data = json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8") + b"\n"
+    fs, root = resolve(folder)
+    data = redact(json.dumps(value, indent=2, ensure_ascii=False)).encode("utf-8") + b"\n"
     write_bytes_atomic(fs, join(root, name), data)
 
 

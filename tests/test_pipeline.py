@@ -135,3 +135,7 @@ def test_coco_annotations_are_consistent_with_predictions(run):
     assert {"torch", "torchvision", "ray", "pycocotools", "pyarrow"} <= set(manifest["versions"])
     assert manifest["images_per_s"]["pipeline"] > 0
     assert manifest["config"]["mask_threshold"] == config.mask_threshold
+    predictors = manifest["cluster"]["predictors"]   # the device each actor really used
+    assert predictors and {p["device"] for p in predictors} == {"cpu"}
+    assert {p["precision"] for p in predictors} == {config.precision}
+    assert sum(p["actors_started"] for p in predictors) >= 1

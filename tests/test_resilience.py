@@ -115,11 +115,11 @@ class _OutOfMemory:
     def __init__(self, real, poison_width):
         self.real, self.poison_width, self.calls = real, poison_width, []
 
-    def __call__(self, model, images, precision="fp32"):
+    def __call__(self, model, images, *args):
         self.calls.append(len(images))
         if len(images) > 1 or images[0].shape[-1] == self.poison_width:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.real(model, images, precision)
+        return self.real(model, images, *args)
 
 
 def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):

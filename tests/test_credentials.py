@@ -1,0 +1,88 @@
+"""Credentials in URIs never leave the process, and URIs with ``?options`` work as OUTPUT.
+
+pyarrow accepts ``s3://KEY:SECRET@bucket/prefix?endpoint_override=...&scheme=http`` and
+``s3://bucket/prefix?access_key=...&secret_key=...``; users paste such URIs. segpipe must use
+them, write under the path part only, and print or write none of the secret anywhere: stdout,
+stderr, run.json, the COCO files, the logs. Credentials from the environment stay out too.
+"""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import pytest
+
+from images import write_photos
+from segpipe.storage import join, redact
+from test_cli import run_cli, small_flags
+from test_s3 import s3_env  # noqa: F401  (the moto server fixture)
+
+SECRET = "Sup3rSecretValue"
+TOKEN = "T0kenValue42"
+ENV_SECRET = "EnvSecretValue9"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("s3://AKIA:abc%2Fdef@bucket/x", "s3://***@bucket/x"),   # a "/" in a secret is %2F
+    ("gs://user:pw@b/p?x=1", "gs://***@b/p?x=1"),
+    ("s3://b/p?access_key=A&secret_key=S&session_token=T&region=eu",
+     "s3://b/p?access_key=***&secret_key=***&session_token=***&region=eu"),
+    ("error reading 's3://k:s@b/p?scheme=http': refused", "error reading 's3://***@b/p?scheme=http': refused"),
+    ("/local/path/with@sign.jpg and http://host/x", "/local/path/with@sign.jpg and http://host/x"),
+])
+def test_redact_hides_userinfo_and_secret_options(text, expected):
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize("base,parts,expected", [
+    ("s3://b/out?endpoint_override=h:1&scheme=http", ("predictions",),
+     "s3://b/out/predictions?endpoint_override=h:1&scheme=http"),
+    ("s3://b/out/?scheme=http", ("coco", "instances.json"), "s3://b/out/coco/instances.json?scheme=http"),
+    ("/tmp/out", ("predictions",), "/tmp/out/predictions"),
+    ("/tmp/what?x", ("predictions",), "/tmp/what?x/predictions"),
+])
+def test_join_adds_to_the_path_never_to_the_query(base, parts, expected):
+    assert join(base, *parts) == expected
+
+
+def _objects(fs, prefix):
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    return {i.path: fs.open_input_stream(i.path).read() for i in infos
+            if i.type == pafs.FileType.File}
+
+
+def test_secrets_in_uris_work_and_appear_nowhere(s3_env, tmp_path, checkpoint):  # noqa: F811
+    endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
+    options = f"endpoint_override={endpoint}&scheme=http"
+    fs, _ = pafs.FileSystem.from_uri("s3://segpipe-test/x")
+    write_photos(tmp_path / "photos", names=("chelsea", "coffee"))
+    for path in sorted((tmp_path / "photos").iterdir()):
+        with fs.open_output_stream(f"segpipe-test/cred-in/{path.name}") as f:
+            f.write(path.read_bytes())
+    input_uri = f"s3://testing:{SECRET}@segpipe-test/cred-in?{options}"
+    output_uri = f"s3://testing:{TOKEN}@segpipe-test/cred-out?{options}"
+    env = {**s3_env, "AWS_SECRET_ACCESS_KEY": ENV_SECRET}
+    result = run_cli("segment", input_uri, output_uri, "--weights", str(checkpoint),
+                     *small_flags(), env_extra=env)
+    assert result.returncode == 0, redact(result.stderr[-3000:])
+    assert "2 images: 2 ok, 0 failed" in result.stdout
+    written = _objects(fs, "segpipe-test/cred-out")
+    assert "segpipe-test/cred-out/run.json" in written                 # not under "...?.../"
+    assert any(p.startswith("segpipe-test/cred-out/predictions/part-") for p in written)
+    assert "segpipe-test/cred-out/coco/instances.json" in written
+    for secret in (SECRET, TOKEN, ENV_SECRET):
+        assert secret not in result.stdout and secret not in result.stderr
+        for path, data in written.items():
+            assert secret.encode() not in data, path
+    assert b"***@segpipe-test/cred-in" in written["segpipe-test/cred-out/run.json"]
+
+    # Mistakes name the URI without its secret too: a path that is not there, an option
+    # pyarrow refuses (it takes credentials only as user info).
+    refused = run_cli("segment", input_uri, f"s3://segpipe-test/o?{options}&secret_key={SECRET}",
+                      "--weights", str(checkpoint), *small_flags(), env_extra=env)
+    assert refused.returncode == 2 and "secret_key=***" in refused.stderr
+    assert "Traceback" not in refused.stderr and SECRET not in refused.stderr
+    mistake = run_cli("segment", f"s3://testing:{SECRET}@segpipe-test/nothing-here?{options}",
+                      str(tmp_path / "out"), "--weights", str(checkpoint), *small_flags(),
+                      env_extra=env)
+    assert mistake.returncode == 2 and "nothing-here" in mistake.stderr
+    assert SECRET not in mistake.stderr + mistake.stdout and ENV_SECRET not in mistake.stderr

@@ -1,0 +1,190 @@
+"""Inputs a careless or hostile user gives: dangerous names, symbolic-link loops, files reached
+twice, OUTPUT inside INPUT, a gallery rendered into INPUT. Nothing escapes its folder and no
+image is segmented twice or segpipe's own files as images."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import small_config
+from images import write_photos
+from segpipe import sources
+from segpipe.layout import prediction_files
+from segpipe.pipeline import run_segment
+from segpipe.render import RenderRequest, run_render
+from segpipe.sources import safe_file_name
+from test_inputs import add
+
+
+@pytest.mark.parametrize("name,safe", [
+    ("a/b.jpg", "a/b.jpg"),
+    ("../../x.jpg", "%2E%2E/%2E%2E/x.jpg"),
+    ("/abs/x.jpg", "%2Fabs/x.jpg"),
+    ("a/../../b.jpg", "a/%2E%2E/%2E%2E/b.jpg"),
+    ("./a.jpg", "%2E/a.jpg"),
+    ("a//b.jpg", "a/%00/b.jpg"),
+    ("50%.jpg", "50%25.jpg"),
+    ("a\\..\\b.jpg", "a%5C..%5Cb.jpg"),
+    ("tab\there.jpg", "tab%09here.jpg"),
+])
+def test_names_become_safe_relative_paths_one_to_one(name, safe):
+    assert safe_file_name(name) == safe
+    for segment in safe.split("/"):
+        assert segment not in ("", ".", "..")
+    assert not safe.startswith("/") and "\\" not in safe
+
+
+def test_distinct_names_stay_distinct():
+    names = ["x.jpg", "../x.jpg", "/x.jpg", "%2E%2E/x.jpg", "./x.jpg", "%2Fx.jpg"]
+    assert len({safe_file_name(n) for n in names}) == len(names)
+
+
+def test_a_symlink_loop_and_links_to_listed_files_count_once(tmp_path):
+    root = tmp_path / "in"
+    write_photos(root / "sub", names=("chelsea", "coffee"))
+    os.symlink("..", root / "sub" / "loop")                      # sub/loop -> in/
+    os.symlink(root / "sub" / "chelsea.png", root / "again.png")  # the same file twice
+    found = sources.list_inputs(str(root), "auto")
+    assert found.listing.column("file_name").to_pylist() == ["again.png", "sub/coffee.png"]
+    assert found.skipped == {
+        sources.SKIPPED_LINKED_FOLDERS: ["sub/loop"],
+        sources.SKIPPED_SAME_FILE: ["sub/chelsea.png (= again.png)"]}
+
+
+def test_segpipe_output_folders_inside_input_are_not_inputs(tmp_path):
+    root = tmp_path / "in"
+    write_photos(root, names=("chelsea", "coffee"))
+    (root / "out" / "predictions").mkdir(parents=True)
+    (root / "out" / "predictions" / "part-00000.parquet").write_bytes(b"PAR1")
+    (root / "out" / "run.json").write_text("{}")
+    (root / "gallery" / "images").mkdir(parents=True)
+    (root / "gallery" / "images" / "chelsea.jpg").write_bytes(b"\xff\xd8")
+    (root / "gallery" / "render.json").write_text("{}")
+    (root / "new-out" / "predictions").mkdir(parents=True)        # an OUTPUT without run.json yet
+    (root / "new-out" / "predictions" / "x.parquet").write_bytes(b"PAR1")
+    found = sources.list_inputs(str(root), "auto", exclude=(str(root / "new-out"),))
+    assert found.input_format == "files"   # not "mixes files, parquet inputs"
+    assert found.listing.column("file_name").to_pylist() == ["chelsea.png", "coffee.png"]
+    assert found.skipped[sources.SKIPPED_OUTPUT_FOLDERS] == ["gallery", "new-out", "out"]
+
+
+def test_dangerous_member_names_stay_inside_every_folder(tmp_path, checkpoint, local_ray):
+    """A shard whose member names climb out: rows keep safe names, and render neither reads
+    the bait outside INPUT nor writes outside --to."""
+    photo = write_photos(tmp_path / "photos", names=("chelsea",))[0].read_bytes()
+    shards = tmp_path / "work" / "shards"
+    shards.mkdir(parents=True)
+    with tarfile.open(shards / "s.tar", "w") as tar:
+        add(tar, "../../bait.png", photo)
+        add(tar, "/abs/y.png", photo)
+        add(tar, "ok.png", photo)
+    (tmp_path / "work" / "bait.png").write_bytes(photo)   # what ../../bait.png would reach
+    out = tmp_path / "work" / "out"
+    report = run_segment(small_config(shards, out, checkpoint))
+    names = sorted(r["file_name"] for p in prediction_files(str(out / "predictions"))
+                   for r in pq.read_table(p, columns=["file_name"]).to_pylist())
+    assert names == ["s.tar/%2E%2E/%2E%2E/bait.png", "s.tar/%2Fabs/y.png", "s.tar/ok.png"]
+    assert report.accounting.complete
+
+    # render reads image files only (for now): point it at a folder beside the bait
+    images = tmp_path / "work" / "images"
+    write_photos(images, names=("coffee",))
+    before = {p for p in tmp_path.rglob("*")}
+    gallery = tmp_path / "work" / "gallery"
+    summary = run_render(RenderRequest(output=str(out), to=str(gallery),
+                                       images_uri=str(images), limit=10, score_threshold=0.05))
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(gallery in p.parents or p == gallery for p in created)
+    assert summary["rendered"] == 0 and len(summary["errors"]) == 3
+
+
+# --- Shards that lose images -------------------------------------------------------------
+
+def shard_bytes(members: list[tuple[str, bytes]]) -> tuple[bytes, list[tarfile.TarInfo]]:
+    """A tar of ``members`` and each member's header (for its offsets)."""
+    import io
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            add(tar, name, data)
+    data = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return data, tar.getmembers()
+
+
+def read_shards(folder, names) -> dict[str, dict]:
+    import pyarrow as pa
+
+    table = sources.read_tar_shards(pa.table({"path": [str(folder / n) for n in names]}),
+                                    str(folder), str(folder), frozenset())
+    return {r["file_name"]: r for r in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def three_photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shard-photos")
+    return [p.read_bytes() for p in write_photos(folder, names=("chelsea", "coffee", "rocket"),
+                                                 scale=0.2)]
+
+
+def test_a_shard_cut_inside_a_member_keeps_what_came_before(tmp_path, three_photos):
+    data, members = shard_bytes([(f"{i}.png", p) for i, p in enumerate(three_photos)])
+    (tmp_path / "cut.tar").write_bytes(data[:members[1].offset_data + 100])
+    rows = read_shards(tmp_path, ["cut.tar"])
+    assert set(rows) == {"cut.tar/0.png", "cut.tar"}
+    assert rows["cut.tar/0.png"]["data"] == three_photos[0]
+    assert rows["cut.tar"]["source_error"].startswith(sources.SHARD_CUT)
+    assert "after 1 members" in rows["cut.tar"]["source_error"]
+
+
+def test_a_shard_cut_at_a_member_boundary_is_not_complete(tmp_path, three_photos):
+    data, members = shard_bytes([(f"{i}.png", p) for i, p in enumerate(three_photos)])
+    (tmp_path / "boundary.tar").write_bytes(data[:members[2].offset])   # headers 0 and 1 intact
+    (tmp_path / "whole.tar").write_bytes(data)
+    (tmp_path / "garbage.tar").write_bytes(b"this is not a tar archive" * 40)
+    rows = read_shards(tmp_path, ["boundary.tar", "whole.tar", "garbage.tar"])
+    assert {n for n, r in rows.items() if r["source_error"] is None} == {
+        "boundary.tar/0.png", "boundary.tar/1.png",
+        "whole.tar/0.png", "whole.tar/1.png", "whole.tar/2.png"}
+    assert "end-of-archive" in rows["boundary.tar"]["source_error"]
+    assert rows["garbage.tar"]["source_error"].startswith(sources.SHARD_CUT)
+
+
+def test_mixed_samples_give_one_row_per_image_member(tmp_path, three_photos):
+    data, _ = shard_bytes([("001.jpg", three_photos[0]), ("001.json", b"{}"),
+                           ("002.txt", b"caption"), ("noextension", b"x"),
+                           ("003.jpg", three_photos[1]), ("004.JPG", three_photos[2])])
+    (tmp_path / "mixed.tar").write_bytes(data)
+    rows = read_shards(tmp_path, ["mixed.tar"])
+    assert set(rows) == {"mixed.tar/001.jpg", "mixed.tar/003.jpg", "mixed.tar/004.JPG"}
+    assert all(r["source_error"] is None for r in rows.values())
+
+
+def test_one_damaged_shard_costs_no_other_shard_an_image(tmp_path, three_photos, checkpoint,
+                                                         local_ray):
+    import json
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    data, members = shard_bytes([(f"{i}.png", p) for i, p in enumerate(three_photos)])
+    (shards / "a-good.tar").write_bytes(data)
+    (shards / "b-cut.tar").write_bytes(data[:members[2].offset_data + 10])
+    mixed, _ = shard_bytes([("1.png", three_photos[0]), ("1.json", b"{}"), ("2.txt", b"x")])
+    (shards / "c-mixed.tar").write_bytes(mixed)
+    out = tmp_path / "out"
+    report = run_segment(small_config(shards, out, checkpoint))
+    statuses = {r["file_name"]: r["status"] for p in prediction_files(str(out / "predictions"))
+                for r in pq.read_table(p, columns=["file_name", "status"]).to_pylist()}
+    assert statuses == {"a-good.tar/0.png": "ok", "a-good.tar/1.png": "ok",
+                        "a-good.tar/2.png": "ok", "b-cut.tar/0.png": "ok",
+                        "b-cut.tar/1.png": "ok", "b-cut.tar": "error", "c-mixed.tar/1.png": "ok"}
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["reading"] == {
+        "skipped": {"tar members without an image extension": 2}, "shards_cut": ["b-cut.tar"]}
+    assert report.counts.ok == 6 and report.counts.errors == 1
+    assert any("could not be read to their end" in line for line in report.summary_lines())

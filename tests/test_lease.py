@@ -1,0 +1,96 @@
+"""Concurrent runs: one OUTPUT, one run at a time; a killed run's lease goes stale; a write
+that lands after its run lost OUTPUT is dropped, not counted twice."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from images import write_photos
+from synthetic import SETTINGS, image_row
+from segpipe import lease as lease_module
+from segpipe.layout import prediction_files
+from segpipe.lease import LEASE_NAME, LeaseHeld, LeaseLost, acquire, check_free, check_holder
+from segpipe import schema
+from segpipe.sinks import write_prediction_file
+from test_cli import small_flags
+
+SEGPIPE = str(Path(sys.executable).parent / "segpipe")
+
+
+def write_lease(folder: Path, **fields) -> None:
+    record = {"run_id": "other", "host": "elsewhere", "pid": 1, "command": "segpipe segment",
+              "started": "2026-11-25T00:00:00+00:00", "renewed": time.time(), **fields}
+    (folder / LEASE_NAME).write_text(json.dumps(record))
+
+
+def test_a_live_lease_is_refused_naming_its_holder(tmp_path):
+    write_lease(tmp_path, run_id="abc123", host="gpu-node-7", pid=4242)
+    with pytest.raises(LeaseHeld) as caught:
+        acquire(str(tmp_path))
+    message = str(caught.value)
+    assert "abc123" in message and "gpu-node-7" in message and "pid 4242" in message
+    assert "--resume" in message
+    with pytest.raises(LeaseHeld):
+        check_free(str(tmp_path))
+
+
+def test_a_lease_not_renewed_for_long_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "SETTLE_S", 0.0)
+    write_lease(tmp_path, renewed=time.time() - lease_module.STALE_AFTER_S - 1)
+    check_free(str(tmp_path))
+    held = acquire(str(tmp_path))
+    assert json.loads((tmp_path / LEASE_NAME).read_text())["run_id"] == held.run_id
+    held.release()
+    assert not (tmp_path / LEASE_NAME).exists()
+
+
+def test_a_lease_whose_process_is_gone_on_this_host_is_stale_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease_module, "SETTLE_S", 0.0)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True)
+    write_lease(tmp_path, host=socket.gethostname(), pid=int(finished.stdout))
+    held = acquire(str(tmp_path))
+    assert held.run_id != "other"
+    held.release()
+
+
+def test_a_write_after_the_lease_moved_on_is_dropped(tmp_path):
+    held = acquire(str(tmp_path))
+    predictions = tmp_path / "predictions"
+    table = pa.Table.from_pylist([image_row("a.jpg", 64, 64, [])],
+                                 schema=schema.PREDICTION_SCHEMA)
+    fence = lambda: check_holder(str(tmp_path), held.run_id)  # noqa: E731
+    write_prediction_file(table, str(predictions), SETTINGS, fence)     # the holder writes
+    write_lease(tmp_path, run_id="the-resume")          # a --resume took OUTPUT over
+    with pytest.raises(LeaseLost, match="the-resume"):
+        write_prediction_file(table, str(predictions), SETTINGS, fence)
+    assert len(prediction_files(str(predictions))) == 1
+    assert not [p for p in predictions.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_two_runs_started_together_into_one_output(tmp_path, checkpoint):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_photos(inputs)
+    args = [SEGPIPE, "segment", str(inputs), str(out), "--weights", str(checkpoint),
+            *small_flags()]
+    runs = [subprocess.Popen(args, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in runs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [r[2][-1500:] for r in results]
+    refused = next(stderr for code, _, stderr in results if code == 2)
+    assert "is in use by another segpipe run" in refused
+    ids = Counter(i for p in prediction_files(str(out / "predictions"))
+                  for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+    assert len(ids) == 4 and max(ids.values()) == 1
+    assert not (out / LEASE_NAME).exists()     # released at the end
