@@ -226,7 +226,6 @@ def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[p
     """
     if input_format == "files":
         return ray.data.from_arrow(sources.split_listing(listing))
-    fs, _ = storage.resolve(config.input)
     if input_format == "tar":
         root, shards = sources.list_tables(config.input, ".tar", exclude=(config.output,))
         listing = ray.data.from_arrow([pa.table({"path": [shard]}) for shard in shards])
@@ -235,13 +234,12 @@ def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[p
                                               "done": done, "monitor": monitor},
                                    batch_format="pyarrow", num_cpus=cpus)
     root, tables = sources.list_tables(config.input, ".parquet", exclude=(config.output,))
-    columns = [config.image_column] + ([config.name_column] if config.name_column else [])
-    ds = ray.data.read_parquet(tables, filesystem=fs, include_paths=True, num_cpus=cpus)
-    ds = ds.select_columns([*columns, "path"], num_cpus=cpus)
-    return ds.map_batches(sources.parquet_images,
-                          fn_kwargs={"root": root, "image_column": config.image_column,
-                                     "name_column": config.name_column, "done": done},
-                          batch_format="pyarrow", num_cpus=cpus)
+    listing = ray.data.from_arrow([pa.table({"path": [table]}) for table in tables])
+    return listing.map_batches(sources.read_image_tables, batch_size=1,
+                               fn_kwargs={"input_uri": config.input, "root": root,
+                                          "image_column": config.image_column,
+                                          "name_column": config.name_column, "done": done},
+                               batch_format="pyarrow", num_cpus=cpus)
 
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
@@ -382,15 +380,11 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
         print(f"segpipe: segmenting the images in the {input_format} input {config.input}", flush=True)
 
     cluster: dict = {"address": config.address or os.environ.get("RAY_ADDRESS") or "local"}
-    reading: dict = {"skipped": {}, "shards_cut": []}
+    reading: dict = {"skipped": {}, "cut_short": []}
     if todo is None or todo.num_rows:
         with ray_session(config.address), interrupt_flag() as interrupted:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # segpipe shows one line of its own (progress.py)
-            # Parquet's DataSourceV2 reader lists files in a task that always asks for a whole
-            # CPU (its num_cpus cannot be set); while the predictors hold the CPUs it never
-            # starts, and the run hangs. The V1 reader honours source_dataset's num_cpus.
-            ctx.use_datasource_v2 = False
             plan = plan_stages(config, ray.cluster_resources(),
                                [node["Resources"].get("CPU", 0) for node in ray.nodes()
                                 if node["Alive"]])
@@ -420,7 +414,7 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
     with timer("export"):
         images = read_image_table(predictions_dir)
         accounting = report.account_for_inputs(listing, images)
-        reading["shards_cut"] = report.shards_cut(images)
+        reading["cut_short"] = report.cut_short(images)
         info = coco_info("segpipe predictions", {"arch": config.arch,
                                                  "weights": weights.identity()})
         counts = export_coco(predictions_dir, layout.coco_dir(config.output),

@@ -154,10 +154,11 @@ class RunReport:
             lines.append(f"segpipe: {c.errors} image(s) failed:")
             for e in self.errors:
                 lines.append(f"  {e['count']:>6} x {e['reason']}  (e.g. {', '.join(e['examples'])})")
-        cut = self.reading.get("shards_cut", [])
+        cut = self.reading.get("cut_short", [])
         if cut:
-            lines.append(f"segpipe: {len(cut)} shard(s) could not be read to their end; the "
-                         f"images read before the damage are in the run: {', '.join(cut[:5])}")
+            lines.append(f"segpipe: {len(cut)} shard(s) or table(s) could not be read to their "
+                         f"end; the images read before the damage are in the run: "
+                         f"{', '.join(cut[:5])}")
         a = self.accounting
         if not a.complete:
             lines.append(f"segpipe: ACCOUNTING FAILED: {len(a.missing)} missing, "
@@ -166,13 +167,13 @@ class RunReport:
         return lines
 
 
-def shards_cut(images: pa.Table) -> list[str]:
-    """The shards whose error row says they could not be read to their end."""
-    from segpipe.sources import SHARD_CUT
+def cut_short(images: pa.Table) -> list[str]:
+    """The shards and tables whose error row says they could not be read to their end."""
+    from segpipe.sources import READ_CUT
 
     return sorted(name for name, error in zip(images.column("file_name").to_pylist(),
                                               images.column("error").to_pylist())
-                  if error and error.startswith(f"read: {SHARD_CUT}"))
+                  if error and error.startswith("read: ") and READ_CUT in error)
 
 
 def write_manifest(run_report: RunReport, output: str) -> None:

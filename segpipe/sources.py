@@ -2,10 +2,10 @@
 
 For image files the driver lists every input itself, so that the run knows before any work
 exactly which images must come out the other end; the listing becomes the Ray Dataset the
-decode tasks read. Tar shards (WebDataset style) are read by segpipe's own Ray Data stage
-(``read_tar_shards``, Python's ``tarfile`` as a stream), so that a damaged shard costs only its
-unreadable part; Parquet tables with an image column by Ray Data's ``read_parquet``. Their
-images are only known as they are read. Names from shards and tables pass ``safe_file_name``.
+decode tasks read. Tar shards (WebDataset style) and Parquet tables with an image column are
+read by segpipe's own Ray Data stages (``read_tar_shards`` with Python's ``tarfile`` as a
+stream, ``read_image_tables`` with pyarrow row group by row group), so that a damaged shard or
+table costs only its own unreadable part. Their images are only known as they are read. Names from shards and tables pass ``safe_file_name``.
 ``input_files`` decides what under INPUT is input at all: no symbolic links to folders, no
 file twice, none of segpipe's own output folders.
 """
@@ -256,8 +256,8 @@ def _source_table(names: list[str], datas: list[Optional[bytes]], done: frozense
                     schema=SOURCE_SCHEMA)
 
 
-#: How a cut shard's error row starts (``report`` counts the shards that were cut).
-SHARD_CUT = "shard could not be read to its end"
+#: In the error row of a shard or table that could not be read to its end (``report.cut_short``).
+READ_CUT = "could not be read to its end"
 
 
 class _TailKeepingReader:
@@ -327,29 +327,77 @@ def read_tar_shards(batch: pa.Table, input_uri: str, root: str, done: frozenset[
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             names.append(shard)
             datas.append(None)
-            errors.append(f"{SHARD_CUT}: {str(exc) or type(exc).__name__} (after {members} "
+            errors.append(f"shard {READ_CUT}: {str(exc) or type(exc).__name__} (after {members} "
                           "members; the members after that are not in the run)")
     if monitor is not None and skipped:
         monitor.add_skipped.remote("tar members without an image extension", skipped)
     return _source_table(names, datas, done, errors)
 
 
-def parquet_images(batch: pa.Table, root: str, image_column: str, name_column: str | None,
-                   done: frozenset[int]) -> pa.Table:
-    """Ray Data stage after ``read_parquet``: rows of a table with an image-bytes column.
+def image_bytes(value: object) -> bytes:
+    """The encoded image in an image-column value: bytes, or a Hugging Face ``Image`` struct
+    (``{"bytes": ..., "path": ...}``); ``ValueError`` for anything else (a number, a text)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    raise ValueError(f"the image column holds a {type(value).__name__}, not image bytes")
+
+
+def read_image_tables(batch: pa.Table, input_uri: str, root: str, image_column: str,
+                      name_column: Optional[str], done: frozenset[int]) -> pa.Table:
+    """Ray Data stage: each row names a Parquet table (``path``); read it row group by row
+    group and return one row per table row.
 
     The name is ``name_column``'s value, or ``<table path>#<BLAKE2b of the bytes>`` without one.
-    A Hugging Face ``Image`` column (a struct with ``bytes``) is read as its bytes.
+    A value of the image column that is not image bytes becomes that row's error. A table that
+    cannot be read to its end (not Parquet, corrupt, without the named columns) keeps the rows
+    of the row groups read before and adds one error row named after the table; other tables
+    are not affected.
     """
-    images = batch.column(image_column).to_pylist()
-    datas = [(v or {}).get("bytes") or b"" if isinstance(v, dict) else (v or b"") for v in images]
-    if name_column:
-        names = [safe_file_name(str(n)) for n in batch.column(name_column).to_pylist()]
-    else:
-        paths = batch.column("path").to_pylist()
-        names = [f"{safe_file_name(relative_name(p, root))}#{hashlib.blake2b(d, digest_size=8).hexdigest()}"
-                 for p, d in zip(paths, datas)]
-    return _source_table(names, datas, done)
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(input_uri)
+    names: list[str] = []
+    datas: list[Optional[bytes]] = []
+    errors: list[Optional[str]] = []
+    columns = [image_column] + ([name_column] if name_column else [])
+    for path in batch.column("path").to_pylist():
+        table = safe_file_name(relative_name(path, root))
+        rows = 0
+        try:
+            with fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                missing = [c for c in columns if c not in parquet.schema_arrow.names]
+                if missing:
+                    raise ValueError(f"no column {', '.join(map(repr, missing))}")
+                for group in range(parquet.num_row_groups):
+                    part = parquet.read_row_group(group, columns=columns)
+                    given = (part.column(name_column).to_pylist() if name_column
+                             else [None] * part.num_rows)
+                    for value, name in zip(part.column(image_column).to_pylist(), given):
+                        try:
+                            data, error = image_bytes(value), None
+                        except ValueError as exc:
+                            data, error = None, str(exc)
+                        if name is not None:
+                            name = safe_file_name(str(name))
+                        elif data is not None:
+                            name = f"{table}#{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+                        else:
+                            name = f"{table}#row{rows}"
+                        names.append(name)
+                        datas.append(data)
+                        errors.append(error)
+                        rows += 1
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            names.append(table)
+            datas.append(None)
+            errors.append(f"table {READ_CUT}: {exc} (after {rows} rows; the rows after that "
+                          "are not in the run)")
+    return _source_table(names, datas, done, errors)
 
 
 @dataclass

@@ -138,7 +138,7 @@ def test_a_shard_cut_inside_a_member_keeps_what_came_before(tmp_path, three_phot
     rows = read_shards(tmp_path, ["cut.tar"])
     assert set(rows) == {"cut.tar/0.png", "cut.tar"}
     assert rows["cut.tar/0.png"]["data"] == three_photos[0]
-    assert rows["cut.tar"]["source_error"].startswith(sources.SHARD_CUT)
+    assert rows["cut.tar"]["source_error"].startswith(f"shard {sources.READ_CUT}")
     assert "after 1 members" in rows["cut.tar"]["source_error"]
 
 
@@ -152,7 +152,7 @@ def test_a_shard_cut_at_a_member_boundary_is_not_complete(tmp_path, three_photos
         "boundary.tar/0.png", "boundary.tar/1.png",
         "whole.tar/0.png", "whole.tar/1.png", "whole.tar/2.png"}
     assert "end-of-archive" in rows["boundary.tar"]["source_error"]
-    assert rows["garbage.tar"]["source_error"].startswith(sources.SHARD_CUT)
+    assert rows["garbage.tar"]["source_error"].startswith(f"shard {sources.READ_CUT}")
 
 
 def test_mixed_samples_give_one_row_per_image_member(tmp_path, three_photos):
@@ -185,6 +185,29 @@ def test_one_damaged_shard_costs_no_other_shard_an_image(tmp_path, three_photos,
                         "b-cut.tar/1.png": "ok", "b-cut.tar": "error", "c-mixed.tar/1.png": "ok"}
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["reading"] == {
-        "skipped": {"tar members without an image extension": 2}, "shards_cut": ["b-cut.tar"]}
+        "skipped": {"tar members without an image extension": 2}, "cut_short": ["b-cut.tar"]}
     assert report.counts.ok == 6 and report.counts.errors == 1
     assert any("could not be read to their end" in line for line in report.summary_lines())
+
+
+def test_a_damaged_table_costs_no_other_table_a_row(tmp_path, three_photos):
+    import pyarrow as pa
+
+    good = pa.table({"image": three_photos[:2], "name": ["a.png", "../b.png"]})
+    pq.write_table(good, tmp_path / "good.parquet", row_group_size=1)
+    pq.write_table(pa.table({"image": pa.array([1, 2]), "name": ["c.png", "d.png"]}),
+                   tmp_path / "numbers.parquet")
+    whole = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(whole[:len(whole) // 2])
+    pq.write_table(pa.table({"other": [b"x"]}), tmp_path / "nocolumn.parquet")
+    table = sources.read_image_tables(
+        pa.table({"path": [str(tmp_path / n) for n in ("good.parquet", "numbers.parquet",
+                                                        "cut.parquet", "nocolumn.parquet")]}),
+        str(tmp_path), str(tmp_path), "image", "name", frozenset())
+    rows = {r["file_name"]: r for r in table.to_pylist()}
+    assert rows["a.png"]["data"] == three_photos[0] and rows["a.png"]["source_error"] is None
+    assert rows["%2E%2E/b.png"]["data"] == three_photos[1]
+    assert rows["c.png"]["source_error"] == "the image column holds a int, not image bytes"
+    assert rows["cut.parquet"]["source_error"].startswith(f"table {sources.READ_CUT}")
+    assert "no column 'image'" in rows["nocolumn.parquet"]["source_error"]
+    assert len(rows) == 6
