@@ -2,7 +2,9 @@
 
 Draws what the classic tutorial draws: each instance's mask in its own colour at 50% opacity,
 its box, and its class name with score (box-only runs: boxes and labels). Drawing runs in Ray
-Data tasks (one image per row, read and decoded like the segment job, EXIF included);
+Data tasks, reading the images the way the run read them (image files by name; tar shards and
+Parquet tables through ``sources.tar_images``/``table_images``, one task per shard or table)
+and decoding them like the segment job, EXIF included;
 ``index.html`` shows every rendered image with per-class counts and a score histogram.
 Rendered images are JPEGs named like their inputs with a ``.jpg`` extension, always inside the
 target folder.
@@ -86,30 +88,99 @@ def rendered_names(file_names: list[str]) -> dict[str, str]:
                    else safe(name) + ".jpg") for name, target in wanted.items()}
 
 
+def _draw(row: dict, data: Optional[bytes], out_fs, out_root: str) -> Optional[str]:
+    """Draw ``row``'s detections on the image ``data`` and write it under ``images/``; return
+    the reason it could not be drawn, or None."""
+    limits = DecodeLimits(max_pixels=178_956_970, max_bytes=1 << 31)
+    try:
+        if data is None:
+            raise DecodeError("no image bytes")
+        rgb = decode_image(data, limits)
+        if (rgb.shape[1], rgb.shape[0]) != (row["width"], row["height"]):
+            raise DecodeError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, predictions were "
+                              f"made on {row['width']}x{row['height']}")
+        image = draw_detections(rgb, json.loads(row["detections_json"]))
+        path = storage.join(out_root, "images", row["rendered_name"])
+        out_fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with storage.atomic_output(out_fs, path) as stream:
+            image.save(stream, "JPEG", quality=90)
+    except (DecodeError, OSError) as exc:
+        return str(exc)
+    return None
+
+
 def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
-    """Ray Data stage: draw each row's detections on its image and write ``to/images/...``."""
+    """Ray Data stage for a run of image files: draw each row's detections on its image
+    (``images_uri/<file_name>``) and write ``to/images/...``."""
     in_fs, in_root = storage.resolve(images_uri)
     out_fs, out_root = storage.resolve(to)
-    limits = DecodeLimits(max_pixels=178_956_970, max_bytes=1 << 31)
     errors = []
     for row in batch.to_pylist():
+        name = row["file_name"]
+        if name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
+            errors.append(f"{name!r} is not a path inside the images folder")
+            continue
         try:
-            name = row["file_name"]
-            if name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
-                raise DecodeError(f"{name!r} is not a path inside the images folder")
-            rgb = decode_image(storage.read_bytes(in_fs, storage.join(in_root, name)), limits)
-            if (rgb.shape[1], rgb.shape[0]) != (row["width"], row["height"]):
-                raise DecodeError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, predictions were "
-                                  f"made on {row['width']}x{row['height']}")
-            image = draw_detections(rgb, json.loads(row["detections_json"]))
-            path = storage.join(out_root, "images", row["rendered_name"])
-            out_fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-            with storage.atomic_output(out_fs, path) as stream:
-                image.save(stream, "JPEG", quality=90)
-            errors.append(None)
-        except (DecodeError, OSError) as exc:
+            data = storage.read_bytes(in_fs, storage.join(in_root, name))
+        except OSError as exc:
             errors.append(str(exc))
+            continue
+        errors.append(_draw(row, data, out_fs, out_root))
     return pa.table({"file_name": batch.column("file_name"), "error": pa.array(errors, pa.string())})
+
+
+def render_from_sources(batch: pa.Table, images_uri: str, to: str, input_format: str,
+                        image_column: str, name_column: Optional[str]) -> pa.Table:
+    """Ray Data stage for a run of tar shards or Parquet tables: read the shards or tables
+    named in ``sources`` (the ``sources.tar_images``/``table_images`` the run read them with)
+    and draw the rows whose images they hold."""
+    import tarfile
+
+    fs, root = storage.resolve(images_uri)
+    out_fs, out_root = storage.resolve(to)
+    wanted = {row["file_name"]: row for row in batch.to_pylist()}
+    errors: dict[str, Optional[str]] = {}
+    failures: list[str] = []
+    for path in json.loads(batch.column("sources")[0].as_py()):
+        label = sources.safe_file_name(sources.relative_name(path, root))
+        try:
+            images = (sources.tar_images(fs, path, label) if input_format == "tar" else
+                      ((n, d) for n, d, _ in sources.table_images(fs, path, label, image_column,
+                                                                   name_column)))
+            for name, data in images:
+                if name in wanted and name not in errors:
+                    errors[name] = _draw(wanted[name], data, out_fs, out_root)
+                if len(errors) == len(wanted):
+                    break
+        except (tarfile.TarError, OSError, EOFError, ValueError, pa.ArrowException) as exc:
+            failures.append(f"{label}: {exc}")
+    missing = "not found in the shards or tables of --images" + (
+        f" ({'; '.join(failures)})" if failures else "")
+    names = batch.column("file_name").to_pylist()
+    return pa.table({"file_name": batch.column("file_name"),
+                     "error": pa.array([errors.get(n, missing) for n in names], pa.string())})
+
+
+def source_blocks(rows: pa.Table, images_uri: str, input_format: str) -> list[pa.Table]:
+    """``rows`` cut into blocks by the shard or table that holds each image, each block with
+    a ``sources`` column (JSON list of the paths to read): a tar member's shard is in its name,
+    a table row's too when it is named ``<table>#<hash>``; rows named by a name column may be
+    in any table, so their block reads all of them."""
+    found = sources.input_files(images_uri)
+    suffix = ".tar" if input_format == "tar" else ".parquet"
+    paths = {sources.safe_file_name(sources.relative_name(f.path, found.root)): f.path
+             for f in found.files if f.path.lower().endswith(suffix)}
+    groups: dict[str, list[int]] = {}
+    for index, name in enumerate(rows.column("file_name").to_pylist()):
+        holder = next((label for label in sorted(paths, key=len, reverse=True)
+                       if name.startswith(label + ("/" if input_format == "tar" else "#"))), None)
+        groups.setdefault(holder or "", []).append(index)
+    blocks = []
+    for holder, indices in groups.items():
+        read = [paths[holder]] if holder else sorted(paths.values())
+        block = rows.take(indices)
+        blocks.append(block.append_column("sources", pa.array([json.dumps(read)] * len(indices))))
+    return blocks
 
 
 def select_rows(predictions_dir: str, limit: int, score_threshold: float,
@@ -202,6 +273,9 @@ class CheckedRender:
     predictions_dir: str
     rows: pa.Table
     title: str
+    input_format: str = "files"          # how --images holds the images: files | tar | parquet
+    image_column: str = "image"          # parquet: the columns the run read
+    name_column: Optional[str] = None
 
 
 def check_render(request: RenderRequest) -> CheckedRender:
@@ -223,15 +297,24 @@ def check_render(request: RenderRequest) -> CheckedRender:
     if not storage.exists(fs, root):
         raise ConfigError(f"--images {request.images_uri} does not exist (give the INPUT the "
                           "run segmented)")
-    if sources.detect_input_format(request.images_uri) != "files":
-        raise ConfigError(f"--images {request.images_uri} holds tar shards or Parquet tables; "
-                          "render can read image files only for now")
+    input_format = sources.detect_input_format(request.images_uri)
     layout.check_folder_target(request.to, "--to")
     rows = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
                        settings.categories)
     if rows.num_rows == 0:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
-    return CheckedRender(predictions_dir, rows, f"segpipe: {request.output}")
+    return CheckedRender(predictions_dir, rows, f"segpipe: {request.output}", input_format,
+                         *_table_columns(request.output))
+
+
+def _table_columns(output: str) -> tuple[str, Optional[str]]:
+    """The image and name columns the run read Parquet tables with (its run.json)."""
+    fs, root = storage.resolve(output)
+    try:
+        config = json.loads(storage.read_bytes(fs, storage.join(root, "run.json")))["config"]
+        return config.get("image_column") or "image", config.get("name_column")
+    except (OSError, ValueError, KeyError):
+        return "image", None
 
 
 def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
@@ -244,10 +327,19 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
     checked = checked or check_render(request)
     table, to = checked.rows, request.to
     with ray_session(request.address):
-        blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]
-        dataset = ray.data.from_arrow(blocks).map_batches(
-            render_batch, fn_kwargs={"images_uri": request.images_uri, "to": to},
-            batch_size=8, batch_format="pyarrow")
+        if checked.input_format == "files":
+            blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]
+            dataset = ray.data.from_arrow(blocks).map_batches(
+                render_batch, fn_kwargs={"images_uri": request.images_uri, "to": to},
+                batch_size=8, batch_format="pyarrow")
+        else:   # one task per shard or table, reading it once for all its rows
+            dataset = ray.data.from_arrow(
+                source_blocks(table, request.images_uri, checked.input_format)).map_batches(
+                render_from_sources, batch_size=None, batch_format="pyarrow",
+                fn_kwargs={"images_uri": request.images_uri, "to": to,
+                           "input_format": checked.input_format,
+                           "image_column": checked.image_column,
+                           "name_column": checked.name_column})
         outcomes = []
         with Progress("rendering", table.num_rows, enabled=show_progress) as progress:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):

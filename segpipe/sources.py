@@ -19,7 +19,7 @@ import posixpath
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -283,10 +283,35 @@ class _TailKeepingReader:
             not any(self.tail[start:start + 1024])
 
 
+def tar_images(fs: pafs.FileSystem, path: str,
+               shard: str) -> Iterator[tuple[Optional[str], Optional[bytes]]]:
+    """Stream the tar shard at ``path`` (named ``shard`` in file names): ``(name, bytes)`` for
+    each image member, ``(None, None)`` for each other file member; raises where the shard is
+    damaged (``tarfile.TarError``, ``OSError``...), after what came before it."""
+    import tarfile
+
+    with fs.open_input_stream(path) as raw:
+        reader = _TailKeepingReader(raw)
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if not is_image_name(member.name):
+                    yield None, None
+                    continue
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield f"{shard}/{safe_file_name(member.name)}", data
+            if not reader.has_end_marker(tar.offset):
+                raise tarfile.ReadError("no end-of-archive marker: the file ends early")
+
+
 def read_tar_shards(batch: pa.Table, input_uri: str, root: str, done: frozenset[int],
                     monitor: Optional[object] = None) -> pa.Table:
     """Ray Data stage: each row names a tar shard (``path``); read it with Python's ``tarfile``
-    as a stream and return one row per image member, named ``<shard>/<member>``.
+    as a stream (``tar_images``) and return one row per image member, named
+    ``<shard>/<member>``.
 
     A shard that cannot be read to its end (truncated in a member or a header, cut at a member
     boundary without the end-of-archive marker, not a tar at all) keeps the rows of every
@@ -305,25 +330,14 @@ def read_tar_shards(batch: pa.Table, input_uri: str, root: str, done: frozenset[
         shard = safe_file_name(relative_name(path, root))
         members = 0
         try:
-            with fs.open_input_stream(path) as raw:
-                reader = _TailKeepingReader(raw)
-                with tarfile.open(fileobj=reader, mode="r|") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        if not is_image_name(member.name):
-                            skipped += 1
-                            members += 1
-                            continue
-                        data = tar.extractfile(member).read()
-                        if len(data) != member.size:
-                            raise tarfile.ReadError("unexpected end of data")
-                        names.append(f"{shard}/{safe_file_name(member.name)}")
-                        datas.append(data)
-                        errors.append(None)
-                        members += 1
-                    if not reader.has_end_marker(tar.offset):
-                        raise tarfile.ReadError("no end-of-archive marker: the file ends early")
+            for name, data in tar_images(fs, path, shard):
+                members += 1
+                if name is None:
+                    skipped += 1
+                    continue
+                names.append(name)
+                datas.append(data)
+                errors.append(None)
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             names.append(shard)
             datas.append(None)
@@ -346,52 +360,65 @@ def image_bytes(value: object) -> bytes:
     raise ValueError(f"the image column holds a {type(value).__name__}, not image bytes")
 
 
+def table_images(fs: pafs.FileSystem, path: str, table: str, image_column: str,
+                 name_column: Optional[str]
+                 ) -> Iterator[tuple[str, Optional[bytes], Optional[str]]]:
+    """Read the Parquet table at ``path`` (named ``table`` in file names) row group by row
+    group: ``(name, bytes, None)`` per row, or ``(name, None, reason)`` for a value that is not
+    image bytes. The name is ``name_column``'s value, or ``<table>#<BLAKE2b of the bytes>``.
+    Raises where the table cannot be read (``OSError``, ``pa.ArrowException``, ``ValueError``
+    for a missing column), after the rows that came before."""
+    import pyarrow.parquet as pq
+
+    columns = [image_column] + ([name_column] if name_column else [])
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise ValueError(f"no column {', '.join(map(repr, missing))}")
+        rows = 0
+        for group in range(parquet.num_row_groups):
+            part = parquet.read_row_group(group, columns=columns)
+            given = (part.column(name_column).to_pylist() if name_column
+                     else [None] * part.num_rows)
+            for value, name in zip(part.column(image_column).to_pylist(), given):
+                try:
+                    data, error = image_bytes(value), None
+                except ValueError as exc:
+                    data, error = None, str(exc)
+                if name is not None:
+                    name = safe_file_name(str(name))
+                elif data is not None:
+                    name = f"{table}#{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+                else:
+                    name = f"{table}#row{rows}"
+                rows += 1
+                yield name, data, error
+
+
 def read_image_tables(batch: pa.Table, input_uri: str, root: str, image_column: str,
                       name_column: Optional[str], done: frozenset[int]) -> pa.Table:
-    """Ray Data stage: each row names a Parquet table (``path``); read it row group by row
-    group and return one row per table row.
+    """Ray Data stage: each row names a Parquet table (``path``); return one row per table
+    row (``table_images``).
 
-    The name is ``name_column``'s value, or ``<table path>#<BLAKE2b of the bytes>`` without one.
     A value of the image column that is not image bytes becomes that row's error. A table that
     cannot be read to its end (not Parquet, corrupt, without the named columns) keeps the rows
     of the row groups read before and adds one error row named after the table; other tables
     are not affected.
     """
-    import pyarrow.parquet as pq
-
     fs, _ = storage.resolve(input_uri)
     names: list[str] = []
     datas: list[Optional[bytes]] = []
     errors: list[Optional[str]] = []
-    columns = [image_column] + ([name_column] if name_column else [])
     for path in batch.column("path").to_pylist():
         table = safe_file_name(relative_name(path, root))
         rows = 0
         try:
-            with fs.open_input_file(path) as f:
-                parquet = pq.ParquetFile(f)
-                missing = [c for c in columns if c not in parquet.schema_arrow.names]
-                if missing:
-                    raise ValueError(f"no column {', '.join(map(repr, missing))}")
-                for group in range(parquet.num_row_groups):
-                    part = parquet.read_row_group(group, columns=columns)
-                    given = (part.column(name_column).to_pylist() if name_column
-                             else [None] * part.num_rows)
-                    for value, name in zip(part.column(image_column).to_pylist(), given):
-                        try:
-                            data, error = image_bytes(value), None
-                        except ValueError as exc:
-                            data, error = None, str(exc)
-                        if name is not None:
-                            name = safe_file_name(str(name))
-                        elif data is not None:
-                            name = f"{table}#{hashlib.blake2b(data, digest_size=8).hexdigest()}"
-                        else:
-                            name = f"{table}#row{rows}"
-                        names.append(name)
-                        datas.append(data)
-                        errors.append(error)
-                        rows += 1
+            for name, data, error in table_images(fs, path, table, image_column, name_column):
+                names.append(name)
+                datas.append(data)
+                errors.append(error)
+                rows += 1
         except (OSError, pa.ArrowException, ValueError) as exc:
             names.append(table)
             datas.append(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import tarfile
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -90,16 +91,23 @@ def test_dangerous_member_names_stay_inside_every_folder(tmp_path, checkpoint, l
     assert names == ["s.tar/%2E%2E/%2E%2E/bait.png", "s.tar/%2Fabs/y.png", "s.tar/ok.png"]
     assert report.accounting.complete
 
-    # render reads image files only (for now): point it at a folder beside the bait
-    images = tmp_path / "work" / "images"
-    write_photos(images, names=("coffee",))
+    # render reads the images from the shard, as the run did, and writes inside --to only
     before = {p for p in tmp_path.rglob("*")}
     gallery = tmp_path / "work" / "gallery"
     summary = run_render(RenderRequest(output=str(out), to=str(gallery),
-                                       images_uri=str(images), limit=10, score_threshold=0.05))
+                                       images_uri=str(shards), limit=10, score_threshold=0.05))
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(gallery in p.parents or p == gallery for p in created)
-    assert summary["rendered"] == 0 and len(summary["errors"]) == 3
+    assert summary["rendered"] == 3 and not summary["errors"]
+    assert len(list((gallery / "images").rglob("*.jpg"))) == 3
+
+    # a run of image files: a raw dangerous name (an old run, a hand-made table) is refused
+    from segpipe.render import render_batch
+
+    refused = render_batch(pa.table({"file_name": ["../bait.png"], "width": [1], "height": [1],
+                                     "detections_json": ["[]"], "rendered_name": ["x.jpg"]}),
+                           str(shards), str(gallery)).to_pylist()
+    assert "not a path inside the images folder" in refused[0]["error"]
 
 
 # --- Shards that lose images -------------------------------------------------------------
@@ -118,7 +126,6 @@ def shard_bytes(members: list[tuple[str, bytes]]) -> tuple[bytes, list[tarfile.T
 
 
 def read_shards(folder, names) -> dict[str, dict]:
-    import pyarrow as pa
 
     table = sources.read_tar_shards(pa.table({"path": [str(folder / n) for n in names]}),
                                     str(folder), str(folder), frozenset())
@@ -191,7 +198,6 @@ def test_one_damaged_shard_costs_no_other_shard_an_image(tmp_path, three_photos,
 
 
 def test_a_damaged_table_costs_no_other_table_a_row(tmp_path, three_photos):
-    import pyarrow as pa
 
     good = pa.table({"image": three_photos[:2], "name": ["a.png", "../b.png"]})
     pq.write_table(good, tmp_path / "good.parquet", row_group_size=1)

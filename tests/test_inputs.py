@@ -75,5 +75,14 @@ def test_parquet_tables_with_and_without_a_name_column(tmp_path, photos, checkpo
     (name, row), = rows(tmp_path / "unnamed").items()
     assert name.startswith("train.parquet#") and row["status"] == "ok"
 
+    # render reads the images back from the tables, as the run read them
+    from segpipe.render import RenderRequest, run_render
+
+    for output, images, drawn in (("named", tables, 3), ("unnamed", hf, 1)):
+        summary = run_render(RenderRequest(output=str(tmp_path / output), images_uri=str(images),
+                                           to=str(tmp_path / f"{output}-gallery"),
+                                           score_threshold=0.05))
+        assert summary["rendered"] == drawn and not summary["errors"], summary
+
     with pytest.raises(ConfigError, match="--image-column 'pixels' is not a column"):
         run_segment(small_config(tables, tmp_path / "bad", checkpoint, image_column="pixels"))
