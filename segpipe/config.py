@@ -21,6 +21,7 @@ BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
                      "fasterrcnn_mobilenet_v3_large_fpn")
 ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
 PRECISIONS = ("fp32", "fp16", "bf16")
+BATCH_CANVASES = ("exact", "fixed")
 
 #: Pillow refuses to open images above twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb
 #: guard); segpipe's own limit may not go past it.
@@ -102,7 +103,7 @@ class SegmentConfig:
                              "padded to its own size as torchvision pads one image; a batch "
                              "holds only equal padded shapes) | fixed (one landscape and one "
                              "portrait canvas, so batches stay full but carry padding)", "exact",
-                             choices=("exact", "fixed"), metavar="CANVAS")
+                             choices=BATCH_CANVASES, metavar="CANVAS")
     max_image_pixels: int = _opt("images with more pixels become error rows (decode limit)",
                                  100_000_000)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
@@ -210,6 +211,15 @@ def parse_actors(actors: str) -> tuple[int, int] | None:
     return low, high
 
 
+def check_precision_device(precision: str, on_gpu: bool) -> None:
+    """fp16 needs CUDA GPUs: refuse it for predictors on CPU (``validate`` when num_gpus is 0,
+    ``pipeline.plan_stages`` once the cluster decides)."""
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError("precision fp16 runs on CUDA GPUs only and the predictors would run on "
+                          "CPU; use --precision bf16 (fast on CPUs with AMX or AVX-512 BF16) or "
+                          "fp32")
+
+
 def validate(config: SegmentConfig) -> None:
     """Raise ``ConfigError`` for any setting that cannot work, naming the key to fix."""
     _check_types(config)
@@ -222,11 +232,10 @@ def validate(config: SegmentConfig) -> None:
                           f"got {config.input_format!r}")
     if config.arch not in ARCHITECTURES:
         raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
-    if config.batch_canvas not in ("exact", "fixed"):
+    if config.batch_canvas not in BATCH_CANVASES:
         raise ConfigError(f"batch_canvas must be exact or fixed, got {config.batch_canvas!r}")
-    if config.precision == "fp16" and config.num_gpus == 0:
-        raise ConfigError("precision fp16 runs on CUDA GPUs only and num_gpus is 0; use bf16 "
-                          "(fast on CPUs with AMX or AVX-512 BF16) or fp32")
+    if config.num_gpus == 0:
+        check_precision_device(config.precision, on_gpu=False)
     if config.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, "
                           f"got {config.precision!r}")

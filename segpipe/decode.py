@@ -12,6 +12,7 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -103,6 +104,26 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _decode_row(fs, path: Optional[str], size: int, data: Optional[bytes],
+                source_error: Optional[str], limits: DecodeLimits
+                ) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """One source row's pixels, or None and the reason: the reader's (``read: ...``) or the
+    decoder's (``decode: ...``)."""
+    if source_error is not None:   # the reader could not give this row's bytes
+        return None, f"read: {source_error}"
+    try:
+        if size > limits.max_bytes:
+            raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")
+        if data is None:
+            try:
+                data = storage.read_bytes(fs, path)
+            except OSError as exc:
+                raise DecodeError(f"cannot read file: {_reason(exc)}") from None
+        return decode_image(data, limits), None
+    except DecodeError as exc:
+        return None, f"decode: {exc}"
+
+
 def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Table:
     """Ray Data stage: source rows → decoded rows, one output row per input row.
 
@@ -112,39 +133,18 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
     """
     fs, _ = storage.resolve(input_uri)
     widths, heights, statuses, errors, pixels = [], [], [], [], []
+
     def column(name: str) -> list:
         return (batch.column(name).to_pylist() if name in batch.column_names
                 else [None] * batch.num_rows)
 
     for path, size, data, source_error in zip(column("path"), column("size"), column("data"),
                                               column("source_error")):
-        if source_error is not None:   # the reader could not give this row's bytes
-            widths.append(None)
-            heights.append(None)
-            statuses.append(schema.STATUS_ERROR)
-            errors.append(f"read: {source_error}")
-            pixels.append(b"")
-            continue
-        try:
-            if size > limits.max_bytes:
-                raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")
-            if data is None:
-                try:
-                    data = storage.read_bytes(fs, path)
-                except OSError as exc:
-                    raise DecodeError(f"cannot read file: {_reason(exc)}") from None
-            rgb = decode_image(data, limits)
-        except DecodeError as exc:
-            widths.append(None)
-            heights.append(None)
-            statuses.append(schema.STATUS_ERROR)
-            errors.append(f"decode: {exc}")
-            pixels.append(b"")
-            continue
-        heights.append(rgb.shape[0])
-        widths.append(rgb.shape[1])
-        statuses.append(schema.STATUS_OK)
-        errors.append(None)
-        pixels.append(rgb.tobytes())
+        rgb, error = _decode_row(fs, path, size, data, source_error, limits)
+        heights.append(rgb.shape[0] if rgb is not None else None)
+        widths.append(rgb.shape[1] if rgb is not None else None)
+        statuses.append(schema.STATUS_OK if rgb is not None else schema.STATUS_ERROR)
+        errors.append(error)
+        pixels.append(rgb.tobytes() if rgb is not None else b"")
     return pa.table({**schema.image_columns(batch, statuses, errors, widths, heights),
                      schema.PIXELS: pa.array(pixels, pa.large_binary())})

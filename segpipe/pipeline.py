@@ -21,7 +21,8 @@ import ray
 
 from segpipe import layout, report, sinks, sources, storage
 from segpipe.categories import COCO_TABLE, CategoryTable
-from segpipe.config import ConfigError, ModelSpec, SegmentConfig, parse_actors
+from segpipe.config import ConfigError, ModelSpec, SegmentConfig, check_precision_device, \
+    parse_actors
 from segpipe.decode import DecodeLimits, decode_batch
 from segpipe.encode import MaskEncoder
 from segpipe.export import ExportOptions, coco_info, export_coco, read_image_table
@@ -96,10 +97,7 @@ def plan_stages(config: SegmentConfig, resources: dict,
         raise ConfigError(f"num_gpus={num_gpus} but the Ray cluster has no GPU; "
                           "set --num-gpus 0 to run the predictors on CPU")
     on_gpu = num_gpus > 0
-    if config.precision == "fp16" and not on_gpu:
-        raise ConfigError("precision fp16 runs on CUDA GPUs only and the predictors would run on "
-                          "CPU; use --precision bf16 (fast on CPUs with AMX or AVX-512 BF16) or "
-                          "fp32")
+    check_precision_device(config.precision, on_gpu)
     decode_cpus, encode_cpus, write_cpus = GPU_STAGE_CPUS if on_gpu else CPU_STAGE_CPUS
     # Set aside room for one decode task, one write task and the encoders that always run:
     # one with GPUs (more start on the CPUs the predictors leave), all of them on CPU.
@@ -214,32 +212,30 @@ def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
                           storage.join(config.output.rstrip("/"), ".fault-injected"))
 
 
-def source_dataset(config: SegmentConfig, input_format: str, listing: Optional[pa.Table],
+def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional[pa.Table],
                    done: frozenset[int], cpus: float,
                    monitor: Optional[Any] = None) -> ray.data.Dataset:
-    """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment.
+    """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment;
+    ``checked`` holds what the preflight checks listed (the shards or tables to read).
 
     Reading shards or tables runs in tasks of ``cpus`` CPUs each, the decode stage's share:
     Ray's default of one CPU may not be free while the predictors hold the rest. Tar shards
     are read by segpipe's own stage (``sources.read_tar_shards``) so that a damaged shard
     costs only its own unreadable part; ``monitor`` counts the members it skips.
     """
-    if input_format == "files":
+    if checked.input_format == "files":
         return ray.data.from_arrow(sources.split_listing(listing))
-    if input_format == "tar":
-        root, shards = sources.list_tables(config.input, ".tar", exclude=(config.output,))
-        listing = ray.data.from_arrow([pa.table({"path": [shard]}) for shard in shards])
-        return listing.map_batches(sources.read_tar_shards, batch_size=1,
-                                   fn_kwargs={"input_uri": config.input, "root": root,
-                                              "done": done, "monitor": monitor},
-                                   batch_format="pyarrow", num_cpus=cpus)
-    root, tables = sources.list_tables(config.input, ".parquet", exclude=(config.output,))
-    listing = ray.data.from_arrow([pa.table({"path": [table]}) for table in tables])
-    return listing.map_batches(sources.read_image_tables, batch_size=1,
-                               fn_kwargs={"input_uri": config.input, "root": root,
-                                          "image_column": config.image_column,
-                                          "name_column": config.name_column, "done": done},
-                               batch_format="pyarrow", num_cpus=cpus)
+    paths = ray.data.from_arrow([pa.table({"path": [path]}) for path in checked.tables])
+    if checked.input_format == "tar":
+        return paths.map_batches(sources.read_tar_shards, batch_size=1,
+                                 fn_kwargs={"input_uri": config.input, "root": checked.root,
+                                            "done": done, "monitor": monitor},
+                                 batch_format="pyarrow", num_cpus=cpus)
+    return paths.map_batches(sources.read_image_tables, batch_size=1,
+                             fn_kwargs={"input_uri": config.input, "root": checked.root,
+                                        "image_column": config.image_column,
+                                        "name_column": config.name_column, "done": done},
+                             batch_format="pyarrow", num_cpus=cpus)
 
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
@@ -393,7 +389,7 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
                                 enabled=config.progress)
             with timer("pipeline"), watching(monitor if config.progress else None, progress):
                 weights_ref = ray.put(weights.state_dict)
-                source = source_dataset(config, input_format, todo, frozenset(done),
+                source = source_dataset(config, prepared.checked, todo, frozenset(done),
                                         plan.decode_cpus, monitor)
                 dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
                                         weights.categories, monitor)

@@ -114,10 +114,9 @@ def prepare_model(model: GeneralizedRCNN, device: torch.device,
 def run_network(model: GeneralizedRCNN, image_list: ImageList, precision: str
                 ) -> list[dict[str, torch.Tensor]]:
     """Backbone, RPN and RoI heads on a padded batch (torchvision's order), at ``precision``;
-    detections in the resized images' pixels."""
+    detections in the resized images' pixels. The batch comes in the memory layout
+    ``uses_channels_last`` asks for (``predictor.pad_batch`` lays it out while padding)."""
     tensors = image_list.tensors
-    if uses_channels_last(tensors.device, precision):
-        tensors = tensors.contiguous(memory_format=torch.channels_last)
     with autocast(tensors.device, precision):
         features = model.backbone(tensors)
         proposals, _ = model.rpn(image_list, features)

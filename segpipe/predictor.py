@@ -45,9 +45,6 @@ from segpipe import schema
 from segpipe.model import ModelSpec, build_model
 from segpipe.precision import prepare_model, run_network, uses_channels_last
 
-CANVASES = ("exact", "fixed")
-
-
 @dataclass
 class ImageDetections:
     """The detections of one image, in original image pixels, on the host."""
@@ -310,9 +307,9 @@ class MaskRCNNPredictor:
             tensors = [image_tensor(a, self.device) for a in arrays]
             return list(predict_images(self.model, tensors, self.precision, self.canvas))
         except Exception as exc:  # noqa: BLE001 - every failure is reported per image
-            if is_fatal_device_error(exc):
-                end_actor(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
             failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            if is_fatal_device_error(exc):
+                end_actor(failure)
             out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
         # Retry only here, outside the handler: inside it the traceback would keep the failed
         # attempt's tensors (activations of the whole batch) alive during the retry.

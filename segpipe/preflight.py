@@ -32,6 +32,8 @@ class CheckedRun:
     categories: Optional[tuple[Category, ...]]   # from --categories, in file order
     seconds: float
     skipped: dict[str, list[str]] = field(default_factory=dict)   # INPUT files left out
+    root: str = ""                                 # INPUT's folder
+    tables: list[str] = field(default_factory=list)   # tar shards or Parquet tables to read
 
 
 def check_segment(config: SegmentConfig) -> CheckedRun:
@@ -45,4 +47,5 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     found = sources.list_inputs(config.input, config.input_format, config.image_column,
                                 config.name_column, exclude=(config.output,))
     return CheckedRun(found.input_format, found.listing, weights, categories,
-                      round(time.perf_counter() - start, 3), found.skipped)
+                      round(time.perf_counter() - start, 3), found.skipped, found.root,
+                      found.tables)

@@ -229,14 +229,12 @@ def detect_input_format(input_uri: str, found: Optional[InputFiles] = None) -> s
     return kinds.pop()
 
 
-def list_tables(input_uri: str, suffix: str, exclude: Sequence[str] = ()) -> tuple[str, list[str]]:
-    """The root folder and the sorted paths of the ``suffix`` files under ``input_uri``."""
-    found = input_files(input_uri, exclude)
-    root = found.root
+def list_tables(found: InputFiles, suffix: str, input_uri: str) -> list[str]:
+    """The sorted paths of the ``suffix`` files among ``found`` (``input_uri``'s files)."""
     paths = [i.path for i in found.files if i.path.lower().endswith(suffix)]
     if not paths:
         raise ConfigError(f"INPUT {input_uri} holds no {suffix} file")
-    return root, paths
+    return paths
 
 
 def relative_name(path: str, root: str) -> str:
@@ -432,8 +430,10 @@ class InputListing:
     """What ``list_inputs`` found: the format, the images (files inputs) and what was left out."""
 
     input_format: str
-    listing: Optional[pa.Table]
+    listing: Optional[pa.Table]            # files inputs: every image
     skipped: dict[str, list[str]]
+    root: str = ""                         # INPUT's folder
+    tables: list[str] = field(default_factory=list)   # tar and parquet inputs: their paths
 
 
 def list_inputs(input_uri: str, input_format: str, image_column: str = "image",
@@ -448,12 +448,12 @@ def list_inputs(input_uri: str, input_format: str, image_column: str = "image",
     if input_format == "auto":
         input_format = detect_input_format(input_uri, found)
     if input_format == "files":
-        return InputListing(input_format, image_listing(found, input_uri), found.skipped)
-    suffix = ".tar" if input_format == "tar" else ".parquet"
-    _, paths = list_tables(input_uri, suffix, exclude)
+        return InputListing(input_format, image_listing(found, input_uri), found.skipped,
+                            found.root)
+    paths = list_tables(found, ".tar" if input_format == "tar" else ".parquet", input_uri)
     if input_format == "parquet":
         check_parquet_columns(paths, input_uri, image_column, name_column)
-    return InputListing(input_format, None, found.skipped)
+    return InputListing(input_format, None, found.skipped, found.root, paths)
 
 
 def check_parquet_columns(paths: list[str], input_uri: str, image_column: str,
