@@ -161,12 +161,12 @@ def render_from_sources(batch: pa.Table, images_uri: str, to: str, input_format:
                      "error": pa.array([errors.get(n, missing) for n in names], pa.string())})
 
 
-def source_blocks(rows: pa.Table, images_uri: str, input_format: str) -> list[pa.Table]:
+def source_blocks(rows: pa.Table, found: sources.InputFiles,
+                  input_format: str) -> list[pa.Table]:
     """``rows`` cut into blocks by the shard or table that holds each image, each block with
     a ``sources`` column (JSON list of the paths to read): a tar member's shard is in its name,
     a table row's too when it is named ``<table>#<hash>``; rows named by a name column may be
     in any table, so their block reads all of them."""
-    found = sources.input_files(images_uri)
     suffix = ".tar" if input_format == "tar" else ".parquet"
     paths = {sources.safe_file_name(sources.relative_name(f.path, found.root)): f.path
              for f in found.files if f.path.lower().endswith(suffix)}
@@ -276,6 +276,7 @@ class CheckedRender:
     input_format: str = "files"          # how --images holds the images: files | tar | parquet
     image_column: str = "image"          # parquet: the columns the run read
     name_column: Optional[str] = None
+    images: Optional[sources.InputFiles] = None   # the files of --images, listed once
 
 
 def check_render(request: RenderRequest) -> CheckedRender:
@@ -297,14 +298,15 @@ def check_render(request: RenderRequest) -> CheckedRender:
     if not storage.exists(fs, root):
         raise ConfigError(f"--images {request.images_uri} does not exist (give the INPUT the "
                           "run segmented)")
-    input_format = sources.detect_input_format(request.images_uri)
+    found = sources.input_files(request.images_uri)
+    input_format = sources.detect_input_format(request.images_uri, found)
     layout.check_folder_target(request.to, "--to")
     rows = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
                        settings.categories)
     if rows.num_rows == 0:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
     return CheckedRender(predictions_dir, rows, f"segpipe: {request.output}", input_format,
-                         *_table_columns(request.output))
+                         *_table_columns(request.output), found)
 
 
 def _table_columns(output: str) -> tuple[str, Optional[str]]:
@@ -334,7 +336,7 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
                 batch_size=8, batch_format="pyarrow")
         else:   # one task per shard or table, reading it once for all its rows
             dataset = ray.data.from_arrow(
-                source_blocks(table, request.images_uri, checked.input_format)).map_batches(
+                source_blocks(table, checked.images, checked.input_format)).map_batches(
                 render_from_sources, batch_size=None, batch_format="pyarrow",
                 fn_kwargs={"images_uri": request.images_uri, "to": to,
                            "input_format": checked.input_format,
