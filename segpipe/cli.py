@@ -14,7 +14,8 @@ import sys
 from typing import Optional, Sequence
 
 from segpipe import console
-from segpipe.config import ARCHITECTURES, ConfigError, config_fields, load_config
+from segpipe.config import (ARCHITECTURES, ConfigError, SegmentConfig, config_fields,
+                            load_config)
 from segpipe.layout import prediction_files, predictions_dir
 from segpipe.storage import redact
 
@@ -231,12 +232,17 @@ def _config_error(exc: Exception) -> int:
     return 2
 
 
+def segment_config(args: argparse.Namespace) -> SegmentConfig:
+    """The validated configuration of a parsed ``segment`` command line (``--config`` file,
+    then the flags); ``ConfigError`` names what to fix."""
+    return load_config(args.config, **{f.name: getattr(args, f.name) for f in config_fields()})
+
+
 def _segment(args: argparse.Namespace) -> int:
     from segpipe.preflight import check_segment
 
-    overrides = {f.name: getattr(args, f.name) for f in config_fields()}
     try:
-        config = load_config(args.config, **overrides)
+        config = segment_config(args)
         checked = check_segment(config)
     except ConfigError as exc:
         return _config_error(exc)

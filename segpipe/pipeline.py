@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 
 from segpipe import layout, report, sinks, sources, storage
+from segpipe.cluster import ClusterShape, ClusterWatch, read_cluster_shape
 from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, check_precision_device, \
     parse_actors
@@ -62,6 +63,9 @@ class StagePlan:
     ``decode_cpus`` always differs from ``cpus_per_actor``: Ray Data fuses a task stage into
     the actor stage after it when their remote arguments are equal, and decoding would then
     run inside the predictor actors.
+
+    ``notes`` are what the run prints about the plan (a pool that waits for nodes to join, a
+    cluster whose largest size segpipe cannot see).
     """
 
     min_actors: int
@@ -73,68 +77,134 @@ class StagePlan:
     encode_cpus: float
     write_cpus: float
     max_encoders: int
+    notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "notes"}
 
 
-def plan_stages(config: SegmentConfig, resources: dict,
-                node_cpus: Optional[list[float]] = None) -> StagePlan:
-    """Size the predictor pool and the CPU stages for a cluster.
+def plan_stages(config: SegmentConfig, cluster: ClusterShape) -> StagePlan:
+    """Size the predictor pool and the CPU stages for ``cluster``, now and as it can grow.
 
-    ``resources`` is ``ray.cluster_resources()``; ``node_cpus`` the CPUs of each node (default:
-    one node with all of them). On CPU-only clusters every actor reserves ``(c - s) / c`` CPUs,
-    ``c`` the smallest node's CPUs and ``s`` the stages' share. Then however Ray places the
-    ``sum(floor(c_i))`` actors, some node keeps ``s`` free: a node holding at most ``c_i``
-    actors keeps ``c_i - c_i (c - s) / c >= s``, and not every node can hold more than its
-    ``c_i``. Decode, encode and write can always start, so the pipeline cannot stall.
+    The pool is ``ActorPoolStrategy(min_actors, max_actors)``: Ray Data starts the minimum
+    (waiting for the autoscaler where even that needs nodes that are not there yet) and adds
+    actors as nodes join, asking Ray's autoscaler for them itself. ``auto`` makes the minimum
+    what fits now (at least one) and the maximum what fits the cluster at its largest
+    (``ClusterShape.largest``: one actor per GPU, or on CPU-only clusters one per CPU and
+    2 GiB of memory). A plan is refused only when it can never run: more GPUs or CPUs per
+    actor than any node or node type has, or a maximum the largest cluster cannot hold.
+    When the node types are not visible, a minimum that fits now is accepted with any
+    maximum, and the run says so.
+
+    CPU shares on CPU-only clusters: every actor reserves ``(c - s) / c`` CPUs, ``c`` the
+    CPUs of the smallest node that is or can be in the cluster (present nodes and node types
+    alike) and ``s`` the stages' share. Whatever nodes have joined, however Ray places the
+    default pool's ``sum(floor(c_i))`` actors (over the cluster at its largest), some node
+    keeps ``s`` free once the nodes the actors wait for have joined: a node holding at most
+    ``c_i`` actors keeps ``c_i - c_i (c - s) / c >= s`` since ``c_i >= c``, and not every
+    node can hold more than its ``c_i``. Decode, encode and write can always start, so the
+    pipeline cannot stall.
     """
-    total_gpus = float(resources.get("GPU", 0))
-    total_cpus = float(resources.get("CPU", 0))
-    nodes = [c for c in (node_cpus or [total_cpus]) if c >= 1] or [max(total_cpus, 1.0)]
-    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if total_gpus else 0.0)
-    if num_gpus > 0 and total_gpus == 0:
-        raise ConfigError(f"num_gpus={num_gpus} but the Ray cluster has no GPU; "
-                          "set --num-gpus 0 to run the predictors on CPU")
+    notes: list[str] = []
+    gpus_now, gpus_max = cluster.now("GPU"), cluster.largest("GPU")
+    cpus_now, cpus_max = cluster.now("CPU"), cluster.largest("CPU")
+    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus_max else 0.0)
     on_gpu = num_gpus > 0
+    if on_gpu and gpus_max == 0:
+        raise ConfigError(
+            f"num_gpus={num_gpus:g} but the Ray cluster has no GPU"
+            + (" and none of its autoscaler's node types has one" if cluster.known else
+               " (and segpipe cannot see its autoscaler's node types: if GPU nodes start on "
+               "demand, start one first or run the job on the head node)")
+            + "; set --num-gpus 0 to run the predictors on CPU")
+    if on_gpu and num_gpus > max(cluster.node_kinds("GPU")):
+        raise ConfigError(f"num_gpus={num_gpus:g}: no node of the cluster"
+                          + (" or of its node types" if cluster.node_types else "")
+                          + f" has that many GPUs (at most {max(cluster.node_kinds('GPU')):g}"
+                            "); lower --num-gpus")
     check_precision_device(config.precision, on_gpu)
     decode_cpus, encode_cpus, write_cpus = GPU_STAGE_CPUS if on_gpu else CPU_STAGE_CPUS
     # Set aside room for one decode task, one write task and the encoders that always run:
     # one with GPUs (more start on the CPUs the predictors leave), all of them on CPU.
-    cpu_encoders = 1 + int(total_cpus) // CPU_PREDICTORS_PER_ENCODER
+    cpu_encoders = 1 + int(cpus_max) // CPU_PREDICTORS_PER_ENCODER
     set_aside = decode_cpus + write_cpus + encode_cpus * (1 if on_gpu else cpu_encoders)
+    kinds = [c for c in cluster.node_kinds("CPU") if c >= 1] or [max(cpus_now, 1.0)]
+    nodes_now = [c for c in (node.get("CPU", 0) for node in cluster.nodes) if c >= 1]
+    nodes_max = [c for c in cluster.largest_node_cpus() if c >= 1] or kinds
+
+    def cpu_pool(node_cpus: list[float], memory: float) -> int:
+        return max(1, min(sum(int(c) for c in node_cpus), int(memory // CPU_ACTOR_MEMORY)))
+
     actors = parse_actors(config.actors)
     if actors is None:
         if on_gpu:
-            n = max(1, int(total_gpus // num_gpus))
+            low = max(1, int(gpus_now // num_gpus))
+            actors = (low, max(low, int(gpus_max // num_gpus)))
         else:
-            by_memory = int(float(resources.get("memory", 0)) // CPU_ACTOR_MEMORY)
-            n = max(1, min(sum(int(c) for c in nodes), by_memory))
-        actors = (n, n)
+            low = cpu_pool(nodes_now, cluster.now("memory"))
+            actors = (low, max(low, cpu_pool(nodes_max, cluster.largest("memory"))))
     low, high = actors
-    if on_gpu and high * num_gpus > total_gpus:
-        raise ConfigError(f"{high} actors x {num_gpus} GPUs need {high * num_gpus:g} GPUs but the "
-                          f"cluster has {total_gpus:g}; lower --actors or --num-gpus")
     cpus_per_actor = config.cpus_per_actor
     if cpus_per_actor is None:
-        share = (min(nodes) - set_aside) / min(nodes)
+        share = (min(kinds) - set_aside) / min(kinds)
         cpus_per_actor = 1.0 if on_gpu else math.floor(share * 1000) / 1000
-    if cpus_per_actor <= 0 or high * cpus_per_actor + set_aside > total_cpus + 1e-9:
-        raise ConfigError(f"{high} predictor actors leave too few of the cluster's {total_cpus:g} "
-                          f"CPUs for decode, encode and write tasks ({set_aside:g} needed); "
-                          "lower --actors or --cpus-per-actor")
+    if cpus_per_actor > max(kinds):
+        raise ConfigError(f"cpus_per_actor={cpus_per_actor:g}: no node of the cluster"
+                          + (" or of its node types" if cluster.node_types else "")
+                          + f" has that many CPUs (at most {max(kinds):g})")
     if cpus_per_actor == decode_cpus:
         raise ConfigError(f"cpus_per_actor may not be {cpus_per_actor:g}, the CPUs of a decode "
                           "task: Ray Data would then fuse decoding into the predictor actors")
+
+    def gpus_fit(count: int, gpus: float) -> bool:
+        return not on_gpu or count * num_gpus <= gpus + 1e-9
+
+    def cpus_fit(count: int, cpus: float) -> bool:
+        return cpus_per_actor > 0 and count * cpus_per_actor + set_aside <= cpus + 1e-9
+
+    unseen = []  # what the pool's maximum needs beyond what the cluster has, size unknown
+    for fits, what, now, largest in ((gpus_fit, "GPUs", gpus_now, gpus_max),
+                                     (cpus_fit, "CPUs", cpus_now, cpus_max)):
+        if fits(high, largest):
+            continue
+        if cluster.known or not fits(low, now):
+            raise ConfigError(_too_few(what, low if not fits(low, largest) else high, num_gpus,
+                                       set_aside, largest, cluster.known))
+        unseen.append(f"{now:g} {what}")
+    if unseen:
+        notes.append(f"the cluster has {' and '.join(unseen)} now, and segpipe cannot see how "
+                     f"far its autoscaler can grow it: the pool starts with {low} predictor "
+                     f"actors and grows towards {high} only if nodes join")
+    if cluster.known and (gpus_max > gpus_now or cpus_max > cpus_now):
+        notes.append(f"the cluster can grow from {cpus_now:g} CPUs and {gpus_now:g} GPUs to "
+                     f"{cpus_max:g} CPUs and {gpus_max:g} GPUs (node types from "
+                     f"{cluster.source}): the pool starts with {low} predictor actors and "
+                     f"grows to {high} as Ray's autoscaler adds nodes")
+        if not (gpus_fit(low, gpus_now) and cpus_fit(low, cpus_now)):
+            notes.append(f"{low} predictor actors do not fit the nodes there now: the run "
+                         "starts when the autoscaler has added the nodes they need")
     threads = config.torch_threads
     if threads == 0 and not on_gpu:
-        threads = max(1, int(total_cpus // high))
+        threads = max(1, min(int(max(kinds)), int(cpus_max // high)))
     max_encoders = cpu_encoders
     if on_gpu:  # half of the CPUs the predictors leave
-        spare = total_cpus - high * cpus_per_actor - decode_cpus - write_cpus
+        spare = cpus_max - high * cpus_per_actor - decode_cpus - write_cpus
         max_encoders = max(1, int(spare / 2 // encode_cpus))
     return StagePlan(low, high, num_gpus, cpus_per_actor, threads, decode_cpus, encode_cpus,
-                     write_cpus, max_encoders)
+                     write_cpus, max_encoders, tuple(notes))
+
+
+def _too_few(what: str, actors: int, num_gpus: float, set_aside: float, largest: float,
+             known: bool) -> str:
+    """The refusal of a pool that can never run: ``actors`` need more ``what`` than the
+    cluster has (``known``: at its largest)."""
+    has = "can grow to" if known else "has"
+    if what == "GPUs":
+        return (f"{actors} actors x {num_gpus:g} GPUs need {actors * num_gpus:g} GPUs but the "
+                f"cluster {has} {largest:g}; lower --actors or --num-gpus")
+    return (f"{actors} predictor actors leave too few of the {largest:g} CPUs the cluster "
+            f"{has} for decode, encode and write tasks ({set_aside:g} needed); lower --actors "
+            "or --cpus-per-actor")
 
 
 @contextlib.contextmanager
@@ -381,13 +451,16 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
         with ray_session(config.address), interrupt_flag() as interrupted:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False  # segpipe shows one line of its own (progress.py)
-            plan = plan_stages(config, ray.cluster_resources(),
-                               [node["Resources"].get("CPU", 0) for node in ray.nodes()
-                                if node["Alive"]])
+            shape = read_cluster_shape()
+            plan = plan_stages(config, shape)
+            for note in plan.notes:
+                print(f"segpipe: {note}", flush=True)
             monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
             progress = Progress("segment", todo.num_rows if todo is not None else None,
                                 enabled=config.progress)
-            with timer("pipeline"), watching(monitor if config.progress else None, progress):
+            growth = ClusterWatch()
+            with timer("pipeline"), watching(monitor if config.progress else None, progress), \
+                    growth.running():
                 weights_ref = ray.put(weights.state_dict)
                 source = source_dataset(config, prepared.checked, todo, frozenset(done),
                                         plan.decode_cpus, monitor)
@@ -403,7 +476,8 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
             cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
                                       if k in ("CPU", "GPU", "memory")},
                            stages=plan.as_dict(),
-                           predictors=ray.get(monitor.devices.remote(), timeout=30))
+                           predictors=ray.get(monitor.devices.remote(), timeout=30),
+                           **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
 
         if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
             raise KeyboardInterrupt

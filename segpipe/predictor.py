@@ -214,6 +214,14 @@ def describe_device(device: torch.device, precision: str) -> dict[str, Any]:
     return described
 
 
+def actor_identity() -> dict[str, str]:
+    """This Ray actor's id and its node's, for the run's record of where predictors ran."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"actor": context.get_actor_id() or "", "node": context.get_node_id()}
+
+
 def is_fatal_device_error(exc: BaseException) -> bool:
     """A CUDA error after which the context is unusable (illegal address, device-side assert,
     launch failure): only a new process recovers. Out-of-memory is not one of them."""
@@ -264,7 +272,7 @@ class MaskRCNNPredictor:
         self.batches = 0
         self._streams = threading.local()
         if monitor is not None:
-            monitor.add_device.remote(describe_device(self.device, precision))
+            monitor.add_device.remote(describe_device(self.device, precision), actor_identity())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Predict one batch; with ``predictor_threads`` > 1 Ray calls this from several

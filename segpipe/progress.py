@@ -147,6 +147,7 @@ class RunMonitor:
         self._devices: dict[str, dict] = {}
         self._device_actors: dict[str, int] = {}
         self._skipped: dict[str, int] = {}
+        self._starts: list[dict] = []
 
     def add_skipped(self, reason: str, count: int) -> None:
         """Readers report inputs they left out (tar members without an image extension)."""
@@ -155,10 +156,17 @@ class RunMonitor:
     def skipped(self) -> dict[str, int]:
         return dict(self._skipped)
 
-    def add_device(self, described: dict) -> None:
+    def add_device(self, described: dict, where: Optional[dict] = None) -> None:
+        """A predictor actor started on ``described``; ``where`` names the actor and its
+        node (a restarted actor keeps its id)."""
         key = repr(sorted(described.items()))
         self._devices[key] = described
         self._device_actors[key] = self._device_actors.get(key, 0) + 1
+        self._starts.append({"time": time.time(), **(where or {})})
+
+    def starts(self) -> list[dict]:
+        """When each predictor actor (re)started, and where: ``time`` is ``time.time()``."""
+        return list(self._starts)
 
     def devices(self) -> list[dict]:
         """Each distinct device description, with how many predictor actors started on it."""

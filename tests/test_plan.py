@@ -6,15 +6,17 @@ import pytest
 
 from conftest import small_config, small_spec
 from segpipe import sources
+from segpipe.cluster import ClusterShape
 from segpipe.config import ConfigError
 from segpipe.pipeline import CPU_ACTOR_MEMORY, build_dataset, plan_stages
 
 GIB = 1 << 30
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def cpu_plan(cpus: float, memory: float = 1024 * GIB, **changes):
     return plan_stages(small_config("in", "out", "random", **changes),
-                       {"CPU": cpus, "memory": memory})
+                       ClusterShape.of({"CPU": cpus, "memory": memory}))
 
 
 def stage_cpus(plan) -> float:
@@ -54,11 +56,12 @@ def test_explicit_cpu_pool_keeps_its_threads():
 
 def test_gpu_cluster_gets_one_predictor_per_gpu_and_encoders_on_spare_cpus():
     plan = plan_stages(small_config("in", "out", "random"),
-                       {"CPU": 32, "GPU": 4, "memory": 256 * GIB})
+                       ClusterShape.of({"CPU": 32, "GPU": 4, "memory": 256 * GIB}))
     assert (plan.max_actors, plan.num_gpus, plan.cpus_per_actor, plan.torch_threads) == (4, 1, 1, 0)
     spare = 32 - 4 * 1 - plan.decode_cpus - plan.write_cpus
     assert plan.max_encoders == int(spare / 2 // plan.encode_cpus) >= 1
-    half = plan_stages(small_config("in", "out", "random", num_gpus=0.5), {"CPU": 32, "GPU": 4})
+    half = plan_stages(small_config("in", "out", "random", num_gpus=0.5),
+                       ClusterShape.of({"CPU": 32, "GPU": 4}))
     assert half.max_actors == 8
 
 
@@ -70,7 +73,7 @@ def test_gpu_cluster_gets_one_predictor_per_gpu_and_encoders_on_spare_cpus():
 ])
 def test_plans_that_cannot_run_are_refused_before_work(resources, changes, message):
     with pytest.raises(ConfigError) as info:
-        plan_stages(small_config("in", "out", "random", **changes), resources)
+        plan_stages(small_config("in", "out", "random", **changes), ClusterShape.of(resources))
     assert message in str(info.value)
 
 
@@ -79,7 +82,7 @@ def test_decode_predict_and_encode_stay_separate_operators(local_ray, capsys):
     import ray
 
     config = small_config("in", "out", "random")
-    plan = plan_stages(config, ray.cluster_resources())
+    plan = plan_stages(config, ClusterShape.of(ray.cluster_resources()))
     source = ray.data.from_arrow(sources.SOURCE_SCHEMA.empty_table())
     dataset = build_dataset(source, config, plan, small_spec(), ray.put({}))
     dataset.explain()
@@ -96,7 +99,7 @@ def test_stages_fit_on_some_node_wherever_ray_places_the_predictors(nodes):
     import itertools
 
     plan = plan_stages(small_config("in", "out", "random"),
-                       {"CPU": sum(nodes), "memory": 64 * GIB}, nodes)
+                       ClusterShape.of({"CPU": sum(nodes), "memory": 64 * GIB}, nodes))
     assert plan.max_actors == sum(int(c) for c in nodes)
     room = plan.decode_cpus + plan.encode_cpus + plan.write_cpus
     for counts in itertools.product(*(range(plan.max_actors + 1) for _ in nodes)):
@@ -104,3 +107,99 @@ def test_stages_fit_on_some_node_wherever_ray_places_the_predictors(nodes):
         if sum(counts) != plan.max_actors or any(p > c + 1e-9 for p, c in zip(placed, nodes)):
             continue  # not a placement Ray could make
         assert max(c - p for c, p in zip(nodes, placed)) >= room - 1e-9
+
+
+# Autoscaling clusters: the pool and the CPU shares are sized for what the cluster can become.
+
+HEAD = "node:__internal_head__"
+
+
+def grows(head: dict, *types: tuple[str, dict, int], max_workers=None, workers=()) -> ClusterShape:
+    from segpipe.cluster import NodeType
+
+    return ClusterShape(({**head, HEAD: 1.0}, *workers),
+                        tuple(NodeType(name, res, count) for name, res, count in types),
+                        max_workers, "a test")
+
+
+def test_the_launcher_recipe_shape_plans_a_pool_that_waits_for_gpu_nodes():
+    """conf/cluster-launcher-gpu.yaml: a head with no CPU or GPU for work, GPU workers 0-8."""
+    shape = grows({"CPU": 0, "memory": 30 * GIB},
+                  ("gpu_worker", {"CPU": 8, "GPU": 1, "memory": 30 * GIB}, 8), max_workers=8)
+    plan = plan_stages(small_config("in", "out", "random", num_gpus=1.0, actors="1-8"), shape)
+    assert (plan.min_actors, plan.max_actors, plan.num_gpus) == (1, 8, 1.0)
+    assert any("starts when the autoscaler has added" in note for note in plan.notes)
+    auto = plan_stages(small_config("in", "out", "random"), shape)
+    assert (auto.min_actors, auto.max_actors, auto.num_gpus) == (1, 8, 1.0)
+    # encoders on the CPUs 8 GPU nodes leave: 64 - 8 predictors - decode - write, halved
+    assert auto.max_encoders == int((64 - 8 - 0.5 - 0.25) / 2 // auto.encode_cpus)
+
+
+def test_the_rayjob_recipe_shape_starts_with_its_one_gpu_worker():
+    """conf/kuberay-rayjob.yaml: head with num-cpus 0, one GPU worker replica of at most 8."""
+    worker = {"CPU": 8, "GPU": 1, "memory": 48 * GIB}
+    known = grows({"CPU": 0}, ("gpu", worker, 8), workers=(worker,))
+    plan = plan_stages(small_config("in", "out", "random", num_gpus=1.0, actors="1-8"), known)
+    assert (plan.min_actors, plan.max_actors) == (1, 8)
+    # KubeRay's autoscaler runs in its own container: node types unknown, proceed and say so
+    unknown = ClusterShape(({"CPU": 0, HEAD: 1.0}, worker))
+    plan = plan_stages(small_config("in", "out", "random", num_gpus=1.0, actors="1-8"), unknown)
+    assert (plan.min_actors, plan.max_actors) == (1, 8)
+    assert any("cannot see how far" in note for note in plan.notes)
+
+
+@pytest.mark.parametrize("shape,changes,message", [
+    (grows({"CPU": 1}, ("w", {"CPU": 2}, 2)), {"num_gpus": 1.0}, "none of its autoscaler's"),
+    (grows({"CPU": 4}, ("w", {"CPU": 8, "GPU": 1}, 2)), {"num_gpus": 2.0}, "no node of the"),
+    (grows({"CPU": 4}, ("w", {"CPU": 8, "GPU": 1}, 2)), {"actors": "1-3"}, "can grow to 2"),
+    (grows({"CPU": 1}, ("w", {"CPU": 2}, 2)), {"actors": "1-12"}, "can grow to"),
+    (grows({"CPU": 1}, ("w", {"CPU": 2}, 2)), {"cpus_per_actor": 3.0}, "no node of the"),
+    (ClusterShape(({"CPU": 8, "GPU": 1},)), {"actors": "2-4"}, "need 2 GPUs"),
+])
+def test_pools_that_can_never_run_are_refused_on_growing_clusters(shape, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_stages(small_config("in", "out", "random", **changes), shape)
+
+
+def test_cpu_pool_grows_to_the_largest_cluster_with_shares_for_the_smallest_node():
+    """The issue's test cluster: a 1-CPU head and up to two 2-CPU workers."""
+    shape = grows({"CPU": 1, "memory": 64 * GIB}, ("cpu2", {"CPU": 2}, 2))
+    assert (shape.now("CPU"), shape.largest("CPU")) == (1, 5)
+    plan = plan_stages(small_config("in", "out", "random", actors="1-3"), shape)
+    assert (plan.min_actors, plan.max_actors, plan.torch_threads) == (1, 3, 1)
+    auto = plan_stages(small_config("in", "out", "random"), shape)
+    assert (auto.min_actors, auto.max_actors) == (1, 5)
+    # shares from the smallest node (the 1-CPU head): the stages fit beside one actor there
+    assert auto.cpus_per_actor + stage_cpus(auto) - auto.max_actors * auto.cpus_per_actor <= 1
+
+
+@pytest.mark.parametrize("joined", [[1], [1, 2], [1, 2, 2], [1, 2, 4]])
+def test_stages_fit_on_some_node_of_a_grown_cluster_wherever_the_predictors_land(joined):
+    """The every-placement proof over node types: once the nodes joined, any placement of
+    the default pool that Ray could make leaves some node room for decode, encode, write."""
+    import itertools
+
+    shape = grows({"CPU": 1, "memory": 64 * GIB}, ("cpu2", {"CPU": 2}, 1),
+                  ("cpu4", {"CPU": 4}, 1))
+    plan = plan_stages(small_config("in", "out", "random"), shape)
+    assert plan.max_actors == 7
+    actors = sum(int(c) for c in joined)  # what Ray Data runs once these nodes are there
+    room = plan.decode_cpus + plan.encode_cpus + plan.write_cpus
+    for counts in itertools.product(*(range(actors + 1) for _ in joined)):
+        placed = [k * plan.cpus_per_actor for k in counts]
+        if sum(counts) != actors or any(p > c + 1e-9 for p, c in zip(placed, joined)):
+            continue
+        assert max(c - p for c, p in zip(joined, placed)) >= room - 1e-9
+
+
+def test_launcher_configs_give_node_types_and_unfilled_instance_types_give_none():
+    import yaml
+
+    from segpipe.cluster import node_types_of_launcher_config
+
+    config = yaml.safe_load((ROOT / "conf" / "cluster-launcher-gpu.yaml").read_text())
+    assert node_types_of_launcher_config(config) == (None, None)  # resources: {} (AWS fills)
+    config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 8, "GPU": 1}
+    types, cap = node_types_of_launcher_config(config)
+    assert cap == 8 and [(t.name, t.resources["GPU"], t.max_count) for t in types] == \
+        [("gpu_worker", 1.0, 8)]

@@ -16,6 +16,7 @@ from conftest import small_config
 from images import photo
 from segpipe.config import ConfigError, ModelSpec, validate
 from segpipe.model import build_model
+from segpipe.cluster import ClusterShape
 from segpipe.pipeline import plan_stages
 from segpipe.precision import (autocast, install_fp32_islands, prepare_model,
                                scale_to_trained_outputs, stage_agreement)
@@ -96,10 +97,11 @@ def test_fp16_is_refused_off_gpus_before_any_work(tmp_path):
         validate(config)
     auto = small_config(tmp_path, tmp_path / "out", "random", precision="fp16")
     with pytest.raises(ConfigError, match="use --precision bf16"):
-        plan_stages(auto, {"CPU": 2.0, "memory": 8 * 2**30})
+        plan_stages(auto, ClusterShape.of({"CPU": 2.0, "memory": 8 * 2**30}))
     with pytest.raises(ValueError, match="CUDA GPUs only"):
         autocast(torch.device("cpu"), "fp16")
-    assert plan_stages(auto.replace(precision="bf16"), {"CPU": 2.0, "memory": 8 * 2**30})
+    assert plan_stages(auto.replace(precision="bf16"),
+                       ClusterShape.of({"CPU": 2.0, "memory": 8 * 2**30}))
 
 
 def test_gpu_smoke_runs_on_cpu_at_a_tiny_size(tmp_path):
