@@ -260,9 +260,19 @@ def main() -> int:
     parser.add_argument("--agreement-images", type=int, default=2)
     parser.add_argument("--json", default="gpu_smoke.json")
     parser.add_argument("--only", choices=("speed",), help="skip agreement and OOM recovery")
+    parser.add_argument("--threads", default="1,2,3",
+                        help="predictor threads (each on its own CUDA stream) to time for the "
+                             "last precision, at every batch size with --thread-sweep, else "
+                             "at the largest")
+    parser.add_argument("--thread-sweep", action="store_true",
+                        help="time every --threads count at every --batch-sizes entry")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="let cuDNN pick convolution algorithms by timing them "
+                             "(torch.backends.cudnn.benchmark)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     precisions = (args.precisions or ("fp32,bf16,fp16" if device.type == "cuda"
                                       else "fp32,bf16")).split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -309,10 +319,13 @@ def main() -> int:
                 row["group_sizes"] = group_sizes(model, mixed, batch, canvas)
                 report["speed"].append(row)
                 print(json.dumps(row), flush=True)
-            for threads in (1, 2, 3):
-                row = time_concurrent(model, arrays, batch, precision, device, threads)
-                report["speed"].append(row)
-                print(json.dumps(row), flush=True)
+            for thread_batch in (batch_sizes if args.thread_sweep else [batch]):
+                for threads in [int(t) for t in args.threads.split(",")]:
+                    row = time_concurrent(model, arrays, thread_batch, precision, device,
+                                          threads)
+                    row["cudnn_benchmark"] = args.cudnn_benchmark
+                    report["speed"].append(row)
+                    print(json.dumps(row), flush=True)
             report["host_syncs"] = count_host_syncs(model, arrays[:8], precision, device)
             print(json.dumps(report["host_syncs"]), flush=True)
         del model
