@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,14 @@ def main() -> int:
             "'detections_per_s': s['detections_per_s'], "
             "'peak_rss_mb': int(re.search(r'VmHWM:\\s+(\\d+)', "
             "open('/proc/self/status').read()).group(1)) / 1024}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["instances_json_mb"] = round((work / "export" / "instances.json").stat().st_size / 2**20, 1)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["instances_json_mb"] = round(
+            (work / "export" / "instances.json").stat().st_size / 2**20, 1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=1))
     if not args.no_record:
         with (ROOT / "docs" / "benchmarks.md").open("a") as f:

@@ -70,9 +70,9 @@ class SegmentConfig:
                               0.05)
     score_threshold: float = _opt("lowest detection score written to coco/", 0.5)
     mask_threshold: float = _opt("soft-mask probability above which a pixel is in the mask", 0.5)
-    soft_masks: bool = _opt("keep each detection's 28x28 soft mask (uint8, 784 bytes) in "
-                            "predictions/ so that `segpipe export` can apply a new mask threshold",
-                            True)
+    soft_masks: bool = _opt("keep each detection's 28x28 soft mask (uint16: 1,568 bytes, ~650 "
+                            "in zstd Parquet) in predictions/ so that `segpipe export` can apply "
+                            "a new mask threshold", True)
     nms_threshold: float = _opt("IoU of per-class box NMS (model box_nms_thresh)", 0.5)
     detections_per_image: int = _opt("most detections kept per image (box_detections_per_img)", 100)
     proposals_per_image: int = _opt("RPN proposals kept after NMS per image at test time", 1000)

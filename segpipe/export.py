@@ -90,21 +90,39 @@ def read_image_table(predictions_dir: str) -> pa.Table:
     return table.sort_by("file_name")
 
 
-def iter_ok_rows(predictions_dir: str, batch_rows: int = 256) -> Iterator[dict]:
+def iter_ok_rows(predictions_dir: str, batch_rows: int = 256,
+                 soft_masks: bool = True) -> Iterator[dict]:
     """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming.
 
     Reads one file at a time, synchronously: pyarrow's dataset scanner reads ahead of a slow
     consumer (this loop converts to Python) and its peak memory grew with the dataset
-    (measured: 436 MB for 160k detections, 710 MB for 480k); this stays flat.
+    (measured: 436 MB for 160k detections, 710 MB for 480k); this stays flat. Without
+    ``soft_masks`` the detections come without their stored soft masks (``soft_mask`` is
+    None), which saves making a bytes object per detection when no mask is re-pasted.
     """
     fs, _ = storage.resolve(predictions_dir)
     columns = ["image_id", "file_name", "width", "height", "status", "detections"]
     for path in prediction_files(predictions_dir):
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+                if not soft_masks:
+                    batch = without_soft_masks(batch)
                 for row in batch.to_pylist():
                     if row["status"] == schema.STATUS_OK:
                         yield row
+
+
+def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` with every detection's ``soft_mask`` null (the list's layout unchanged)."""
+    detections = batch.column("detections")
+    structs = detections.values
+    fields = [structs.field(i) if structs.type.field(i).name != "soft_mask"
+              else pa.nulls(len(structs), pa.binary()) for i in range(structs.type.num_fields)]
+    stripped = pa.StructArray.from_arrays(fields, fields=list(structs.type),
+                                          mask=structs.is_null())
+    lists = pa.ListArray.from_arrays(detections.offsets, stripped,
+                                     mask=detections.is_null())
+    return batch.set_column(batch.schema.get_field_index("detections"), "detections", lists)
 
 
 def select_detections(row: dict, options: ExportOptions, settings: schema.RunSettings,
@@ -119,8 +137,6 @@ def select_detections(row: dict, options: ExportOptions, settings: schema.RunSet
     category_ids = settings.categories.ids
     rethreshold_masks = (options.mask_threshold is not None
                          and options.mask_threshold != settings.mask_threshold)
-    if rethreshold_masks:
-        from segpipe.encode import rethreshold  # needs torch (650 MB): only imported to re-paste
     for det in row["detections"] or []:
         counts.detections += 1
         if det["score"] < options.score_threshold:
@@ -132,19 +148,25 @@ def select_detections(row: dict, options: ExportOptions, settings: schema.RunSet
         if det["category_id"] not in category_ids:
             counts.unknown_category_left_out += 1
             continue
-        area, segmentation = det["area"], det["segmentation"]
-        if segmentation is None:
-            area = box_area(det["bbox"])
-        elif rethreshold_masks:
-            area, segmentation = rethreshold(det, row["height"], row["width"],
-                                             options.mask_threshold)
-        if segmentation is not None and area == 0:
+        kept.append(det if det["segmentation"] is not None else
+                    {**det, "area": box_area(det["bbox"])})
+    if rethreshold_masks:   # every mask of the image in one compiled pass
+        from segpipe.encode import rethreshold   # numba: only imported to re-paste
+
+        with_masks = [k for k, det in enumerate(kept) if det["segmentation"] is not None]
+        new_masks = rethreshold([kept[k] for k in with_masks], row["height"], row["width"],
+                                options.mask_threshold, settings.soft_mask_dtype)
+        for k, (area, segmentation) in zip(with_masks, new_masks):
+            kept[k] = {**kept[k], "area": area, "segmentation": segmentation}
+    chosen = []
+    for det in kept:
+        if det["segmentation"] is not None and det["area"] == 0:
             counts.empty_masks_left_out += 1
-            continue
-        if area < options.min_area:
+        elif det["area"] < options.min_area:
             counts.small_masks_left_out += 1
-            continue
-        kept.append({**det, "area": area, "segmentation": segmentation})
+        else:
+            chosen.append(det)
+    kept = chosen
     if options.max_per_image is not None and len(kept) > options.max_per_image:
         kept.sort(key=lambda d: -d["score"])
         counts.over_max_per_image += len(kept) - options.max_per_image
@@ -201,30 +223,63 @@ def keyhole_ring(rings: list[list[tuple[float, float]]]) -> list[tuple[float, fl
     return ring
 
 
-def mask_box_and_area(segmentation, height: int, width: int) -> tuple[list[float], int]:
-    """The tight ``[x, y, w, h]`` box and pixel count of a segmentation (RLE or polygons) as
-    pycocotools rasterises it."""
+def mask_boxes_and_areas(detections: list[dict], height: int,
+                         width: int) -> list[tuple[Optional[list[float]], Optional[int]]]:
+    """The tight ``[x, y, w, h]`` box and pixel count of each detection's segmentation as
+    pycocotools rasterises it: for RLE the stored ``area`` (the mask's pixels) and one
+    ``toBbox`` call for the image's masks; polygons are rasterised. ``(None, None)`` for
+    box-only detections."""
     from pycocotools import mask as mask_utils
 
-    rle = segmentation if isinstance(segmentation, dict) else \
-        mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    return [float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle))
+    out: list[tuple[Optional[list[float]], Optional[int]]] = [(None, None)] * len(detections)
+    rle_at = [k for k, d in enumerate(detections) if isinstance(d["segmentation"], dict)]
+    if rle_at:
+        boxes = mask_utils.toBbox([detections[k]["segmentation"] for k in rle_at]).tolist()
+        for k, box in zip(rle_at, boxes):
+            out[k] = (box, detections[k]["area"])
+    for k, det in enumerate(detections):
+        if isinstance(det["segmentation"], list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(det["segmentation"], height, width))
+            out[k] = ([float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle)))
+    return out
 
 
 class JsonArrayWriter:
-    """Write the items of one JSON array to a stream as they come."""
+    """Write the items of one JSON array to a stream as they come, a few at a time (``flush``
+    writes what is held: the caller flushes after each image and before the array's end)."""
+
+    #: Items held before they are written whatever the caller does.
+    HOLD = 1000
 
     def __init__(self, stream: IO[bytes]):
         self.stream = stream
         self.count = 0
+        self._held: list[str] = []
 
     def write(self, item: Any) -> None:
-        self.stream.write((b",\n" if self.count else b"\n") + _dumps(item))
+        self.write_json(_ENCODER.encode(item))
+
+    def write_json(self, text: str) -> None:
+        """Write one item given as JSON text."""
+        self._held.append(text)
         self.count += 1
+        if len(self._held) >= self.HOLD:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held:
+            first = self.count == len(self._held)
+            self.stream.write(((("\n" if first else ",\n") + ",\n".join(self._held))
+                               .encode("utf-8")))
+            self._held = []
+
+
+#: One encoder for every item (``json.dumps`` with options builds a new one per call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def coco_info(description: str, extra: Optional[dict] = None) -> dict:
@@ -264,25 +319,31 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
         for row in ok_images.select(["image_id", "file_name", "width", "height"]).to_pylist():
             image_writer.write({"id": row["image_id"], "file_name": row["file_name"],
                                 "width": row["width"], "height": row["height"]})
+        image_writer.flush()
         instances.write(b'\n],"annotations":[')
         annotation_writer = JsonArrayWriter(instances)
         results.write(b"[")
         result_writer = JsonArrayWriter(results)
         progress = stack.enter_context(Progress(f"writing {coco_dir}", counts.ok,
                                                 enabled=show_progress))
-        for row in iter_ok_rows(predictions_dir):
-            for det in select_detections(row, options, settings, counts):
-                result = coco_result(row["image_id"], det)
-                result_writer.write(result)
-                annotation = {"id": annotation_writer.count + 1, **result, "area": det["area"],
-                              "iscrowd": 0}
-                if det["segmentation"] is not None:
-                    box, area = mask_box_and_area(det["segmentation"], row["height"], row["width"])
-                    annotation["area"] = area
-                    if options.instances_bbox == "mask":
-                        annotation["bbox"] = box
-                annotation_writer.write(annotation)
+        rethresholding = (options.mask_threshold is not None
+                          and options.mask_threshold != settings.mask_threshold)
+        for row in iter_ok_rows(predictions_dir, soft_masks=rethresholding):
+            selected = select_detections(row, options, settings, counts)
+            boxes_and_areas = mask_boxes_and_areas(selected, row["height"], row["width"])
+            for det, (box, area) in zip(selected, boxes_and_areas):
+                mask = det["segmentation"] is not None
+                head, tail = _result_members(row["image_id"], det)
+                bbox = _box_json(det["bbox"])
+                result_writer.write_json(f"{{{head}{bbox}{tail}}}")
+                if mask and options.instances_bbox == "mask":
+                    bbox = _box_json(box)
+                annotation_writer.write_json(
+                    f'{{"id":{annotation_writer.count + 1},{head}{bbox}{tail},'
+                    f'"area":{area if mask else det["area"]!r},"iscrowd":0}}')
                 per_category[det["category_name"]] += 1
+            result_writer.flush()
+            annotation_writer.flush()
             progress.advance()
         instances.write(b"\n]}\n")
         results.write(b"\n]\n")
@@ -298,6 +359,30 @@ def coco_result(image_id: int, det: dict) -> dict:
     if det["segmentation"] is not None:
         result["segmentation"] = det["segmentation"]
     return result
+
+
+def _result_members(image_id: int, det: dict) -> tuple[str, str]:
+    """The JSON members of ``coco_result(image_id, det)`` before and after ``"bbox"``, written
+    directly: ``json`` spends most of an export's time on these small, fixed-shape objects.
+    Numbers are written as ``json`` writes them (``repr``)."""
+    head = f'"image_id":{image_id},"category_id":{det["category_id"]},"bbox":'
+    tail = f',"score":{det["score"]!r}'
+    if det["segmentation"] is not None:
+        tail += ',"segmentation":' + _segmentation_json(det["segmentation"])
+    return head, tail
+
+
+def _box_json(box: list[float]) -> str:
+    return f"[{box[0]!r},{box[1]!r},{box[2]!r},{box[3]!r}]"
+
+
+def _segmentation_json(segmentation: Any) -> str:
+    """A COCO RLE (``{"size", "counts"}``) or polygons as JSON text."""
+    if isinstance(segmentation, dict):
+        height, width = segmentation["size"]
+        return (f'{{"size":[{height},{width}],"counts":'
+                f'{_ENCODER.encode(segmentation["counts"])}}}')
+    return _ENCODER.encode(segmentation)
 
 
 def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False,

@@ -13,13 +13,13 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import ray
 
-from segpipe import layout, report, sinks, sources, storage
+from segpipe import layout, report, schema, sinks, sources, storage
 from segpipe.cluster import ClusterShape, ClusterWatch, read_cluster_shape
 from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, check_precision_device, \
@@ -45,9 +45,16 @@ CPU_ACTOR_MEMORY = 2 << 30
 #: for decode and encode), so those stages get small shares and the predictors the rest.
 GPU_STAGE_CPUS = (0.5, 1.0, 0.25)
 CPU_STAGE_CPUS = (0.25, 0.2, 0.05)
-#: On CPU-only clusters, one encode actor per this many CPUs (one encoder keeps up with dozens
-#: of CPU predictors: ~30 ms of encoding against ~6 s of forward per image).
+#: On CPU-only clusters, one encode actor per this many CPUs (one encoder keeps up with
+#: hundreds of CPU predictors: ~4 ms of encoding against ~3-6 s of forward per image).
 CPU_PREDICTORS_PER_ENCODER = 16
+#: What sizes the encoders on GPU clusters (docs/benchmarks.md): one GPU's predictor runs up to
+#: ~160 images/s (H100, fp16, 1333×800, 2026-11-27), and encoding one image costs ~4 ms of a
+#: CPU (median 3.4 ms for 100 detections of 16-500 px on 1200×800, this project's 2-core
+#: Xeon; ``bench/encode_speed.py``). ENCODE_HEADROOM covers slower CPUs and busier images.
+GPU_IMAGES_PER_S = 160
+ENCODE_CPU_S_PER_IMAGE = 0.004
+ENCODE_HEADROOM = 2.0
 
 
 @dataclass(frozen=True)
@@ -187,11 +194,26 @@ def plan_stages(config: SegmentConfig, cluster: ClusterShape) -> StagePlan:
     if threads == 0 and not on_gpu:
         threads = max(1, min(int(max(kinds)), int(cpus_max // high)))
     max_encoders = cpu_encoders
-    if on_gpu:  # half of the CPUs the predictors leave
-        spare = cpus_max - high * cpus_per_actor - decode_cpus - write_cpus
-        max_encoders = max(1, int(spare / 2 // encode_cpus))
+    if on_gpu:
+        max_encoders = gpu_encoders(high * num_gpus, encode_cpus,
+                                    cpus_max - high * cpus_per_actor - decode_cpus - write_cpus)
     return StagePlan(low, high, num_gpus, cpus_per_actor, threads, decode_cpus, encode_cpus,
                      write_cpus, max_encoders, tuple(notes))
+
+
+def gpu_encoders(gpus: float, encode_cpus: float, spare_cpus: float) -> int:
+    """The most encode actors beside predictors on ``gpus`` GPUs: enough that encoding never
+    caps a node below its GPUs' rate, and no more (the CPUs left are decode's).
+
+    Each GPU's predictor can deliver ``GPU_IMAGES_PER_S`` images/s; encoding them takes
+    ``GPU_IMAGES_PER_S * ENCODE_CPU_S_PER_IMAGE`` CPUs (0.64 for the figures measured),
+    times ``ENCODE_HEADROOM``, in actors of ``encode_cpus`` CPUs each; at least one, and no
+    more than the ``spare_cpus`` the predictors and a decode and a write task leave. Ray
+    Data's autoscaling pool (1 to this many) starts fewer while fewer keep up.
+    """
+    needed = math.ceil(gpus * GPU_IMAGES_PER_S * ENCODE_CPU_S_PER_IMAGE * ENCODE_HEADROOM
+                       / encode_cpus)
+    return max(1, min(needed, int(spare_cpus // encode_cpus)))
 
 
 def _too_few(what: str, actors: int, num_gpus: float, set_aside: float, largest: float,
@@ -249,18 +271,23 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
         ray.shutdown()
 
 
-def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, set[int]]:
-    """Return the predictions folder and the ids of the images already done in it.
+def prepare_output(config: SegmentConfig,
+                   settings: RunSettings) -> tuple[str, set[int], RunSettings]:
+    """Return the predictions folder, the ids of the images already done in it, and the
+    settings this run writes with.
 
     A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``.
     With ``resume`` the complete files of an earlier run are kept (their images are skipped)
-    after checking that they were made with the same settings; leftover temporary files of a
-    killed run are removed.
+    after checking that they were made with the same settings; the soft masks go on being
+    stored the way the earlier run stored them (uint8 for runs made before uint16), so one
+    run's files agree. Leftover temporary files of a killed run are removed.
     """
     predictions_dir = layout.predictions_dir(config.output)
     fs, root = storage.resolve(predictions_dir)
     if config.resume:
         earlier, done = layout.read_written(predictions_dir)
+        if earlier is not None:
+            settings = replace(settings, soft_mask_dtype=earlier.soft_mask_dtype)
         differences = settings.differences(earlier) if earlier is not None else []
         if differences:
             raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
@@ -268,11 +295,11 @@ def prepare_output(config: SegmentConfig, settings: RunSettings) -> tuple[str, s
                               "same settings, or use --overwrite")
         for leftover in storage.list_files(fs, root, storage.TEMPORARY_SUFFIX):
             fs.delete_file(leftover.path)
-        return predictions_dir, done
+        return predictions_dir, done, settings
     layout.check_output(config.output, config.resume, config.overwrite)
     for info in storage.list_files(fs, root):
         fs.delete_file(info.path)
-    return predictions_dir, set()
+    return predictions_dir, set(), settings
 
 
 def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
@@ -310,12 +337,13 @@ def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
                   spec: ModelSpec, weights_ref, categories: CategoryTable = COCO_TABLE,
-                  monitor: Optional[Any] = None) -> ray.data.Dataset:
+                  monitor: Optional[Any] = None,
+                  soft_mask_dtype: str = schema.SOFT_MASK_DTYPE) -> ray.data.Dataset:
     """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows.
 
     ``categories`` maps the model's labels to the run's categories (default: COCO's);
     ``monitor`` is a ``RunMonitor`` actor: encoders report finished images to it, predictors
-    the device they run on.
+    the device they run on; soft masks are stored as ``soft_mask_dtype``.
     """
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
@@ -339,7 +367,8 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
         MaskEncoder,
         fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
                                "keep_soft_masks": config.soft_masks,
-                               "categories": categories, "monitor": monitor},
+                               "categories": categories, "monitor": monitor,
+                               "soft_mask_dtype": soft_mask_dtype},
         batch_size=DECODE_BATCH, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)
@@ -405,7 +434,7 @@ def prepare_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None)
     layout.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
     lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
     try:
-        predictions_dir, done = prepare_output(config, settings)
+        predictions_dir, done, settings = prepare_output(config, settings)
     except BaseException:
         lease.release()
         raise
@@ -465,7 +494,7 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
                 source = source_dataset(config, prepared.checked, todo, frozenset(done),
                                         plan.decode_cpus, monitor)
                 dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
-                                        weights.categories, monitor)
+                                        weights.categories, monitor, settings.soft_mask_dtype)
                 dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
                                                             settings, config.output,
                                                             prepared.lease.run_id),

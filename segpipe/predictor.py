@@ -42,23 +42,9 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from segpipe import schema
+from segpipe.detections import ImageDetections, pack_detections
 from segpipe.model import ModelSpec, build_model
 from segpipe.precision import prepare_model, run_network, uses_channels_last
-
-@dataclass
-class ImageDetections:
-    """The detections of one image, in original image pixels, on the host."""
-
-    labels: np.ndarray      # int32[N], the model's labels (CategoryTable maps them)
-    scores: np.ndarray      # float32[N]
-    boxes: np.ndarray       # float32[N, 4], x1 y1 x2 y2
-    soft_masks: np.ndarray  # float32[N, M, M], mask probabilities for the predicted label;
-                            # float32[N, 0, 0] for box-only detectors
-
-    @property
-    def has_masks(self) -> bool:
-        return self.soft_masks.shape[-1] > 0
-
 
 def image_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     """``H×W×3`` uint8 → ``3×H×W`` float in [0, 1], exactly as ``TF.to_tensor`` computes it."""
@@ -352,34 +338,3 @@ class FaultInjection:
             return
         storage.write_bytes_atomic(fs, path, f"killed pid {os.getpid()}\n".encode())
         os._exit(17)
-
-
-def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[str]],
-                    results: list[Optional[ImageDetections]]) -> pa.Table:
-    """Build the predictor's output rows: per image, the detection arrays as raw bytes."""
-    def packed(attr: str) -> pa.Array:
-        return pa.array([getattr(r, attr).tobytes() if r is not None else b"" for r in results],
-                        pa.binary())
-
-    return pa.table({
-        **schema.image_columns(batch, statuses, errors),
-        schema.NUM_DETECTIONS: pa.array([len(r.scores) if r is not None else 0 for r in results],
-                                        pa.int32()),
-        schema.MASK_SIZE: pa.array([r.soft_masks.shape[-1] if r is not None else 0
-                                    for r in results], pa.int32()),
-        schema.LABELS: packed("labels"),
-        schema.SCORES: packed("scores"),
-        schema.BOXES: packed("boxes"),
-        schema.SOFT_MASKS: packed("soft_masks"),
-    })
-
-
-def unpack_detections(row: dict) -> ImageDetections:
-    """Inverse of ``pack_detections`` for one row (a dict of column values)."""
-    n, m = row[schema.NUM_DETECTIONS], row[schema.MASK_SIZE]
-    return ImageDetections(
-        labels=np.frombuffer(row[schema.LABELS], np.int32),
-        scores=np.frombuffer(row[schema.SCORES], np.float32),
-        boxes=np.frombuffer(row[schema.BOXES], np.float32).reshape(n, 4),
-        soft_masks=np.frombuffer(row[schema.SOFT_MASKS], np.float32).reshape(n, m, m),
-    )

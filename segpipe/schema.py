@@ -25,6 +25,11 @@ IMAGE_ID_BITS = 53
 IMAGE_IDS = "blake2b-53"
 IMAGE_IDS_BEFORE = "blake2b-63"
 
+#: How soft masks are stored (``encode.quantise_soft_masks``); files written before it was
+#: recorded stored uint8.
+SOFT_MASK_DTYPE = "uint16"
+SOFT_MASK_DTYPE_BEFORE = "uint8"
+
 SEGMENTATION = pa.struct([
     pa.field("size", pa.list_(pa.int32())),   # [height, width], as COCO RLE has it
     pa.field("counts", pa.string()),           # compressed RLE string (pycocotools)
@@ -39,8 +44,10 @@ DETECTION = pa.struct([
                                                 # null for box-only detectors
     pa.field("segmentation", SEGMENTATION),     # null for box-only detectors
     pa.field("box", pa.list_(pa.float32(), 4)),   # x1 y1 x2 y2 exactly as predicted (re-paste)
-    pa.field("soft_mask", pa.binary()),         # M×M mask probabilities as uint8 (p·255,
-                                                # rounded), row-major; null with --no-soft-masks
+    pa.field("soft_mask", pa.binary()),         # M×M mask probabilities, row-major, as
+                                                # RunSettings.soft_mask_dtype: uint16 (p·65535,
+                                                # rounded; uint8, p·255, before it); null with
+                                                # --no-soft-masks
 ])
 
 PREDICTION_SCHEMA = pa.schema([
@@ -90,7 +97,9 @@ class RunSettings:
     """The settings that predictions/ depend on, stored in every Parquet file's metadata.
 
     ``categories`` is the run's category table (which category each model label is); files
-    written before tables were recorded read as COCO's.
+    written before tables were recorded read as COCO's. ``soft_mask_dtype`` is how the soft
+    masks are stored (``SOFT_MASK_DTYPE``); files written before it was recorded hold
+    uint8.
     """
 
     model: ModelSpec
@@ -99,11 +108,13 @@ class RunSettings:
     soft_masks: bool
     categories: CategoryTable = COCO_TABLE
     image_ids: str = IMAGE_IDS
+    soft_mask_dtype: str = SOFT_MASK_DTYPE
 
     def to_json(self) -> dict:
         return {"model": asdict(self.model), "weights_sha256": self.weights_sha256,
                 "mask_threshold": self.mask_threshold, "soft_masks": self.soft_masks,
-                "categories": self.categories.to_json(), "image_ids": self.image_ids}
+                "categories": self.categories.to_json(), "image_ids": self.image_ids,
+                "soft_mask_dtype": self.soft_mask_dtype}
 
     def to_metadata(self) -> dict[bytes, bytes]:
         return {RUN_SETTINGS_KEY: json.dumps(self.to_json(), sort_keys=True).encode()}
@@ -115,6 +126,7 @@ class RunSettings:
             return None
         values = json.loads(raw)
         values.setdefault("image_ids", IMAGE_IDS_BEFORE)
+        values.setdefault("soft_mask_dtype", SOFT_MASK_DTYPE_BEFORE)
         categories = CategoryTable.from_json(values.pop("categories", None))
         return cls(model=ModelSpec(**values.pop("model")), categories=categories, **values)
 
@@ -123,7 +135,7 @@ class RunSettings:
         def flat(s: "RunSettings") -> dict:
             return {**asdict(s.model), "weights_sha256": s.weights_sha256,
                     "mask_threshold": s.mask_threshold, "soft_masks": s.soft_masks,
-                    "image_ids": s.image_ids}
+                    "image_ids": s.image_ids, "soft_mask_dtype": s.soft_mask_dtype}
 
         now, then = flat(self), (flat(other) if other else {})
         found = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in now.items()

@@ -53,11 +53,13 @@ def own_ray_processes(temp_dir: str, client_port: int) -> list[psutil.Process]:
     return list(family)
 
 
-def stop_processes(processes: list[psutil.Process]) -> None:
+def stop_processes(processes: list[psutil.Process], grace_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL what is left after ``grace_s`` (Ray's daemons can take 15 s to
+    wind down on SIGTERM; a test cluster has nothing to save)."""
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=15)
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()

@@ -99,10 +99,10 @@ def test_export_at_a_new_mask_threshold_matches_a_fresh_run(runs):
         mb = mask_utils.decode(b["segmentation"]).astype(bool)
         ious.append((ma & mb).sum() / (ma | mb).sum())
         exact += bool((ma == mb).all())
-    print(f"mask threshold 0.3 from uint8 soft masks: mean IoU {np.mean(ious):.5f}, "
+    print(f"mask threshold 0.3 from uint16 soft masks: mean IoU {np.mean(ious):.5f}, "
           f"min {np.min(ious):.5f}, {exact}/{len(ious)} pixel-identical")
-    assert np.mean(ious) >= 0.99
-    assert np.min(ious) >= 0.95
+    assert np.min(ious) >= 0.99            # every detection
+    assert exact >= 0.9 * len(ious)         # and most pixel for pixel
 
 
 def test_class_filter_and_counts(runs):

@@ -58,8 +58,9 @@ def test_gpu_cluster_gets_one_predictor_per_gpu_and_encoders_on_spare_cpus():
     plan = plan_stages(small_config("in", "out", "random"),
                        ClusterShape.of({"CPU": 32, "GPU": 4, "memory": 256 * GIB}))
     assert (plan.max_actors, plan.num_gpus, plan.cpus_per_actor, plan.torch_threads) == (4, 1, 1, 0)
-    spare = 32 - 4 * 1 - plan.decode_cpus - plan.write_cpus
-    assert plan.max_encoders == int(spare / 2 // plan.encode_cpus) >= 1
+    # 4 GPUs x 160 images/s x 4 ms = 2.6 CPUs of encoding, doubled: 6 one-CPU encoders
+    assert plan.max_encoders == 6
+    assert plan.max_encoders * plan.encode_cpus >= 2 * 4 * 160 * 0.004
     half = plan_stages(small_config("in", "out", "random", num_gpus=0.5),
                        ClusterShape.of({"CPU": 32, "GPU": 4}))
     assert half.max_actors == 8
@@ -131,8 +132,8 @@ def test_the_launcher_recipe_shape_plans_a_pool_that_waits_for_gpu_nodes():
     assert any("starts when the autoscaler has added" in note for note in plan.notes)
     auto = plan_stages(small_config("in", "out", "random"), shape)
     assert (auto.min_actors, auto.max_actors, auto.num_gpus) == (1, 8, 1.0)
-    # encoders on the CPUs 8 GPU nodes leave: 64 - 8 predictors - decode - write, halved
-    assert auto.max_encoders == int((64 - 8 - 0.5 - 0.25) / 2 // auto.encode_cpus)
+    # encoders for 8 GPUs' images (8 x 160 images/s x 4 ms, doubled: 11 CPUs)
+    assert auto.max_encoders == 11
 
 
 def test_the_rayjob_recipe_shape_starts_with_its_one_gpu_worker():
@@ -203,3 +204,14 @@ def test_launcher_configs_give_node_types_and_unfilled_instance_types_give_none(
     types, cap = node_types_of_launcher_config(config)
     assert cap == 8 and [(t.name, t.resources["GPU"], t.max_count) for t in types] == \
         [("gpu_worker", 1.0, 8)]
+
+
+def test_gpu_encoders_keep_up_with_the_gpus_and_leave_the_rest_to_decode():
+    from segpipe.pipeline import ENCODE_CPU_S_PER_IMAGE, GPU_IMAGES_PER_S, gpu_encoders
+
+    for gpus in (1, 2, 8):
+        encoders = gpu_encoders(gpus, 1.0, spare_cpus=100)
+        assert encoders / ENCODE_CPU_S_PER_IMAGE >= 1.5 * gpus * GPU_IMAGES_PER_S
+        assert encoders <= 2 * gpus   # not every spare CPU: decode needs them
+    assert gpu_encoders(8, 1.0, spare_cpus=3.5) == 3    # never more than the CPUs left
+    assert gpu_encoders(1, 1.0, spare_cpus=0) == 1      # and always one

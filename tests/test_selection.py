@@ -12,7 +12,7 @@ from segpipe.categories import COCO_TABLE, Category, CategoryError, custom_table
 from segpipe.config import ConfigError
 from segpipe.evaluate import crowd_regions, match_categories, match_images
 from segpipe.export import ExportCounts, ExportOptions, box_area, coco_result, \
-    mask_box_and_area, select_detections
+    mask_boxes_and_areas, select_detections
 from segpipe.schema import RunSettings
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 
@@ -81,8 +81,9 @@ def test_polygons_replace_the_rle_and_count_holes():
     kept, counts = select(row_of(holed, det(1, 0.8)), polygons=True)
     assert all(isinstance(d["segmentation"], list) for d in kept)
     assert counts.masks_with_holes == 1 and counts.no_polygon_left_out == 0
-    box, area = mask_box_and_area(kept[0]["segmentation"], H, W)
+    (box, area), (rle_box, rle_area) = mask_boxes_and_areas([kept[0], holed], H, W)
     assert (box, area) == ([5.0, 5.0, 15.0, 15.0], int(ring.sum()))
+    assert (rle_box, rle_area) == (box, area)   # the same mask as RLE: the same box and area
 
 
 def test_custom_tables_decide_what_is_a_category():
@@ -281,7 +282,8 @@ def test_a_new_mask_threshold_re_pastes_the_stored_soft_mask():
     stored = det(1, 0.9, x=10, y=10, w=20, h=12)
     for threshold in (0.3, 0.99):
         kept, _ = select(row_of(stored), mask_threshold=threshold)
-        area, segmentation = rethreshold(stored, H, W, threshold)
+        (area, segmentation), = rethreshold([stored], H, W, threshold,
+                                            SETTINGS.soft_mask_dtype)
         assert (kept[0]["area"], kept[0]["segmentation"]) == (area, segmentation)
     assert 0 < kept[0]["area"] < stored["area"]   # at 0.99 the bilinear edges fall away
     kept, _ = select(row_of(stored), mask_threshold=SETTINGS.mask_threshold)  # the run's own
@@ -316,12 +318,62 @@ def test_an_exact_name_wins_where_base_names_are_ambiguous(tmp_path):
 
 
 def test_stored_soft_masks_dequantise_to_their_probabilities():
-    from segpipe.encode import dequantise_soft_mask, quantise_soft_masks
+    from segpipe.encode import dequantise_soft_masks, quantise_soft_masks
 
     stored = bytes([0, 128, 254, 255])
-    np.testing.assert_array_equal(dequantise_soft_mask(stored),
-                                  np.array([[0, 128 / 255], [254 / 255, 1.0]], np.float32))
+    np.testing.assert_array_equal(dequantise_soft_masks([stored], "uint8"),
+                                  np.array([[[0, 128 / 255], [254 / 255, 1.0]]], np.float32))
     probabilities = np.array([[[0.0, 0.5], [0.996, 1.0]]], np.float32)
-    assert quantise_soft_masks(probabilities).tobytes() == bytes([0, 128, 254, 255])
-    with pytest.raises(ValueError, match="3 values, not a square"):
-        dequantise_soft_mask(bytes(3))
+    assert quantise_soft_masks(probabilities, "uint8").tobytes() == bytes([0, 128, 254, 255])
+    assert quantise_soft_masks(probabilities).tobytes() == \
+        np.array([0, 32768, 65273, 65535], np.uint16).tobytes()
+    with pytest.raises(ValueError, match="not squares of uint8"):
+        dequantise_soft_masks([bytes(3)], "uint8")
+
+
+def test_runs_stored_with_uint8_soft_masks_still_export_at_a_new_threshold(tmp_path):
+    """Runs written before soft masks were uint16 have uint8 ones and no record of it."""
+    import dataclasses
+    import json
+
+    from segpipe.encode import dequantise_soft_masks, encode_masks, quantise_soft_masks
+    from segpipe.export import run_export
+    from segpipe.schema import RUN_SETTINGS_KEY, RunSettings
+    from synthetic import blob_detections
+
+    soft, boxes = blob_detections(6, H, W, seed=4, smallest=4, largest=20)
+    old = dataclasses.replace(SETTINGS, soft_mask_dtype="uint8")
+    metadata = json.loads(old.to_metadata()[RUN_SETTINGS_KEY])
+    del metadata["soft_mask_dtype"]                       # as runs before it wrote them
+    assert RunSettings.from_metadata({RUN_SETTINGS_KEY: json.dumps(metadata)}) == old
+    stored = quantise_soft_masks(soft, "uint8")
+    rles, areas = encode_masks(soft, boxes, H, W, 0.5)
+    dets = [{**det(1, 0.9), "box": b.tolist(), "soft_mask": q.tobytes(), "area": int(a),
+             "segmentation": r} for b, q, a, r in zip(boxes, stored, areas, rles)]
+    write_predictions(tmp_path / "old", [image_row("a.png", W, H, dets)], settings=old)
+    run_export(str(tmp_path / "old"), str(tmp_path / "x"),
+               ExportOptions(score_threshold=0.5, mask_threshold=0.3))
+    exported = json.loads((tmp_path / "x" / "results.json").read_text())
+    expected, new_areas = encode_masks(
+        dequantise_soft_masks([q.tobytes() for q in stored], "uint8"), boxes, H, W, 0.3)
+    assert [r["segmentation"] for r in exported] == \
+        [e for e, a in zip(expected, new_areas) if a > 0]
+    assert len(exported) >= 4
+
+
+@pytest.mark.parametrize("segmentation", [
+    {"size": [50, 50], "counts": "0\\\\ab]5<Ho"},          # RLE strings hold backslashes
+    [[1.0, 2.0, 10.5, 2.0, 10.5, 7.25]],                # polygons
+    None,                                                # box-only detectors
+])
+def test_results_written_directly_equal_json_dumps(segmentation):
+    import json
+
+    from segpipe.export import _box_json, _result_members
+
+    detection = {**det(3, 0.123456789), "bbox": [0.1, 2.0, 1e-7, 3.3333333], "score": 0.87654321,
+                 "segmentation": segmentation}
+    head, tail = _result_members(2**53 - 1, detection)
+    text = "{" + head + _box_json(detection["bbox"]) + tail + "}"
+    assert text == json.dumps(coco_result(2**53 - 1, detection), separators=(",", ":"),
+                              ensure_ascii=False)
