@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 from typing import Optional, Sequence
@@ -40,7 +41,8 @@ SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
     "model and weights": ("arch", "weights", "categories", "seed", "min_size", "max_size",
                           "nms_threshold", "detections_per_image", "proposals_per_image",
                           "precision", "batch_canvas"),
-    "what is kept": ("score_floor", "score_threshold", "mask_threshold", "soft_masks"),
+    "what is kept": ("score_floor", "score_threshold", "mask_threshold", "soft_masks",
+                     "soft_mask_dtype"),
     "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
                "max_image_bytes"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
@@ -160,6 +162,10 @@ def build_parser() -> SegpipeParser:
                              "mask, as COCO ground truth has it and importers expect, or the "
                              "model's predicted box (results.json always has the model's) "
                              "(default: mask)")
+    export.add_argument("--address", default=None,
+                        help="Ray cluster to export on, one task per prediction file (default: "
+                             "RAY_ADDRESS; without either, this process exports, which is "
+                             "faster than starting a local Ray for all but huge runs)")
     export.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress line")
 
@@ -288,7 +294,7 @@ def _interrupted(config, log) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from segpipe.export import ExportOptions, run_export
+    from segpipe.export import ExportOptions, check_export, run_export
 
     try:
         if args.max_per_image is not None and args.max_per_image < 1:
@@ -297,10 +303,20 @@ def _export(args: argparse.Namespace) -> int:
                                 mask_threshold=args.mask_threshold,
                                 max_per_image=args.max_per_image, min_area=args.min_area,
                                 polygons=args.polygons, instances_bbox=args.instances_bbox)
-        summary = run_export(args.output, args.to, options, show_progress=args.progress,
-                             class_names=args.classes)
+        checked = check_export(args.output, options, args.classes)
     except ConfigError as exc:
         return _config_error(exc)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:   # Ray's own messages go to DIR/logs, as render's do
+        log = console.RunLog(args.to, "export")
+        try:
+            with console.output_to_log(log.path):
+                summary = run_export(args.output, args.to, options, args.progress,
+                                     address=address, checked=checked)
+        finally:
+            log.publish()
+    else:
+        summary = run_export(args.output, args.to, options, args.progress, checked=checked)
     from segpipe.export import ExportCounts
 
     c = summary["counts"]

@@ -297,3 +297,22 @@ class ClusterWatch:
             "predictor_starts": sorted(starts, key=lambda s: s["t_s"]),
             "predictor_actors": len({s.get("actor") for s in starts}),
         }
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str]) -> Iterator[None]:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; leave it as found."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -22,6 +22,8 @@ BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
 ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCH_CANVASES = ("exact", "fixed")
+#: How soft masks can be stored (``encode.quantise_soft_masks``).
+SOFT_MASK_DTYPES = ("uint16", "float32")
 
 #: Pillow refuses to open images above twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb
 #: guard); segpipe's own limit may not go past it.
@@ -70,9 +72,13 @@ class SegmentConfig:
                               0.05)
     score_threshold: float = _opt("lowest detection score written to coco/", 0.5)
     mask_threshold: float = _opt("soft-mask probability above which a pixel is in the mask", 0.5)
-    soft_masks: bool = _opt("keep each detection's 28x28 soft mask (uint16: 1,568 bytes, ~650 "
-                            "in zstd Parquet) in predictions/ so that `segpipe export` can apply "
-                            "a new mask threshold", True)
+    soft_masks: bool = _opt("keep each detection's 28x28 soft mask in predictions/ so that "
+                            "`segpipe export` can apply a new mask threshold", True)
+    soft_mask_dtype: str = _opt("how soft masks are kept: uint16 (~650 bytes per detection in "
+                                "zstd Parquet; re-exported masks within IoU 0.999 of a fresh "
+                                "run's on trained-like masks) | float32 (~2,500 bytes; "
+                                "re-exported masks pixel for pixel a fresh run's)", "uint16",
+                                choices=SOFT_MASK_DTYPES, metavar="DTYPE")
     nms_threshold: float = _opt("IoU of per-class box NMS (model box_nms_thresh)", 0.5)
     detections_per_image: int = _opt("most detections kept per image (box_detections_per_img)", 100)
     proposals_per_image: int = _opt("RPN proposals kept after NMS per image at test time", 1000)
@@ -232,6 +238,9 @@ def validate(config: SegmentConfig) -> None:
                           f"got {config.input_format!r}")
     if config.arch not in ARCHITECTURES:
         raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
+    if config.soft_mask_dtype not in SOFT_MASK_DTYPES:
+        raise ConfigError(f"soft_mask_dtype must be uint16 or float32, "
+                          f"got {config.soft_mask_dtype!r}")
     if config.batch_canvas not in BATCH_CANVASES:
         raise ConfigError(f"batch_canvas must be exact or fixed, got {config.batch_canvas!r}")
     if config.num_gpus == 0:

@@ -8,11 +8,12 @@ stage; ``MaskEncoder`` runs it in Ray Data actors. Each detection's label become
 category (``CategoryTable``); box-only detections get no mask, area or segmentation.
 
 Soft masks are kept in predictions/ so that ``segpipe export`` can binarise them at a new
-threshold. They are stored as ``schema.SOFT_MASK_DTYPE``, chosen by measurement
-(``bench/soft_mask_storage.py``, docs/benchmarks.md): uint16 (``round(p * 65535)``) re-binarises
-to masks within IoU 0.99 of a fresh run's for every detection measured, pixel-identical for
-~99%, at 1,568 bytes raw and ~650 bytes per detection in zstd Parquet; uint8 (what runs before
-it stored, and still read) lost up to 0.018 IoU on larger masks and 0.11 on small ones.
+threshold. How is a measured trade (``bench/soft_mask_storage.py``, docs/benchmarks.md),
+``soft_mask_dtype`` in the config: uint16 (``round(p * 65535)``, the default) re-binarises
+trained-like masks to within IoU 0.999 of a fresh run's, small ones pixel for pixel, at ~650
+bytes per detection in zstd Parquet (pure-noise masks of random weights: worst 0.988);
+float32 re-binarises every mask pixel for pixel at ~2,500 bytes. uint8 (what runs stored
+before, still read) lost up to 0.016 IoU on larger masks and 0.11 on small ones.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.detections import ImageDetections, unpack_detections
 from segpipe.paste import paste_runs
 
-#: The full scale of each way soft masks are stored (``schema.SOFT_MASK_DTYPE`` now).
+#: The full scale of each way soft masks are stored as integers (``float32`` keeps them as
+#: the model gave them).
 SOFT_MASK_SCALES = {"uint8": 255, "uint16": 65535}
 
 
@@ -46,7 +48,10 @@ def encode_masks(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: 
 
 def quantise_soft_masks(soft_masks: np.ndarray,
                         dtype: str = schema.SOFT_MASK_DTYPE) -> np.ndarray:
-    """Probabilities in [0, 1] → ``dtype`` (``round(p * scale)``), for storage in predictions/."""
+    """Probabilities in [0, 1] → ``dtype`` (``round(p * scale)``; float32 as they are), for
+    storage in predictions/."""
+    if dtype == "float32":
+        return np.ascontiguousarray(soft_masks, np.float32)
     scale = SOFT_MASK_SCALES[dtype]
     return np.clip(np.rint(soft_masks * np.float32(scale)), 0, scale).astype(dtype)
 
@@ -61,6 +66,8 @@ def dequantise_soft_masks(stored: Sequence[bytes], dtype: str) -> np.ndarray:
     if m * m != per_mask or per_mask * len(stored) != len(q):
         raise ValueError(f"stored soft masks of {sorted({len(s) for s in stored})} bytes are "
                          f"not squares of {dtype}")
+    if dtype == "float32":
+        return q.reshape(-1, m, m)
     return (q.astype(np.float32) / np.float32(SOFT_MASK_SCALES[dtype])).reshape(-1, m, m)
 
 

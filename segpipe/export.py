@@ -13,7 +13,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,10 @@ class ExportOptions:
                                              # written mask, as COCO ground truth has it) or
                                              # "model" (the predicted box)
 
+    def repastes_masks(self, settings: schema.RunSettings) -> bool:
+        """Whether masks are made anew from the stored soft masks (a new mask threshold)."""
+        return self.mask_threshold is not None and self.mask_threshold != settings.mask_threshold
+
 
 @dataclass
 class ExportCounts:
@@ -62,6 +66,12 @@ class ExportCounts:
     over_max_per_image: int = 0
     masks_with_holes: int = 0           # --polygons: masks with holes (kept by keyhole rings)
     per_category: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "ExportCounts") -> None:
+        """Add ``other``'s detection counts (an export of more files) to these."""
+        for name, value in asdict(other).items():
+            if isinstance(value, int) and name not in ("images", "ok", "errors"):
+                setattr(self, name, getattr(self, name) + value)
 
     def left_out(self) -> list[tuple[int, str]]:
         """``(count, reason)`` for every reason that left detections out, in selection order."""
@@ -100,24 +110,30 @@ def iter_ok_rows(predictions_dir: str, batch_rows: int = 256,
     ``soft_masks`` the detections come without their stored soft masks (``soft_mask`` is
     None), which saves making a bytes object per detection when no mask is re-pasted.
     """
+    for path in prediction_files(predictions_dir):
+        yield from ok_rows_of_file(predictions_dir, path, batch_rows, soft_masks)
+
+
+def ok_rows_of_file(predictions_dir: str, path: str, batch_rows: int = 256,
+                    soft_masks: bool = True) -> Iterator[dict]:
+    """``iter_ok_rows`` for one prediction file ``path`` of ``predictions_dir``."""
     fs, _ = storage.resolve(predictions_dir)
     columns = ["image_id", "file_name", "width", "height", "status", "detections"]
-    for path in prediction_files(predictions_dir):
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-                if not soft_masks:
-                    batch = without_soft_masks(batch)
-                for row in batch.to_pylist():
-                    if row["status"] == schema.STATUS_OK:
-                        yield row
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+            if not soft_masks:
+                batch = without_soft_masks(batch)
+            for row in batch.to_pylist():
+                if row["status"] == schema.STATUS_OK:
+                    yield row
 
 
 def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
     """``batch`` with every detection's ``soft_mask`` null (the list's layout unchanged)."""
     detections = batch.column("detections")
     structs = detections.values
-    fields = [structs.field(i) if structs.type.field(i).name != "soft_mask"
-              else pa.nulls(len(structs), pa.binary()) for i in range(structs.type.num_fields)]
+    fields = [child if field.name != "soft_mask" else pa.nulls(len(structs), pa.binary())
+              for field, child in zip(structs.type, structs.flatten())]
     stripped = pa.StructArray.from_arrays(fields, fields=list(structs.type),
                                           mask=structs.is_null())
     lists = pa.ListArray.from_arrays(detections.offsets, stripped,
@@ -135,8 +151,7 @@ def select_detections(row: dict, options: ExportOptions, settings: schema.RunSet
     """
     kept = []
     category_ids = settings.categories.ids
-    rethreshold_masks = (options.mask_threshold is not None
-                         and options.mask_threshold != settings.mask_threshold)
+    rethreshold_masks = options.repastes_masks(settings)
     for det in row["detections"] or []:
         counts.detections += 1
         if det["score"] < options.score_threshold:
@@ -291,12 +306,15 @@ def coco_info(description: str, extra: Optional[dict] = None) -> dict:
 
 def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
                 settings: schema.RunSettings, info: Optional[dict] = None,
-                images: Optional[pa.Table] = None, show_progress: bool = False) -> ExportCounts:
+                images: Optional[pa.Table] = None, show_progress: bool = False,
+                parallel: bool = False) -> ExportCounts:
     """Write ``coco_dir/instances.json`` and ``coco_dir/results.json`` from predictions.
 
     Both files hold the same detections, chosen by ``select_detections``; ``images`` lists the
     images that decoded and were predicted. ``images`` is ``read_image_table(predictions_dir)``
-    when the caller has it already. The ``categories`` list is the run's category table;
+    when the caller has it already. Each prediction file's part is made by ``file_part``: in
+    this process, one file after another, or with ``parallel`` in Ray tasks (Ray must be
+    initialised), written in file order either way, so the files are the same. The ``categories`` list is the run's category table;
     box-only detections have no ``segmentation`` key.
     """
     if images is None:
@@ -326,30 +344,85 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
         result_writer = JsonArrayWriter(results)
         progress = stack.enter_context(Progress(f"writing {coco_dir}", counts.ok,
                                                 enabled=show_progress))
-        rethresholding = (options.mask_threshold is not None
-                          and options.mask_threshold != settings.mask_threshold)
-        for row in iter_ok_rows(predictions_dir, soft_masks=rethresholding):
-            selected = select_detections(row, options, settings, counts)
-            boxes_and_areas = mask_boxes_and_areas(selected, row["height"], row["width"])
-            for det, (box, area) in zip(selected, boxes_and_areas):
-                mask = det["segmentation"] is not None
-                head, tail = _result_members(row["image_id"], det)
-                bbox = _box_json(det["bbox"])
-                result_writer.write_json(f"{{{head}{bbox}{tail}}}")
-                if mask and options.instances_bbox == "mask":
-                    bbox = _box_json(box)
-                annotation_writer.write_json(
-                    f'{{"id":{annotation_writer.count + 1},{head}{bbox}{tail},'
-                    f'"area":{area if mask else det["area"]!r},"iscrowd":0}}')
-                per_category[det["category_name"]] += 1
+        rows = iter_ok_rows(predictions_dir, soft_masks=options.repastes_masks(settings))
+        parts = (file_parts_on_ray(predictions_dir, options, settings) if parallel else
+                 (rows_part([row], options, settings) for row in rows))   # image by image
+        for part in parts:
+            for result, annotation in zip(part.results, part.annotations):
+                result_writer.write_json(result)
+                annotation_writer.write_json(f'{{"id":{annotation_writer.count + 1},'
+                                             + annotation)
             result_writer.flush()
             annotation_writer.flush()
-            progress.advance()
+            counts.add(part.counts)
+            per_category.update(part.per_category)
+            progress.advance(part.images)
         instances.write(b"\n]}\n")
         results.write(b"\n]\n")
     counts.annotations = annotation_writer.count
     counts.per_category = dict(sorted(per_category.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
+
+
+@dataclass
+class FilePart:
+    """The COCO entries of one prediction file: each results entry and each annotation as
+    JSON text (the annotation without its leading ``"id"`` member, which the writer numbers),
+    what was counted, and how many ok images the file held."""
+
+    results: list[str] = field(default_factory=list)
+    annotations: list[str] = field(default_factory=list)
+    counts: ExportCounts = field(default_factory=ExportCounts)
+    per_category: Counter = field(default_factory=Counter)
+    images: int = 0
+
+
+def file_part(predictions_dir: str, path: str, options: ExportOptions,
+              settings: schema.RunSettings) -> FilePart:
+    """``rows_part`` of one prediction file (what a Ray task of a parallel export does)."""
+    return rows_part(ok_rows_of_file(predictions_dir, path,
+                                     soft_masks=options.repastes_masks(settings)),
+                     options, settings)
+
+
+def rows_part(rows: Iterable[dict], options: ExportOptions,
+              settings: schema.RunSettings) -> FilePart:
+    """Select, re-paste (at a new mask threshold) and write as JSON the detections of ok
+    ``rows``."""
+    part = FilePart()
+    for row in rows:
+        selected = select_detections(row, options, settings, part.counts)
+        boxes_and_areas = mask_boxes_and_areas(selected, row["height"], row["width"])
+        for det, (box, area) in zip(selected, boxes_and_areas):
+            mask = det["segmentation"] is not None
+            head, tail = _result_members(row["image_id"], det)
+            bbox = _box_json(det["bbox"])
+            part.results.append(f"{{{head}{bbox}{tail}}}")
+            if mask and options.instances_bbox == "mask":
+                bbox = _box_json(box)
+            part.annotations.append(f'{head}{bbox}{tail},'
+                                    f'"area":{area if mask else det["area"]!r},"iscrowd":0}}')
+            part.per_category[det["category_name"]] += 1
+        part.images += 1
+    return part
+
+
+def file_parts_on_ray(predictions_dir: str, options: ExportOptions,
+                      settings: schema.RunSettings) -> Iterator[FilePart]:
+    """``file_part`` of every prediction file in Ray tasks (one CPU each), yielded in file
+    order; at most two tasks per CPU of the cluster are running or waiting to be written, so
+    the driver holds a bounded number of parts."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(file_part)
+    paths = prediction_files(predictions_dir)
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending = [task.remote(predictions_dir, path, options, settings) for path in paths[:window]]
+    for following in paths[window:] + [None] * min(window, len(paths)):
+        part = ray.get(pending.pop(0))
+        if following is not None:
+            pending.append(task.remote(predictions_dir, following, options, settings))
+        yield part
 
 
 def coco_result(image_id: int, det: dict) -> dict:
@@ -385,12 +458,19 @@ def _segmentation_json(segmentation: Any) -> str:
     return _ENCODER.encode(segmentation)
 
 
-def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False,
-               class_names: Optional[str] = None) -> dict:
-    """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
-    from ``output/predictions`` alone. ``class_names`` (comma-separated names or ids of the
-    run's categories) sets ``options.classes``. Raises ``ConfigError`` before any work for
-    requests the stored predictions cannot answer."""
+@dataclass(frozen=True)
+class CheckedExport:
+    """What ``check_export`` found: the run's predictions, their settings, the options."""
+
+    predictions_dir: str
+    settings: schema.RunSettings
+    options: ExportOptions
+
+
+def check_export(output: str, options: ExportOptions,
+                 class_names: Optional[str] = None) -> CheckedExport:
+    """Raise ``ConfigError`` for requests the stored predictions cannot answer; ``class_names``
+    (comma-separated names or ids of the run's categories) sets ``options.classes``."""
     predictions_dir = existing_predictions(output)
     settings = read_run_settings(predictions_dir)
     if settings is None:
@@ -405,8 +485,7 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
         flag = "--polygons" if options.polygons else "--mask-threshold"
         raise ConfigError(f"{flag} needs masks, but this run's detector ({settings.model.arch}) "
                           "finds boxes only")
-    if (options.mask_threshold is not None and options.mask_threshold != settings.mask_threshold
-            and not settings.soft_masks):
+    if options.repastes_masks(settings) and not settings.soft_masks:
         raise ConfigError(f"mask threshold {options.mask_threshold} differs from the run's "
                           f"{settings.mask_threshold}, but the run kept no soft masks "
                           "(--no-soft-masks); rerun segment with soft masks to re-threshold")
@@ -415,11 +494,28 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     if not 0.0 <= options.score_threshold < 1.0 or (
             options.mask_threshold is not None and not 0.0 <= options.mask_threshold < 1.0):
         raise ConfigError("thresholds must be in [0, 1)")
+    return CheckedExport(predictions_dir, settings, options)
+
+
+def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False,
+               class_names: Optional[str] = None, address: Optional[str] = None,
+               checked: Optional[CheckedExport] = None) -> dict:
+    """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
+    from ``output/predictions`` alone, after ``check_export`` (``checked``, when the caller ran
+    it). With a Ray ``address`` the prediction files are exported in Ray tasks on that cluster
+    (``export_coco(parallel=True)``)."""
+    checked = checked or check_export(output, options, class_names)
+    predictions_dir, settings, options = checked.predictions_dir, checked.settings, checked.options
     start = time.perf_counter()
     info = coco_info("segpipe export", {"arch": settings.model.arch,
                                         "weights_sha256": settings.weights_sha256})
-    counts = export_coco(predictions_dir, to, options, settings, info,
-                         show_progress=show_progress)
+    with contextlib.ExitStack() as stack:
+        if address:
+            from segpipe.cluster import ray_session
+
+            stack.enter_context(ray_session(address))
+        counts = export_coco(predictions_dir, to, options, settings, info,
+                             show_progress=show_progress, parallel=bool(address))
     seconds = time.perf_counter() - start
     summary = {
         "segpipe": __version__,
@@ -432,6 +528,7 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
         "counts": asdict(counts),
         "seconds": round(seconds, 3),
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
+        "ray": address or None,
     }
     storage.write_json_atomic(to, "export.json", summary)
     return summary

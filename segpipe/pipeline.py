@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 
 from segpipe import layout, report, schema, sinks, sources, storage
-from segpipe.cluster import ClusterShape, ClusterWatch, read_cluster_shape
+from segpipe.cluster import ClusterShape, ClusterWatch, ray_session, read_cluster_shape
 from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, check_precision_device, \
     parse_actors
@@ -254,23 +254,6 @@ def interrupt_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-@contextlib.contextmanager
-def ray_session(address: Optional[str]) -> Iterator[None]:
-    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; leave it as found."""
-    if ray.is_initialized():
-        yield
-        return
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target:
-        ray.init(address=target, log_to_driver=True)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def prepare_output(config: SegmentConfig,
                    settings: RunSettings) -> tuple[str, set[int], RunSettings]:
     """Return the predictions folder, the ids of the images already done in it, and the
@@ -278,15 +261,14 @@ def prepare_output(config: SegmentConfig,
 
     A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``.
     With ``resume`` the complete files of an earlier run are kept (their images are skipped)
-    after checking that they were made with the same settings; the soft masks go on being
-    stored the way the earlier run stored them (uint8 for runs made before uint16), so one
-    run's files agree. Leftover temporary files of a killed run are removed.
+    after checking that they were made with the same settings; a run made before soft masks
+    were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover temporary files of a killed run are removed.
     """
     predictions_dir = layout.predictions_dir(config.output)
     fs, root = storage.resolve(predictions_dir)
     if config.resume:
         earlier, done = layout.read_written(predictions_dir)
-        if earlier is not None:
+        if earlier is not None and earlier.soft_mask_dtype == schema.SOFT_MASK_DTYPE_BEFORE:
             settings = replace(settings, soft_mask_dtype=earlier.soft_mask_dtype)
         differences = settings.differences(earlier) if earlier is not None else []
         if differences:
@@ -378,7 +360,7 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
     """What the predictions of this run depend on (recorded in every Parquet file)."""
     return RunSettings(model=weights.spec, weights_sha256=weights.sha256,
                        mask_threshold=config.mask_threshold, soft_masks=config.soft_masks,
-                       categories=weights.categories)
+                       categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype)
 
 
 @contextlib.contextmanager

@@ -324,7 +324,7 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
     """Render up to ``request.limit`` images of a run into ``request.to`` on Ray."""
     import ray
 
-    from segpipe.pipeline import ray_session
+    from segpipe.cluster import ray_session
 
     checked = checked or check_render(request)
     table, to = checked.rows, request.to

@@ -215,3 +215,22 @@ def test_export_keeps_no_python_object_per_detection(tmp_path):
         peaks[images] = int(out[1]) / 2**20
     print(f"traced Python peak: {peaks}")
     assert peaks[3200] - peaks[400] < 2  # MB, for 140k more detections
+
+
+def test_an_export_on_ray_writes_the_same_files_as_one_process(tmp_path, local_ray):
+    """One Ray task per prediction file, written in file order: the same bytes as a local
+    export (re-pasted masks, polygons and counts included)."""
+    large_predictions(tmp_path / "run", 60, per_image=20, rows_per_file=7)   # 9 files
+    outputs = {}
+    for name, address in (("local", None), ("ray", "auto")):
+        for options in (ExportOptions(score_threshold=0.3, mask_threshold=0.3),
+                        ExportOptions(score_threshold=0.5, polygons=True)):
+            to = tmp_path / f"{name}-{options.polygons}"
+            summary = run_export(str(tmp_path / "run"), str(to), options, address=address)
+            instances = json.loads((to / "instances.json").read_text())
+            instances.pop("info")   # its date_created
+            outputs[name, options.polygons] = (instances, (to / "results.json").read_bytes(),
+                                               summary["counts"])
+    for polygons in (False, True):
+        assert outputs["ray", polygons] == outputs["local", polygons]
+        assert outputs["local", polygons][2]["annotations"] > 100

@@ -377,3 +377,18 @@ def test_results_written_directly_equal_json_dumps(segmentation):
     text = "{" + head + _box_json(detection["bbox"]) + tail + "}"
     assert text == json.dumps(coco_result(2**53 - 1, detection), separators=(",", ":"),
                               ensure_ascii=False)
+
+
+def test_float32_soft_masks_re_export_pixel_for_pixel():
+    from segpipe.encode import dequantise_soft_masks, encode_masks, quantise_soft_masks
+    from synthetic import blob_detections
+
+    rng = np.random.default_rng(9)
+    soft = rng.random((40, 28, 28)).astype(np.float32)    # noise: the hardest case
+    _, boxes = blob_detections(40, H, W, seed=9, smallest=3, largest=30)
+    stored = [q.tobytes() for q in quantise_soft_masks(soft, "float32")]
+    back = dequantise_soft_masks(stored, "float32")
+    np.testing.assert_array_equal(back, soft)
+    for threshold in (0.3, 0.7):
+        assert encode_masks(back, boxes, H, W, threshold)[0] == \
+            encode_masks(soft, boxes, H, W, threshold)[0]
