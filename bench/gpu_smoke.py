@@ -254,6 +254,10 @@ def main() -> int:
     parser.add_argument("--min-size", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--proposals", type=int, default=1000,
+                        help="RPN proposals kept per image (torchvision's default: 1000)")
+    parser.add_argument("--detections", type=int, default=100,
+                        help="most detections per image (torchvision's default: 100)")
     parser.add_argument("--precisions", default=None,
                         help="default: fp32,bf16,fp16 on CUDA, fp32,bf16 on CPU")
     parser.add_argument("--batch-sizes", default="1,4,8,16")
@@ -276,7 +280,8 @@ def main() -> int:
     precisions = (args.precisions or ("fp32,bf16,fp16" if device.type == "cuda"
                                       else "fp32,bf16")).split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    spec = ModelSpec("maskrcnn_resnet50_fpn", args.min_size, args.max_size, 0.05, 0.5, 100, 1000)
+    spec = ModelSpec("maskrcnn_resnet50_fpn", args.min_size, args.max_size, 0.05, 0.5,
+                     args.detections, args.proposals)
     state_dict = resolve_weights("random", spec, seed=0).state_dict
     report: dict = {"environment": environment(device), "settings": vars(args)}
     print(json.dumps(report["environment"]), flush=True)

@@ -116,7 +116,8 @@ def test_gpu_smoke_runs_on_cpu_at_a_tiny_size(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(script), "--device", "cpu", "--width", "120", "--height", "90",
          "--min-size", "96", "--max-size", "160", "--images", "2", "--batch-sizes", "1,2",
-         "--agreement-images", "1", "--threads", "1,2", "--json", str(out)],
+         "--agreement-images", "1", "--threads", "1,2", "--proposals", "100",
+         "--detections", "10", "--json", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
