@@ -117,11 +117,6 @@ class ClusterShape:
         kinds += [float(t.resources.get(key, 0)) for t in self.node_types or () if t.max_count]
         return kinds
 
-    @property
-    def grows(self) -> bool:
-        """Whether the autoscaler can add CPUs or GPUs to what is there now."""
-        return any(self.largest(key) > self.now(key) for key in ("CPU", "GPU"))
-
     def describe(self) -> dict[str, Any]:
         """For run.json: the nodes now, the node types and where they came from."""
         return {
@@ -152,14 +147,17 @@ def read_cluster_shape() -> ClusterShape:
     import ray
 
     nodes = tuple(dict(node["Resources"]) for node in ray.nodes() if node["Alive"])
-    node_types, max_workers, source = reported_node_types()
+    node_types, max_workers, source = reported_node_types(nodes)
     if node_types is None:
         node_types, max_workers, source = autoscaler_file_node_types()
     return ClusterShape(nodes, node_types, max_workers, source)
 
 
-def reported_node_types() -> tuple[Optional[tuple[NodeType, ...]], Optional[int], Optional[str]]:
-    """Node types from the cluster config an autoscaler reported to the GCS, if any."""
+def reported_node_types(nodes: tuple[Mapping[str, float], ...] = ()
+                        ) -> tuple[Optional[tuple[NodeType, ...]], Optional[int], Optional[str]]:
+    """Node types from the cluster config an autoscaler reported to the GCS, if any; a group
+    of at most one node shaped like the head node (of ``nodes``) is the head's own, already
+    counted, and left out (as Ray Data's autoscaler does)."""
     try:
         from ray._private.state import state
 
@@ -168,9 +166,11 @@ def reported_node_types() -> tuple[Optional[tuple[NodeType, ...]], Optional[int]
         return None, None, None
     if not config or not config.node_group_configs:
         return None, None, None
+    heads = [summary(node) for node in nodes if HEAD_MARKER in node]
     types = tuple(NodeType(group.name, {k: float(v) for k, v in group.resources.items()},
                            int(group.max_count))
                   for group in config.node_group_configs)
+    types = tuple(t for t in types if not (t.max_count == 1 and summary(t.resources) in heads))
     return types, None, "the cluster config reported to Ray's GCS"
 
 

@@ -22,7 +22,7 @@ BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
 ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCH_CANVASES = ("exact", "fixed")
-#: How soft masks can be stored (``encode.quantise_soft_masks``).
+#: How soft masks can be stored (``encode.quantise_soft_masks``), the default first.
 SOFT_MASK_DTYPES = ("uint16", "float32")
 
 #: Pillow refuses to open images above twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb
@@ -77,7 +77,8 @@ class SegmentConfig:
     soft_mask_dtype: str = _opt("how soft masks are kept: uint16 (~650 bytes per detection in "
                                 "zstd Parquet; re-exported masks within IoU 0.999 of a fresh "
                                 "run's on trained-like masks) | float32 (~2,500 bytes; "
-                                "re-exported masks pixel for pixel a fresh run's)", "uint16",
+                                "re-exported masks pixel for pixel a fresh run's)",
+                                SOFT_MASK_DTYPES[0],
                                 choices=SOFT_MASK_DTYPES, metavar="DTYPE")
     nms_threshold: float = _opt("IoU of per-class box NMS (model box_nms_thresh)", 0.5)
     detections_per_image: int = _opt("most detections kept per image (box_detections_per_img)", 100)

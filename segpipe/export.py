@@ -312,9 +312,10 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
 
     Both files hold the same detections, chosen by ``select_detections``; ``images`` lists the
     images that decoded and were predicted. ``images`` is ``read_image_table(predictions_dir)``
-    when the caller has it already. Each prediction file's part is made by ``file_part``: in
-    this process, one file after another, or with ``parallel`` in Ray tasks (Ray must be
-    initialised), written in file order either way, so the files are the same. The ``categories`` list is the run's category table;
+    when the caller has it already. The entries are made by ``rows_part``: in this process,
+    image by image, or with ``parallel`` one prediction file per Ray task (Ray must be
+    initialised), written in file order either way, so the files are the same. The
+    ``categories`` list is the run's category table;
     box-only detections have no ``segmentation`` key.
     """
     if images is None:
@@ -344,9 +345,11 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
         result_writer = JsonArrayWriter(results)
         progress = stack.enter_context(Progress(f"writing {coco_dir}", counts.ok,
                                                 enabled=show_progress))
-        rows = iter_ok_rows(predictions_dir, soft_masks=options.repastes_masks(settings))
-        parts = (file_parts_on_ray(predictions_dir, options, settings) if parallel else
-                 (rows_part([row], options, settings) for row in rows))   # image by image
+        if parallel:
+            parts = file_parts_on_ray(predictions_dir, options, settings)
+        else:   # image by image, streaming
+            parts = (rows_part([row], options, settings) for row in
+                     iter_ok_rows(predictions_dir, soft_masks=options.repastes_masks(settings)))
         for part in parts:
             for result, annotation in zip(part.results, part.annotations):
                 result_writer.write_json(result)
@@ -365,10 +368,10 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
 
 
 @dataclass
-class FilePart:
-    """The COCO entries of one prediction file: each results entry and each annotation as
-    JSON text (the annotation without its leading ``"id"`` member, which the writer numbers),
-    what was counted, and how many ok images the file held."""
+class ExportPart:
+    """The COCO entries of some ok images (one image, or one prediction file's): each results
+    entry and each annotation as JSON text (the annotation without its leading ``"id"``
+    member, which the writer numbers), what was counted, and how many images there were."""
 
     results: list[str] = field(default_factory=list)
     annotations: list[str] = field(default_factory=list)
@@ -378,7 +381,7 @@ class FilePart:
 
 
 def file_part(predictions_dir: str, path: str, options: ExportOptions,
-              settings: schema.RunSettings) -> FilePart:
+              settings: schema.RunSettings) -> ExportPart:
     """``rows_part`` of one prediction file (what a Ray task of a parallel export does)."""
     return rows_part(ok_rows_of_file(predictions_dir, path,
                                      soft_masks=options.repastes_masks(settings)),
@@ -386,10 +389,10 @@ def file_part(predictions_dir: str, path: str, options: ExportOptions,
 
 
 def rows_part(rows: Iterable[dict], options: ExportOptions,
-              settings: schema.RunSettings) -> FilePart:
+              settings: schema.RunSettings) -> ExportPart:
     """Select, re-paste (at a new mask threshold) and write as JSON the detections of ok
     ``rows``."""
-    part = FilePart()
+    part = ExportPart()
     for row in rows:
         selected = select_detections(row, options, settings, part.counts)
         boxes_and_areas = mask_boxes_and_areas(selected, row["height"], row["width"])
@@ -408,7 +411,7 @@ def rows_part(rows: Iterable[dict], options: ExportOptions,
 
 
 def file_parts_on_ray(predictions_dir: str, options: ExportOptions,
-                      settings: schema.RunSettings) -> Iterator[FilePart]:
+                      settings: schema.RunSettings) -> Iterator[ExportPart]:
     """``file_part`` of every prediction file in Ray tasks (one CPU each), yielded in file
     order; at most two tasks per CPU of the cluster are running or waiting to be written, so
     the driver holds a bounded number of parts."""

@@ -105,7 +105,8 @@ def plan_stages(config: SegmentConfig, cluster: ClusterShape) -> StagePlan:
 
     CPU shares on CPU-only clusters: every actor reserves ``(c - s) / c`` CPUs, ``c`` the
     CPUs of the smallest node that is or can be in the cluster (present nodes and node types
-    alike) and ``s`` the stages' share. Whatever nodes have joined, however Ray places the
+    alike; nodes with no more than ``s`` CPUs are left out, they can only hold predictors)
+    and ``s`` the stages' share. Whatever nodes have joined, however Ray places the
     default pool's ``sum(floor(c_i))`` actors (over the cluster at its largest), some node
     keeps ``s`` free once the nodes the actors wait for have joined: a node holding at most
     ``c_i`` actors keeps ``c_i - c_i (c - s) / c >= s`` since ``c_i >= c``, and not every
@@ -135,7 +136,10 @@ def plan_stages(config: SegmentConfig, cluster: ClusterShape) -> StagePlan:
     # one with GPUs (more start on the CPUs the predictors leave), all of them on CPU.
     cpu_encoders = 1 + int(cpus_max) // CPU_PREDICTORS_PER_ENCODER
     set_aside = decode_cpus + write_cpus + encode_cpus * (1 if on_gpu else cpu_encoders)
-    kinds = [c for c in cluster.node_kinds("CPU") if c >= 1] or [max(cpus_now, 1.0)]
+    # the node sizes the CPU shares are made for: leave out nodes too small for the stages'
+    # share (a 1-CPU head beside big workers), which could only ever hold predictors
+    sizes = [c for c in cluster.node_kinds("CPU") if c >= 1] or [max(cpus_now, 1.0)]
+    kinds = [c for c in sizes if c > set_aside] or sizes
     nodes_now = [c for c in (node.get("CPU", 0) for node in cluster.nodes) if c >= 1]
     nodes_max = [c for c in cluster.largest_node_cpus() if c >= 1] or kinds
 
@@ -262,7 +266,8 @@ def prepare_output(config: SegmentConfig,
     A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``.
     With ``resume`` the complete files of an earlier run are kept (their images are skipped)
     after checking that they were made with the same settings; a run made before soft masks
-    were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover temporary files of a killed run are removed.
+    were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover
+    temporary files of a killed run are removed.
     """
     predictions_dir = layout.predictions_dir(config.output)
     fs, root = storage.resolve(predictions_dir)

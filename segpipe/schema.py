@@ -13,7 +13,7 @@ from typing import Optional
 import pyarrow as pa
 
 from segpipe.categories import COCO_TABLE, CategoryTable
-from segpipe.config import ModelSpec
+from segpipe.config import SOFT_MASK_DTYPES, ModelSpec
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -25,9 +25,9 @@ IMAGE_ID_BITS = 53
 IMAGE_IDS = "blake2b-53"
 IMAGE_IDS_BEFORE = "blake2b-63"
 
-#: How soft masks are stored (``encode.quantise_soft_masks``); files written before it was
-#: recorded stored uint8.
-SOFT_MASK_DTYPE = "uint16"
+#: How soft masks are stored by default (``config.SOFT_MASK_DTYPES``); files written before the
+#: kind was recorded stored uint8.
+SOFT_MASK_DTYPE = SOFT_MASK_DTYPES[0]
 SOFT_MASK_DTYPE_BEFORE = "uint8"
 
 SEGMENTATION = pa.struct([

@@ -215,3 +215,13 @@ def test_gpu_encoders_keep_up_with_the_gpus_and_leave_the_rest_to_decode():
         assert encoders <= 2 * gpus   # not every spare CPU: decode needs them
     assert gpu_encoders(8, 1.0, spare_cpus=3.5) == 3    # never more than the CPUs left
     assert gpu_encoders(1, 1.0, spare_cpus=0) == 1      # and always one
+
+
+def test_a_small_head_beside_big_workers_does_not_starve_the_cpu_shares():
+    """A 1-CPU head and 64-CPU workers: the stages' share (with 5 encoders) is more than the
+    head has, so the shares are made for the workers and the plan still fits."""
+    shape = grows({"CPU": 1, "memory": 512 * GIB}, ("cpu64", {"CPU": 64}, 1),
+                  workers=({"CPU": 64},))
+    plan = plan_stages(small_config("in", "out", "random"), shape)
+    assert plan.cpus_per_actor > 0.9 and plan.max_actors == 65
+    assert stage_cpus(plan) <= 65 + 1e-9
