@@ -240,7 +240,7 @@ def validate(config: SegmentConfig) -> None:
     if config.arch not in ARCHITECTURES:
         raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
     if config.soft_mask_dtype not in SOFT_MASK_DTYPES:
-        raise ConfigError(f"soft_mask_dtype must be uint16 or float32, "
+        raise ConfigError(f"soft_mask_dtype must be {' or '.join(SOFT_MASK_DTYPES)}, "
                           f"got {config.soft_mask_dtype!r}")
     if config.batch_canvas not in BATCH_CANVASES:
         raise ConfigError(f"batch_canvas must be exact or fixed, got {config.batch_canvas!r}")

@@ -46,8 +46,8 @@ DETECTION = pa.struct([
     pa.field("box", pa.list_(pa.float32(), 4)),   # x1 y1 x2 y2 exactly as predicted (re-paste)
     pa.field("soft_mask", pa.binary()),         # M×M mask probabilities, row-major, as
                                                 # RunSettings.soft_mask_dtype: uint16 (p·65535,
-                                                # rounded; uint8, p·255, before it); null with
-                                                # --no-soft-masks
+                                                # rounded), float32, or (runs before) uint8
+                                                # (p·255); null with --no-soft-masks
 ])
 
 PREDICTION_SCHEMA = pa.schema([
