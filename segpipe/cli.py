@@ -45,6 +45,8 @@ SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
                      "soft_mask_dtype"),
     "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
                "max_image_bytes"),
+    "huge images (README \"Huge images\")": ("tile", "tile_overlap", "tile_full_pass",
+                                              "tile_merge_threshold"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
                            "batch_size", "predictor_threads", "rows_per_file"),
     "run": ("overwrite", "resume", "progress", "fault_kill_after_batches"),

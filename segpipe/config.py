@@ -25,9 +25,10 @@ BATCH_CANVASES = ("exact", "fixed")
 #: How soft masks can be stored (``encode.quantise_soft_masks``), the default first.
 SOFT_MASK_DTYPES = ("uint16", "float32")
 
-#: Pillow refuses to open images above twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb
-#: guard); segpipe's own limit may not go past it.
-PIL_HARD_PIXEL_LIMIT = 2 * 89_478_485
+#: The largest ``max_image_pixels``: COCO RLE (pycocotools) counts an image's pixels in 32 bits.
+MAX_PIXEL_LIMIT = 2**31 - 1
+#: The smallest tile: the model's feature maps stride 32 and its anchors start at 32 px.
+MIN_TILE = 64
 
 
 class ConfigError(ValueError):
@@ -111,8 +112,20 @@ class SegmentConfig:
                              "holds only equal padded shapes) | fixed (one landscape and one "
                              "portrait canvas, so batches stay full but carry padding)", "exact",
                              choices=BATCH_CANVASES, metavar="CANVAS")
-    max_image_pixels: int = _opt("images with more pixels become error rows (decode limit)",
-                                 100_000_000)
+    max_image_pixels: int = _opt("images with more pixels become error rows (decode limit; "
+                                 "a decoded image takes 3 bytes per pixel, see the README's "
+                                 "\"Huge images\")", 100_000_000)
+    tile: int = _opt("slice images larger than SIZE px into SIZE x SIZE tiles, each predicted "
+                     "at its own resolution (no resize) and merged per image in full-image "
+                     "coordinates (README \"Huge images\"); 0: off", 0, metavar="SIZE")
+    tile_overlap: float = _opt("overlap of neighbouring tiles: a fraction of SIZE (< 1) or "
+                               "pixels (>= 1)", 0.2, metavar="X")
+    tile_full_pass: bool = _opt("with --tile, also predict each tiled image whole, resized by "
+                                "min_size/max_size, so objects larger than a tile are found; "
+                                "its detections are merged with the tiles'", False)
+    tile_merge_threshold: float = _opt("with --tile, same-class detections whose boxes overlap "
+                                       "by at least this intersection over the smaller box are "
+                                       "one object (SAHI's greedy NMM, IOS)", 0.5)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
     rows_per_file: int = _opt("most rows (images) in one predictions/*.parquet file", 1000)
     address: Optional[str] = _opt("Ray cluster to join; unset: RAY_ADDRESS, else a local Ray", None)
@@ -160,6 +173,31 @@ class ModelSpec:
         return cls(config.arch, config.min_size, config.max_size, config.score_floor,
                    config.nms_threshold, config.detections_per_image, config.proposals_per_image,
                    num_classes)
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How a run slices its images (``--tile``); ``overlap`` in pixels."""
+
+    size: int
+    overlap: int
+    full_pass: bool = False
+    merge_threshold: float = 0.5
+
+    @classmethod
+    def from_config(cls, config: SegmentConfig) -> Optional["TileSettings"]:
+        """The run's tiling, or ``None`` without ``--tile``."""
+        if not config.tile:
+            return None
+        return cls(config.tile, tile_overlap_pixels(config.tile, config.tile_overlap),
+                   config.tile_full_pass, config.tile_merge_threshold)
+
+    def applies(self, height: int, width: int) -> bool:
+        """Whether an image of this size is sliced (its longer side is over the tile)."""
+        return max(height, width) > self.size
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def has_masks(arch: str) -> bool:
@@ -261,6 +299,8 @@ def validate(config: SegmentConfig) -> None:
             f"({config.score_floor}): detections under the floor are never kept, so lower "
             "score_floor or raise score_threshold"
         )
+    if config.tile < 0:
+        raise ConfigError(f"tile must be 0 (off) or a size in pixels, got {config.tile}")
     positive = ("min_size", "max_size", "detections_per_image", "proposals_per_image",
                 "batch_size", "predictor_threads", "max_image_pixels", "max_image_bytes", "rows_per_file")
     for name in positive:
@@ -268,9 +308,10 @@ def validate(config: SegmentConfig) -> None:
             raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.max_size < config.min_size:
         raise ConfigError(f"max_size ({config.max_size}) must be >= min_size ({config.min_size})")
-    if config.max_image_pixels > PIL_HARD_PIXEL_LIMIT:
-        raise ConfigError(f"max_image_pixels may be at most {PIL_HARD_PIXEL_LIMIT} "
-                          "(Pillow's decompression-bomb limit)")
+    if config.max_image_pixels > MAX_PIXEL_LIMIT:
+        raise ConfigError(f"max_image_pixels may be at most {MAX_PIXEL_LIMIT} (COCO RLE counts "
+                          "an image's pixels in 32 bits)")
+    check_tiling(config)
     if config.num_gpus is not None and config.num_gpus < 0:
         raise ConfigError(f"num_gpus must be >= 0, got {config.num_gpus}")
     if config.cpus_per_actor is not None and config.cpus_per_actor <= 0:
@@ -283,6 +324,30 @@ def validate(config: SegmentConfig) -> None:
                           "predictions, overwrite deletes them")
     if config.fault_kill_after_batches < 0:
         raise ConfigError("fault_kill_after_batches must be >= 0")
+
+
+def tile_overlap_pixels(tile: int, overlap: float) -> int:
+    """The overlap of neighbouring tiles in pixels: ``int(overlap * tile)`` for a fraction
+    (SAHI's rounding), ``overlap`` itself from 1 up."""
+    return int(overlap * tile) if overlap < 1 else int(overlap)
+
+
+def check_tiling(config: SegmentConfig) -> None:
+    """Refuse tile settings that cannot slice an image."""
+    if config.tile == 0:
+        return
+    if config.tile < MIN_TILE:
+        raise ConfigError(f"tile must be 0 (off) or at least {MIN_TILE} px, got {config.tile}")
+    if config.tile_overlap < 0 or (config.tile_overlap >= 1
+                                   and config.tile_overlap != int(config.tile_overlap)):
+        raise ConfigError(f"tile_overlap must be a fraction in [0, 1) or whole pixels, got "
+                          f"{config.tile_overlap}")
+    if tile_overlap_pixels(config.tile, config.tile_overlap) >= config.tile:
+        raise ConfigError(f"tile_overlap ({config.tile_overlap}) must be less than the tile "
+                          f"({config.tile} px)")
+    if not 0.0 < config.tile_merge_threshold <= 1.0:
+        raise ConfigError(f"tile_merge_threshold must be in (0, 1], got "
+                          f"{config.tile_merge_threshold}")
 
 
 def _check_types(config: SegmentConfig) -> None:

@@ -8,11 +8,13 @@ converted to 8-bit RGB. ``decode_batch`` is the Ray Data stage around it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +45,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         raise DecodeError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
         raise DecodeError(f"file is {len(data)} bytes, over max_image_bytes={limits.max_bytes}")
-    with warnings.catch_warnings():
+    with pillow_pixel_limit(limits.max_pixels), warnings.catch_warnings():
         # Pillow warns about large images and odd palettes; the limits below decide instead.
         warnings.simplefilter("ignore")
         try:
@@ -70,6 +72,25 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
             raise
         except Exception as exc:
             raise DecodeError(f"{image.format or 'image'} does not decode: {_reason(exc)}") from None
+
+
+#: Pillow's decompression-bomb limit is a module global: one decode sets it at a time.
+_PILLOW_LIMIT = threading.Lock()
+
+
+@contextlib.contextmanager
+def pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow refuses images over twice its ``MAX_IMAGE_PIXELS`` (a decompression-bomb guard,
+    ~179 megapixels by default): while decoding, make that this run's limit, which may be
+    higher, and put Pillow's own back afterwards. ``decode_image`` refuses images over the
+    limit itself, with the reason."""
+    with _PILLOW_LIMIT:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 def _reason(exc: BaseException) -> str:
@@ -132,7 +153,7 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
     becomes that row's ``status="error"`` with the reason, so a bad file never fails the block.
     """
     fs, _ = storage.resolve(input_uri)
-    widths, heights, statuses, errors, pixels = [], [], [], [], []
+    widths, heights, statuses, errors, pixels = [], [], [], [], []  # type: ignore[var-annotated]
 
     def column(name: str) -> list:
         return (batch.column(name).to_pylist() if name in batch.column_names
@@ -145,6 +166,37 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
         widths.append(rgb.shape[1] if rgb is not None else None)
         statuses.append(schema.STATUS_OK if rgb is not None else schema.STATUS_ERROR)
         errors.append(error)
-        pixels.append(rgb.tobytes() if rgb is not None else b"")
+        pixels.append(rgb)
     return pa.table({**schema.image_columns(batch, statuses, errors, widths, heights),
-                     schema.PIXELS: pa.array(pixels, pa.large_binary())})
+                     schema.PIXELS: pixel_column(pixels)})
+
+
+def pixel_column(images: list[Optional[np.ndarray]]) -> pa.Array:
+    """Decoded images (``None`` for failed rows) as one ``large_binary`` column of their
+    ``H×W×3`` bytes. One image is wrapped without a copy, several are copied once into one
+    buffer: a 400-megapixel image costs its 1.2 GB once here, not once per conversion."""
+    sizes = np.array([a.nbytes if a is not None else 0 for a in images], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    present = [a.reshape(-1) for a in images if a is not None]
+    data = (present[0] if len(present) == 1 else
+            np.concatenate(present) if present else np.zeros(0, np.uint8))
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def pixel_arrays(column: pa.ChunkedArray, heights: list, widths: list) -> list[np.ndarray]:
+    """The inverse of ``pixel_column``: each row's pixels as a read-only ``H×W×3`` view of
+    the column's buffer (no copy); empty arrays for rows without pixels."""
+    out: list[np.ndarray] = []
+    for chunk in column.chunks:
+        chunk = chunk.cast(pa.large_binary())
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        offsets = np.frombuffer(offsets_buffer, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = (np.frombuffer(data_buffer, np.uint8) if data_buffer is not None
+                else np.zeros(0, np.uint8))
+        for k in range(len(chunk)):
+            h, w = heights[len(out)], widths[len(out)]
+            flat = data[offsets[k]:offsets[k + 1]]
+            out.append(flat.reshape(h, w, 3) if h and w and len(flat) == h * w * 3
+                       else np.zeros((0, 0, 3), np.uint8))
+    return out

@@ -28,6 +28,7 @@ from segpipe import schema
 from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.detections import ImageDetections, unpack_detections
 from segpipe.paste import paste_runs
+from segpipe.tiles import image_boxes
 
 #: The full scale of each way soft masks are stored as integers (``float32`` keeps them as
 #: the model gave them).
@@ -35,14 +36,26 @@ SOFT_MASK_SCALES = {"uint8": 255, "uint16": 65535}
 
 
 def encode_masks(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
-                 threshold: float) -> tuple[list[dict], np.ndarray]:
+                 threshold: float, windows: Optional[np.ndarray] = None,
+                 groups: Optional[np.ndarray] = None) -> tuple[list[dict], np.ndarray]:
     """COCO RLEs (``counts`` as str) of every soft mask pasted into its box and binarised at
-    ``> threshold``, and their areas: torchvision's paste and pycocotools' encode, bit for bit."""
-    counts, offsets, areas = paste_runs(soft_masks, boxes, height, width, threshold)
+    ``> threshold``, and their areas: torchvision's paste and pycocotools' encode, bit for bit.
+
+    Tiled images (``tiles.py``): box ``k`` is in the pixels of ``windows[k]`` and pasted as in
+    that tile; with ``groups`` (non-decreasing), the masks of each group are one detection's
+    parts and its RLE is their union (pycocotools ``merge``, on the runs)."""
+    counts, offsets, areas = paste_runs(soft_masks, boxes, height, width, threshold, windows)
     size = [height, width]
     compressed = mask_utils.frPyObjects(
         [{"size": size, "counts": counts[offsets[k]:offsets[k + 1]]} for k in range(len(areas))],
         height, width) if len(areas) else []
+    if groups is not None and len(areas):
+        starts = np.flatnonzero(np.diff(np.asarray(groups), prepend=-1))
+        ends = np.append(starts[1:], len(groups))
+        compressed = [compressed[a] if b - a == 1 else
+                      mask_utils.merge(compressed[a:b], intersect=False)
+                      for a, b in zip(starts, ends)]
+        areas = mask_utils.area(compressed).astype(np.int64)
     return [{"size": size, "counts": rle["counts"].decode("ascii")} for rle in compressed], areas
 
 
@@ -73,12 +86,17 @@ def dequantise_soft_masks(stored: Sequence[bytes], dtype: str) -> np.ndarray:
 
 def rethreshold(detections: Sequence[dict], height: int, width: int, mask_threshold: float,
                 dtype: str) -> list[tuple[int, dict]]:
-    """``(area, segmentation)`` of stored detections binarised at a new mask threshold."""
+    """``(area, segmentation)`` of stored detections binarised at a new mask threshold; a
+    tiled image's detection is the union of its ``parts``, each pasted in its window."""
     if not detections:
         return []
-    soft = dequantise_soft_masks([d["soft_mask"] for d in detections], dtype)
-    boxes = np.asarray([d["box"] for d in detections], np.float32)
-    rles, areas = encode_masks(soft, boxes, height, width, mask_threshold)
+    whole = [0, 0, width, height]
+    parts = [(d, part) for d, det in enumerate(detections) for part in (det.get("parts") or [det])]
+    soft = dequantise_soft_masks([part["soft_mask"] for _, part in parts], dtype)
+    boxes = np.asarray([part["box"] for _, part in parts], np.float32)
+    windows = np.asarray([part.get("window") or whole for _, part in parts], np.int64)
+    groups = np.asarray([d for d, _ in parts], np.int64)
+    rles, areas = encode_masks(soft, boxes, height, width, mask_threshold, windows, groups)
     return [(int(area), rle) for area, rle in zip(areas, rles)]
 
 
@@ -92,24 +110,39 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 def encode_detections(det: ImageDetections, height: int, width: int, mask_threshold: float,
                       keep_soft_masks: bool = True, categories: CategoryTable = COCO_TABLE,
                       soft_mask_dtype: str = schema.SOFT_MASK_DTYPE) -> list[dict]:
-    """The ``detections`` list of one output row (``schema.DETECTION`` dicts)."""
+    """The ``detections`` list of one output row (``schema.DETECTION`` dicts); a tiled
+    image's parts become one detection per group, with its ``parts``."""
     count = len(det.boxes)
-    areas: Sequence[Any] = [None] * count
-    rles: Sequence[Optional[dict]] = [None] * count
     stored: Sequence[Optional[bytes]] = [None] * count
+    if det.has_masks and keep_soft_masks:
+        stored = [q.tobytes() for q in quantise_soft_masks(det.soft_masks, soft_mask_dtype)]
+    if det.tiled:
+        starts = np.flatnonzero(np.diff(det.groups, prepend=-1))
+        ends = np.append(starts[1:], count)
+        full = image_boxes(det.boxes, det.windows)
+        boxes = np.stack([np.concatenate([full[a:b, :2].min(0), full[a:b, 2:].max(0)])
+                          for a, b in zip(starts, ends)]).astype(np.float32) \
+            if count else np.zeros((0, 4), np.float32)
+        parts: list = [[{"box": det.boxes[k].tolist(), "window": det.windows[k].tolist(),
+                         "soft_mask": stored[k]} for k in range(a, b)]
+                       for a, b in zip(starts, ends)]
+        firsts, whole_masks = starts, [None] * len(starts)
+    else:
+        boxes, parts, firsts, whole_masks = det.boxes, [None] * count, np.arange(count), stored
+    areas: Sequence[Any] = [None] * len(firsts)
+    rles: Sequence[Optional[dict]] = [None] * len(firsts)
     if det.has_masks:
-        rles, areas = encode_masks(det.soft_masks, det.boxes, height, width, mask_threshold)
-        areas = areas.tolist()
-        if keep_soft_masks:
-            stored = [q.tobytes() for q in quantise_soft_masks(det.soft_masks, soft_mask_dtype)]
+        rles, found = encode_masks(det.soft_masks, det.boxes, height, width, mask_threshold,
+                                   det.windows, det.groups)
+        areas = found.tolist()
     rows = []
-    for label, score, bbox, box, area, rle, soft in zip(
-            det.labels.tolist(), det.scores.tolist(), xyxy_to_xywh(det.boxes).tolist(),
-            det.boxes.tolist(), areas, rles, stored):
-        category_id, name = categories.category_of(label)
-        rows.append({"category_id": category_id, "category_name": name, "score": score,
-                     "bbox": bbox, "area": area, "segmentation": rle, "box": box,
-                     "soft_mask": soft})
+    for first, bbox, box, area, rle, soft, part in zip(
+            firsts.tolist(), xyxy_to_xywh(boxes).tolist(), boxes.tolist(), areas, rles,
+            whole_masks, parts):
+        category_id, name = categories.category_of(int(det.labels[first]))
+        rows.append({"category_id": category_id, "category_name": name,
+                     "score": float(det.scores[first]), "bbox": bbox, "area": area,
+                     "segmentation": rle, "box": box, "soft_mask": soft, "parts": part})
     return rows
 
 

@@ -129,10 +129,12 @@ def ok_rows_of_file(predictions_dir: str, path: str, batch_rows: int = 256,
 
 
 def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """``batch`` with every detection's ``soft_mask`` null (the list's layout unchanged)."""
+    """``batch`` with every detection's ``soft_mask`` and ``parts`` (tiled images: what the
+    masks are re-pasted from) null; the list's layout unchanged."""
     detections = batch.column("detections")
     structs = detections.values
-    fields = [child if field.name != "soft_mask" else pa.nulls(len(structs), pa.binary())
+    fields = [child if field.name not in ("soft_mask", "parts") else
+              pa.nulls(len(structs), field.type)
               for field, child in zip(structs.type, structs.flatten())]
     stripped = pa.StructArray.from_arrays(fields, fields=list(structs.type),
                                           mask=structs.is_null())

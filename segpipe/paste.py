@@ -25,6 +25,8 @@ areas; ``encode.py`` hands the counts to pycocotools, which compresses them to C
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -109,13 +111,14 @@ def _inside(channels_last, a0, a1, b0, b1, la, lb, ka, kb, threshold):
 
 
 @njit(cache=True, nogil=True)
-def _one_mask(padded, bx0, by0, bx1, by1, height, width, threshold, runs):
-    """One-runs ``[start, end)`` (column-major pixel indices of the full image) of one pasted
-    mask, as pairs in ``runs`` (grown when full); returns ``(runs, count)``."""
+def _one_mask(padded, bx0, by0, bx1, by1, cx0, cy0, cx1, cy1, height, threshold, runs):
+    """One-runs ``[start, end)`` (column-major pixel indices of the full image, ``height``
+    rows) of one mask pasted into box ``b`` and clipped to ``[cx0, cx1) × [cy0, cy1)``, as
+    pairs in ``runs`` (grown when full); returns ``(runs, count)``."""
     w = max(bx1 - bx0 + 1, 1)
     h = max(by1 - by0 + 1, 1)
-    x0, x1 = max(bx0, 0), min(bx1 + 1, width)
-    y0, y1 = max(by0, 0), min(by1 + 1, height)
+    x0, x1 = max(bx0, cx0), min(bx1 + 1, cx1)
+    y0, y1 = max(by0, cy0), min(by1 + 1, cy1)
     count = 0
     if x1 <= x0 or y1 <= y0:
         return runs, count
@@ -203,9 +206,10 @@ def _one_mask(padded, bx0, by0, bx1, by1, height, width, threshold, runs):
 
 
 @njit(cache=True, nogil=True)
-def _paste_all(soft_masks, boxes, height, width, threshold):
+def _paste_all(soft_masks, boxes, clips, height, width, threshold):
     """Counts (uncompressed COCO RLE, starting with zeros) of every detection, concatenated,
-    with each detection's ``[start, end)`` in them and its area."""
+    with each detection's ``[start, end)`` in them and its area; detection ``k`` is pasted
+    into ``boxes[k]`` and clipped to ``clips[k]`` (x0 y0 x1 y1), all in image pixels."""
     n, m = soft_masks.shape[0], soft_masks.shape[1]
     padded = np.zeros((m + 2, m + 2), np.float32)
     total = np.int64(height) * np.int64(width)
@@ -217,7 +221,8 @@ def _paste_all(soft_masks, boxes, height, width, threshold):
     for k in range(n):
         padded[1:m + 1, 1:m + 1] = soft_masks[k]
         runs, count = _one_mask(padded, boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3],
-                                height, width, threshold, runs)
+                                clips[k, 0], clips[k, 1], clips[k, 2], clips[k, 3], height,
+                                threshold, runs)
         need = used + 2 * count + 1
         if need > counts.shape[0]:
             grown = np.empty(max(need, 2 * counts.shape[0]), np.int64)
@@ -241,12 +246,23 @@ def _paste_all(soft_masks, boxes, height, width, threshold):
 
 
 def paste_runs(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
-               threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               threshold: float, windows: Optional[np.ndarray] = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(counts, offsets, areas)`` of ``N`` detections: detection ``k``'s uncompressed COCO
     RLE counts are ``counts[offsets[k]:offsets[k + 1]]`` and its mask has ``areas[k]``
     pixels. ``soft_masks`` is ``float32[N, M, M]``, ``boxes`` ``float32[N, 4]`` (x1 y1 x2 y2
-    in image pixels), binarised at ``> threshold``."""
+    in image pixels), binarised at ``> threshold``.
+
+    With ``windows`` (``int[N, 4]``, x0 y0 x1 y1 in the image), box ``k`` is in the pixels of
+    window ``k`` (a tile) and its mask is pasted as torchvision pastes it in that tile: the
+    box expanded and truncated to integers in tile pixels, the mask clipped to the tile."""
     soft_masks = np.ascontiguousarray(soft_masks, np.float32)
-    expanded = expand_boxes(boxes, soft_masks.shape[-1]) if len(soft_masks) else \
-        np.zeros((0, 4), np.int64)
-    return _paste_all(soft_masks, expanded, int(height), int(width), np.float32(threshold))
+    n = len(soft_masks)
+    expanded = expand_boxes(boxes, soft_masks.shape[-1]) if n else np.zeros((0, 4), np.int64)
+    if windows is None:
+        clips = np.tile(np.array([0, 0, width, height], np.int64), (n, 1))
+    else:
+        clips = np.asarray(windows, np.int64).reshape(n, 4)
+        expanded = expanded + clips[:, [0, 1, 0, 1]]
+    return _paste_all(soft_masks, np.ascontiguousarray(expanded), np.ascontiguousarray(clips),
+                      int(height), int(width), np.float32(threshold))

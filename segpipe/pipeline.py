@@ -33,6 +33,7 @@ from segpipe.preflight import CheckedRun, check_segment
 from segpipe.lease import Lease, acquire as acquire_lease
 from segpipe.progress import Progress, RunMonitor
 from segpipe.schema import RunSettings
+from segpipe.tiles import TileSettings
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
 DECODE_BATCH = 4
@@ -333,15 +334,21 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
     the device they run on; soft masks are stored as ``soft_mask_dtype``.
     """
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
+    tiling = TileSettings.from_config(config)
+    # with tiles, one image per call: huge images never share a block or a predictor call
+    # (its tiles make full forward passes on their own); without, batch_size images per call
+    images_per_call = 1 if tiling else config.batch_size
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
-                        batch_size=DECODE_BATCH, batch_format="pyarrow", num_cpus=plan.decode_cpus)
+                            batch_size=1 if tiling else DECODE_BATCH, batch_format="pyarrow",
+                            num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         MaskRCNNPredictor,
         fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "use_gpu": plan.num_gpus > 0,
                                "precision": config.precision, "torch_threads": plan.torch_threads,
                                "fault": fault_injection(config), "canvas": config.batch_canvas,
-                               "monitor": monitor},
-        batch_size=config.batch_size,
+                               "monitor": monitor, "tiling": tiling,
+                               "chunk": config.batch_size},
+        batch_size=images_per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
             min_size=plan.min_actors, max_size=plan.max_actors,
@@ -356,7 +363,7 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
                                "keep_soft_masks": config.soft_masks,
                                "categories": categories, "monitor": monitor,
                                "soft_mask_dtype": soft_mask_dtype},
-        batch_size=DECODE_BATCH, batch_format="pyarrow",
+        batch_size=1 if tiling else DECODE_BATCH, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)
 
@@ -365,7 +372,8 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
     """What the predictions of this run depend on (recorded in every Parquet file)."""
     return RunSettings(model=weights.spec, weights_sha256=weights.sha256,
                        mask_threshold=config.mask_threshold, soft_masks=config.soft_masks,
-                       categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype)
+                       categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype,
+                       tiles=TileSettings.from_config(config))
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -42,9 +42,11 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 
 from segpipe import schema
+from segpipe.decode import pixel_arrays
 from segpipe.detections import ImageDetections, pack_detections
 from segpipe.model import ModelSpec, build_model
 from segpipe.precision import prepare_model, run_network, uses_channels_last
+from segpipe.tiles import TileSettings, View, image_views, merge_views
 
 def image_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     """``H×W×3`` uint8 → ``3×H×W`` float in [0, 1], exactly as ``TF.to_tensor`` computes it."""
@@ -124,14 +126,20 @@ def resize_boxes(boxes: np.ndarray, resized: tuple[int, int],
 
 @torch.inference_mode()
 def predict_images(model: GeneralizedRCNN, images: list[torch.Tensor], precision: str = "fp32",
-                   canvas: str = "exact") -> list[ImageDetections]:
+                   canvas: str = "exact",
+                   resize: Optional[Sequence[bool]] = None) -> list[ImageDetections]:
     """Detect instances in ``images`` (``3×H×W`` floats on the model's device); the model was
-    made ready for ``precision`` by ``precision.prepare_model``."""
+    made ready for ``precision`` by ``precision.prepare_model``. ``resize[k]`` false: image
+    ``k`` is a tile, predicted at its own resolution (the model's resize skipped) and
+    batched on its exact canvas."""
     transform = model.transform
-    prepared = [transform.resize(transform.normalize(image), None)[0] for image in images]
+    resize = [True] * len(images) if resize is None else list(resize)
+    prepared = [transform.resize(transform.normalize(image), None)[0] if scaled
+                else transform.normalize(image) for image, scaled in zip(images, resize)]
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, resized in enumerate(prepared):
-        groups[canvas_shape(*resized.shape[-2:], model, canvas)].append(index)
+    for index, (resized, scaled) in enumerate(zip(prepared, resize)):
+        groups[canvas_shape(*resized.shape[-2:], model,
+                            canvas if scaled else "exact")].append(index)
 
     memory_format = (torch.channels_last if images and uses_channels_last(images[0].device,
                                                                          precision)
@@ -231,7 +239,9 @@ def end_actor(reason: str) -> None:
 class MaskRCNNPredictor:
     """Ray Data actor: decoded rows in, rows with packed detection arrays out.
 
-    Loads the model once per actor. A batch that runs out of GPU memory is split in halves and
+    Loads the model once per actor. With ``tiling``, an image larger than a tile is
+    predicted as its tiles (``tiles.py``), ``chunk`` views per forward pass, and its
+    detections merged; it is ok only when every one of its views is. A batch that runs out of GPU memory is split in halves and
     retried down to single images, after the failed attempt's tensors are freed; an image that
     still fails (out of memory alone, or any ordinary error) becomes an error row with the
     reason. A CUDA error that leaves the device unusable ends the actor instead: Ray restarts
@@ -240,7 +250,8 @@ class MaskRCNNPredictor:
 
     def __init__(self, spec: ModelSpec, weights, use_gpu: bool, precision: str = "fp32",
                  torch_threads: int = 0, fault: Optional["FaultInjection"] = None,
-                 canvas: str = "exact", monitor: Optional[Any] = None):
+                 canvas: str = "exact", monitor: Optional[Any] = None,
+                 tiling: Optional[TileSettings] = None, chunk: int = 0):
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
         state_dict = weights
@@ -251,6 +262,8 @@ class MaskRCNNPredictor:
         self.device = select_device(use_gpu)
         self.precision = precision
         self.canvas = canvas
+        self.tiling = tiling
+        self.chunk = chunk
         self.model = build_model(spec)
         self.model.load_state_dict(state_dict)
         prepare_model(self.model, self.device, precision)
@@ -281,25 +294,38 @@ class MaskRCNNPredictor:
         errors = batch.column("error").to_pylist()
         widths = batch.column("width").to_pylist()
         heights = batch.column("height").to_pylist()
-        pixels = batch.column(schema.PIXELS).to_pylist()
+        images = pixel_arrays(batch.column(schema.PIXELS), heights, widths)
         ok = [i for i, s in enumerate(statuses) if s == schema.STATUS_OK]
-        arrays = [np.frombuffer(pixels[i], np.uint8).reshape(heights[i], widths[i], 3) for i in ok]
-        outcomes = self._predict_isolated(arrays)
+        views = {i: image_views(heights[i], widths[i], self.tiling) for i in ok}
+        items = [(i, view) for i in ok for view in views[i]]
+        crops = [(images[i][view.window[1]:view.window[3], view.window[0]:view.window[2]],
+                  view.resize) for i, view in items]
+        chunk = self.chunk or len(crops)
+        outcomes = [outcome for start in range(0, len(crops), max(chunk, 1))
+                    for outcome in self._predict_isolated(crops[start:start + chunk])]
+        by_image: dict[int, list] = defaultdict(list)
+        for (i, _), outcome in zip(items, outcomes):
+            by_image[i].append(outcome)
         results: list[Optional[ImageDetections]] = [None] * batch.num_rows
-        for i, outcome in zip(ok, outcomes):
-            if isinstance(outcome, ImageDetections):
-                results[i] = outcome
-            else:
+        for i in ok:
+            failed = [(k, o) for k, o in enumerate(by_image[i]) if not isinstance(o, ImageDetections)]
+            if failed:
                 statuses[i] = schema.STATUS_ERROR
-                errors[i] = f"predict: {outcome}"
+                errors[i] = f"predict: {describe_failure(views[i], failed)}"
+            else:
+                results[i] = merge_views(views[i], by_image[i],
+                                         self.tiling.merge_threshold if self.tiling else 0.5)
         return pack_detections(batch, statuses, errors, results)
 
-    def _predict_isolated(self, arrays: list[np.ndarray]) -> list[ImageDetections | str]:
+    def _predict_isolated(self, arrays: list[tuple[np.ndarray, bool]]
+                          ) -> list[ImageDetections | str]:
+        """Predict ``(pixels, resize)`` views; each failure becomes its reason."""
         if not arrays:
             return []
         try:
-            tensors = [image_tensor(a, self.device) for a in arrays]
-            return list(predict_images(self.model, tensors, self.precision, self.canvas))
+            tensors = [image_tensor(a, self.device) for a, _ in arrays]
+            return list(predict_images(self.model, tensors, self.precision, self.canvas,
+                                       [scaled for _, scaled in arrays]))
         except Exception as exc:  # noqa: BLE001 - every failure is reported per image
             failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
             if is_fatal_device_error(exc):
@@ -315,6 +341,16 @@ class MaskRCNNPredictor:
             return [item for array in arrays for item in self._predict_isolated([array])]
         half = len(arrays) // 2
         return self._predict_isolated(arrays[:half]) + self._predict_isolated(arrays[half:])
+
+
+def describe_failure(views: list[View], failed: list[tuple[int, str]]) -> str:
+    """The error of an image whose views failed: the reason itself for an untiled image,
+    else which tiles (of how many) and the first reason."""
+    if len(views) == 1:
+        return failed[0][1]
+    k, reason = failed[0]
+    where = "the whole-image pass" if views[k].resize else f"tile at {views[k].window}"
+    return f"{len(failed)} of {len(views)} views failed ({where}: {reason})"
 
 
 @dataclass(frozen=True)

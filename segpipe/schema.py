@@ -13,7 +13,7 @@ from typing import Optional
 import pyarrow as pa
 
 from segpipe.categories import COCO_TABLE, CategoryTable
-from segpipe.config import SOFT_MASK_DTYPES, ModelSpec
+from segpipe.config import SOFT_MASK_DTYPES, ModelSpec, TileSettings
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -35,6 +35,13 @@ SEGMENTATION = pa.struct([
     pa.field("counts", pa.string()),           # compressed RLE string (pycocotools)
 ])
 
+#: One part of a detection of a tiled image (``tiles.py``): what the model gave in one view.
+DETECTION_PART = pa.struct([
+    pa.field("box", pa.list_(pa.float32(), 4)),     # x1 y1 x2 y2 as predicted, view pixels
+    pa.field("window", pa.list_(pa.int32(), 4)),    # the view: x0 y0 x1 y1 in image pixels
+    pa.field("soft_mask", pa.binary()),             # as DETECTION's soft_mask
+])
+
 DETECTION = pa.struct([
     pa.field("category_id", pa.int32()),        # the run's category id of the predicted label
     pa.field("category_name", pa.string()),     # (CategoryTable; "N/A" for a label without one)
@@ -43,11 +50,17 @@ DETECTION = pa.struct([
     pa.field("area", pa.int64()),               # pixels in the mask at the run's mask threshold;
                                                 # null for box-only detectors
     pa.field("segmentation", SEGMENTATION),     # null for box-only detectors
-    pa.field("box", pa.list_(pa.float32(), 4)),   # x1 y1 x2 y2 exactly as predicted (re-paste)
+    pa.field("box", pa.list_(pa.float32(), 4)),   # x1 y1 x2 y2 exactly as predicted (re-paste);
+                                                # tiled images: the union of the parts' boxes
     pa.field("soft_mask", pa.binary()),         # M×M mask probabilities, row-major, as
                                                 # RunSettings.soft_mask_dtype: uint16 (p·65535,
                                                 # rounded), float32, or (runs before) uint8
                                                 # (p·255); null with --no-soft-masks
+                                                # and for tiled images (see parts)
+    pa.field("parts", pa.list_(DETECTION_PART)),  # tiled images only (--tile): what was
+                                                # merged into this detection, best first;
+                                                # its mask is the union of the parts'
+                                                # (soft masks null with --no-soft-masks)
 ])
 
 PREDICTION_SCHEMA = pa.schema([
@@ -90,6 +103,9 @@ SCORES = "scores"          # float32[N]
 BOXES = "boxes"            # float32[N, 4], x1 y1 x2 y2 in original image pixels
 SOFT_MASKS = "soft_masks"  # float32[N, M, M], the mask head's probabilities for the label
 MASK_SIZE = "mask_size"    # M
+TILED = "tiled"            # bool: the rows below are parts of merged detections (tiles.py)
+WINDOWS = "windows"        # int32[N, 4], each part's view x0 y0 x1 y1 (tiled images)
+GROUPS = "groups"          # int32[N], the merged detection of each part (tiled images)
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,7 @@ class RunSettings:
     ``categories`` is the run's category table (which category each model label is); files
     written before tables were recorded read as COCO's. ``soft_mask_dtype`` is how the soft
     masks are stored (``SOFT_MASK_DTYPE``); files written before it was recorded hold
-    uint8.
+    uint8. ``tiles`` is the run's tiling (``--tile``), None untiled.
     """
 
     model: ModelSpec
@@ -109,12 +125,14 @@ class RunSettings:
     categories: CategoryTable = COCO_TABLE
     image_ids: str = IMAGE_IDS
     soft_mask_dtype: str = SOFT_MASK_DTYPE
+    tiles: Optional[TileSettings] = None
 
     def to_json(self) -> dict:
         return {"model": asdict(self.model), "weights_sha256": self.weights_sha256,
                 "mask_threshold": self.mask_threshold, "soft_masks": self.soft_masks,
                 "categories": self.categories.to_json(), "image_ids": self.image_ids,
-                "soft_mask_dtype": self.soft_mask_dtype}
+                "soft_mask_dtype": self.soft_mask_dtype,
+                "tiles": self.tiles.to_json() if self.tiles else None}
 
     def to_metadata(self) -> dict[bytes, bytes]:
         return {RUN_SETTINGS_KEY: json.dumps(self.to_json(), sort_keys=True).encode()}
@@ -128,6 +146,8 @@ class RunSettings:
         values.setdefault("image_ids", IMAGE_IDS_BEFORE)
         values.setdefault("soft_mask_dtype", SOFT_MASK_DTYPE_BEFORE)
         categories = CategoryTable.from_json(values.pop("categories", None))
+        tiles = values.pop("tiles", None)
+        values["tiles"] = TileSettings(**tiles) if tiles else None
         return cls(model=ModelSpec(**values.pop("model")), categories=categories, **values)
 
     def differences(self, other: Optional["RunSettings"]) -> list[str]:
@@ -135,7 +155,8 @@ class RunSettings:
         def flat(s: "RunSettings") -> dict:
             return {**asdict(s.model), "weights_sha256": s.weights_sha256,
                     "mask_threshold": s.mask_threshold, "soft_masks": s.soft_masks,
-                    "image_ids": s.image_ids, "soft_mask_dtype": s.soft_mask_dtype}
+                    "image_ids": s.image_ids, "soft_mask_dtype": s.soft_mask_dtype,
+                    "tiles": s.tiles.to_json() if s.tiles else None}
 
         now, then = flat(self), (flat(other) if other else {})
         found = [f"{k}: {then.get(k)!r} then, {v!r} now" for k, v in now.items()

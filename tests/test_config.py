@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from segpipe.cli import build_parser
-from segpipe.config import PIL_HARD_PIXEL_LIMIT, ConfigError, SegmentConfig, config_fields, \
+from segpipe.config import MAX_PIXEL_LIMIT, ConfigError, SegmentConfig, config_fields, \
     load_config, parse_actors, validate
 
 DEFAULT_YAML = Path(__file__).parent.parent / "conf" / "default.yaml"
@@ -71,7 +71,7 @@ def config_with(**changes) -> SegmentConfig:
     {"score_floor": 0.3, "score_threshold": 0.3}, {"min_size": 1, "max_size": 1},
     {"batch_size": 1, "rows_per_file": 1, "detections_per_image": 1, "proposals_per_image": 1,
      "max_image_pixels": 1, "max_image_bytes": 1},
-    {"min_size": 640, "max_size": 640}, {"max_image_pixels": PIL_HARD_PIXEL_LIMIT},
+    {"min_size": 640, "max_size": 640}, {"max_image_pixels": MAX_PIXEL_LIMIT},
     {"num_gpus": 0.0}, {"num_gpus": 0.25}, {"cpus_per_actor": 0.01}, {"torch_threads": 0},
     {"resume": True}, {"overwrite": True}, {"input_format": "files"},
     {"input_format": "tar"}, {"input_format": "parquet"}, {"actors": "1-3"},
@@ -90,7 +90,7 @@ def test_values_on_the_allowed_side_of_every_limit_pass(changes):
     ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
     ({"rows_per_file": 0}, "rows_per_file must be at least 1"),
     ({"min_size": 641, "max_size": 640}, "max_size (640) must be >= min_size (641)"),
-    ({"max_image_pixels": PIL_HARD_PIXEL_LIMIT + 1}, "max_image_pixels may be at most"),
+    ({"max_image_pixels": MAX_PIXEL_LIMIT + 1}, "max_image_pixels may be at most"),
     ({"num_gpus": -0.5}, "num_gpus must be >= 0"),
     ({"cpus_per_actor": 0.0}, "cpus_per_actor must be > 0"),
     ({"torch_threads": -1}, "torch_threads must be >= 0"),

@@ -80,7 +80,7 @@ def test_both_of_torchs_resize_kernels_are_reproduced_pixel_for_pixel(h):
                                mode="bilinear", align_corners=False)[0, 0].numpy()
         # every distinct value as a threshold: a mask differs unless every value agrees
         for threshold in np.unique(values)[:: max(1, values.size // 40)]:
-            runs, count = _one_mask(padded, 0, 0, w - 1, h - 1, h, w, np.float32(threshold),
+            runs, count = _one_mask(padded, 0, 0, w - 1, h - 1, 0, 0, w, h, h, np.float32(threshold),
                                     np.empty(16, np.int64))
             mask = np.zeros(h * w, bool)
             for j in range(count):

@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import small_config, small_spec
-from images import write_photos
+from images import photo, write_photos
 from parity import compare_with_torchvision, get_prediction
 from segpipe import schema
 from segpipe.categories import COCO_TABLE
@@ -139,3 +139,45 @@ def test_coco_annotations_are_consistent_with_predictions(run):
     assert predictors and {p["device"] for p in predictors} == {"cpu"}
     assert {p["precision"] for p in predictors} == {config.precision}
     assert sum(p["actors_started"] for p in predictors) >= 1
+
+
+def test_a_tiled_run_keeps_one_row_per_image_and_re_exports_from_its_parts(tmp_path, checkpoint,
+                                                                          local_ray):
+    """--tile through the whole pipeline: an image larger than a tile (tiled, with the full
+    pass), one that fits a tile (whole), one that does not decode; one row each. The tiled
+    image's detections keep their parts, and re-pasting them gives back the stored masks."""
+    from segpipe.encode import rethreshold
+    from segpipe.export import ExportOptions, run_export
+
+    images = tmp_path / "images"
+    write_photos(images, ("chelsea",), scale=0.3)      # 135×90: fits one tile
+    big = np.concatenate([photo("astronaut", 0.5), photo("coffee", 0.7)[:256, :256]], axis=1)
+    Image.fromarray(big).save(images / "wide.png")      # 512×256: 6 tiles of 160
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    config = small_config(images, out, checkpoint, tile=160, tile_full_pass=True,
+                          soft_mask_dtype="float32")
+    report = run_segment(config)
+    rows = read_predictions(out)
+    assert sorted(rows) == ["broken.png", "chelsea.png", "wide.png"]
+    assert report.accounting.complete
+    assert rows["broken.png"]["status"] == "error"
+    wide, small = rows["wide.png"], rows["chelsea.png"]
+    assert small["status"] == "ok" and all(d["parts"] is None for d in small["detections"])
+    assert wide["status"] == "ok" and wide["width"] == big.shape[1]
+    tiled = [d for d in wide["detections"] if d["parts"]]
+    assert tiled and len(tiled) == len(wide["detections"])
+    assert any(len(d["parts"]) > 1 for d in tiled), "nothing merged across tiles"
+    windows = {tuple(p["window"]) for d in tiled for p in d["parts"]}
+    assert (0, 0, big.shape[1], big.shape[0]) in windows      # the full pass took part
+    for d in tiled:
+        assert d["soft_mask"] is None
+        x0 = min(p["window"][0] + p["box"][0] for p in d["parts"])
+        assert d["box"][0] == pytest.approx(x0, abs=1e-3)
+    again = rethreshold(wide["detections"], wide["height"], wide["width"], 0.5, "float32")
+    assert [rle for _, rle in again] == [d["segmentation"] for d in wide["detections"]]
+    assert [area for area, _ in again] == [d["area"] for d in wide["detections"]]
+    run_export(str(out), str(tmp_path / "x03"), ExportOptions(score_threshold=0.5,
+                                                             mask_threshold=0.3))
+    results = json.loads((tmp_path / "x03" / "results.json").read_text())
+    assert any(r["image_id"] == wide["image_id"] for r in results)

@@ -1,0 +1,180 @@
+"""Slice huge images into tiles and merge the tiles' detections per image, in full-image pixels.
+
+This is SAHI's sliced inference (slicing aided hyper inference), run inside the predictor
+actors so that it scales with the cluster:
+
+* **which images**: with ``tile`` set, an image whose longer side is larger than the tile is
+  sliced; smaller images go through whole, resized by ``min_size``/``max_size`` as always;
+* **windows** (``tile_windows``): SAHI's ``get_slice_bboxes`` rule. Tiles of ``size × size``
+  start every ``size - overlap`` pixels; a tile that would cross the right or bottom edge is
+  moved back inside the image, so every tile has the full size (when the image does);
+* **views** (``image_views``): each tile is predicted at its own resolution (the model's
+  resize is skipped, no down- or up-scaling); with ``full_pass`` the whole image is predicted
+  as well, resized like an untiled image, so that objects larger than a tile are found;
+* **merge** (``merge_views``): every view's detections are moved into full-image
+  coordinates and merged with SAHI's greedy non-maximum merging (``GREEDYNMM``), class by
+  class: in order of score (ties: x1, y1, x2, y2), each detection not yet taken keeps the
+  same-class detections whose boxes overlap it by intersection over the smaller box (IOS)
+  ``>= threshold``, and merges those that still overlap its growing box (SAHI's re-check);
+  the merged detection's box is the union of the boxes, its score the highest, its mask
+  the union of the masks. An object no larger than the overlap is seen whole by some tile,
+  and its cut pieces in the neighbouring tiles lie inside that whole box (IOS 1), so it
+  becomes one detection. A larger object cut by every tile it touches is joined by the full
+  pass, whose box holds every piece. One difference from SAHI, deliberately: a detection
+  that SAHI's re-check refuses is kept as a detection of its own, where SAHI drops it.
+
+The merged detections are returned as *parts*: each part keeps the box and soft mask the
+model gave in its view (view pixels) and the view's window, so that the encode stage
+pastes each part exactly as torchvision would in its tile (clipped to the tile) and unions
+the parts' full-resolution RLEs; no ``H×W`` canvas is ever made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from segpipe.config import TileSettings
+from segpipe.detections import ImageDetections
+
+__all__ = ["TileSettings", "View", "tile_windows", "image_views", "merge_views", "greedy_merge"]
+
+
+@dataclass(frozen=True)
+class View:
+    """One part of an image the model sees: ``window`` is ``(x0, y0, x1, y1)`` in image
+    pixels; ``resize``: the model's resize applies (the whole image), else the window is
+    predicted at its own resolution (a tile)."""
+
+    window: tuple[int, int, int, int]
+    resize: bool
+
+
+def tile_windows(height: int, width: int, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """The tiles of a ``height × width`` image, ``(x0, y0, x1, y1)``, row by row: SAHI's
+    ``get_slice_bboxes`` for a square slice and an overlap in pixels."""
+    windows = []
+    y_min = y_max = 0
+    while y_max < height:
+        x_min = x_max = 0
+        y_max = y_min + size
+        while x_max < width:
+            x_max = x_min + size
+            if y_max > height or x_max > width:
+                x_max, y_max = min(width, x_max), min(height, y_max)
+                x_min, y_min = max(0, x_max - size), max(0, y_max - size)
+            windows.append((x_min, y_min, x_max, y_max))
+            x_min = x_max - overlap
+        y_min = y_max - overlap
+    return windows
+
+
+def image_views(height: int, width: int, tiling: Optional[TileSettings]) -> list[View]:
+    """What the model predicts for one image: the whole image, or its tiles (and the whole
+    image as well with ``full_pass``)."""
+    whole = View((0, 0, width, height), resize=True)
+    if tiling is None or not tiling.applies(height, width):
+        return [whole]
+    views = [View(w, resize=False) for w in tile_windows(height, width, tiling.size,
+                                                         tiling.overlap)]
+    return views + [whole] if tiling.full_pass else views
+
+
+def image_boxes(boxes: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Boxes given in their views' pixels, in full-image pixels (float64: exact sums)."""
+    offsets = np.asarray(windows, np.float64)[:, [0, 1, 0, 1]]
+    return np.asarray(boxes, np.float64).reshape(-1, 4) + offsets.reshape(-1, 4)
+
+
+def merge_views(views: list[View], results: list[ImageDetections],
+                threshold: float) -> ImageDetections:
+    """One image's detections from the detections of its views (``results[k]`` in
+    ``views[k]``'s pixels): the parts of every merged detection, the merged detections in
+    order of score (see the module doc). A single whole-image view is returned as it is."""
+    if len(views) == 1 and views[0].resize:
+        return results[0]
+    windows = np.concatenate([np.tile(np.asarray(v.window, np.int32), (len(r.scores), 1))
+                              for v, r in zip(views, results)]).reshape(-1, 4)
+    labels = np.concatenate([r.labels for r in results]).astype(np.int32)
+    scores = np.concatenate([r.scores for r in results]).astype(np.float32)
+    boxes = np.concatenate([r.boxes.reshape(-1, 4) for r in results]).astype(np.float32)
+    m = max((r.soft_masks.shape[-1] for r in results), default=0)
+    soft_masks = np.concatenate([r.soft_masks.reshape(len(r.scores), m, m) for r in results]) \
+        if len(labels) else np.zeros((0, m, m), np.float32)
+    full = image_boxes(boxes, windows)
+    groups = greedy_merge(full, scores, labels, threshold)
+    rank = np.empty(len(scores), np.int64)
+    rank[score_order(full, scores)] = np.arange(len(scores))
+    order = np.lexsort((rank, groups))   # by detection; its keeper (best score) first
+    return ImageDetections(labels=labels[order], scores=scores[order], boxes=boxes[order],
+                           soft_masks=np.ascontiguousarray(soft_masks[order]),
+                           windows=windows[order], groups=groups[order])
+
+
+def score_order(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices by score, best first; ties by x1, y1, x2, y2 (SAHI's order)."""
+    return np.lexsort((boxes[:, 3], boxes[:, 2], boxes[:, 1], boxes[:, 0],
+                       -np.asarray(scores, np.float64)))
+
+
+def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                 threshold: float) -> np.ndarray:
+    """SAHI's class-aware greedy NMM with IOS over full-image ``boxes``: for each detection,
+    the number of the merged detection it is part of (merged detections numbered in order of
+    their best score)."""
+    n = len(scores)
+    groups = np.full(n, -1, np.int64)
+    keeper_rank = np.zeros(n, np.int64)
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    order = score_order(boxes, scores)
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    keepers = []
+    for label in np.unique(labels):
+        members = order[labels[order] == label]   # this class, best first
+        taken = np.zeros(len(members), bool)
+        for i, idx in enumerate(members):
+            if taken[i]:
+                continue
+            taken[i] = True
+            groups[idx] = idx
+            keepers.append(idx)
+            rest = np.nonzero(~taken[i + 1:])[0] + i + 1
+            if not len(rest):
+                continue
+            others = members[rest]
+            inter = (np.clip(np.minimum(x2[idx], x2[others]) - np.maximum(x1[idx], x1[others]),
+                             0, None)
+                     * np.clip(np.minimum(y2[idx], y2[others]) - np.maximum(y1[idx], y1[others]),
+                               0, None))
+            ios = _ratio(inter, np.minimum(areas[idx], areas[others])).astype(np.float32)
+            matched = rest[ios >= threshold]
+            taken[matched] = True
+            merged = boxes[idx].copy()
+            for j in members[matched]:
+                if _ios(merged, boxes[j]) >= threshold:   # SAHI's re-check on the grown box
+                    groups[j] = idx
+                    merged = np.concatenate([np.minimum(merged[:2], boxes[j, :2]),
+                                             np.maximum(merged[2:], boxes[j, 2:])])
+                else:                                     # SAHI drops it; kept on its own
+                    groups[j] = j
+                    keepers.append(j)
+    # number the merged detections by their keeper's place in the score order
+    for number, keeper in enumerate(sorted(keepers, key=lambda k: rank[k])):
+        keeper_rank[keeper] = number
+    return keeper_rank[groups].astype(np.int32)
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
+
+
+def _ios(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over the smaller box of two ``x1 y1 x2 y2`` boxes."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return inter / smaller if smaller > 0 else 0.0

@@ -1,0 +1,226 @@
+"""SAHI's sliced prediction and segpipe's tiled prediction of one image with the same weights,
+and how far they agree (``tests/test_tiles.py`` at CI size, ``bench/tiled.py`` at full size).
+
+segpipe's side is the predictor actor class and the encode stage, called in this process
+exactly as Ray Data calls them. SAHI's side is ``get_sliced_prediction`` with its torchvision
+wrapper, asked for segpipe's settings: square slices of the tile size, the same overlap
+ratio, greedy NMM by IOS at the same threshold, class-aware, the model's score floor as its
+confidence threshold (``force_postprocess_type``: SAHI would switch to NMS below 0.1), and
+``image_size`` set to the tile so that its slices, like segpipe's tiles, are not resized.
+
+Where the two differ by design (README "Huge images"):
+
+* SAHI replaces a mask model's box by the bounding box of the mask's polygon (and decides
+  its merges on those boxes); segpipe keeps the model's box, as torchvision and COCO results
+  do. Boxes are compared both ways: SAHI's against the bounding box of segpipe's mask
+  (the same definition), and SAHI's against segpipe's model box;
+* SAHI stores masks as polygons traced from each slice's mask (holes filled, as COCO
+  polygons lose them); segpipe keeps exact RLE. Masks are compared by IoU of the
+  rasterised polygons against segpipe's RLE;
+* SAHI cannot hold a detection whose mask has no polygon (empty, or under 3 contour
+  points): its ``ObjectPrediction`` raises "Invalid segmentation mask" and the whole call
+  fails. The reference drops such detections before SAHI sees them (``PolygonSafeModel``);
+  segpipe keeps them in predictions/ with their area (0 for empty masks, which export
+  leaves out of coco/), so the comparison leaves out segpipe's detections without a polygon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+from pycocotools import mask as mask_utils
+
+from segpipe import schema
+from segpipe.decode import pixel_column
+from segpipe.encode import encode_batch
+from segpipe.model import ModelSpec, build_model
+from segpipe.predictor import MaskRCNNPredictor
+from segpipe.tiles import TileSettings
+
+
+@dataclass
+class Found:
+    """One detection in full-image pixels: ``box`` x1 y1 x2 y2 (pixel extents), ``mask`` an
+    RLE (or None)."""
+
+    label: int
+    score: float
+    box: np.ndarray
+    mask: Optional[dict]
+    mask_box: Optional[np.ndarray] = None   # bounding box of the mask, pixel extents
+
+
+def segpipe_tiled(spec: ModelSpec, state_dict: dict, image: np.ndarray, tiling: TileSettings,
+                  batch_size: int = 4, mask_threshold: float = 0.5) -> list[Found]:
+    """segpipe's tiled detections of ``image`` (``H×W×3`` uint8)."""
+    height, width = image.shape[:2]
+    predictor = MaskRCNNPredictor(spec, state_dict, use_gpu=False, tiling=tiling,
+                                  chunk=batch_size)
+    rows = pa.table({"image_id": pa.array([1], pa.int64()), "file_name": ["image.png"],
+                     "width": pa.array([width], pa.int32()),
+                     "height": pa.array([height], pa.int32()), "status": ["ok"],
+                     "error": pa.array([None], pa.string()),
+                     schema.PIXELS: pixel_column([np.ascontiguousarray(image)])})
+    encoded = encode_batch(predictor(rows), mask_threshold)
+    assert encoded.column("status").to_pylist() == ["ok"], encoded.column("error").to_pylist()
+    found = []
+    for det in encoded.column("detections").to_pylist()[0]:
+        rle = det["segmentation"]
+        mask = None if rle is None else {"size": rle["size"], "counts": rle["counts"].encode()}
+        found.append(Found(det["category_id"], det["score"], np.asarray(det["box"], np.float64),
+                           mask, _rle_box(mask)))
+    return found
+
+
+def has_polygon(found: Found) -> bool:
+    """Whether SAHI could hold this detection: no mask, or a mask with a polygon."""
+    if found.mask is None:
+        return True
+    from sahi.utils.cv import get_coco_segmentation_from_bool_mask
+
+    binary = mask_utils.decode(found.mask)
+    x1, y1, x2, y2 = found.mask_box.astype(int)
+    return bool(get_coco_segmentation_from_bool_mask(binary[y1:y2, x1:x2]))
+
+
+def sahi_sliced(spec: ModelSpec, state_dict: dict, image: np.ndarray, tiling: TileSettings,
+                overlap_ratio: float) -> list[Found]:
+    """SAHI 0.12's sliced prediction of ``image`` with segpipe's settings (module doc)."""
+    from sahi.models.torchvision import TorchVisionDetectionModel
+    from sahi.predict import get_sliced_prediction
+
+    from sahi.utils.cv import get_coco_segmentation_from_bool_mask
+
+    class PolygonSafeModel(TorchVisionDetectionModel):
+        """SAHI's torchvision wrapper without the detections it cannot represent."""
+
+        def _create_object_prediction_list_from_original_predictions(self, *args, **kwargs):
+            for prediction in self._original_predictions:
+                if "masks" not in prediction:
+                    continue
+                binary = (prediction["masks"] > self.mask_threshold).numpy()
+                keep = [k for k in range(len(binary))
+                        if get_coco_segmentation_from_bool_mask(binary[k])]
+                for key in list(prediction):
+                    prediction[key] = prediction[key][keep]
+            return super()._create_object_prediction_list_from_original_predictions(*args,
+                                                                                    **kwargs)
+
+    height, width = image.shape[:2]
+    model = build_model(spec)
+    model.load_state_dict(state_dict)
+    detector = PolygonSafeModel(
+        model=model, device="cpu", confidence_threshold=spec.score_floor,
+        image_size=tiling.size,
+        category_mapping={str(k): str(k) for k in range(spec.num_classes)})
+    result = get_sliced_prediction(
+        np.ascontiguousarray(image), detector, slice_height=tiling.size, slice_width=tiling.size,
+        overlap_height_ratio=overlap_ratio, overlap_width_ratio=overlap_ratio,
+        perform_standard_pred=tiling.full_pass, postprocess_type="GREEDYNMM",
+        postprocess_match_metric="IOS", postprocess_match_threshold=tiling.merge_threshold,
+        postprocess_class_agnostic=False, verbose=0, force_postprocess_type=True)
+    found = []
+    for p in result.object_prediction_list:
+        x1, y1, x2, y2 = p.bbox.to_xyxy()
+        mask = None
+        if p.mask is not None and p.mask.segmentation:
+            mask = mask_utils.merge(mask_utils.frPyObjects(p.mask.segmentation, height, width))
+        # polygon points are pixel indices: the box of pixel extents ends one further
+        box = np.array([x1, y1, x2 + 1, y2 + 1] if p.mask is not None else [x1, y1, x2, y2],
+                       np.float64)
+        found.append(Found(int(p.category.id), float(p.score.value), box, mask, box))
+    return found
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (N×4) with every box of ``b`` (M×4), x1 y1 x2 y2."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+@dataclass
+class Agreement:
+    """How many of SAHI's detections segpipe found: matched one to one, same class, by
+    decreasing IoU of the boxes compared (``by``)."""
+
+    sahi: int
+    segpipe: int
+    matched: int                 # pairs with box IoU >= the threshold
+    box_ious: list[float]        # of the matched pairs
+    mask_ious: list[float]       # of the matched pairs where both have masks
+    model_box_ious: list[float]  # SAHI's box against segpipe's model box, matched pairs
+    traced_mask_ious: list[float]  # SAHI's mask against segpipe's traced as SAHI traces
+
+    @property
+    def fraction(self) -> float:
+        return self.matched / self.sahi if self.sahi else 1.0
+
+    def summary(self) -> dict:
+        def stats(values: list[float]) -> dict:
+            if not values:
+                return {}
+            v = np.asarray(values)
+            return {"min": round(float(v.min()), 4), "median": round(float(np.median(v)), 4),
+                    "mean": round(float(v.mean()), 4)}
+
+        return {"sahi": self.sahi, "segpipe": self.segpipe, "matched": self.matched,
+                "fraction": round(self.fraction, 4), "box_iou": stats(self.box_ious),
+                "mask_iou": stats(self.mask_ious),
+                "model_box_iou": stats(self.model_box_ious),
+                "traced_mask_iou": stats(self.traced_mask_ious)}
+
+
+def agreement(sahi: list[Found], ours: list[Found], threshold: float = 0.9) -> Agreement:
+    """Match SAHI's detections to segpipe's (module doc): boxes of mask detections are
+    compared as the bounding boxes of the masks, SAHI's definition."""
+    if not sahi or not ours:
+        return Agreement(len(sahi), len(ours), 0, [], [], [], [])
+    theirs = np.stack([f.box for f in sahi])
+    mine = np.stack([f.mask_box if f.mask_box is not None else f.box for f in ours])
+    ious = box_iou(theirs, mine)
+    same = np.array([[s.label == o.label for o in ours] for s in sahi])
+    ious = np.where(same, ious, -1.0)
+    pairs = sorted(((ious[i, j], i, j) for i, j in zip(*np.nonzero(ious >= threshold))),
+                   reverse=True)
+    used_s, used_o = set(), set()
+    box_ious, mask_ious, model_ious, traced_ious = [], [], [], []
+    for iou, i, j in pairs:
+        if i in used_s or j in used_o:
+            continue
+        used_s.add(i)
+        used_o.add(j)
+        box_ious.append(float(iou))
+        model_ious.append(float(box_iou(sahi[i].box, ours[j].box)[0, 0]))
+        if sahi[i].mask is not None and ours[j].mask is not None:
+            mask_ious.append(float(mask_utils.iou([ours[j].mask], [sahi[i].mask], [0])[0, 0]))
+            traced = traced_as_sahi(ours[j].mask)
+            traced_ious.append(float(mask_utils.iou([traced], [sahi[i].mask], [0])[0, 0]))
+    return Agreement(len(sahi), len(ours), len(used_s), box_ious, mask_ious, model_ious,
+                     traced_ious)
+
+
+def traced_as_sahi(rle: dict) -> dict:
+    """An RLE mask as SAHI would hold it: traced to polygons (``cv2.findContours``, holes
+    filled) and rasterised again by pycocotools."""
+    from sahi.utils.cv import get_coco_segmentation_from_bool_mask
+
+    height, width = rle["size"]
+    polygons = get_coco_segmentation_from_bool_mask(mask_utils.decode(rle))
+    if not polygons:
+        return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+
+
+def _rle_box(rle: Optional[dict]) -> Optional[np.ndarray]:
+    if rle is None:
+        return None
+    x, y, w, h = mask_utils.toBbox(rle)
+    return np.array([x, y, x + w, y + h], np.float64)

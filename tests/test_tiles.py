@@ -1,0 +1,201 @@
+"""Tiled (sliced) inference: SAHI's windows and merge, exact full-resolution masks from tiles,
+accounting per tile, and agreement with SAHI itself on the same weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+import sahi_reference as ref
+from conftest import CHECKPOINT_SEED, small_spec
+from images import photo
+from synthetic import blob_detections
+from segpipe.config import ConfigError, SegmentConfig, tile_overlap_pixels, validate
+from segpipe.detections import ImageDetections
+from segpipe.encode import encode_detections, rethreshold
+from segpipe.model import build_model
+from segpipe.schema import RunSettings
+from segpipe.tiles import TileSettings, View, greedy_merge, image_views, merge_views, \
+    tile_windows
+
+
+@pytest.mark.parametrize("height,width,size,ratio", [
+    (800, 1100, 256, 0.2), (3000, 4000, 512, 0.2), (513, 512, 512, 0.25), (700, 300, 256, 0.0),
+    (1000, 1000, 300, 0.5), (257, 1999, 128, 0.1)])
+def test_tile_windows_are_sahis_slices(height, width, size, ratio):
+    from sahi.slicing import get_slice_bboxes
+
+    theirs = get_slice_bboxes(height, width, size, size, False, ratio, ratio)
+    assert tile_windows(height, width, size, tile_overlap_pixels(size, ratio)) == \
+        [tuple(b) for b in theirs]
+
+
+def test_views_slice_only_images_larger_than_a_tile():
+    tiling = TileSettings(256, 51)
+    assert image_views(256, 200, tiling) == [View((0, 0, 200, 256), True)]
+    views = image_views(300, 600, tiling)
+    assert all(not v.resize and v.window[2] - v.window[0] == 256 for v in views)
+    covered = np.zeros((300, 600), bool)
+    for x0, y0, x1, y1 in (v.window for v in views):
+        covered[y0:y1, x0:x1] = True
+    assert covered.all()
+    full = image_views(300, 600, TileSettings(256, 51, full_pass=True))
+    assert full[:-1] == views and full[-1] == View((0, 0, 600, 300), True)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"tile": 32}, "tile must be 0 (off) or at least 64"),
+    ({"tile": 256, "tile_overlap": 256}, "must be less than the tile"),
+    ({"tile": 256, "tile_overlap": 1.5}, "fraction in [0, 1) or whole pixels"),
+    ({"tile": 256, "tile_merge_threshold": 0.0}, "tile_merge_threshold must be in (0, 1]"),
+])
+def test_tile_settings_are_checked_before_work(config, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[")):
+        validate(SegmentConfig(input="in", output="out", **config))
+
+
+def test_greedy_merge_is_sahis_greedy_nmm():
+    from sahi.postprocess.combine import GreedyNMMPostprocess
+    from sahi.prediction import ObjectPrediction
+
+    rng = np.random.default_rng(3)
+    n = 300
+    xy = rng.uniform(0, 400, (n, 2))
+    wh = np.exp(rng.uniform(np.log(5), np.log(120), (n, 2)))
+    boxes = np.concatenate([xy, xy + wh], 1).round(2)
+    scores = rng.uniform(0.05, 1, n).astype(np.float32)
+    labels = rng.integers(1, 4, n).astype(np.int32)
+    groups = greedy_merge(boxes, scores, labels, 0.5)
+    merged = {}
+    for g in np.unique(groups):
+        parts = np.flatnonzero(groups == g)
+        merged[g] = (int(labels[parts[0]]), float(scores[parts].max()),
+                     tuple(np.concatenate([boxes[parts, :2].min(0), boxes[parts, 2:].max(0)])))
+    predictions = [ObjectPrediction(bbox=boxes[k].tolist(), category_id=int(labels[k]),
+                                    score=float(scores[k])) for k in range(n)]
+    theirs = GreedyNMMPostprocess(match_threshold=0.5, match_metric="IOS",
+                                  class_agnostic=False)(predictions)
+    theirs = sorted((p.category.id, p.score.value, tuple(p.bbox.to_xyxy())) for p in theirs)
+    assert 40 < len(theirs) < n - 40     # plenty merged, plenty not
+    ours = sorted(merged.values())
+    assert len(ours) == len(theirs)
+    for (label, score, box), (label2, score2, box2) in zip(ours, theirs):
+        assert label == label2 and score == pytest.approx(score2)
+        assert np.allclose(box, box2)
+    # the numbering follows the best score of each detection
+    best = [scores[groups == g].max() for g in range(groups.max() + 1)]
+    assert best == sorted(best, reverse=True)
+
+
+def test_an_object_on_a_seam_is_one_detection_with_the_union_of_its_masks():
+    """A blob seen whole by one tile and cut by the edge of the other: one detection whose
+    box is the union and whose RLE is, pixel for pixel, the union of each part pasted by
+    torchvision into its own tile."""
+    height, width = 300, 500
+    views = [View((0, 0, 256, 256), False), View((205, 0, 461, 256), False)]
+    soft, _ = blob_detections(2, 600, 600, seed=5, smallest=30, largest=60)
+    # part 0: the whole object in tile 0 (tile pixels); part 1: its left part cut by tile 1's
+    # left edge (tile 1 pixels), and an unrelated detection of another class there
+    boxes0 = np.array([[180.3, 40.7, 250.2, 120.9]], np.float32)
+    boxes1 = np.array([[0.0, 41.2, 45.6, 119.8], [100.5, 100.5, 160.2, 150.7]], np.float32)
+    results = [ImageDetections(np.array([3], np.int32), np.array([0.9], np.float32), boxes0,
+                               soft[:1]),
+               ImageDetections(np.array([3, 5], np.int32), np.array([0.8, 0.7], np.float32),
+                               boxes1, np.concatenate([soft[1:], soft[:1]]))]
+    merged = merge_views(views, results, 0.5)
+    rows = encode_detections(merged, height, width, 0.5)
+    assert [(r["category_id"], len(r["parts"])) for r in rows] == [(3, 2), (5, 1)]
+    seam = rows[0]
+    assert seam["score"] == pytest.approx(0.9)
+    assert np.allclose(seam["box"], [180.3, 40.7, 250.6, 120.9], atol=1e-4)
+    # the reference: torchvision's paste in each tile, placed in the image, OR-ed
+    canvas = np.zeros((height, width), bool)
+    for view, result, k in ((views[0], results[0], 0), (views[1], results[1], 0)):
+        x0, y0, x1, y1 = view.window
+        tile = paste_masks_in_image(torch.from_numpy(result.soft_masks[k:k + 1, None]),
+                                    torch.from_numpy(result.boxes[k:k + 1]), (y1 - y0, x1 - x0))
+        canvas[y0:y1, x0:x1] |= tile[0, 0].numpy() > 0.5
+    expected = mask_utils.encode(np.asfortranarray(canvas.astype(np.uint8)))
+    assert seam["segmentation"]["counts"] == expected["counts"].decode()
+    assert seam["area"] == canvas.sum()
+    # re-export from the stored parts gives the same mask (float32 storage: exact)
+    stored = encode_detections(merged, height, width, 0.5, soft_mask_dtype="float32")
+    assert [rle for _, rle in rethreshold(stored, height, width, 0.5, "float32")] == \
+        [r["segmentation"] for r in rows]
+
+
+def test_an_image_is_ok_only_when_all_its_tiles_are(monkeypatch, checkpoint):
+    from segpipe.predictor import MaskRCNNPredictor
+
+    spec = small_spec()
+    predictor = MaskRCNNPredictor(spec, torch.load(checkpoint, weights_only=True), False,
+                                  tiling=TileSettings(128, 25), chunk=3)
+    real = predictor._predict_isolated
+
+    def one_tile_fails(items):   # the second view of every forward pass of several fails
+        outcomes = real(items)
+        return outcomes[:1] + ["RuntimeError: boom"] + outcomes[2:] if len(items) > 1 else outcomes
+
+    monkeypatch.setattr(predictor, "_predict_isolated", one_tile_fails)
+    import pyarrow as pa
+    from segpipe import schema
+    from segpipe.decode import pixel_column
+
+    image = photo("astronaut", 0.5)   # 256×256: 9 tiles of 128
+    small = photo("chelsea", 0.2)     # fits one tile: predicted whole
+    rows = pa.table({"image_id": pa.array([1, 2], pa.int64()), "file_name": ["a", "b"],
+                     "width": pa.array([256, small.shape[1]], pa.int32()),
+                     "height": pa.array([256, small.shape[0]], pa.int32()),
+                     "status": ["ok", "ok"], "error": pa.array([None, None], pa.string()),
+                     schema.PIXELS: pixel_column([image, small])})
+    out = predictor(rows)
+    statuses, errors = out.column("status").to_pylist(), out.column("error").to_pylist()
+    assert statuses[0] == "error" and errors[0].startswith("predict: ") and \
+        "3 of 9 views failed (tile at (103, 0, 231, 128): RuntimeError: boom)" in errors[0]
+    assert statuses[1] == "ok"
+
+
+def test_tiling_is_part_of_the_run_settings():
+    spec = small_spec()
+    untiled = RunSettings(spec, "0" * 64, 0.5, True)
+    tiled = RunSettings(spec, "0" * 64, 0.5, True, tiles=TileSettings(512, 102))
+    assert RunSettings.from_metadata(tiled.to_metadata()) == tiled
+    assert any(d.startswith("tiles:") for d in tiled.differences(untiled))
+
+
+@pytest.fixture(scope="module")
+def sahi_case():
+    """A 1100×800 collage of the sample photos, sliced into 256 px tiles (20 of them)."""
+    image = np.zeros((800, 1100, 3), np.uint8)
+    image[:512, :512] = photo("astronaut", 1.0)
+    image[:300, 512:963] = photo("chelsea", 1.0)[:300, :451]
+    image[300:727, 512:1052] = photo("rocket", 1.0)[:427, :540]
+    image[512:800, :600] = photo("coffee", 1.0)[:288]
+    return image, 256, 0.2
+
+
+@pytest.mark.parametrize("arch", ["maskrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn"])
+def test_tiled_detections_agree_with_sahi(sahi_case, arch):
+    image, tile, ratio = sahi_case
+    torch.manual_seed(CHECKPOINT_SEED)
+    spec = small_spec(arch=arch)
+    state = build_model(spec).state_dict()
+    tiling = TileSettings(tile, tile_overlap_pixels(tile, ratio))
+    ours = ref.segpipe_tiled(spec, state, image, tiling)
+    theirs = ref.sahi_sliced(spec, state, image, tiling, ratio)
+    # SAHI cannot hold detections without a polygon; segpipe keeps them (module doc)
+    comparable = [f for f in ours if ref.has_polygon(f)]
+    found = ref.agreement(theirs, comparable)
+    print(arch, found.summary())
+    assert len(theirs) > 100
+    if arch.startswith("fasterrcnn"):   # same boxes, same merge: the same detections
+        assert found.fraction == 1.0 and len(comparable) == len(theirs)
+        assert min(found.box_ious) > 0.99
+    else:
+        assert found.fraction >= 0.95
+        assert abs(len(comparable) - len(theirs)) <= 0.05 * len(theirs)
+        assert np.median(found.traced_mask_ious) > 0.99
