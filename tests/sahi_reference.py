@@ -53,9 +53,11 @@ class Found:
     mask_box: Optional[np.ndarray] = None   # bounding box of the mask, pixel extents
 
 
-def segpipe_tiled(spec: ModelSpec, state_dict: dict, image: np.ndarray, tiling: TileSettings,
-                  batch_size: int = 4, mask_threshold: float = 0.5) -> list[Found]:
-    """segpipe's tiled detections of ``image`` (``H×W×3`` uint8)."""
+def segpipe_tiled(spec: ModelSpec, state_dict: dict, image: np.ndarray,
+                  tiling: Optional[TileSettings], batch_size: int = 4,
+                  mask_threshold: float = 0.5) -> list[Found]:
+    """segpipe's tiled detections of ``image`` (``H×W×3`` uint8); ``tiling`` None: the
+    image predicted whole."""
     height, width = image.shape[:2]
     predictor = MaskRCNNPredictor(spec, state_dict, use_gpu=False, tiling=tiling,
                                   chunk=batch_size)
@@ -87,8 +89,10 @@ def has_polygon(found: Found) -> bool:
 
 
 def sahi_sliced(spec: ModelSpec, state_dict: dict, image: np.ndarray, tiling: TileSettings,
-                overlap_ratio: float) -> list[Found]:
-    """SAHI 0.12's sliced prediction of ``image`` with segpipe's settings (module doc)."""
+                overlap_ratio: float, masks: bool = True) -> list[Found]:
+    """SAHI 0.12's sliced prediction of ``image`` with segpipe's settings (module doc).
+    ``masks=False`` withholds a mask model's masks from SAHI, so that it keeps (and merges
+    on) the model's boxes, as segpipe does."""
     from sahi.models.torchvision import TorchVisionDetectionModel
     from sahi.predict import get_sliced_prediction
 
@@ -99,6 +103,8 @@ def sahi_sliced(spec: ModelSpec, state_dict: dict, image: np.ndarray, tiling: Ti
 
         def _create_object_prediction_list_from_original_predictions(self, *args, **kwargs):
             for prediction in self._original_predictions:
+                if not masks:
+                    prediction.pop("masks", None)
                 if "masks" not in prediction:
                     continue
                 binary = (prediction["masks"] > self.mask_threshold).numpy()
@@ -178,13 +184,16 @@ class Agreement:
                 "traced_mask_iou": stats(self.traced_mask_ious)}
 
 
-def agreement(sahi: list[Found], ours: list[Found], threshold: float = 0.9) -> Agreement:
+def agreement(sahi: list[Found], ours: list[Found], threshold: float = 0.9,
+              model_boxes: bool = False) -> Agreement:
     """Match SAHI's detections to segpipe's (module doc): boxes of mask detections are
-    compared as the bounding boxes of the masks, SAHI's definition."""
+    compared as the bounding boxes of the masks, SAHI's definition, or with ``model_boxes``
+    (SAHI run with ``masks=False``) as the model's boxes."""
     if not sahi or not ours:
         return Agreement(len(sahi), len(ours), 0, [], [], [], [])
     theirs = np.stack([f.box for f in sahi])
-    mine = np.stack([f.mask_box if f.mask_box is not None else f.box for f in ours])
+    mine = np.stack([f.mask_box if f.mask_box is not None and not model_boxes else f.box
+                     for f in ours])
     ious = box_iou(theirs, mine)
     same = np.array([[s.label == o.label for o in ours] for s in sahi])
     ious = np.where(same, ious, -1.0)
