@@ -191,7 +191,8 @@ def pixel_arrays(column: pa.ChunkedArray, heights: list, widths: list) -> list[n
     for chunk in column.chunks:
         chunk = chunk.cast(pa.large_binary())
         _, offsets_buffer, data_buffer = chunk.buffers()
-        offsets = np.frombuffer(offsets_buffer, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+        first = chunk.offset
+        offsets = np.frombuffer(offsets_buffer, np.int64)[first:first + len(chunk) + 1]
         data = (np.frombuffer(data_buffer, np.uint8) if data_buffer is not None
                 else np.zeros(0, np.uint8))
         for k in range(len(chunk)):

@@ -55,7 +55,9 @@ def encode_masks(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: 
         compressed = [compressed[a] if b - a == 1 else
                       mask_utils.merge(compressed[a:b], intersect=False)
                       for a, b in zip(starts, ends)]
-        areas = mask_utils.area(compressed).astype(np.int64)
+        # area one RLE at a time: pycocotools' area() of a list overflows past 255 masks
+        areas = np.array([areas[a] if b - a == 1 else int(mask_utils.area(rle))
+                          for a, b, rle in zip(starts, ends, compressed)], np.int64)
     return [{"size": size, "counts": rle["counts"].decode("ascii")} for rle in compressed], areas
 
 

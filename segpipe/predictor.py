@@ -240,9 +240,10 @@ class MaskRCNNPredictor:
     """Ray Data actor: decoded rows in, rows with packed detection arrays out.
 
     Loads the model once per actor. With ``tiling``, an image larger than a tile is
-    predicted as its tiles (``tiles.py``), ``chunk`` views per forward pass, and its
-    detections merged; it is ok only when every one of its views is. A batch that runs out of GPU memory is split in halves and
-    retried down to single images, after the failed attempt's tensors are freed; an image that
+    predicted as its tiles (``tiles.py``), ``chunk`` views per forward pass (0: the whole
+    batch at once), and its detections merged; it is ok only when every one of its views
+    is. A batch that runs out of GPU memory is split in halves and retried down to single
+    images, after the failed attempt's tensors are freed; an image that
     still fails (out of memory alone, or any ordinary error) becomes an error row with the
     reason. A CUDA error that leaves the device unusable ends the actor instead: Ray restarts
     it and retries the batch, so no later image is lost to a dead context.
@@ -308,13 +309,13 @@ class MaskRCNNPredictor:
             by_image[i].append(outcome)
         results: list[Optional[ImageDetections]] = [None] * batch.num_rows
         for i in ok:
-            failed = [(k, o) for k, o in enumerate(by_image[i]) if not isinstance(o, ImageDetections)]
+            failed = [(k, outcome) for k, outcome in enumerate(by_image[i])
+                      if not isinstance(outcome, ImageDetections)]
             if failed:
                 statuses[i] = schema.STATUS_ERROR
                 errors[i] = f"predict: {describe_failure(views[i], failed)}"
             else:
-                results[i] = merge_views(views[i], by_image[i],
-                                         self.tiling.merge_threshold if self.tiling else 0.5)
+                results[i] = merge_views(views[i], by_image[i], self.tiling)
         return pack_detections(batch, statuses, errors, results)
 
     def _predict_isolated(self, arrays: list[tuple[np.ndarray, bool]]

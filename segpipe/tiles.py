@@ -52,7 +52,8 @@ class View:
     resize: bool
 
 
-def tile_windows(height: int, width: int, size: int, overlap: int) -> list[tuple[int, int, int, int]]:
+def tile_windows(height: int, width: int, size: int,
+                 overlap: int) -> list[tuple[int, int, int, int]]:
     """The tiles of a ``height × width`` image, ``(x0, y0, x1, y1)``, row by row: SAHI's
     ``get_slice_bboxes`` for a square slice and an overlap in pixels."""
     windows = []
@@ -89,11 +90,11 @@ def image_boxes(boxes: np.ndarray, windows: np.ndarray) -> np.ndarray:
 
 
 def merge_views(views: list[View], results: list[ImageDetections],
-                threshold: float) -> ImageDetections:
+                tiling: Optional[TileSettings]) -> ImageDetections:
     """One image's detections from the detections of its views (``results[k]`` in
     ``views[k]``'s pixels): the parts of every merged detection, the merged detections in
     order of score (see the module doc). A single whole-image view is returned as it is."""
-    if len(views) == 1 and views[0].resize:
+    if tiling is None or (len(views) == 1 and views[0].resize):
         return results[0]
     windows = np.concatenate([np.tile(np.asarray(v.window, np.int32), (len(r.scores), 1))
                               for v, r in zip(views, results)]).reshape(-1, 4)
@@ -104,7 +105,7 @@ def merge_views(views: list[View], results: list[ImageDetections],
     soft_masks = np.concatenate([r.soft_masks.reshape(len(r.scores), m, m) for r in results]) \
         if len(labels) else np.zeros((0, m, m), np.float32)
     full = image_boxes(boxes, windows)
-    groups = greedy_merge(full, scores, labels, threshold)
+    groups = greedy_merge(full, scores, labels, tiling.merge_threshold)
     rank = np.empty(len(scores), np.int64)
     rank[score_order(full, scores)] = np.arange(len(scores))
     order = np.lexsort((rank, groups))   # by detection; its keeper (best score) first
@@ -127,8 +128,6 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     n = len(scores)
     groups = np.full(n, -1, np.int64)
     keeper_rank = np.zeros(n, np.int64)
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    areas = (x2 - x1) * (y2 - y1)
     order = score_order(boxes, scores)
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
@@ -145,17 +144,14 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
             rest = np.nonzero(~taken[i + 1:])[0] + i + 1
             if not len(rest):
                 continue
-            others = members[rest]
-            inter = (np.clip(np.minimum(x2[idx], x2[others]) - np.maximum(x1[idx], x1[others]),
-                             0, None)
-                     * np.clip(np.minimum(y2[idx], y2[others]) - np.maximum(y1[idx], y1[others]),
-                               0, None))
-            ios = _ratio(inter, np.minimum(areas[idx], areas[others])).astype(np.float32)
+            # SAHI compares its metric matrix in float32
+            ios = intersection_over_smaller(boxes[idx], boxes[members[rest]]).astype(np.float32)
             matched = rest[ios >= threshold]
             taken[matched] = True
             merged = boxes[idx].copy()
             for j in members[matched]:
-                if _ios(merged, boxes[j]) >= threshold:   # SAHI's re-check on the grown box
+                # SAHI's re-check, on the grown box
+                if intersection_over_smaller(merged, boxes[j:j + 1])[0] >= threshold:
                     groups[j] = idx
                     merged = np.concatenate([np.minimum(merged[:2], boxes[j, :2]),
                                              np.maximum(merged[2:], boxes[j, 2:])])
@@ -168,13 +164,14 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     return keeper_rank[groups].astype(np.int32)
 
 
-def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1), 0.0)
+def intersection_over_smaller(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Intersection of ``box`` with each of ``others`` (``x1 y1 x2 y2``) over the smaller of
+    the two areas (0 where that is 0)."""
+    def area(b: np.ndarray) -> np.ndarray:
+        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
 
-
-def _ios(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over the smaller box of two ``x1 y1 x2 y2`` boxes."""
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return inter / smaller if smaller > 0 else 0.0
+    inter = (np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+             * np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0,
+                       None))
+    smaller = np.minimum(area(box), area(others))
+    return np.where(smaller > 0, inter / np.where(smaller > 0, smaller, 1), 0.0)

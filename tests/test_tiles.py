@@ -106,7 +106,7 @@ def test_an_object_on_a_seam_is_one_detection_with_the_union_of_its_masks():
                                soft[:1]),
                ImageDetections(np.array([3, 5], np.int32), np.array([0.8, 0.7], np.float32),
                                boxes1, np.concatenate([soft[1:], soft[:1]]))]
-    merged = merge_views(views, results, 0.5)
+    merged = merge_views(views, results, TileSettings(256, 51))
     rows = encode_detections(merged, height, width, 0.5)
     assert [(r["category_id"], len(r["parts"])) for r in rows] == [(3, 2), (5, 1)]
     seam = rows[0]
@@ -238,3 +238,21 @@ def test_images_over_pillows_own_limit_decode_up_to_the_runs_limit(monkeypatch):
         decode_image(data.getvalue(), DecodeLimits(10_000, 1 << 20))
     with pytest.raises(Image.DecompressionBombError):   # Pillow itself, outside segpipe
         Image.open(io.BytesIO(data.getvalue()))
+
+
+def test_hundreds_of_merged_detections_keep_their_areas():
+    """Every detection seen twice (two views of the same window): 300 merged detections of
+    two identical parts each, whose masks and areas are the single parts' (pycocotools'
+    area() of a list overflows past 255 masks; segpipe does not use it so)."""
+    soft, _ = blob_detections(300, 900, 900, seed=2, smallest=30, largest=40)
+    cells = np.stack(np.meshgrid(np.arange(20) * 45.0, np.arange(15) * 45.0), -1).reshape(-1, 2)
+    boxes = np.concatenate([cells + 2.5, cells + 41.7], 1).astype(np.float32)  # apart
+    labels = (np.arange(300) % 5 + 1).astype(np.int32)
+    scores = np.linspace(0.99, 0.1, 300).astype(np.float32)
+    one = ImageDetections(labels, scores, boxes, soft)
+    merged = merge_views([View((0, 0, 900, 900), False)] * 2, [one, one], TileSettings(512, 0))
+    rows = encode_detections(merged, 900, 900, 0.5)
+    single = encode_detections(one, 900, 900, 0.5)
+    assert len(rows) == 300 and all(len(r["parts"]) == 2 for r in rows)
+    assert [(r["area"], r["segmentation"]) for r in rows] == \
+        [(r["area"], r["segmentation"]) for r in single]
