@@ -46,7 +46,7 @@ SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
     "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
                "max_image_bytes"),
     "huge images (README \"Huge images\")": ("tile", "tile_overlap", "tile_full_pass",
-                                              "tile_merge_threshold"),
+                                              "tile_merge_threshold", "tile_join_seams"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
                            "batch_size", "predictor_threads", "rows_per_file"),
     "run": ("overwrite", "resume", "progress", "fault_kill_after_batches"),

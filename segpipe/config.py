@@ -126,6 +126,11 @@ class SegmentConfig:
     tile_merge_threshold: float = _opt("with --tile, same-class detections whose boxes overlap "
                                        "by at least this intersection over the smaller box are "
                                        "one object (SAHI's greedy NMM, IOS)", 0.5)
+    tile_join_seams: bool = _opt("with --tile, also join the pieces of an object cut by a tile "
+                                 "edge inside the image when their boxes agree (IoU >= "
+                                 "tile_merge_threshold) where both tiles see them; off: SAHI's "
+                                 "merge exactly, which can leave an object larger than the "
+                                 "overlap in pieces", True)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
     rows_per_file: int = _opt("most rows (images) in one predictions/*.parquet file", 1000)
     address: Optional[str] = _opt("Ray cluster to join; unset: RAY_ADDRESS, else a local Ray", None)
@@ -183,6 +188,7 @@ class TileSettings:
     overlap: int
     full_pass: bool = False
     merge_threshold: float = 0.5
+    join_seams: bool = True
 
     @classmethod
     def from_config(cls, config: SegmentConfig) -> Optional["TileSettings"]:
@@ -190,7 +196,7 @@ class TileSettings:
         if not config.tile:
             return None
         return cls(config.tile, tile_overlap_pixels(config.tile, config.tile_overlap),
-                   config.tile_full_pass, config.tile_merge_threshold)
+                   config.tile_full_pass, config.tile_merge_threshold, config.tile_join_seams)
 
     def applies(self, height: int, width: int) -> bool:
         """Whether an image of this size is sliced (its longer side is over the tile)."""

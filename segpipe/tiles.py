@@ -19,9 +19,13 @@ actors so that it scales with the cluster:
   the merged detection's box is the union of the boxes, its score the highest, its mask
   the union of the masks. An object no larger than the overlap is seen whole by some tile,
   and its cut pieces in the neighbouring tiles lie inside that whole box (IOS 1), so it
-  becomes one detection. A larger object cut by every tile it touches is joined by the full
-  pass, whose box holds every piece. One difference from SAHI, deliberately: a detection
-  that SAHI's re-check refuses is kept as a detection of its own, where SAHI drops it.
+  becomes one detection. One difference from SAHI, deliberately: a detection that SAHI's
+  re-check refuses is kept as a detection of its own, where SAHI drops it;
+* **seams** (``join_seams``, on unless ``join_seams=False``): an object larger than the
+  overlap can be cut by every tile it touches, and its pieces overlap too little to merge
+  by IOS (SAHI leaves them apart). Pieces cut by a tile edge inside the image are joined
+  with the piece of the tile that saw past that edge when their boxes agree within the
+  band both tiles see (``join_seams``).
 
 The merged detections are returned as *parts*: each part keeps the box and soft mask the
 model gave in its view (view pixels) and the view's window, so that the encode stage
@@ -39,7 +43,12 @@ import numpy as np
 from segpipe.config import TileSettings
 from segpipe.detections import ImageDetections
 
-__all__ = ["TileSettings", "View", "tile_windows", "image_views", "merge_views", "greedy_merge"]
+__all__ = ["TileSettings", "View", "tile_windows", "image_views", "merge_views", "greedy_merge",
+           "join_seams"]
+
+#: A tile part whose box comes this close (px) to an edge of its tile inside the image is
+#: cut by that edge (torchvision clips boxes to the tile, so a cut box ends on it).
+SEAM_TOLERANCE = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,8 +113,14 @@ def merge_views(views: list[View], results: list[ImageDetections],
     m = max((r.soft_masks.shape[-1] for r in results), default=0)
     soft_masks = np.concatenate([r.soft_masks.reshape(len(r.scores), m, m) for r in results]) \
         if len(labels) else np.zeros((0, m, m), np.float32)
+    from_tile = np.concatenate([np.full(len(r.scores), not v.resize)
+                                for v, r in zip(views, results)]).astype(bool)
     full = image_boxes(boxes, windows)
     groups = greedy_merge(full, scores, labels, tiling.merge_threshold)
+    if tiling.join_seams:
+        size = (max(v.window[3] for v in views), max(v.window[2] for v in views))
+        groups = join_seams(groups, full, scores, labels, windows, from_tile, size,
+                            tiling.merge_threshold)
     rank = np.empty(len(scores), np.int64)
     rank[score_order(full, scores)] = np.arange(len(scores))
     order = np.lexsort((rank, groups))   # by detection; its keeper (best score) first
@@ -162,6 +177,74 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
     for number, keeper in enumerate(sorted(keepers, key=lambda k: rank[k])):
         keeper_rank[keeper] = number
     return keeper_rank[groups].astype(np.int32)
+
+
+def join_seams(groups: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+               windows: np.ndarray, from_tile: np.ndarray, size: tuple[int, int],
+               threshold: float) -> np.ndarray:
+    """Join merged detections that are pieces of one object cut by a seam (module doc).
+
+    A tile part is *cut* where its box reaches (within ``SEAM_TOLERANCE`` px) an edge of its
+    tile that is not the image's edge. It is joined with a same-class part of another tile
+    that saw past that edge when, within the band both tiles see (their windows'
+    intersection), the two boxes agree: IoU of the boxes clipped to the band ``>=
+    threshold``. Both tiles see the same pixels there, so one object gives about the same
+    box in both, and two objects side by side do not. ``groups`` are renumbered by best
+    score, as ``greedy_merge`` numbers them.
+    """
+    height, width = size
+    w = windows.astype(np.float64)
+    near = SEAM_TOLERANCE
+    cuts = np.stack([from_tile & (w[:, 0] > 0) & (boxes[:, 0] <= w[:, 0] + near),
+                     from_tile & (w[:, 1] > 0) & (boxes[:, 1] <= w[:, 1] + near),
+                     from_tile & (w[:, 2] < width) & (boxes[:, 2] >= w[:, 2] - near),
+                     from_tile & (w[:, 3] < height) & (boxes[:, 3] >= w[:, 3] - near)], 1)
+    parent = np.arange(int(groups.max()) + 1 if len(groups) else 0)
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for k in np.flatnonzero(cuts.any(1)):
+        others = np.flatnonzero(from_tile & (labels == labels[k]) & (groups != groups[k])
+                                & (windows != windows[k]).any(1))
+        if not len(others):
+            continue
+        wk, wo = w[k], w[others]
+        # the other tile saw past one of k's cut edges: that edge lies inside its window
+        past = ((cuts[k, 0] & (wo[:, 0] < wk[0]) & (wk[0] < wo[:, 2]))
+                | (cuts[k, 1] & (wo[:, 1] < wk[1]) & (wk[1] < wo[:, 3]))
+                | (cuts[k, 2] & (wo[:, 0] < wk[2]) & (wk[2] < wo[:, 2]))
+                | (cuts[k, 3] & (wo[:, 1] < wk[3]) & (wk[3] < wo[:, 3])))
+        others, wo = others[past], wo[past]
+        if not len(others):
+            continue
+        band = np.concatenate([np.maximum(wk[:2], wo[:, :2]), np.minimum(wk[2:], wo[:, 2:])], 1)
+        mine = np.concatenate([np.maximum(boxes[k, :2], band[:, :2]),
+                               np.minimum(boxes[k, 2:], band[:, 2:])], 1)
+        theirs = np.concatenate([np.maximum(boxes[others, :2], band[:, :2]),
+                                 np.minimum(boxes[others, 2:], band[:, 2:])], 1)
+        for j in others[box_iou_pairs(mine, theirs) >= threshold]:
+            parent[root(int(groups[k]))] = root(int(groups[j]))
+    joined = np.array([root(int(g)) for g in groups], np.int64)
+    best: dict[int, int] = {}
+    for rank, k in enumerate(score_order(boxes, scores)):
+        best.setdefault(int(joined[k]), rank)
+    number = {g: n for n, g in enumerate(sorted(best, key=best.__getitem__))}
+    return np.array([number[int(g)] for g in joined], np.int32)
+
+
+def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]`` (``x1 y1 x2 y2``); 0 where either box is empty."""
+    inter = (np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+             * np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None))
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a + area_b - inter
+    empty = (area_a <= 0) | (area_b <= 0)
+    return np.where(empty | (union <= 0), 0.0, inter / np.where(union > 0, union, 1))
 
 
 def intersection_over_smaller(box: np.ndarray, others: np.ndarray) -> np.ndarray:

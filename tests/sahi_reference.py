@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import torch
 from pycocotools import mask as mask_utils
 
 from segpipe import schema
@@ -75,6 +76,68 @@ def segpipe_tiled(spec: ModelSpec, state_dict: dict, image: np.ndarray,
         found.append(Found(det["category_id"], det["score"], np.asarray(det["box"], np.float64),
                            mask, _rle_box(mask)))
     return found
+
+
+def segpipe_as_sahi_holds_it(spec: ModelSpec, state_dict: dict, image: np.ndarray,
+                             tiling: TileSettings, batch_size: int = 4) -> list[Found]:
+    """segpipe's tile detections, put the way SAHI holds detections before merging them:
+    each mask traced to polygons as SAHI traces it, a detection without a polygon dropped,
+    its box replaced by its polygons' bounding box; then segpipe's greedy merge (no seam
+    joins) on those boxes. What this leaves different from ``sahi_sliced`` is not explained
+    by how SAHI holds detections."""
+    from sahi.utils.cv import get_coco_segmentation_from_bool_mask
+
+    from segpipe.encode import encode_masks
+    from segpipe.tiles import greedy_merge, image_views
+
+    height, width = image.shape[:2]
+    predictor = MaskRCNNPredictor(spec, state_dict, use_gpu=False)
+    views = image_views(height, width, tiling)
+    crops = [(image[v.window[1]:v.window[3], v.window[0]:v.window[2]], v.resize) for v in views]
+    results = [r for start in range(0, len(crops), batch_size)
+               for r in predictor._predict_isolated(crops[start:start + batch_size])]
+    labels, scores, boxes, polygons = [], [], [], []
+    for view, result in zip(views, results):
+        x0, y0, x1, y1 = view.window
+        rles, _ = encode_masks(result.soft_masks, result.boxes, y1 - y0, x1 - x0, 0.5)
+        for k, rle in enumerate(rles):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode()}
+            found = get_coco_segmentation_from_bool_mask(mask_utils.decode(rle))
+            if not found:
+                continue
+            shifted = [[v + (x0 if i % 2 == 0 else y0) for i, v in enumerate(p)] for p in found]
+            xs = np.concatenate([np.asarray(p[0::2]) for p in shifted])
+            ys = np.concatenate([np.asarray(p[1::2]) for p in shifted])
+            labels.append(int(result.labels[k]))
+            scores.append(float(result.scores[k]))
+            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+            polygons.append(shifted)
+    boxes_array = np.asarray(boxes, np.float64).reshape(-1, 4)
+    groups = greedy_merge(boxes_array, np.asarray(scores, np.float32),
+                          np.asarray(labels, np.int32), tiling.merge_threshold)
+    merged = []
+    for g in range(int(groups.max()) + 1 if len(groups) else 0):
+        parts = np.flatnonzero(groups == g)
+        best = parts[np.argmax(np.asarray(scores)[parts])]
+        box = np.concatenate([boxes_array[parts, :2].min(0), boxes_array[parts, 2:].max(0)])
+        box[2:] += 1   # pixel extents, as sahi_sliced reports SAHI's boxes
+        mask = mask_utils.merge([mask_utils.merge(mask_utils.frPyObjects(polygons[k], height,
+                                                                         width))
+                                 for k in parts])
+        merged.append(Found(labels[best], scores[best], box, mask, box))
+    return merged
+
+
+def box_mask_head(state_dict: dict) -> dict:
+    """``state_dict`` with a mask head that predicts its whole box (logits 4 everywhere):
+    well-formed masks, as a trained head gives for compact objects, instead of the pixel
+    noise of random weights, which SAHI cannot turn into polygons for most small boxes."""
+    state = dict(state_dict)
+    weight = "roi_heads.mask_predictor.mask_fcn_logits.weight"
+    state[weight] = torch.zeros_like(state[weight])
+    state[weight.replace("weight", "bias")] = torch.full_like(state[weight.replace("weight",
+                                                                                  "bias")], 4.0)
+    return state
 
 
 def has_polygon(found: Found) -> bool:
@@ -222,7 +285,10 @@ def traced_as_sahi(rle: dict) -> dict:
     from sahi.utils.cv import get_coco_segmentation_from_bool_mask
 
     height, width = rle["size"]
-    polygons = get_coco_segmentation_from_bool_mask(mask_utils.decode(rle))
+    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+    crop = np.ascontiguousarray(mask_utils.decode(rle)[y:y + h, x:x + w])
+    polygons = [[v + (x if i % 2 == 0 else y) for i, v in enumerate(p)]
+                for p in get_coco_segmentation_from_bool_mask(crop)]
     if not polygons:
         return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
     return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
