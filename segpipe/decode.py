@@ -153,7 +153,7 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
     becomes that row's ``status="error"`` with the reason, so a bad file never fails the block.
     """
     fs, _ = storage.resolve(input_uri)
-    widths, heights, statuses, errors, pixels = [], [], [], [], []  # type: ignore[var-annotated]
+    widths, heights, statuses, errors, pixels = [], [], [], [], []
 
     def column(name: str) -> list:
         return (batch.column(name).to_pylist() if name in batch.column_names
