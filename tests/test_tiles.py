@@ -3,9 +3,8 @@ accounting per tile, and agreement with SAHI itself on the same weights."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from pycocotools import mask as mask_utils
@@ -15,10 +14,13 @@ import sahi_reference as ref
 from conftest import CHECKPOINT_SEED, small_spec
 from images import photo
 from synthetic import blob_detections
+from segpipe import schema
 from segpipe.config import ConfigError, SegmentConfig, tile_overlap_pixels, validate
+from segpipe.decode import pixel_column
 from segpipe.detections import ImageDetections
 from segpipe.encode import encode_detections, rethreshold
 from segpipe.model import build_model
+from segpipe.predictor import MaskRCNNPredictor
 from segpipe.schema import RunSettings
 from segpipe.tiles import TileSettings, View, greedy_merge, image_views, merge_views, \
     tile_windows
@@ -131,8 +133,6 @@ def test_an_object_on_a_seam_is_one_detection_with_the_union_of_its_masks():
 
 
 def test_an_image_is_ok_only_when_all_its_tiles_are(monkeypatch, checkpoint):
-    from segpipe.predictor import MaskRCNNPredictor
-
     spec = small_spec()
     predictor = MaskRCNNPredictor(spec, torch.load(checkpoint, weights_only=True), False,
                                   tiling=TileSettings(128, 25), chunk=3)
@@ -143,10 +143,6 @@ def test_an_image_is_ok_only_when_all_its_tiles_are(monkeypatch, checkpoint):
         return outcomes[:1] + ["RuntimeError: boom"] + outcomes[2:] if len(items) > 1 else outcomes
 
     monkeypatch.setattr(predictor, "_predict_isolated", one_tile_fails)
-    import pyarrow as pa
-    from segpipe import schema
-    from segpipe.decode import pixel_column
-
     image = photo("astronaut", 0.5)   # 256×256: 9 tiles of 128
     small = photo("chelsea", 0.2)     # fits one tile: predicted whole
     rows = pa.table({"image_id": pa.array([1, 2], pa.int64()), "file_name": ["a", "b"],
