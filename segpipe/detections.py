@@ -43,6 +43,12 @@ class ImageDetections:
         return self.groups is not None
 
 
+def group_bounds(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` of each merged detection's parts in non-decreasing ``groups``."""
+    starts = np.flatnonzero(np.diff(np.asarray(groups), prepend=-1))
+    return starts, np.append(starts[1:], len(groups)).astype(np.int64)
+
+
 def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[str]],
                     results: list[Optional[ImageDetections]]) -> pa.Table:
     """Build the predictor's output rows: per image, the detection arrays as raw bytes."""

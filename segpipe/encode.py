@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 
 from segpipe import schema
 from segpipe.categories import COCO_TABLE, CategoryTable
-from segpipe.detections import ImageDetections, unpack_detections
+from segpipe.detections import ImageDetections, group_bounds, unpack_detections
 from segpipe.paste import paste_runs
 from segpipe.tiles import image_boxes
 
@@ -50,8 +50,7 @@ def encode_masks(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: 
         [{"size": size, "counts": counts[offsets[k]:offsets[k + 1]]} for k in range(len(areas))],
         height, width) if len(areas) else []
     if groups is not None and len(areas):
-        starts = np.flatnonzero(np.diff(np.asarray(groups), prepend=-1))
-        ends = np.append(starts[1:], len(groups))
+        starts, ends = group_bounds(groups)
         compressed = [compressed[a] if b - a == 1 else
                       mask_utils.merge(compressed[a:b], intersect=False)
                       for a, b in zip(starts, ends)]
@@ -119,8 +118,7 @@ def encode_detections(det: ImageDetections, height: int, width: int, mask_thresh
     if det.has_masks and keep_soft_masks:
         stored = [q.tobytes() for q in quantise_soft_masks(det.soft_masks, soft_mask_dtype)]
     if det.tiled:
-        starts = np.flatnonzero(np.diff(det.groups, prepend=-1))
-        ends = np.append(starts[1:], count)
+        starts, ends = group_bounds(det.groups)
         full = image_boxes(det.boxes, det.windows)
         boxes = np.stack([np.concatenate([full[a:b, :2].min(0), full[a:b, 2:].max(0)])
                           for a, b in zip(starts, ends)]).astype(np.float32) \

@@ -336,10 +336,12 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
     limits = DecodeLimits(config.max_image_pixels, config.max_image_bytes)
     tiling = TileSettings.from_config(config)
     # with tiles, one image per call: huge images never share a block or a predictor call
-    # (its tiles make full forward passes on their own); without, batch_size images per call
+    # (its tiles make full forward passes on their own); without, batch_size images per
+    # predictor call and DECODE_BATCH per decode or encode call
     images_per_call = 1 if tiling else config.batch_size
+    images_per_block = 1 if tiling else DECODE_BATCH
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input, "limits": limits},
-                            batch_size=1 if tiling else DECODE_BATCH, batch_format="pyarrow",
+                            batch_size=images_per_block, batch_format="pyarrow",
                             num_cpus=plan.decode_cpus)
     ds = ds.map_batches(
         MaskRCNNPredictor,
@@ -363,7 +365,7 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
                                "keep_soft_masks": config.soft_masks,
                                "categories": categories, "monitor": monitor,
                                "soft_mask_dtype": soft_mask_dtype},
-        batch_size=1 if tiling else DECODE_BATCH, batch_format="pyarrow",
+        batch_size=images_per_block, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)
 

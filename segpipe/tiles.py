@@ -238,10 +238,8 @@ def join_seams(groups: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels
 
 def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of ``a[i]`` with ``b[i]`` (``x1 y1 x2 y2``); 0 where either box is empty."""
-    inter = (np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-             * np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None))
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    inter = _intersection(a, b)
+    area_a, area_b = _area(a), _area(b)
     union = area_a + area_b - inter
     empty = (area_a <= 0) | (area_b <= 0)
     return np.where(empty | (union <= 0), 0.0, inter / np.where(union > 0, union, 1))
@@ -250,11 +248,19 @@ def box_iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def intersection_over_smaller(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Intersection of ``box`` with each of ``others`` (``x1 y1 x2 y2``) over the smaller of
     the two areas (0 where that is 0)."""
-    def area(b: np.ndarray) -> np.ndarray:
-        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    smaller = np.minimum(_area(box), _area(others))
+    return np.where(smaller > 0, _intersection(box, others) / np.where(smaller > 0, smaller, 1),
+                    0.0)
 
-    inter = (np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
-             * np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0,
-                       None))
-    smaller = np.minimum(area(box), area(others))
-    return np.where(smaller > 0, inter / np.where(smaller > 0, smaller, 1), 0.0)
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection areas of ``x1 y1 x2 y2`` boxes, broadcast over their leading axes."""
+    return (np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+            * np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0,
+                      None))
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    """Areas of ``x1 y1 x2 y2`` boxes (0 for inverted ones)."""
+    return (np.clip(boxes[..., 2] - boxes[..., 0], 0, None)
+            * np.clip(boxes[..., 3] - boxes[..., 1], 0, None))

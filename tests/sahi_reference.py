@@ -54,20 +54,25 @@ class Found:
     mask_box: Optional[np.ndarray] = None   # bounding box of the mask, pixel extents
 
 
+def decoded_rows(images: list[np.ndarray]) -> pa.Table:
+    """Decode-stage rows (all ok) of ``H×W×3`` uint8 images, as the predictor receives them."""
+    n = len(images)
+    return pa.table({"image_id": pa.array(range(1, n + 1), pa.int64()),
+                     "file_name": [f"image{k}.png" for k in range(1, n + 1)],
+                     "width": pa.array([a.shape[1] for a in images], pa.int32()),
+                     "height": pa.array([a.shape[0] for a in images], pa.int32()),
+                     "status": ["ok"] * n, "error": pa.array([None] * n, pa.string()),
+                     schema.PIXELS: pixel_column([np.ascontiguousarray(a) for a in images])})
+
+
 def segpipe_tiled(spec: ModelSpec, state_dict: dict, image: np.ndarray,
                   tiling: Optional[TileSettings], batch_size: int = 4,
                   mask_threshold: float = 0.5) -> list[Found]:
     """segpipe's tiled detections of ``image`` (``H×W×3`` uint8); ``tiling`` None: the
     image predicted whole."""
-    height, width = image.shape[:2]
     predictor = MaskRCNNPredictor(spec, state_dict, use_gpu=False, tiling=tiling,
                                   chunk=batch_size)
-    rows = pa.table({"image_id": pa.array([1], pa.int64()), "file_name": ["image.png"],
-                     "width": pa.array([width], pa.int32()),
-                     "height": pa.array([height], pa.int32()), "status": ["ok"],
-                     "error": pa.array([None], pa.string()),
-                     schema.PIXELS: pixel_column([np.ascontiguousarray(image)])})
-    encoded = encode_batch(predictor(rows), mask_threshold)
+    encoded = encode_batch(predictor(decoded_rows([image])), mask_threshold)
     assert encoded.column("status").to_pylist() == ["ok"], encoded.column("error").to_pylist()
     found = []
     for det in encoded.column("detections").to_pylist()[0]:

@@ -4,7 +4,6 @@ accounting per tile, and agreement with SAHI itself on the same weights."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from pycocotools import mask as mask_utils
@@ -14,9 +13,7 @@ import sahi_reference as ref
 from conftest import CHECKPOINT_SEED, small_spec
 from images import photo
 from synthetic import blob_detections
-from segpipe import schema
 from segpipe.config import ConfigError, SegmentConfig, tile_overlap_pixels, validate
-from segpipe.decode import pixel_column
 from segpipe.detections import ImageDetections
 from segpipe.encode import encode_detections, rethreshold
 from segpipe.model import build_model
@@ -145,12 +142,7 @@ def test_an_image_is_ok_only_when_all_its_tiles_are(monkeypatch, checkpoint):
     monkeypatch.setattr(predictor, "_predict_isolated", one_tile_fails)
     image = photo("astronaut", 0.5)   # 256×256: 9 tiles of 128
     small = photo("chelsea", 0.2)     # fits one tile: predicted whole
-    rows = pa.table({"image_id": pa.array([1, 2], pa.int64()), "file_name": ["a", "b"],
-                     "width": pa.array([256, small.shape[1]], pa.int32()),
-                     "height": pa.array([256, small.shape[0]], pa.int32()),
-                     "status": ["ok", "ok"], "error": pa.array([None, None], pa.string()),
-                     schema.PIXELS: pixel_column([image, small])})
-    out = predictor(rows)
+    out = predictor(ref.decoded_rows([image, small]))
     statuses, errors = out.column("status").to_pylist(), out.column("error").to_pylist()
     assert statuses[0] == "error" and errors[0].startswith("predict: ") and \
         "3 of 9 views failed (tile at (103, 0, 231, 128): RuntimeError: boom)" in errors[0]
