@@ -198,12 +198,24 @@ def unnamed_classes_warning(table: CategoryTable) -> Optional[str]:
             "--categories FILE (a COCO JSON or one name per line) to name them")
 
 
+#: The most classes a run may name (LVIS has 1,203, Objects365 365, Open Images 600), and the
+#: largest categories file read: a model head grows with its classes, and a table of a
+#: million names would cost gigabytes before any image is seen.
+MAX_CATEGORIES = 10_000
+MAX_CATEGORIES_BYTES = 4 << 20
+
+
 def load_categories(uri: str) -> tuple[Category, ...]:
     """Read a categories file (a path or URI); ``CategoryError`` when it cannot be used."""
     from segpipe import storage
 
     fs, path = storage.resolve(uri)
     try:
+        size = fs.get_file_info(path).size
+        if size is not None and size > MAX_CATEGORIES_BYTES:
+            raise CategoryError(f"categories file {uri} is {size} bytes, over the "
+                                f"{MAX_CATEGORIES_BYTES} a table of {MAX_CATEGORIES} classes "
+                                "needs; is it the right file?")
         data = storage.read_bytes(fs, path)
     except (OSError, FileNotFoundError) as exc:
         raise CategoryError(f"categories file {uri} cannot be read: {exc}") from None
@@ -235,6 +247,9 @@ def parse_categories(text: str, source: str) -> tuple[Category, ...]:
         categories = tuple(Category(k, name) for k, name in enumerate(names, start=1))
     if not categories:
         raise CategoryError(f"categories file {source} names no category")
+    if len(categories) > MAX_CATEGORIES:
+        raise CategoryError(f"categories file {source} names {len(categories)} categories; "
+                            f"segpipe takes at most {MAX_CATEGORIES}")
     _check_unique(categories, source)
     return categories
 
@@ -248,8 +263,9 @@ def _from_json_list(value, source: str) -> tuple[Category, ...]:
         if not isinstance(item, dict):
             raise CategoryError(f"{where} is not an object with 'id' and 'name'")
         cid, name = item.get("id"), item.get("name")
-        if isinstance(cid, bool) or not isinstance(cid, int) or cid < 0:
-            raise CategoryError(f"{where}: 'id' must be a non-negative integer, got {cid!r}")
+        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < 1 << 31:
+            raise CategoryError(f"{where}: 'id' must be an integer from 0 to 2^31 - 1, "
+                                f"got {str(cid)[:40]}")
         if not isinstance(name, str) or not name.strip():
             raise CategoryError(f"{where}: 'name' must be a non-empty string, got {name!r}")
         supercategory = item.get("supercategory") or ""

@@ -8,6 +8,7 @@ it prints goes to a log file in OUTPUT (``console``); the terminal shows segpipe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import re
@@ -272,6 +273,8 @@ def _segment(args: argparse.Namespace) -> int:
         return _config_error(exc)
     except KeyboardInterrupt:
         return _interrupted(config, log)
+    except Exception as exc:   # a full disk, a lost cluster: one line, the way on, exit 1
+        return _failed(config, log, exc)
     finally:
         log.publish()
     for line in run_report.summary_lines() + console.translate(log.text()):
@@ -281,22 +284,47 @@ def _segment(args: argparse.Namespace) -> int:
     return 0 if run_report.accounting.complete else 1
 
 
-def _interrupted(config, log) -> int:
-    kept = len(prediction_files(predictions_dir(config.output)))
+def _resume_hint(config) -> str:
+    """How many complete prediction files are kept, and the command that finishes the run."""
+    try:
+        kept = len(prediction_files(predictions_dir(config.output)))
+    except Exception:   # OUTPUT unreachable now: the command is still the way on
+        kept = "the"
     command = " ".join(a if re.fullmatch(r"[\w@%+=:,./-]+", a) else repr(a) for a in sys.argv)
     resume = command if "--resume" in sys.argv else f"{command} --resume"
     resume = re.sub(r"\s--overwrite\b", "", resume)
     if redact(resume) != resume:
         resume += ("\n  (credentials in the URIs are hidden here: give them again, or through "
                    "the environment, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
-    print(f"\nsegpipe: interrupted; {kept} complete prediction file(s) are kept in "
-          f"{predictions_dir(config.output)}. Finish the run with:\n  {resume}\n"
-          f"(Ray's messages: {log.where})", file=sys.stderr)
+    return (f"{kept} complete prediction file(s) are kept in "
+            f"{predictions_dir(config.output)}. Finish the run with:\n  {resume}")
+
+
+def _interrupted(config, log) -> int:
+    print(f"\nsegpipe: interrupted; {_resume_hint(config)}\n(Ray's messages: {log.where})",
+          file=sys.stderr)
     return 130
 
 
+def _failed(config, log, exc: Exception) -> int:
+    """A run that failed after it started: the cause in one line, the traceback in the log,
+    and the command that finishes the run once the cause is mended."""
+    import traceback
+
+    with contextlib.suppress(OSError):
+        with open(log.path, "a") as f:
+            f.write("\nsegpipe: the run failed:\n" + traceback.format_exc())
+    cause = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(cause) > 300:
+        cause = cause[:300] + "..."
+    print(f"segpipe: the run failed: {cause}\n(the traceback is in {log.where})\n"
+          f"segpipe: {_resume_hint(config)}\n(once the cause is mended: free space, restart "
+          "the cluster...)", file=sys.stderr)
+    return 1
+
+
 def _export(args: argparse.Namespace) -> int:
-    from segpipe.export import ExportOptions, check_export, run_export
+    from segpipe.export import ExportOptions, check_export, check_export_target, run_export
 
     try:
         if args.max_per_image is not None and args.max_per_image < 1:
@@ -306,6 +334,7 @@ def _export(args: argparse.Namespace) -> int:
                                 max_per_image=args.max_per_image, min_area=args.min_area,
                                 polygons=args.polygons, instances_bbox=args.instances_bbox)
         checked = check_export(args.output, options, args.classes)
+        check_export_target(args.to)
     except ConfigError as exc:
         return _config_error(exc)
     address = args.address or os.environ.get("RAY_ADDRESS")

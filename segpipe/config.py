@@ -226,15 +226,33 @@ def load_config(path: Optional[str | Path] = None, **overrides: Any) -> SegmentC
     return config
 
 
+#: The largest config file read: a config is a page of keys, not data.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def read_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Return the keys of a YAML config file; unknown keys are a ``ConfigError``."""
+    """Return the keys of a YAML config file; unknown keys are a ``ConfigError``, and so is
+    anything that could expand without bound: a file over ``MAX_CONFIG_BYTES``, YAML aliases
+    (``*name``: a few hundred bytes of them expand to gigabytes), text that is not UTF-8."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is {size} bytes; a config is at most "
+                          f"{MAX_CONFIG_BYTES} bytes of keys")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise ConfigError(f"config file {path} uses YAML aliases (*name); write each value "
+                              "out instead")
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        problem = " ".join(str(exc).split())[:300]
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values")
     known = {f.name for f in config_fields()}

@@ -20,7 +20,7 @@ from typing import Optional
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from segpipe import schema, storage
+from segpipe import layout, ownership, schema, storage
 from segpipe.categories import CategoryTable
 from segpipe.config import ConfigError
 from segpipe.export import (ExportCounts, ExportOptions, coco_result, iter_ok_rows,
@@ -159,6 +159,9 @@ def crowd_regions(gt_json: dict, as_objects: bool) -> Optional[str]:
     return None
 
 
+EVAL_JSON = "eval.json"
+
+
 def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
              iou_types: Optional[tuple[str, ...]] = None, crowd_as_objects: bool = False) -> dict:
     """Evaluate ``output/predictions`` against ``gt_path``; write and return ``output/eval.json``.
@@ -171,6 +174,8 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
     settings = read_run_settings(predictions_dir)
     if settings is None:
         raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
+    layout.check_folder_target(output, "OUTPUT", " (eval writes eval.json into it)")
+    ownership.check_replaceable(output, [EVAL_JSON])
     if iou_types is None:
         iou_types = IOU_TYPES if settings.model.has_masks else ("bbox",)
     if "segm" in iou_types and not settings.model.has_masks:
@@ -211,5 +216,5 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
     report["score_threshold"] = threshold
     report["detections"] = len(results)
     report["tables"] = tables
-    storage.write_json_atomic(output, "eval.json", report)
+    ownership.write_json(output, EVAL_JSON, report)
     return report

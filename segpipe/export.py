@@ -21,11 +21,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from segpipe import __version__, schema, storage
+from segpipe import __version__, ownership, schema, storage
 from segpipe.config import ConfigError
-from segpipe.layout import existing_predictions, prediction_files, read_run_settings
+from segpipe.layout import COCO_FILES, LOGS_DIR, check_folder_target, existing_predictions, \
+    prediction_files, read_run_settings
 from segpipe.progress import Progress
 
+EXPORT_JSON = "export.json"
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "status", "error"]
 
 
@@ -328,9 +330,10 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     counts.errors = counts.images - counts.ok
     per_category: Counter = Counter()
     fs, root = storage.resolve(coco_dir)
+    ownership.remove(coco_dir, ownership.stale_temporaries(coco_dir, COCO_FILES))
     with contextlib.ExitStack() as stack:
-        instances = stack.enter_context(storage.atomic_output(fs, storage.join(root, "instances.json")))
-        results = stack.enter_context(storage.atomic_output(fs, storage.join(root, "results.json")))
+        instances = stack.enter_context(storage.atomic_output(fs, storage.join(root, COCO_FILES[0])))
+        results = stack.enter_context(storage.atomic_output(fs, storage.join(root, COCO_FILES[1])))
         instances.write(b'{"info":' + storage.redact(
             _dumps(info or coco_info("segpipe predictions")).decode()).encode())
         instances.write(b',"licenses":[],"categories":'
@@ -364,6 +367,7 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
             progress.advance(part.images)
         instances.write(b"\n]}\n")
         results.write(b"\n]\n")
+    ownership.record_written(coco_dir, COCO_FILES)
     counts.annotations = annotation_writer.count
     counts.per_category = dict(sorted(per_category.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
@@ -509,8 +513,11 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     from ``output/predictions`` alone, after ``check_export`` (``checked``, when the caller ran
     it). With a Ray ``address`` the prediction files are exported in Ray tasks on that cluster
     (``export_coco(parallel=True)``)."""
-    checked = checked or check_export(output, options, class_names)
+    if checked is None:
+        checked = check_export(output, options, class_names)
+        check_export_target(to)
     predictions_dir, settings, options = checked.predictions_dir, checked.settings, checked.options
+    ownership.mark_folder(to, "export")
     start = time.perf_counter()
     info = coco_info("segpipe export", {"arch": settings.model.arch,
                                         "weights_sha256": settings.weights_sha256})
@@ -535,5 +542,14 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
         "ray": address or None,
     }
-    storage.write_json_atomic(to, "export.json", summary)
+    ownership.write_json(to, EXPORT_JSON, summary)
     return summary
+
+
+def check_export_target(to: str) -> None:
+    """Refuse a ``--to`` folder export cannot write (a file, no permission), a link on the
+    way, or files there that export would replace and segpipe did not write."""
+    check_folder_target(to, "--to", " (export writes instances.json, results.json and "
+                                    "export.json into it)")
+    ownership.refuse_links(to, [LOGS_DIR], "export writes its log there")
+    ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON))

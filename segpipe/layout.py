@@ -15,7 +15,7 @@ from typing import Optional
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from segpipe import schema, storage
+from segpipe import ownership, schema, storage
 from segpipe.config import ConfigError
 
 PREDICTIONS_DIR = "predictions"
@@ -23,6 +23,8 @@ COCO_DIR = "coco"
 LOGS_DIR = "logs"
 PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
+RUN_JSON = "run.json"
+COCO_FILES = ("instances.json", "results.json")
 
 
 def predictions_dir(output: str) -> str:
@@ -35,10 +37,14 @@ def coco_dir(output: str) -> str:
 
 
 def prediction_files(directory: str) -> list[str]:
-    """The complete prediction files under ``directory`` (temporary files are not listed)."""
+    """The complete prediction files in ``directory``, by their name (``part-<32 hex>.parquet``,
+    not in a subfolder, not a link; temporary files are not listed), sorted."""
     fs, root = storage.resolve(directory)
-    return [i.path for i in storage.list_files(fs, root, PART_SUFFIX)
-            if i.base_name.startswith(PART_PREFIX)]
+    if not storage.is_dir(fs, root):
+        return []
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root))
+                  if i.type == pafs.FileType.File and ownership.PART_NAME.fullmatch(i.base_name)
+                  and ownership.linked_part(i.path) is None)
 
 
 def existing_predictions(output: str) -> str:
@@ -87,21 +93,33 @@ def _one_settings(directory: str, found: set) -> Optional[schema.RunSettings]:
     return found.pop() if found else None
 
 
-def check_output(output: str, resume: bool = False, overwrite: bool = False) -> None:
+def check_output(output: str, resume: bool = False,
+                 overwrite: bool = False) -> tuple[list[str], list[str]]:
     """Refuse an OUTPUT that cannot take a new run, before any work: a file, a folder that
-    cannot be created or written, or one holding an earlier run's predictions (unless
-    ``resume`` or ``overwrite``)."""
+    cannot be created or written, a symbolic link where the run writes, a file the run would
+    replace or remove that segpipe did not write (``ownership``), or one holding an earlier
+    run's predictions (unless ``resume`` or ``overwrite``).
+
+    Returns segpipe's own files in predictions/ that the run removes (complete, temporary):
+    all of them for a fresh run or ``overwrite``, the temporary ones for ``resume``."""
     check_folder_target(output, "OUTPUT",
                         " (the run writes predictions/, coco/ and run.json into it)")
+    ownership.refuse_links(output, [PREDICTIONS_DIR, COCO_DIR, LOGS_DIR],
+                           "OUTPUT's predictions/, coco/ and logs/ must be folders inside it")
     predictions = predictions_dir(output)
     fs, path = storage.resolve(predictions)
     if fs.get_file_info(path).type == pafs.FileType.File:
         raise ConfigError(f"{predictions} is a file; OUTPUT must be a segpipe output folder")
-    old = prediction_files(predictions)
-    if old and not (resume or overwrite):
+    ownership.check_replaceable(output, [RUN_JSON])
+    ownership.check_replaceable(coco_dir(output), COCO_FILES)
+    if resume:
+        return [], ownership.prediction_entries(predictions)[1]
+    old, temporary = ownership.check_clearable(predictions)
+    if old and not overwrite:
         raise ConfigError(f"{predictions} already holds {len(old)} prediction file(s) from an "
                           "earlier run; pass --resume to finish it, --overwrite to replace it, "
                           "or choose another OUTPUT")
+    return old, temporary
 
 
 def create_folder(folder: str, what: str) -> None:

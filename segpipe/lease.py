@@ -16,8 +16,10 @@ by a ``--resume`` is dropped instead of being counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import posixpath
 import socket
@@ -52,11 +54,39 @@ def lease_path(output: str) -> tuple[pafs.FileSystem, str]:
     return fs, storage.join(root, LEASE_NAME)
 
 
+#: What ``read_lease`` returns for a lease file that is there but holds no valid record (a
+#: full disk's 0 bytes, garbage): judged by the file's age alone (``is_stale``).
+UNREADABLE = "unreadable"
+
+
 def read_lease(fs: pafs.FileSystem, path: str) -> Optional[dict]:
+    """The lease record at ``path``; None when there is no lease file; for a file that holds
+    no valid record, ``{"unreadable": why, "renewed": its modification time}``."""
     try:
-        return json.loads(storage.read_bytes(fs, path))
-    except (OSError, ValueError):
+        data = storage.read_bytes(fs, path)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        return _unreadable(fs, path, f"cannot be read ({exc.strerror or exc})")
+    try:
+        record = json.loads(data)
+        if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
+            raise ValueError("no run id")
+        renewed = float(record.get("renewed"))
+        if not math.isfinite(renewed):
+            raise ValueError("bad renewal time")
+        return {**record, "renewed": renewed}
+    except (ValueError, TypeError, OverflowError):
+        what = f"{len(data)} bytes" if data else "empty"
+        return _unreadable(fs, path, f"holds no valid lease ({what})")
+
+
+def _unreadable(fs: pafs.FileSystem, path: str, why: str) -> Optional[dict]:
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    changed = info.mtime_ns / 1e9 if info.mtime_ns is not None else 0.0
+    return {UNREADABLE: why, "renewed": changed}
 
 
 def _alive_here(holder: dict) -> bool:
@@ -67,7 +97,7 @@ def _alive_here(holder: dict) -> bool:
         os.kill(int(holder.get("pid", -1)), 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, ValueError, OverflowError):
+    except (PermissionError, ValueError, TypeError, OverflowError):
         return True
     return True
 
@@ -78,6 +108,8 @@ def is_stale(holder: dict, now: float) -> bool:
 
 def describe(holder: dict, now: float) -> str:
     seen = max(0, int(now - float(holder.get("renewed", 0))))
+    if UNREADABLE in holder:
+        return f"a lease file that {holder[UNREADABLE]}, last changed {seen} s ago"
     return (f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')}, "
             f"started {holder.get('started')}, last renewed {seen} s ago: "
             f"{holder.get('command', '')[:200]})")
@@ -87,10 +119,11 @@ def check_holder(output: str, run_id: str) -> None:
     """Raise ``LeaseLost`` unless OUTPUT's lease names ``run_id`` (the write tasks' fence)."""
     fs, path = lease_path(output)
     holder = read_lease(fs, path)
-    if holder is None or holder.get("run_id") != run_id:
-        found = holder.get("run_id") if holder else "none"
-        raise LeaseLost(f"OUTPUT's lease names run {found}, not this run {run_id}: another run "
-                        "took OUTPUT over, so this write is dropped")
+    # only a lease naming another run is a take-over: a lease deleted or damaged under a live
+    # run is not (its renewal writes it again)
+    if holder is not None and UNREADABLE not in holder and holder.get("run_id") != run_id:
+        raise LeaseLost(f"OUTPUT's lease names run {holder.get('run_id')}, not this run "
+                        f"{run_id}: another run took OUTPUT over, so this write is dropped")
 
 
 @dataclass
@@ -109,9 +142,11 @@ class Lease:
             fs, path = lease_path(self.output)
             while not self._stop.wait(every_s):
                 holder = read_lease(fs, path)
-                if holder is None or holder.get("run_id") != self.run_id:
-                    self.lost = describe(holder, time.time()) if holder else "deleted"
+                if holder is not None and UNREADABLE not in holder and \
+                        holder.get("run_id") != self.run_id:
+                    self.lost = describe(holder, time.time())
                     return
+                # ours, or deleted or damaged under this live run: (re)write it
                 self.record["renewed"] = time.time()
                 try:
                     storage.write_bytes_atomic(fs, path, json.dumps(self.record).encode())
@@ -153,10 +188,15 @@ def acquire(output: str, command: Optional[str] = None,
         try:   # the one atomic "create if absent" every local disk has
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            holder = read_lease(fs, path) or {}
+            holder = read_lease(fs, path) or {UNREADABLE: "appeared meanwhile", "renewed": now}
             raise _held(output, holder, now) from None
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(data)
+        try:
+            with os.fdopen(descriptor, "wb") as f:
+                f.write(data)
+        except BaseException:   # a full disk: leave no empty lease behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
         return Lease(output, run_id, record)
     # A stale lease to take over, or an object store: write, let concurrent writers land,
     # and go on only if the lease still names this run.
@@ -181,6 +221,13 @@ def check_free(output: str, clock: Callable[[], float] = time.time) -> None:
 
 def _held(output: str, holder: dict, now: float) -> LeaseHeld:
     left = max(0, int(STALE_AFTER_S - (now - float(holder.get("renewed", now)))))
+    if UNREADABLE in holder:
+        fs, path = lease_path(output)
+        return LeaseHeld(
+            f"OUTPUT {storage.redact(output)} has {describe(holder, now)} ({path}). A run may "
+            f"be starting there; if none is, the lease goes stale {left} s from now and the "
+            f"next run takes it over, or delete {path} now and rerun (with --resume to keep "
+            "what is in predictions/)")
     return LeaseHeld(
         f"OUTPUT {storage.redact(output)} is in use by another segpipe run: "
         f"{describe(holder, now)}. Two runs must not write one OUTPUT; wait for it to finish. "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -93,10 +94,11 @@ def resolve_weights(weights: Union[str, WeightsSource], spec: ModelSpec, seed: i
         sha256 = state_dict_sha256(state)
     else:
         fetch(source, show_progress=show_progress)
-        sha256 = file_sha256(source.path)
+        data = read_checkpoint_bytes(source.path)   # hashed and loaded from the same bytes
+        sha256 = hashlib.sha256(data).hexdigest()
         if source.url is not None:
             check_hash(source.path, sha256)
-        state = load_checkpoint(source.path)
+        state = load_checkpoint(source.path, data)
         spec = dataclasses.replace(spec, num_classes=checkpoint_classes(state, spec.arch, source.name))
         check_fits(state, spec, source.name)
     try:
@@ -104,16 +106,31 @@ def resolve_weights(weights: Union[str, WeightsSource], spec: ModelSpec, seed: i
     except CategoryError as exc:
         raise ConfigError(f"{exc} (weights {source.name})") from None
     warnings = [RANDOM_WEIGHTS_WARNING] if source.kind == "random" else []
+    stored = sorted({str(v.dtype).replace("torch.", "") for v in state.values()
+                     if v.is_floating_point() and v.dtype != torch.float32})
+    if stored:
+        warnings.append(f"the checkpoint stores its weights as {', '.join(stored)}: they are "
+                        "widened to float32 for the model, and what was lost when they were "
+                        "saved stays lost (predictions may differ from the float32 original)")
     if unnamed_classes_warning(table):
         warnings.append(unnamed_classes_warning(table))
     return ResolvedWeights(source.kind, source.name, sha256, state, spec, table, warnings)
 
 
-def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Load a state dict with ``weights_only=True``; accept it under a ``model`` or
-    ``state_dict`` key (training checkpoints) and with DataParallel's ``module.`` prefix."""
+def read_checkpoint_bytes(path: Path) -> bytes:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+
+
+def load_checkpoint(path: Path, data: Optional[bytes] = None) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True`` (from ``data``, the file's bytes, when
+    given); accept it under a ``model`` or ``state_dict`` key (training checkpoints) and with
+    DataParallel's ``module.`` prefix."""
+    try:
+        loaded = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu",
+                            weights_only=True)
     except Exception as exc:
         raise ConfigError(f"cannot load weights file {path} as a safe (weights_only) torch "
                           f"checkpoint: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -193,12 +210,4 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     for key in sorted(state_dict):
         digest.update(key.encode())
         digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import ray
 
-from segpipe import layout, report, schema, sinks, sources, storage
+from segpipe import layout, ownership, report, schema, sinks, sources, storage
 from segpipe.cluster import ClusterShape, ClusterWatch, ray_session, read_cluster_shape
 from segpipe.categories import COCO_TABLE, CategoryTable
 from segpipe.config import ConfigError, ModelSpec, SegmentConfig, check_precision_device, \
@@ -264,14 +264,17 @@ def prepare_output(config: SegmentConfig,
     """Return the predictions folder, the ids of the images already done in it, and the
     settings this run writes with.
 
-    A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``.
+    A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``
+    (segpipe's own files only: ``layout.check_output`` refuses anything else).
     With ``resume`` the complete files of an earlier run are kept (their images are skipped)
     after checking that they were made with the same settings; a run made before soft masks
     were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover
     temporary files of a killed run are removed.
     """
     predictions_dir = layout.predictions_dir(config.output)
-    fs, root = storage.resolve(predictions_dir)
+    # segpipe's own files only (ownership): anything else there is refused, not removed
+    complete, temporary = layout.check_output(config.output, config.resume, config.overwrite)
+    ownership.remove(predictions_dir, temporary)
     if config.resume:
         earlier, done = layout.read_written(predictions_dir)
         if earlier is not None and earlier.soft_mask_dtype == schema.SOFT_MASK_DTYPE_BEFORE:
@@ -281,12 +284,8 @@ def prepare_output(config: SegmentConfig,
             raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
                               f"other settings ({', '.join(differences)}); resume with the "
                               "same settings, or use --overwrite")
-        for leftover in storage.list_files(fs, root, storage.TEMPORARY_SUFFIX):
-            fs.delete_file(leftover.path)
         return predictions_dir, done, settings
-    layout.check_output(config.output, config.resume, config.overwrite)
-    for info in storage.list_files(fs, root):
-        fs.delete_file(info.path)
+    ownership.remove(predictions_dir, complete)
     return predictions_dir, set(), settings
 
 
@@ -429,6 +428,7 @@ def prepare_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None)
                                   checked.categories, show_progress=config.progress)
     settings = run_settings(config, weights)
     layout.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
+    ownership.mark_folder(config.output, "segment")
     lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
     try:
         predictions_dir, done, settings = prepare_output(config, settings)

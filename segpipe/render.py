@@ -13,6 +13,7 @@ target folder.
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import html
 import json
 import posixpath
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from segpipe import layout, schema, sources, storage
+from segpipe import layout, ownership, schema, sources, storage
 from segpipe.categories import CategoryTable
 from segpipe.config import ConfigError
 from segpipe.decode import DecodeError, DecodeLimits, decode_image
@@ -35,6 +36,7 @@ from segpipe.progress import Progress
 
 MASK_OPACITY = 0.5
 HISTOGRAM_BINS = 20
+IMAGES_DIR = "images"
 
 
 def instance_colour(index: int) -> tuple[int, int, int]:
@@ -69,10 +71,13 @@ def draw_detections(rgb: np.ndarray, detections: list[dict]) -> Image.Image:
 
 
 def rendered_names(file_names: list[str]) -> dict[str, str]:
-    """The path under ``images/`` of each rendered image: the input's relative path with a
-    ``.jpg`` extension (``a/cat.png`` → ``a/cat.jpg``; ``cat.jpg`` stays). Two inputs that
-    would share a name (``cat.png`` and ``cat.jpg``) keep their own extension in it
-    (``cat.png.jpg``). Names never leave the folder: ``..`` and leading ``/`` are dropped."""
+    """The path under ``images/`` of each rendered image, one to one (letter case aside, so
+    that case-insensitive disks keep them apart too): the input's relative path with a
+    ``.jpg`` extension (``a/cat.png`` → ``a/cat.jpg``; ``cat.jpg`` stays). Where two inputs
+    would share a name (``cat.png`` and ``cat.jpg``; ``x\\y.jpg`` and ``x/y.jpg``), the one
+    already so named keeps it and the other keeps its own extension (``cat.png.jpg``), or
+    failing that gets a hash of its name. Names never leave the folder (``..`` and leading
+    ``/`` are dropped) and no part is longer than ``MAX_NAME_BYTES``."""
     def safe(name: str) -> str:
         return posixpath.normpath("/" + name.replace("\\", "/")).lstrip("/") or "image"
 
@@ -80,12 +85,50 @@ def rendered_names(file_names: list[str]) -> dict[str, str]:
         stem, ext = posixpath.splitext(name)
         return name if ext.lower() in (".jpg", ".jpeg") else stem + ".jpg"
 
-    wanted = {name: jpg(safe(name)) for name in file_names}
-    taken: dict[str, int] = {}
-    for target in wanted.values():
-        taken[target.lower()] = taken.get(target.lower(), 0) + 1
-    return {name: (target if taken[target.lower()] == 1 or target == safe(name)
-                   else safe(name) + ".jpg") for name, target in wanted.items()}
+    def hashed(name: str, target: str) -> str:
+        stem, ext = posixpath.splitext(target)
+        tag = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
+        return short(f"{stem}~{tag}{ext}")
+
+    preferred = {name: short(jpg(safe(name))) for name in file_names}
+    wanted: dict[str, int] = {}
+    for target in preferred.values():
+        wanted[target.lower()] = wanted.get(target.lower(), 0) + 1
+    names: dict[str, str] = {}
+    kept: set[str] = set()
+    for name in sorted(file_names):   # first those whose name is theirs alone, or their own
+        target = preferred[name]
+        if (wanted[target.lower()] == 1 or target == name) and target.lower() not in kept:
+            names[name] = target
+            kept.add(target.lower())
+    used = kept | set(wanted)
+    for name in sorted(set(file_names) - set(names)):
+        target = short(safe(name) + ".jpg")
+        if target.lower() in used:
+            target = hashed(name, preferred[name])
+        names[name] = target
+        used.add(target.lower())
+    return names
+
+
+#: The longest part of a rendered image's path, in bytes (a disk allows 255 for a name, and
+#: the temporary name while it is written adds to it).
+MAX_NAME_BYTES = 200
+
+
+def short(path: str) -> str:
+    """``path`` with every part over ``MAX_NAME_BYTES`` cut, keeping its extension and adding
+    a hash of the whole part, so that cut names stay distinct."""
+    parts = []
+    for part in path.split("/"):
+        raw = part.encode("utf-8", "surrogateescape")
+        if len(raw) > MAX_NAME_BYTES:
+            stem, ext = posixpath.splitext(part)
+            tag = hashlib.blake2b(raw, digest_size=4).hexdigest()
+            keep = stem.encode("utf-8", "surrogateescape")[:MAX_NAME_BYTES - 32]
+            part = keep.decode("utf-8", "ignore") + f"~{tag}{ext[:16]}"
+        parts.append(part)
+    return "/".join(parts)
 
 
 def _draw(row: dict, data: Optional[bytes], out_fs, out_root: str) -> Optional[str]:
@@ -100,10 +143,10 @@ def _draw(row: dict, data: Optional[bytes], out_fs, out_root: str) -> Optional[s
             raise DecodeError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, predictions were "
                               f"made on {row['width']}x{row['height']}")
         image = draw_detections(rgb, json.loads(row["detections_json"]))
-        path = storage.join(out_root, "images", row["rendered_name"])
+        path = storage.join(out_root, IMAGES_DIR, row["rendered_name"])
         out_fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with storage.atomic_output(out_fs, path) as stream:
-            image.save(stream, "JPEG", quality=90)
+            image.save(stream, "JPEG", quality=90, comment=ownership.RENDER_COMMENT)
     except (DecodeError, OSError) as exc:
         return str(exc)
     return None
@@ -305,8 +348,38 @@ def check_render(request: RenderRequest) -> CheckedRender:
                        settings.categories)
     if rows.num_rows == 0:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
+    check_render_target(request.to, rows.column("rendered_name").to_pylist())
     return CheckedRender(predictions_dir, rows, f"segpipe: {request.output}", input_format,
                          *_table_columns(request.output), found)
+
+
+RENDER_FILES = ("index.html", "render.json")
+
+
+def check_render_target(to: str, rendered: list[str]) -> None:
+    """Refuse to draw into ``to`` over files segpipe did not write: ``index.html`` and
+    ``render.json`` must be in its ledger, an image under ``images/`` must carry render's JPEG
+    comment; nothing on the way may be a link (``ownership``)."""
+    ownership.refuse_links(to, [IMAGES_DIR, layout.LOGS_DIR], "render writes there")
+    ownership.check_replaceable(to, RENDER_FILES)
+    fs, root = storage.resolve(to)
+    foreign = []
+    for name in rendered:
+        path = storage.join(root, IMAGES_DIR, name)
+        if ownership.linked_part(to, f"{IMAGES_DIR}/{name}") is not None:
+            foreign.append(path)
+        elif storage.exists(fs, path) and not _drawn_by_render(fs, path):
+            foreign.append(path)
+    if foreign:
+        raise ownership.refusal(foreign, to, "replace")
+
+
+def _drawn_by_render(fs, path: str) -> bool:
+    try:
+        with fs.open_input_file(path) as f, Image.open(f) as image:
+            return image.format == "JPEG" and image.info.get("comment") == ownership.RENDER_COMMENT
+    except Exception:   # not an image Pillow reads: not render's
+        return False
 
 
 def _table_columns(output: str) -> tuple[str, Optional[str]]:
@@ -328,6 +401,7 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
 
     checked = checked or check_render(request)
     table, to = checked.rows, request.to
+    ownership.mark_folder(to, "render")
     with ray_session(request.address):
         if checked.input_format == "files":
             blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]
@@ -353,9 +427,10 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
                                    outcome.column("error").to_pylist()) if e}
     rows = table.to_pylist()
     fs, root = storage.resolve(to.rstrip("/"))
-    storage.write_bytes_atomic(fs, storage.join(root, "index.html"),
+    storage.write_bytes_atomic(fs, storage.join(root, RENDER_FILES[0]),
                                gallery_html(rows, errors, checked.title).encode())
+    ownership.record_written(to, [RENDER_FILES[0]])
     summary = {"rendered": len(rows) - len(errors), "errors": errors,
-               "index": storage.join(root, "index.html")}
-    storage.write_json_atomic(to, "render.json", summary)   # also marks the folder as output
+               "index": storage.join(root, RENDER_FILES[0])}
+    ownership.write_json(to, RENDER_FILES[1], summary)
     return summary

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segpipe import __version__, schema, storage
+from segpipe import __version__, ownership, schema, storage
 from segpipe.config import SegmentConfig
 from segpipe.export import ExportCounts
 
@@ -177,4 +177,4 @@ def cut_short(images: pa.Table) -> list[str]:
 
 
 def write_manifest(run_report: RunReport, output: str) -> None:
-    storage.write_json_atomic(output, "run.json", run_report.to_json())
+    ownership.write_json(output, "run.json", run_report.to_json())

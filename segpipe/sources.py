@@ -24,7 +24,7 @@ from typing import Iterator, Optional, Sequence
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from segpipe import storage
+from segpipe import ownership, storage
 from segpipe.config import ConfigError
 from segpipe.schema import IMAGE_ID_BITS
 
@@ -35,6 +35,7 @@ LISTING_SCHEMA = pa.schema([
     pa.field("file_name", pa.string(), nullable=False),
     pa.field("path", pa.string(), nullable=False),
     pa.field("size", pa.int64(), nullable=False),
+    pa.field("source_error", pa.string()),   # why the file cannot be read (its row's error)
 ])
 
 
@@ -57,6 +58,27 @@ def safe_file_name(name: str) -> str:
     return head + "/".join(special.get(segment, segment) for segment in segments)
 
 
+def undecodable_name(name: str) -> str:
+    """A local file name that is not valid UTF-8 (Python holds its bad bytes as surrogates) as
+    text: ``%`` and the bytes that do not decode percent-encoded (``caf\\xe9.jpg`` →
+    ``caf%E9.jpg``), one to one among such names."""
+    return re.sub(r"[\udc80-\udcff]", lambda m: f"%{ord(m.group()) - 0xDC00:02X}",
+                  name.replace("%", "%25"))
+
+
+def is_undecodable(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+#: The error row of an image file whose name is not valid UTF-8.
+UNDECODABLE_NAME = ("the file name is not valid UTF-8 (its undecodable bytes are shown as %XX "
+                    "here); rename the file to segment it")
+
+
 def image_id_for(file_name: str) -> int:
     """A stable id for ``file_name``: 53 bits of BLAKE2b of the relative path, so that it stays
     exact in every JSON tool (``schema.IMAGE_IDS``)."""
@@ -69,11 +91,12 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-#: Files that mark a folder segpipe wrote (a segment OUTPUT; export, render or eval ``--to``).
-OUTPUT_MARKERS = ("run.json", "export.json", "render.json", "eval.json")
 SKIPPED_LINKED_FOLDERS = "symbolic links to folders (not followed)"
 SKIPPED_SAME_FILE = "links to a file listed already under another name"
 SKIPPED_OUTPUT_FOLDERS = "segpipe output folders (OUTPUT, or an export/render/eval --to)"
+SKIPPED_BROKEN_LINKS = "broken symbolic links"
+SKIPPED_NOT_FILES = "entries that are not regular files (FIFOs, sockets, devices: never opened)"
+SKIPPED_NOT_IMAGES = "files without an image extension"
 
 
 @dataclass
@@ -84,6 +107,8 @@ class InputFiles:
     root: str                      # the folder (for a single-file INPUT, its folder)
     files: list[pafs.FileInfo]     # sorted by path
     skipped: dict[str, list[str]] = field(default_factory=dict)
+    undecodable: list[str] = field(default_factory=list)   # local files whose names are not
+                                                           # UTF-8 (``undecodable_name``)
 
 
 def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
@@ -92,7 +117,8 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
     * a local INPUT is walked without following symbolic links to folders (a link to ``..``
       would loop), and a file reached twice (a link to a file listed already, a hard link) is
       listed once; links to files are followed;
-    * folders segpipe wrote (holding one of ``OUTPUT_MARKERS``) and the folders in ``exclude``
+    * folders segpipe wrote (holding segpipe's ledger, ``ownership.is_output_folder``: not
+      any file named run.json) and the folders in ``exclude``
       (the run's own OUTPUT, when it sits inside INPUT) are left out.
 
     Raises ``ConfigError`` when INPUT does not exist."""
@@ -103,15 +129,17 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
     if info.type == pafs.FileType.File:
         return InputFiles(fs, root.rsplit("/", 1)[0], [info])
     skipped: dict[str, list[str]] = {}
+    undecodable: list[str] = []
     excluded = {storage.resolve(e)[1].rstrip("/") for e in exclude
                 if type(storage.resolve(e)[0]) is type(fs)}
     if isinstance(fs, pafs.LocalFileSystem):
-        files = _walk_local(root, skipped)
+        files = _walk_local(root, skipped, undecodable)
     else:
         files = storage.list_files(fs, root)
     prefix = root.rstrip("/") + "/"
     excluded |= {posixpath.dirname(f.path) for f in files
-                 if posixpath.basename(f.path) in OUTPUT_MARKERS}
+                 if posixpath.basename(f.path) == ownership.LEDGER_NAME
+                 and ownership.is_output_folder(fs, posixpath.dirname(f.path))}
     kept, left_out = [], set()
     for f in files:
         holder = next((d for d in excluded if f.path.startswith(d.rstrip("/") + "/")), None)
@@ -121,14 +149,19 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
             left_out.add(holder[len(prefix):] if holder.startswith(prefix) else holder)
     if left_out:
         skipped[SKIPPED_OUTPUT_FOLDERS] = sorted(left_out)
-    return InputFiles(fs, root, kept, skipped)
+    return InputFiles(fs, root, kept, skipped, undecodable)
 
 
-def _walk_local(root: str, skipped: dict[str, list[str]]) -> list[pafs.FileInfo]:
+def _walk_local(root: str, skipped: dict[str, list[str]],
+                undecodable: list[str]) -> list[pafs.FileInfo]:
+    """The regular files under ``root``; what is not one is counted in ``skipped`` by reason
+    (a FIFO is never opened: it could block), and files whose names are not UTF-8 go to
+    ``undecodable`` (their names encoded)."""
     files, seen = [], {}
 
     def relative(path: str) -> str:
-        return os.path.relpath(path, root).replace(os.sep, "/")
+        name = os.path.relpath(path, root).replace(os.sep, "/")
+        return undecodable_name(name) if is_undecodable(name) else name
 
     for folder, subfolders, names in os.walk(root, followlinks=False):
         for sub in list(subfolders):
@@ -141,9 +174,14 @@ def _walk_local(root: str, skipped: dict[str, list[str]]) -> list[pafs.FileInfo]
             path = os.path.join(folder, name)
             try:
                 status = os.stat(path)           # follows a link to a file
-            except OSError:
-                continue                          # a broken link: nothing to read
+            except OSError:                       # a broken link (or one that loops)
+                skipped.setdefault(SKIPPED_BROKEN_LINKS, []).append(relative(path))
+                continue
             if not stat.S_ISREG(status.st_mode):
+                skipped.setdefault(SKIPPED_NOT_FILES, []).append(relative(path))
+                continue
+            if is_undecodable(path):
+                undecodable.append(relative(path))
                 continue
             key = (status.st_dev, status.st_ino)
             if key in seen:
@@ -174,7 +212,15 @@ def image_listing(found: InputFiles, input_uri: str) -> pa.Table:
     for f in files:
         file_name = f.path[len(prefix):] if f.path.startswith(prefix) else f.base_name
         if is_image_name(file_name):
-            rows.append((image_id_for(file_name), file_name, f.path, f.size or 0))
+            rows.append((image_id_for(file_name), file_name, f.path, f.size or 0, None))
+        else:
+            found.skipped.setdefault(SKIPPED_NOT_IMAGES, []).append(file_name)
+    for file_name in found.undecodable:   # an error row each: accounted for, never read
+        if is_image_name(file_name):
+            rows.append((image_id_for(file_name), file_name, "", 0, UNDECODABLE_NAME))
+        else:
+            found.skipped.setdefault(SKIPPED_NOT_IMAGES, []).append(file_name)
+    rows.sort(key=lambda row: row[1])
     if not rows:
         raise ConfigError(f"INPUT {input_uri} holds no image file "
                           f"(extensions {', '.join(IMAGE_EXTENSIONS)}, any letter case)")
@@ -184,13 +230,14 @@ def image_listing(found: InputFiles, input_uri: str) -> pa.Table:
                     schema=LISTING_SCHEMA)
 
 
-def _check_unique_ids(rows: list[tuple[int, str, str, int]]) -> None:
+def _check_unique_ids(rows: list[tuple]) -> None:
     seen: dict[int, str] = {}
-    for image_id, file_name, _, _ in rows:
-        other = seen.setdefault(image_id, file_name)
-        if other != file_name:
+    for image_id, file_name, *_ in rows:
+        if image_id in seen:
+            other = seen[image_id]
             raise ConfigError(f"image id collision between {other!r} and {file_name!r}; "
                               "rename one of them")
+        seen[image_id] = file_name
 
 
 def split_listing(listing: pa.Table, target_blocks: int = 64, max_rows: int = 1024) -> list[pa.Table]:

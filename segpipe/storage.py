@@ -8,10 +8,13 @@ a reader (or a rerun) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
 import re
+import socket
+import urllib.parse
 import uuid
 from typing import IO, Any, Callable, Iterator, Optional
 
@@ -49,18 +52,38 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(head, *parts) + options
 
 
-#: A URI's user info (``scheme://KEY:SECRET@``) and the query options that carry secrets.
+#: A URI's user info (``scheme://KEY:SECRET@``).
 _USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#'\"]+@")
-_SECRET_OPTION = re.compile(
-    r"([?&][A-Za-z0-9_.-]*(?:secret|password|passwd|token|access_key|credential|signature)"
-    r"[A-Za-z0-9_.-]*=)[^&\s'\"#]+", re.IGNORECASE)
+#: A URI with a query: ``scheme://...?query`` up to white space, a quote or an angle bracket.
+_URI_QUERY = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>?]*\?)([^\s'\"<>]*)")
+#: Query parameters that carry secrets in the URLs users meet: signatures and credentials of
+#: presigned and SAS URLs (AWS ``X-Amz-Signature``/``-Credential``/``-Security-Token``, GCS
+#: ``X-Goog-Signature``/``Signature``/``GoogleAccessId``, Azure SAS ``sig``, CloudFront
+#: ``Signature``/``Policy``/``Key-Pair-Id``), API keys and tokens (``key``, ``api_key``,
+#: ``access_token``, ``code``), pyarrow's ``access_key``/``secret_key``/``session_token``.
+_SECRET_PARAMETER = re.compile(
+    r"(?:x-amz-|x-goog-|.*(?:secret|passw|token|credential|signature|key|auth)|sig|policy"
+    r"|googleaccessid|code|pwd)[A-Za-z0-9_.-]*", re.IGNORECASE)
+
+
+def _redact_query(match: re.Match) -> str:
+    head, query = match.group(1), match.group(2)
+    query, hash_, fragment = query.partition("#")
+    parameters = []
+    for parameter in query.split("&"):
+        name, equals, value = parameter.partition("=")
+        secret = equals and value and _SECRET_PARAMETER.fullmatch(urllib.parse.unquote(name))
+        parameters.append(f"{name}=***" if secret else parameter)
+    return head + "&".join(parameters) + hash_ + fragment
 
 
 def redact(text: str) -> str:
     """``text`` with the credentials of every URI in it replaced by ``***``: user info
-    (``s3://KEY:SECRET@bucket``) and secret-like options (``secret_key=``, ``access_key=``,
-    ``session_token=``, ``password=``...). Everything segpipe prints or writes passes here."""
-    return _SECRET_OPTION.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    (``s3://KEY:SECRET@bucket``) and the values of secret-carrying query parameters
+    (``_SECRET_PARAMETER``: signed URLs' signatures and credentials, API keys, tokens,
+    pyarrow's ``secret_key=``...). Only the query of a URI is touched, so a file name such as
+    ``err&token=1.jpg`` stays as it is. Everything segpipe prints or writes passes here."""
+    return _URI_QUERY.sub(_redact_query, _USERINFO.sub(r"\1***@", text))
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
@@ -86,10 +109,20 @@ def list_files(fs: pafs.FileSystem, path: str, suffix: str = "") -> list[pafs.Fi
 TEMPORARY_SUFFIX = ".tmp"
 
 
+def host_tag() -> str:
+    """Six hex digits naming this host in temporary names (``segpipe.ownership`` tells a
+    temporary file of a process gone on this host by them)."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
+
+
 def temporary_name(path: str) -> str:
-    """A sibling name for writing ``path`` before it is renamed into place."""
+    """A sibling name for writing ``path`` before it is renamed into place:
+    ``.NAME.PID-HOST-RANDOM.tmp``, so that what a killed writer left can be told."""
     directory, name = posixpath.split(path)
-    return posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
+    if len(name.encode("utf-8", "surrogateescape")) > 200:   # a disk allows 255 bytes a name
+        name = name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    return posixpath.join(directory, f".{name}.{os.getpid()}-{host_tag()}-"
+                                     f"{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}")
 
 
 @contextlib.contextmanager

@@ -86,12 +86,37 @@ def describe_cache_folder() -> str:
     return f"{checkpoints_dir()}/ ({why})"
 
 
+#: The folder of torch's cache that holds checkpoints of URLs given with ``--weights``.
+URL_CACHE = "segpipe-urls"
+
+
 def cached_path(url: str) -> Path:
-    """Where torch's cache keeps the file downloaded from ``url``."""
+    """Where torch's cache keeps the file downloaded from ``url``: torchvision's pretrained
+    files under their own names, as torchvision keeps them; any other URL in a folder of its
+    own, named by a hash of the whole URL (its secrets left out, so that a signed URL
+    signed anew finds its file), so that ``a/model.pth`` and ``b/model.pth`` never share a
+    file."""
+    from segpipe.storage import redact
+
     name = os.path.basename(urllib.parse.urlparse(url).path)
     if not name:
-        raise WeightsError(f"weights URL {url} does not end in a file name")
-    return checkpoints_dir() / name
+        raise WeightsError(f"weights URL {redact(url)} does not end in a file name")
+    if url in {u for _, u in PRETRAINED.values()}:
+        return checkpoints_dir() / name
+    key = hashlib.sha256(redact(url).encode()).hexdigest()[:24]
+    return checkpoints_dir() / URL_CACHE / key / name
+
+
+def recorded_sha256(path: Path) -> Optional[str]:
+    """The sha256 a download recorded beside ``path`` (None when there is no record)."""
+    try:
+        return path.with_name(path.name + SHA256_SUFFIX).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+#: The record of a downloaded file's sha256 beside it.
+SHA256_SUFFIX = ".sha256"
 
 
 def hash_prefix(file_name: str) -> Optional[str]:
@@ -101,7 +126,13 @@ def hash_prefix(file_name: str) -> Optional[str]:
 
 
 def check_hash(path: Path, sha256: str) -> None:
-    """Raise ``WeightsError`` when ``path``'s name promises a sha256 prefix its bytes lack."""
+    """Raise ``WeightsError`` when ``path``'s bytes are not what is known of them: the sha256
+    its download recorded, or the sha256 prefix its name promises."""
+    recorded = recorded_sha256(path)
+    if recorded is not None and recorded != sha256:
+        raise WeightsError(f"{path} changed since it was downloaded: its sha256 is "
+                           f"{sha256[:16]}..., the download recorded {recorded[:16]}...; "
+                           "delete it and run again to download it afresh")
     prefix = hash_prefix(path.name)
     if prefix and not sha256.startswith(prefix):
         raise WeightsError(f"{path} is corrupt or not the file its name promises: its sha256 "
@@ -198,6 +229,7 @@ def download_checkpoint(url: str, path: Path, timeout: float = DOWNLOAD_TIMEOUT_
                                f"{prefix}: it is not that file (or it was corrupted on the way) "
                                "and was deleted")
         os.replace(partial, path)
+        path.with_name(path.name + SHA256_SUFFIX).write_text(f"{digest.hexdigest()}\n")
     except urllib.error.HTTPError as exc:
         raise WeightsError(f"{url} answered HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 
 from segpipe.cli import build_parser
 from segpipe.config import MAX_PIXEL_LIMIT, ConfigError, SegmentConfig, config_fields, \
-    load_config, parse_actors, validate
+    load_config, parse_actors, read_yaml_config, validate
 
 DEFAULT_YAML = Path(__file__).parent.parent / "conf" / "default.yaml"
 
@@ -137,3 +138,35 @@ def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
     assert f"config file {path}: unknown key(s) batchsize, score_treshold; valid keys are " in text
     assert "actors, address, arch, " in text
     assert load_config(None, input="a", output="b").input == "a"
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\ninput: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+     "uses YAML aliases"),
+    (b"input: caf\xe9\n", "is not UTF-8 text"),
+    (b"input: x\n" + b"#" * (1 << 20), "a config is at most"),
+    (b"input: [unclosed\n", "is not valid YAML"),
+])
+def test_configs_that_would_expand_or_cannot_be_read_fail_in_one_line(tmp_path, content,
+                                                                        expected):
+    path = tmp_path / "bomb.yaml"
+    path.write_bytes(content)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as refused:
+        read_yaml_config(path)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_million_categories_are_refused_before_they_are_read(tmp_path):
+    from segpipe.categories import CategoryError, MAX_CATEGORIES, load_categories
+
+    many = tmp_path / "classes.txt"
+    many.write_text("".join(f"class{i}\n" for i in range(MAX_CATEGORIES + 1)))
+    with pytest.raises(CategoryError, match=f"at most {MAX_CATEGORIES}"):
+        load_categories(str(many))
+    huge = tmp_path / "huge.txt"
+    huge.write_text("".join(f"class{i}\n" for i in range(1_000_000)))
+    with pytest.raises(CategoryError, match="bytes, over the"):
+        load_categories(str(huge))

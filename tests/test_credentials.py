@@ -28,6 +28,21 @@ ENV_SECRET = "EnvSecretValue9"
      "s3://b/p?access_key=***&secret_key=***&session_token=***&region=eu"),
     ("error reading 's3://k:s@b/p?scheme=http': refused", "error reading 's3://***@b/p?scheme=http': refused"),
     ("/local/path/with@sign.jpg and http://host/x", "/local/path/with@sign.jpg and http://host/x"),
+    # signed URLs: Azure SAS, AWS and GCS presigned, GCS v2, API keys; the rest of them stays
+    ("https://a.blob.core.windows.net/c/w.pth?sv=2022-11-02&sp=r&sig=abc%2Bdef&key=K1",
+     "https://a.blob.core.windows.net/c/w.pth?sv=2022-11-02&sp=r&sig=***&key=***"),
+    ("https://b.s3.amazonaws.com/w.pth?X-Amz-Credential=AKIA%2F1&X-Amz-Security-Token=T&"
+     "X-Amz-Signature=be", "https://b.s3.amazonaws.com/w.pth?X-Amz-Credential=***&"
+     "X-Amz-Security-Token=***&X-Amz-Signature=***"),
+    ("'https://storage.googleapis.com/b/w.pth?X-Goog-Credential=sa&X-Goog-Signature=be'",
+     "'https://storage.googleapis.com/b/w.pth?X-Goog-Credential=***&X-Goog-Signature=***'"),
+    ("https://h/w.pth?GoogleAccessId=sa&Expires=1&Signature=xyz#part",
+     "https://h/w.pth?GoogleAccessId=***&Expires=1&Signature=***#part"),
+    ("https://h/w.pth?api_key=K&access_token=T&apikey=A", "https://h/w.pth?api_key=***&"
+     "access_token=***&apikey=***"),
+    # names are not URLs: two files stay two
+    ("failed: err&token=1.jpg, err&token=2.jpg", "failed: err&token=1.jpg, err&token=2.jpg"),
+    ("s3://b/imgs/err&token=1.jpg?scheme=http", "s3://b/imgs/err&token=1.jpg?scheme=http"),
 ])
 def test_redact_hides_userinfo_and_secret_options(text, expected):
     assert redact(text) == expected

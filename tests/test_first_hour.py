@@ -14,6 +14,7 @@ import pytest
 from conftest import SMALL, served_checkpoint
 from images import write_photos
 from segpipe.progress import Progress
+from synthetic import image_row, write_predictions
 from test_cli import SEGPIPE, run_cli, small_flags
 
 
@@ -60,8 +61,7 @@ def test_mistakes_fail_before_torch_or_ray_with_one_line(case, photos, tmp_path,
         (tmp_path / "file").write_text("x")
         args[1] = str(tmp_path / "file" / "out")
     elif case == "earlier_run":
-        (out / "predictions").mkdir(parents=True)
-        (out / "predictions" / "part-0.parquet").write_bytes(b"x")
+        write_predictions(out, [image_row("chelsea.png", 64, 64, [])])   # a real earlier run
     elif case == "config_key":
         (tmp_path / "c.yaml").write_text("score_treshold: 0.7\n")
         args += ["--config", str(tmp_path / "c.yaml")]
@@ -148,3 +148,30 @@ def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     with Progress("segment", 4, stream=quiet, interval=0, enabled=False) as progress:
         progress.update(4)
     assert quiet.getvalue() == ""
+
+
+def test_a_run_that_fails_midway_says_why_in_one_line_and_how_to_finish(photos, tmp_path,
+                                                                        monkeypatch, capfd):
+    """A full disk (or any fault) after the work began: no traceback on the terminal, the
+    cause, the log that holds the traceback, and the command to finish the run, exit 1."""
+    from segpipe import cli, pipeline
+
+    out = tmp_path / "out"
+
+    def prepared(config, checked):
+        out.mkdir()
+        return config
+
+    def disk_full(config):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "prepare_segment", prepared)
+    monkeypatch.setattr(pipeline, "execute_segment", disk_full)
+    monkeypatch.setattr(sys, "argv", ["segpipe", "segment", str(photos), str(out)])
+    code = cli.main(["segment", str(photos), str(out), "--weights", "random", "--no-progress"])
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "segpipe: the run failed: OSError: [Errno 28] No space left on device" in err
+    assert "Traceback" not in err and f"{out} --resume" in err
+    log = next((out / "logs").iterdir())
+    assert "Traceback" in log.read_text() and str(log) in err

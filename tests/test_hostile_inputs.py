@@ -13,7 +13,7 @@ import pytest
 
 from conftest import small_config
 from images import write_photos
-from segpipe import sources
+from segpipe import ownership, sources
 from segpipe.layout import prediction_files
 from segpipe.pipeline import run_segment
 from segpipe.render import RenderRequest, run_render
@@ -61,10 +61,10 @@ def test_segpipe_output_folders_inside_input_are_not_inputs(tmp_path):
     write_photos(root, names=("chelsea", "coffee"))
     (root / "out" / "predictions").mkdir(parents=True)
     (root / "out" / "predictions" / "part-00000.parquet").write_bytes(b"PAR1")
-    (root / "out" / "run.json").write_text("{}")
+    ownership.mark_folder(str(root / "out"), "segment")   # segpipe's marker, not run.json
     (root / "gallery" / "images").mkdir(parents=True)
     (root / "gallery" / "images" / "chelsea.jpg").write_bytes(b"\xff\xd8")
-    (root / "gallery" / "render.json").write_text("{}")
+    ownership.mark_folder(str(root / "gallery"), "render")
     (root / "new-out" / "predictions").mkdir(parents=True)        # an OUTPUT without run.json yet
     (root / "new-out" / "predictions" / "x.parquet").write_bytes(b"PAR1")
     found = sources.list_inputs(str(root), "auto", exclude=(str(root / "new-out"),))
@@ -217,3 +217,28 @@ def test_a_damaged_table_costs_no_other_table_a_row(tmp_path, three_photos):
     assert rows["cut.parquet"]["source_error"].startswith(f"table {sources.READ_CUT}")
     assert "no column 'image'" in rows["nocolumn.parquet"]["source_error"]
     assert len(rows) == 6
+
+
+def test_every_entry_is_a_row_or_a_counted_skip(tmp_path):
+    """A name that is not UTF-8 becomes an error row (one-to-one encoded name), a broken link
+    and a FIFO are counted skips (the FIFO never opened), so is a file that is no image."""
+    from segpipe.decode import DecodeLimits, decode_batch
+
+    root = tmp_path / "in"
+    write_photos(root, names=("chelsea",))
+    raw = os.fsencode(str(root)) + b"/caf\xe9%.png"
+    with open(raw, "wb") as f:
+        f.write((root / "chelsea.png").read_bytes())
+    os.symlink(root / "gone.jpg", root / "broken.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    (root / "README.txt").write_text("about these photos")
+    found = sources.list_inputs(str(root), "auto")     # returns: the FIFO was not opened
+    listing = found.listing
+    assert listing.column("file_name").to_pylist() == ["caf%E9%25.png", "chelsea.png"]
+    assert listing.column("source_error").to_pylist() == [sources.UNDECODABLE_NAME, None]
+    assert found.skipped == {sources.SKIPPED_BROKEN_LINKS: ["broken.jpg"],
+                             sources.SKIPPED_NOT_FILES: ["pipe.jpg"],
+                             sources.SKIPPED_NOT_IMAGES: ["README.txt"]}
+    decoded = decode_batch(listing, str(root), DecodeLimits(1 << 30, 1 << 30))
+    assert decoded.column("status").to_pylist() == ["error", "ok"]
+    assert decoded.column("error").to_pylist()[0] == f"read: {sources.UNDECODABLE_NAME}"

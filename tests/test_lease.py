@@ -4,6 +4,7 @@ that lands after its run lost OUTPUT is dropped, not counted twice."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -94,3 +95,40 @@ def test_two_runs_started_together_into_one_output(tmp_path, checkpoint):
                   for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
     assert len(ids) == 4 and max(ids.values()) == 1
     assert not (out / LEASE_NAME).exists()     # released at the end
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x00garbage", b"[]", b'{"run_id": "x"}',
+                                     b'{"run_id": "x", "renewed": "yesterday"}',
+                                     b'{"run_id": "x", "renewed": 1e999, "pid": [1]}'])
+def test_an_unreadable_lease_is_judged_by_its_age_and_says_how_out(tmp_path, monkeypatch, content):
+    monkeypatch.setattr(lease_module, "SETTLE_S", 0.0)
+    lease_file = tmp_path / LEASE_NAME
+    lease_file.write_bytes(content)      # e.g. what a full disk left
+    with pytest.raises(LeaseHeld) as caught:
+        check_free(str(tmp_path))        # the preflight's check already judges it
+    message = str(caught.value)
+    assert "None" not in message and f"delete {lease_file}" in message
+    with pytest.raises(LeaseHeld):
+        acquire(str(tmp_path))
+    long_ago = time.time() - lease_module.STALE_AFTER_S - 5
+    os.utime(lease_file, (long_ago, long_ago))
+    check_free(str(tmp_path))
+    held = acquire(str(tmp_path))        # stale: taken over
+    assert json.loads(lease_file.read_text())["run_id"] == held.run_id
+    held.release()
+
+
+def test_a_lease_deleted_under_a_live_run_is_written_again_and_its_work_kept(tmp_path):
+    held = acquire(str(tmp_path))
+    held.start_renewing(every_s=0.05)
+    try:
+        (tmp_path / LEASE_NAME).unlink()
+        check_holder(str(tmp_path), held.run_id)     # a deleted lease is no take-over
+        deadline = time.time() + 10
+        while not (tmp_path / LEASE_NAME).exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert json.loads((tmp_path / LEASE_NAME).read_text())["run_id"] == held.run_id
+        assert held.lost is None
+    finally:
+        held.release()
+    assert not (tmp_path / LEASE_NAME).exists()

@@ -102,3 +102,14 @@ def test_paths_are_checked_before_ray_and_nothing_drawn_exits_1(rendered, tmp_pa
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "0 images drawn, 3 failed" in failed.stdout
     assert "predictions were made on" in failed.stdout
+
+
+def test_rendered_names_are_one_to_one_and_fit_a_disk():
+    long = "n" * 250 + ".png"
+    inputs = ["a.png", "a.jpg", "x\\y.jpg", "x/y.jpg", "A.JPG", "a.png.jpg", long, "m" * 251 + ".jpg"]
+    names = rendered_names(inputs)
+    assert len({n.lower() for n in names.values()}) == len(inputs)
+    assert names["A.JPG"] == "A.JPG" and names["x/y.jpg"] == "x/y.jpg"   # first by name
+    assert names["a.png.jpg"] == "a.png.jpg" and names["a.png"] not in ("a.jpg", "a.png.jpg")
+    assert all(len(part.encode()) <= 200 for n in names.values() for part in n.split("/"))
+    assert names[long].endswith(".jpg")

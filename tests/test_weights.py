@@ -161,10 +161,12 @@ def test_a_url_checkpoint_downloads_into_an_empty_torch_home(monkeypatch, tmp_pa
     home = tmp_path / "fresh-home"          # does not exist: the download must create it
     monkeypatch.setenv("TORCH_HOME", str(home))
     resolved = resolve_weights(f"{base}/{name}", small_spec())
-    cached = home / "hub" / "checkpoints" / name
+    cached = weights_module.cached_path(f"{base}/{name}")
+    assert cached.is_relative_to(home / "hub" / "checkpoints") and cached.name == name
     assert cached.read_bytes() == checkpoint.read_bytes()
     assert resolved.kind == "url" and resolved.sha256 == hashlib.sha256(cached.read_bytes()).hexdigest()
-    assert [p.name for p in cached.parent.iterdir()] == [name]  # no .partial left behind
+    # no .partial left behind; the download's sha256 recorded beside the file
+    assert sorted(p.name for p in cached.parent.iterdir()) == [name, name + ".sha256"]
     (folder / name).unlink()                # cached now: no second download
     assert resolve_weights(f"{base}/{name}", small_spec()).sha256 == resolved.sha256
 
@@ -177,9 +179,9 @@ def test_a_file_that_does_not_match_its_hash_is_refused_and_deleted(monkeypatch,
     with pytest.raises(WeightsError, match="name promises 0badc0de") as info:
         resolve_weights(f"{base}/maskrcnn_custom-0badc0de.pth", small_spec())
     assert "Put the file maskrcnn_custom-0badc0de.pth" in str(info.value)
-    assert list((tmp_path / "home" / "hub" / "checkpoints").iterdir()) == []
+    cached = weights_module.cached_path(f"{base}/maskrcnn_custom-0badc0de.pth")
+    assert list(cached.parent.iterdir()) == []
     # A corrupt file already in the cache is caught too, not loaded.
-    cached = tmp_path / "home" / "hub" / "checkpoints" / "maskrcnn_custom-0badc0de.pth"
     cached.write_bytes(checkpoint.read_bytes())
     with pytest.raises(WeightsError, match="corrupt or not the file its name promises"):
         resolve_weights(f"{base}/maskrcnn_custom-0badc0de.pth", small_spec())
@@ -236,3 +238,38 @@ def test_weights_source_refuses_what_it_cannot_load(tmp_path):
     with pytest.raises(WeightsError, match="only local files and http"):
         weights_source("s3://bucket/w.pth", "maskrcnn_resnet50_fpn")
     assert weights_source("pretrained", "maskrcnn_resnet50_fpn").url.endswith("bf2d0c1e.pth")
+
+
+def test_two_urls_with_one_file_name_are_two_checkpoints(monkeypatch, tmp_path, checkpoint,
+                                                          make_checkpoint, http_folder):
+    """The cache is keyed by the whole URL: b/model.pth is downloaded and loaded after
+    a/model.pth, and the sha256 recorded is that of the bytes loaded."""
+    folder, base = http_folder
+    other = make_checkpoint(num_classes=5)
+    for sub, source in (("a", checkpoint), ("b", other)):
+        (folder / sub).mkdir()
+        (folder / sub / "model.pth").write_bytes(source.read_bytes())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    first = resolve_weights(f"{base}/a/model.pth", small_spec())
+    second = resolve_weights(f"{base}/b/model.pth", small_spec())
+    assert first.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert second.sha256 == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert second.spec.num_classes == 5 and first.spec.num_classes == 91
+    assert state_dict_sha256(second.state_dict) == state_dict_sha256(torch.load(other))
+    # a signed URL signed anew finds the same file; a cached file changed since is refused
+    signed = weights_module.cached_path(f"{base}/a/model.pth?sig=ONE&se=1")
+    assert signed == weights_module.cached_path(f"{base}/a/model.pth?sig=TWO&se=1")
+    cached = weights_module.cached_path(f"{base}/a/model.pth")
+    cached.write_bytes(other.read_bytes())
+    (folder / "a" / "model.pth").unlink()
+    with pytest.raises(WeightsError, match="changed since it was downloaded"):
+        resolve_weights(f"{base}/a/model.pth", small_spec())
+
+
+def test_a_half_precision_checkpoint_is_loaded_with_a_warning(tmp_path, checkpoint):
+    half = {k: v.half() if v.is_floating_point() else v
+            for k, v in torch.load(checkpoint, weights_only=True).items()}
+    torch.save(half, tmp_path / "half.pth")
+    resolved = resolve_weights(str(tmp_path / "half.pth"), small_spec())
+    assert any("float16" in w and "widened to float32" in w for w in resolved.warnings)
+    assert not any("float16" in w for w in resolve_weights(str(checkpoint), small_spec()).warnings)
