@@ -232,8 +232,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         subparser.unknown_flags(extra)
     commands = {"segment": _segment, "export": _export, "eval": _eval, "render": _render,
                 "weights": _weights}
-    with console.redacted_output():
-        return commands[args.command](args)
+    try:
+        with console.redacted_output():
+            return commands[args.command](args)
+    except KeyboardInterrupt:   # Ctrl-C before a command's own handling (torch, Ray starting)
+        print("\nsegpipe: interrupted", file=sys.stderr)
+        return 130
 
 
 def _config_error(exc: Exception) -> int:
@@ -256,9 +260,9 @@ def _segment(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
 
-    from segpipe.pipeline import execute_segment, prepare_segment
-
     try:
+        from segpipe.pipeline import execute_segment, prepare_segment
+
         prepared = prepare_segment(config, checked)   # torch, weights: still nothing written
     except ConfigError as exc:
         return _config_error(exc)

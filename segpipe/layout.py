@@ -9,6 +9,7 @@ pyarrow, so commands can check OUTPUT before they import torch or start Ray.
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 from typing import Optional
 
@@ -48,20 +49,96 @@ def prediction_files(directory: str) -> list[str]:
 
 
 def existing_predictions(output: str) -> str:
-    """``predictions_dir(output)``; a ``ConfigError`` when it holds no prediction file."""
+    """``predictions_dir(output)``, verified (``verify_predictions``); a ``ConfigError`` when
+    it holds no prediction file, or not what its run committed."""
     directory = predictions_dir(output)
     if not prediction_files(directory):
         raise ConfigError(f"{directory} holds no prediction files; run `segpipe segment` into "
                           f"{output} first")
+    verify_predictions(directory)
     return directory
+
+
+#: How many paths a line about predictions/ names per kind of problem.
+NAMED = 3
+
+
+def verify_predictions(directory: str, resuming: bool = False) -> None:
+    """Check that ``directory`` holds what its run committed, before anything is read from it
+    or written: ``ConfigError`` in one line naming every kind of problem with examples:
+
+    * missing: a file the run recorded when it finished (the ledger of predictions/) is gone;
+    * damaged: a file whose footer cannot be read, or whose size is not the recorded size;
+    * foreign: anything not segpipe's (``ownership.prediction_entries``): a backup beside a
+      file, a copy in a subfolder, a link;
+    * not recorded: a complete file the finished run did not record (a copy under a new
+      name, or the work of a run killed later: ``--resume`` finishes it);
+    * duplicated: an image in more than one file.
+
+    ``resuming``: what a resume heals (missing and unrecorded files) is not a problem."""
+    complete, _, other = ownership.prediction_entries(directory)
+    fs, root = storage.resolve(directory)
+    damaged = [p for p in other if ownership.PART_NAME.fullmatch(posixpath.basename(p))
+               and posixpath.dirname(p) == root.rstrip("/")]
+    problems = {"damaged": damaged, "not segpipe's": [p for p in other if p not in damaged]}
+    ledger = ownership.recorded(directory)
+    if ledger is not None:
+        names = {posixpath.basename(p): p for p in complete}
+        sizes = {name: fs.get_file_info(path).size for name, path in names.items()
+                 if name in ledger}
+        problems["damaged"] += [names[n] for n, size in sizes.items() if size != ledger[n][0]]
+        if not resuming:
+            problems["missing"] = [storage.join(root, n) for n in sorted(ledger)
+                                   if n not in names and n not in {posixpath.basename(p)
+                                                                   for p in other}]
+            problems["not recorded by the finished run"] = [p for n, p in names.items()
+                                                           if n not in ledger]
+    problems["with images also in another file"] = _files_sharing_images(
+        fs, [p for p in complete if p not in problems["damaged"]])
+    def shown(paths: list[str]) -> str:
+        names = [posixpath.basename(p) if posixpath.dirname(p) == root.rstrip("/") else p
+                 for p in sorted(paths)]
+        return ", ".join(names[:NAMED]) + (", ..." if len(names) > NAMED else "")
+
+    found = [f"{len(paths)} {what} ({shown(paths)})" for what, paths in problems.items() if paths]
+    if found:
+        raise ConfigError(f"{directory} does not hold what its run committed: "
+                          f"{'; '.join(found)}. segpipe removes nothing there: restore or move "
+                          "these files, or rerun `segpipe segment` with --resume (to finish a "
+                          "run) or --overwrite")
+
+
+def _files_sharing_images(fs: pafs.FileSystem, paths: list[str]) -> list[str]:
+    """The files among ``paths`` that hold an image_id some other file holds too."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(paths) < 2:
+        return []
+    ids, files = [], []
+    for k, path in enumerate(paths):
+        with fs.open_input_file(path) as f:
+            column = pq.read_table(f, columns=["image_id"]).column("image_id")
+        ids.append(column)
+        files.append(pa.array([k] * len(column), pa.int32()))
+    table = pa.table({"id": pa.chunked_array([c for i in ids for c in i.chunks],
+                                             pa.int64()),
+                      "file": pa.chunked_array(files)})
+    counts = table.group_by("id").aggregate([("file", "count_distinct")])
+    shared = counts.filter(pc.field("file_count_distinct") > 1).column("id")
+    if not len(shared):
+        return []
+    holders = table.filter(pc.is_in(table.column("id"), value_set=shared)).column("file")
+    return [paths[k] for k in sorted(set(holders.to_pylist()))]
 
 
 def read_written(directory: str) -> tuple[Optional[schema.RunSettings], set[int]]:
     """The settings recorded in the complete prediction files of ``directory`` and the
-    ``image_id`` of every row in them, opening each file once (what ``--resume`` needs).
+    ``image_id`` of every row in them (what ``--resume`` needs), after ``verify_predictions``.
 
     Raises ``ConfigError`` when files disagree (predictions of different runs mixed).
     """
+    verify_predictions(directory, resuming=True)
     fs, _ = storage.resolve(directory)
     found: set[schema.RunSettings] = set()
     ids: set[int] = set()

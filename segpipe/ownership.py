@@ -119,14 +119,20 @@ def mark_folder(folder: str, kind: str) -> None:
         _write_ledger(fs, root, {"kind": kind, LEDGER_KEY: {}})
 
 
-def record_written(folder: str, names: Iterable[str]) -> None:
-    """Enter the files ``folder/name`` (just written by segpipe) in the folder's ledger."""
+def record_written(folder: str, names: Iterable[str], whole: bool = False) -> None:
+    """Enter the files ``folder/name`` (just written by segpipe) in the folder's ledger;
+    ``whole``: they are all the folder holds (earlier entries are dropped)."""
     fs, root = storage.resolve(folder)
     ledger = _ledger(fs, root) or {"kind": "files", LEDGER_KEY: {}}
-    files = dict(ledger[LEDGER_KEY])
-    for name in names:
-        info = fs.get_file_info(storage.join(root, name))
-        if info.type == pafs.FileType.File:
+    files = {} if whole else dict(ledger[LEDGER_KEY])
+    names = list(names)
+    if len(names) > 8:   # one listing rather than a request per file
+        listed = {i.base_name: i for i in fs.get_file_info(pafs.FileSelector(root))}
+        infos = [listed.get(name) for name in names]
+    else:
+        infos = [fs.get_file_info(storage.join(root, name)) for name in names]
+    for name, info in zip(names, infos):
+        if info is not None and info.type == pafs.FileType.File:
             files[name] = _stamp(info)
     _write_ledger(fs, root, {**ledger, LEDGER_KEY: files})
 
@@ -135,6 +141,14 @@ def write_json(folder: str, name: str, value) -> None:
     """``storage.write_json_atomic`` and the ledger entry of the file, in one."""
     storage.write_json_atomic(folder, name, value)
     record_written(folder, [name])
+
+
+def recorded(folder: str) -> Optional[dict[str, list]]:
+    """The files the ledger of ``folder`` lists, ``{name: [size, mtime_ns]}``; None when the
+    folder has no ledger."""
+    fs, root = storage.resolve(folder)
+    ledger = _ledger(fs, root)
+    return dict(ledger[LEDGER_KEY]) if ledger else None
 
 
 def is_output_folder(fs: pafs.FileSystem, root: str) -> bool:
@@ -252,6 +266,8 @@ def prediction_entries(directory: str) -> tuple[list[str], list[str], list[str]]
         path = info.path
         top = posixpath.dirname(path.rstrip("/")) == root.rstrip("/")
         name = posixpath.basename(path)
+        if top and name == LEDGER_NAME and info.type == pafs.FileType.File:
+            continue   # the folder's ledger (``_ledger`` refuses one that is not segpipe's)
         if info.type != pafs.FileType.File or not top:
             foreign.append(path)
         elif PART_NAME.fullmatch(name) and _footer_has(fs, path, RUN_SETTINGS_KEY):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import posixpath
 import signal
 import threading
 from dataclasses import dataclass, replace
@@ -206,6 +207,17 @@ def plan_stages(config: SegmentConfig, cluster: ClusterShape) -> StagePlan:
                      write_cpus, max_encoders, tuple(notes))
 
 
+def fit_pool_to_work(plan: StagePlan, images: int, config: SegmentConfig) -> StagePlan:
+    """``plan`` with no more predictor actors than ``images`` make batches for: Ray Data
+    starts the pool's minimum whatever the work, and actors beyond the batches there are
+    would load the model and never predict (Ray warns so)."""
+    tiling = TileSettings.from_config(config)
+    per_batch = 1 if tiling else max(config.batch_size, DECODE_BATCH)
+    batches = max(1, math.ceil(images / per_batch))
+    return replace(plan, min_actors=min(plan.min_actors, batches),
+                   max_actors=min(plan.max_actors, batches))
+
+
 def gpu_encoders(gpus: float, encode_cpus: float, spare_cpus: float) -> int:
     """The most encode actors beside predictors on ``gpus`` GPUs: enough that encoding never
     caps a node below its GPUs' rate, and no more (the CPUs left are decode's).
@@ -286,6 +298,7 @@ def prepare_output(config: SegmentConfig,
                               "same settings, or use --overwrite")
         return predictions_dir, done, settings
     ownership.remove(predictions_dir, complete)
+    ownership.record_written(predictions_dir, [], whole=True)   # what this run commits: none yet
     return predictions_dir, set(), settings
 
 
@@ -377,18 +390,34 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
                        tiles=TileSettings.from_config(config))
 
 
+def stage_before_first_image(started: int, actors: int) -> str:
+    """What a run is doing before its first image is done, from the predictor actors that
+    have started (each loads the model in its ``__init__``)."""
+    if started < actors:
+        return f"starting predictor actors and loading the model ({started} of {actors} ready)"
+    return "predicting the first batch"
+
+
 @contextlib.contextmanager
-def watching(monitor: Optional[Any], progress: Progress, period_s: float = 1.0) -> Iterator[None]:
-    """While the block runs, update ``progress`` from the ``RunMonitor`` actor ``monitor``."""
+def watching(monitor: Optional[Any], progress: Progress, period_s: float = 1.0,
+             actors: int = 1) -> Iterator[None]:
+    """While the block runs, update ``progress`` from the ``RunMonitor`` actor ``monitor``;
+    until the first image is done, say which stage the run is in (``actors``: how many
+    predictor actors it starts with)."""
     if monitor is None:
         yield
         return
     stop = threading.Event()
+    progress.set_stage(stage_before_first_image(0, actors))
 
     def poll() -> None:
         while not stop.wait(period_s):
             with contextlib.suppress(Exception):  # a slow answer only delays the next line
-                progress.update(*ray.get(monitor.totals.remote(), timeout=10))
+                done, failed = ray.get(monitor.totals.remote(), timeout=10)
+                if not done + failed:
+                    started = len(ray.get(monitor.starts.remote(), timeout=10))
+                    progress.set_stage(stage_before_first_image(started, actors))
+                progress.update(done, failed)
 
     thread = threading.Thread(target=poll, name="segpipe-progress", daemon=True)
     thread.start()
@@ -479,14 +508,16 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
             ctx.enable_progress_bars = False  # segpipe shows one line of its own (progress.py)
             shape = read_cluster_shape()
             plan = plan_stages(config, shape)
+            if todo is not None:   # no more actors than the work has batches for
+                plan = fit_pool_to_work(plan, todo.num_rows, config)
             for note in plan.notes:
                 print(f"segpipe: {note}", flush=True)
             monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
             progress = Progress("segment", todo.num_rows if todo is not None else None,
                                 enabled=config.progress)
             growth = ClusterWatch()
-            with timer("pipeline"), watching(monitor if config.progress else None, progress), \
-                    growth.running():
+            with timer("pipeline"), watching(monitor if config.progress else None, progress,
+                                             actors=plan.min_actors), growth.running():
                 weights_ref = ray.put(weights.state_dict)
                 source = source_dataset(config, prepared.checked, todo, frozenset(done),
                                         plan.decode_cpus, monitor)
@@ -508,6 +539,10 @@ def _execute_segment(prepared: PreparedRun) -> report.RunReport:
         if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
             raise KeyboardInterrupt
     with timer("export"):
+        # the files the run committed, for every reader to check predictions/ against
+        ownership.record_written(predictions_dir, [posixpath.basename(p) for p in
+                                                   layout.prediction_files(predictions_dir)],
+                                 whole=True)
         images = read_image_table(predictions_dir)
         accounting = report.account_for_inputs(listing, images)
         reading["cut_short"] = report.cut_short(images)

@@ -61,6 +61,7 @@ class Progress:
         self._last_line = self.start
         self._bar = None
         self._closed = False
+        self.stage: Optional[str] = None   # what the work is doing before its first unit
         if enabled and (_is_terminal(self.stream) if terminal is None else terminal):
             from tqdm import tqdm
 
@@ -70,6 +71,13 @@ class Progress:
                              unit=unit if unit == "B" else f" {unit}",
                              unit_scale=unit == "B", file=self.stream, ncols=min(size.columns, 120),
                              nrows=max(size.lines, 2), leave=True, mininterval=0.5)
+
+    def set_stage(self, stage: Optional[str]) -> None:
+        """Say what the work is doing while nothing is done yet (shown until the first unit:
+        starting actors, loading the model, the first batch)."""
+        self.stage = stage
+        if self._bar is not None and not self._closed:
+            self._bar.set_postfix_str(stage or "", refresh=True)
 
     def advance(self, n: int = 1, failed: int = 0) -> None:
         self.update(self.done + n, self.failed + failed)
@@ -84,6 +92,9 @@ class Progress:
             self._bar.n = done
             if failed:
                 self._bar.set_postfix_str(f"{failed} failed", refresh=False)
+            elif done and self.stage:
+                self.stage = None
+                self._bar.set_postfix_str("", refresh=False)
             self._bar.refresh()
             return
         now = time.monotonic()
@@ -107,6 +118,8 @@ class Progress:
         if self.total and rate > 0 and self.done < self.total:
             parts.append(f"{human_seconds((self.total - self.done) / rate)} left")
         parts.append(f"{human_seconds(elapsed)} so far")
+        if self.stage and not self.done:
+            parts.append(self.stage)
         return f"segpipe: {self.label}: " + ", ".join(parts)
 
     def _print_line(self) -> None:

@@ -175,3 +175,62 @@ def test_a_run_that_fails_midway_says_why_in_one_line_and_how_to_finish(photos, 
     assert "Traceback" not in err and f"{out} --resume" in err
     log = next((out / "logs").iterdir())
     assert "Traceback" in log.read_text() and str(log) in err
+
+
+def test_ray_workers_import_segpipe_whatever_folder_it_starts_from(tmp_path):
+    """Started from a folder that holds a clone named segpipe (no __init__.py at its top),
+    Ray's workers, which get the driver's folder on their path, still import segpipe."""
+    holder = tmp_path / "holder"
+    (holder / "segpipe" / "segpipe").mkdir(parents=True)   # a clone: the package one deeper
+    script = ("import ray\nfrom segpipe.cluster import ray_session\n"
+              "with ray_session(None):\n"
+              "    f = ray.remote(lambda: __import__('segpipe.render').__version__)\n"
+              "    print('version', ray.get(f.remote()))\n")
+    (tmp_path / "driver.py").write_text(script)     # as the segpipe command: not in holder/
+    result = subprocess.run([sys.executable, str(tmp_path / "driver.py")], cwd=holder,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "version 0." in result.stdout
+
+
+def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(photos, tmp_path):
+    """SIGINT while torch is imported or the weights load: no traceback, exit 130."""
+    import signal
+    import time
+
+    process = subprocess.Popen([SEGPIPE, "segment", str(photos), str(tmp_path / "out"),
+                                "--weights", "random", "--no-progress"], text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+
+
+def test_the_progress_line_says_the_stage_until_the_first_image():
+    from segpipe.pipeline import stage_before_first_image
+
+    stream = io.StringIO()
+    progress = Progress("segment", 10, stream=stream, terminal=False)
+    progress.set_stage(stage_before_first_image(1, 2))
+    assert progress.line().endswith("starting predictor actors and loading the model "
+                                    "(1 of 2 ready)")
+    progress.set_stage(stage_before_first_image(2, 2))
+    assert progress.line().endswith("predicting the first batch")
+    progress.update(1)
+    assert "first batch" not in progress.line()
+
+
+def test_a_small_run_starts_no_actor_it_has_no_batch_for():
+    from conftest import small_config
+    from segpipe.pipeline import StagePlan, fit_pool_to_work
+
+    plan = StagePlan(2, 4, 0.0, 0.9, 1, 0.25, 0.2, 0.05, 1)
+    config = small_config("in", "out", "random", batch_size=3)
+    assert (fit_pool_to_work(plan, 4, config).min_actors,
+            fit_pool_to_work(plan, 4, config).max_actors) == (1, 1)
+    assert (fit_pool_to_work(plan, 9, config).min_actors,
+            fit_pool_to_work(plan, 9, config).max_actors) == (2, 3)
+    assert fit_pool_to_work(plan, 1000, config) == plan

@@ -67,7 +67,8 @@ def test_overwrite_removes_only_its_own_files(tmp_path):
     with pytest.raises(ConfigError, match="--overwrite to replace it"):
         check_output(str(out))
     prepare_output(small_config(tmp_path, out, "random", overwrite=True), SETTINGS)
-    assert os.listdir(directory) == []
+    assert os.listdir(directory) == [ownership.LEDGER_NAME]    # what it commits: none yet
+    assert ownership.recorded(directory) == {}
 
 
 def test_links_are_never_followed_out_of_output(tmp_path):
@@ -175,3 +176,45 @@ def test_a_foreign_ledger_is_not_overwritten(tmp_path):
     with pytest.raises(ConfigError, match="not segpipe's ledger"):
         ownership.record_written(str(tmp_path), ["x"])
     assert (tmp_path / ownership.LEDGER_NAME).read_text() == "my own notes"
+
+
+def a_finished_run(output: Path) -> list[Path]:
+    a_run(output)
+    directory = predictions_dir(str(output))
+    names = sorted(os.listdir(directory))
+    ownership.record_written(directory, names, whole=True)   # as a finished run records them
+    return [Path(directory) / n for n in names]
+
+
+@pytest.mark.parametrize("change,expected", [
+    ("backup", "1 not segpipe's ("),
+    ("subfolder", "1 not segpipe's ("),
+    ("renamed copy", "1 not recorded by the finished run"),
+    ("deleted", "1 missing ("),
+    ("truncated", "1 damaged ("),
+])
+def test_readers_name_what_changed_behind_segpipes_back(tmp_path, change, expected):
+    out = tmp_path / "out"
+    first, second = a_finished_run(out)
+    if change == "backup":
+        (first.parent / (first.name + ".bak")).write_bytes(first.read_bytes())
+    elif change == "subfolder":
+        (first.parent / "old").mkdir()
+        (first.parent / "old" / first.name).write_bytes(first.read_bytes())
+    elif change == "renamed copy":
+        (first.parent / f"part-{'f' * 32}.parquet").write_bytes(first.read_bytes())
+    elif change == "deleted":
+        first.unlink()
+    else:
+        first.write_bytes(first.read_bytes()[:100])
+    to = tmp_path / "to"
+    with pytest.raises(ConfigError) as refused:
+        run_export(str(out), str(to), ExportOptions(score_threshold=0.5))
+    message = str(refused.value)
+    assert expected in message and "\n" not in message, message
+    if change == "renamed copy":
+        assert "2 with images also in another file" in message
+    assert not to.exists()                   # nothing written
+    if change in ("truncated", "subfolder", "backup"):   # a resume is refused the same way
+        with pytest.raises(ConfigError, match=expected.split(" (")[0]):
+            prepare_output(small_config(tmp_path, out, "random", resume=True), SETTINGS)
