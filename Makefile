@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sample test
+.PHONY: setup sample test test-fast lint
 
 setup: $(STAMP)
 
@@ -18,5 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 sample: $(STAMP)
 	bash scripts/sample.sh
 
-test: $(STAMP)
+# the whole suite, as CI runs it: lint and types first (seconds), then every test
+test: lint
 	$(VENV)/bin/python -m pytest
+
+# the tests that start no Ray, for the edit-test loop
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not ray and not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

@@ -5,7 +5,8 @@
 Writes a JPEG of the astronaut photo tiled to ``--width × --height`` into a temporary
 folder, then decodes it with ``decode.decode_batch`` (one image per call) in a fresh process
 and prints the RSS before, after, and at its peak (``VmHWM``: ``ru_maxrss`` would carry the
-parent's peak across the fork and exec) against the image's RGB bytes. Figures are in docs/benchmarks.md ("decode memory of a huge image").
+parent's peak across the fork and exec) against the image's RGB bytes.
+Figures are in docs/benchmarks.md ("decode memory of a huge image").
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ MEASURE = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 import pyarrow as pa
-from segpipe.decode import DecodeLimits, decode_batch
+from segpipe.io.decode import DecodeLimits, decode_batch
 
 def status_mb(key):
     with open("/proc/self/status") as f:

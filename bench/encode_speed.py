@@ -42,8 +42,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from segpipe.encode import encode_detections
-    from segpipe.detections import ImageDetections
+    from segpipe.encode.encoder import encode_detections
+    from segpipe.encode.detections import ImageDetections
     from synthetic import blob_detections
 
     images = []

@@ -4,7 +4,8 @@
 
 Writes ``images × per-image`` detections (random boxes on 64×64 images, with soft masks) through
 segpipe's own sink, then times ``run_export`` in a fresh process and reports detections/s and
-that process's peak RSS (VmHWM: its own peak, not one inherited from the parent). With ``--mask-threshold`` every mask is re-pasted from its soft mask.
+that process's peak RSS (VmHWM: its own peak, not one inherited from the parent). With
+``--mask-threshold`` every mask is re-pasted from its soft mask.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main() -> int:
     start = time.time()
     total = large_predictions(work, args.images, args.per_image)
     print(f"wrote {total} detections in {time.time() - start:.0f} s", flush=True)
-    code = ("import json, re; from segpipe.export import ExportOptions, run_export; "
+    code = ("import json, re; from segpipe.coco.selection import ExportOptions; "
+            "from segpipe.commands.export import run_export; "
             f"s = run_export({str(work)!r}, {str(work / 'export')!r}, ExportOptions("
             f"score_threshold=0.05, mask_threshold={args.mask_threshold!r})); "
             "print(json.dumps({'detections': s['counts']['detections'], "

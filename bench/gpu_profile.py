@@ -23,11 +23,16 @@ import torch  # noqa: E402
 from torchvision.models.detection.image_list import ImageList  # noqa: E402
 
 from bench.gpu_smoke import model_for, photos  # noqa: E402
-from segpipe.config import ModelSpec  # noqa: E402
-from segpipe.model import resolve_weights  # noqa: E402
-from segpipe.precision import autocast, uses_channels_last  # noqa: E402
-from segpipe.predictor import (canvas_shape, detections_to_host, image_tensor,  # noqa: E402
-                               pad_batch, predict_images)
+from segpipe.model.spec import ModelSpec
+from segpipe.model.build import resolve_weights
+from segpipe.model.precision import autocast, uses_channels_last
+from segpipe.model.inference import (
+    canvas_shape,
+    detections_to_host,
+    image_tensor,
+    pad_batch,
+    predict_images,
+)
 
 
 def stage_times(model, arrays, precision: str, device: torch.device) -> dict[str, float]:

@@ -38,11 +38,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from segpipe.config import ModelSpec  # noqa: E402
-from segpipe.model import build_model, resolve_weights  # noqa: E402
-from segpipe.precision import (prepare_model, remove_fp32_islands,  # noqa: E402
-                               scale_to_trained_outputs, stage_agreement, summarise)
-from segpipe.predictor import cuda_facts, image_tensor, predict_images  # noqa: E402
+from segpipe.model.spec import ModelSpec
+from segpipe.model.build import build_model, resolve_weights
+from segpipe.model.precision import prepare_model, remove_fp32_islands
+from bench.precision_stages import scale_to_trained_outputs, stage_agreement, summarise
+from segpipe.model.devices import cuda_facts
+from segpipe.model.inference import image_tensor, predict_images
 
 
 def photos(count: int, width: int, height: int, mixed: bool = False) -> list[np.ndarray]:
@@ -101,7 +102,7 @@ def time_predictor(model, arrays: list[np.ndarray], batch: int, precision: str,
                    channels_last: bool = True) -> dict:
     """Images/s of upload + ``predict_images`` over ``arrays`` in batches of ``batch``
     (best of ``repeats`` passes after one warm-up batch)."""
-    import segpipe.precision as precision_module
+    import segpipe.model.precision as precision_module
 
     original = precision_module.uses_channels_last
     if not channels_last:
@@ -176,7 +177,7 @@ def group_sizes(model, arrays: list[np.ndarray], batch: int, canvas: str) -> lis
     """The sizes of the network batches ``predict_images`` makes of each ``batch`` of images."""
     from collections import Counter
 
-    from segpipe.predictor import canvas_shape
+    from segpipe.model.inference import canvas_shape
 
     sizes = []
     for start in range(0, len(arrays), batch):
@@ -219,9 +220,9 @@ def oom_recovery(spec: ModelSpec, state_dict: dict, arrays: list[np.ndarray],
     import pyarrow as pa
 
     from segpipe import schema
-    from segpipe.predictor import MaskRCNNPredictor
+    from segpipe.model.stage import PredictStage
 
-    actor = MaskRCNNPredictor(spec, state_dict, use_gpu=True, precision=precision,
+    actor = PredictStage(spec, state_dict, use_gpu=True, precision=precision,
                               canvas="fixed")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -64,7 +64,7 @@ def sample_memory() -> dict:
     except Exception:
         pass
     return {"t": time.time(), "driver_mb": psutil.Process().memory_info().rss / 2**20,
-            "actor_mb": rss_of("MaskRCNNPredictor"), "encoder_mb": rss_of("MaskEncoder"),
+            "actor_mb": rss_of("PredictStage"), "encoder_mb": rss_of("MaskEncoder"),
             "spilled_mb": spilled, "ray": ray.is_initialized()}
 
 
@@ -81,8 +81,8 @@ def main() -> int:
     import ray
 
     from segpipe.config import SegmentConfig
-    from segpipe.pipeline import run_segment
-    from segpipe.sinks import prediction_files
+    from segpipe.commands.segment import run_segment
+    from segpipe.io.run_folder import prediction_files
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-scale-"))
     start = time.time()

@@ -34,7 +34,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from segpipe.encode import dequantise_soft_masks, encode_masks, quantise_soft_masks  # noqa: E402
+from segpipe.encode.encoder import dequantise_soft_masks, encode_masks, quantise_soft_masks
 from synthetic import blob_detections  # noqa: E402
 
 H, W = 800, 1200

@@ -169,8 +169,8 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
     import torch
     from PIL import Image
 
-    from segpipe.decode import DecodeLimits, decode_image
-    from segpipe.model import ModelSpec, build_model, resolve_weights
+    from segpipe.io.decode import DecodeLimits, decode_image
+    from segpipe.model.build import ModelSpec, build_model, resolve_weights
 
     spec = ModelSpec(args.arch, args.min_size, args.max_size, args.score_floor, 0.5,
                      args.detections, 1000)
@@ -196,7 +196,7 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
 
     if mode == "pipeline":
         from segpipe.config import SegmentConfig
-        from segpipe.pipeline import run_segment
+        from segpipe.commands.segment import run_segment
 
         out = Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
         weights_file = out / "weights.pth"
@@ -207,7 +207,7 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
             score_floor=args.score_floor, detections_per_image=args.detections,
             batch_size=args.batch_size, precision=args.precision, progress=False,
             num_gpus=1.0 if device.type == "cuda" else 0.0)
-        with ActorMemory("MaskRCNNPredictor") as actors:
+        with ActorMemory("PredictStage") as actors:
             start = time.perf_counter()
             report = run_segment(config)
             seconds = time.perf_counter() - start
@@ -243,9 +243,9 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
             detections += one(p)
         sync()
     else:
-        from segpipe.encode import encode_detections
-        from segpipe.precision import prepare_model
-        from segpipe.predictor import image_tensor, predict_images
+        from segpipe.encode.encoder import encode_detections
+        from segpipe.model.precision import prepare_model
+        from segpipe.model.inference import image_tensor, predict_images
 
         batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
         precision = "fp32" if mode == "forward_fp32" else args.precision

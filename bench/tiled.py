@@ -39,8 +39,9 @@ import torch  # noqa: E402
 
 import sahi_reference as ref  # noqa: E402
 from images import photo  # noqa: E402
-from segpipe.config import SegmentConfig, TileSettings, tile_overlap_pixels  # noqa: E402
-from segpipe.model import ModelSpec, build_model  # noqa: E402
+from segpipe.config import SegmentConfig, tile_overlap_pixels
+from segpipe.model.spec import TileSettings
+from segpipe.model.build import ModelSpec, build_model
 
 
 def collage(height: int, width: int) -> np.ndarray:
@@ -87,7 +88,7 @@ def main() -> None:
     image = collage(args.height, args.width)
     tiling = TileSettings(args.tile, tile_overlap_pixels(args.tile, args.overlap),
                           args.full_pass)
-    from segpipe.tiles import image_views
+    from segpipe.model.tiles import image_views
 
     tiles = len(image_views(args.height, args.width, tiling))
     seconds = {}
@@ -139,7 +140,8 @@ def record(result: dict) -> None:
              f"threads, `bench/tiled.py`)\n",
              f"{result['image'][0]}×{result['image'][1]} px collage, {result['arch']}, seeded "
              f"random weights (mask head: {result['mask_head']}), tile {result['tile']} px, "
-             f"overlap {result['overlap']} px, full pass {'on' if result['full_pass'] else 'off'}: {result['views']} views, "
+             f"overlap {result['overlap']} px, full pass {'on' if result['full_pass'] else 'off'}: "
+             f"{result['views']} views, "
              f"batch {result['batch_size']}.\n",
              "| run | s/image | images/s | detections |", "| --- | --- | --- | --- |"]
     for name, s in result["seconds_per_image"].items():

@@ -12,7 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from segpipe.config import config_fields  # noqa: E402
+from segpipe.config import config_fields
 
 
 def main() -> None:

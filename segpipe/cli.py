@@ -16,10 +16,9 @@ import sys
 from typing import Optional, Sequence
 
 from segpipe import console
-from segpipe.config import (ARCHITECTURES, ConfigError, SegmentConfig, config_fields,
-                            load_config)
-from segpipe.layout import prediction_files, predictions_dir
-from segpipe.storage import redact
+from segpipe.config import ARCHITECTURES, ConfigError, SegmentConfig, config_fields, load_config
+from segpipe.io.run_folder import prediction_files, predictions_dir
+from segpipe.io.storage import redact
 
 DESCRIPTION = """\
 Segment large image datasets with torchvision's Mask R-CNN (or box-only Faster R-CNN) on a
@@ -46,7 +45,7 @@ SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
                      "soft_mask_dtype"),
     "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
                "max_image_bytes"),
-    "huge images (README \"Huge images\")": ("tile", "tile_overlap", "tile_full_pass",
+    "huge images (docs/huge-images.md)": ("tile", "tile_overlap", "tile_full_pass",
                                               "tile_merge_threshold", "tile_join_seams"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
                            "batch_size", "predictor_threads", "rows_per_file"),
@@ -233,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = {"segment": _segment, "export": _export, "eval": _eval, "render": _render,
                 "weights": _weights}
     try:
-        with console.redacted_output():
+        with console.redacted_output(), console.segpipe_lines():
             return commands[args.command](args)
     except KeyboardInterrupt:   # Ctrl-C before a command's own handling (torch, Ray starting)
         print("\nsegpipe: interrupted", file=sys.stderr)
@@ -252,7 +251,7 @@ def segment_config(args: argparse.Namespace) -> SegmentConfig:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from segpipe.preflight import check_segment
+    from segpipe.commands.preflight import check_segment
 
     try:
         config = segment_config(args)
@@ -261,9 +260,9 @@ def _segment(args: argparse.Namespace) -> int:
         return _config_error(exc)
 
     try:
-        from segpipe.pipeline import execute_segment, prepare_segment
+        from segpipe.commands.segment import execute_run, prepare_run
 
-        prepared = prepare_segment(config, checked)   # torch, weights: still nothing written
+        prepared = prepare_run(config, checked)   # torch, weights: still nothing written
     except ConfigError as exc:
         return _config_error(exc)
     except KeyboardInterrupt:
@@ -272,7 +271,7 @@ def _segment(args: argparse.Namespace) -> int:
     log = console.RunLog(config.output, "segment")
     try:
         with console.output_to_log(log.path):
-            run_report = execute_segment(prepared)
+            run_report = execute_run(prepared)
     except ConfigError as exc:
         return _config_error(exc)
     except KeyboardInterrupt:
@@ -328,7 +327,8 @@ def _failed(config, log, exc: Exception) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from segpipe.export import ExportOptions, check_export, check_export_target, run_export
+    from segpipe.coco.selection import ExportOptions
+    from segpipe.commands.export import check_export, check_export_target, run_export
 
     try:
         if args.max_per_image is not None and args.max_per_image < 1:
@@ -352,7 +352,7 @@ def _export(args: argparse.Namespace) -> int:
             log.publish()
     else:
         summary = run_export(args.output, args.to, options, args.progress, checked=checked)
-    from segpipe.export import ExportCounts
+    from segpipe.coco.selection import ExportCounts
 
     c = summary["counts"]
     counts = ExportCounts(**c)
@@ -370,7 +370,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from segpipe.evaluate import IOU_TYPES, run_eval
+    from segpipe.coco.evaluate import IOU_TYPES
+    from segpipe.commands.evaluate import run_eval
 
     iou_types = None if args.iou_type is None else \
         IOU_TYPES if args.iou_type == "both" else (args.iou_type,)
@@ -399,7 +400,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from segpipe.render import RenderRequest, check_render
+    from segpipe.commands.render import RenderRequest, check_render
 
     request = RenderRequest(args.output, args.images, args.to, args.limit,
                             args.score_threshold, args.classes, args.address)
@@ -409,7 +410,7 @@ def _render(args: argparse.Namespace) -> int:
         return _config_error(exc)
 
     from segpipe import console
-    from segpipe.render import run_render
+    from segpipe.commands.render import run_render
 
     log = console.RunLog(args.to, "render")
     try:
@@ -430,8 +431,13 @@ def _render(args: argparse.Namespace) -> int:
 
 def _weights(args: argparse.Namespace) -> int:
     """Print the cache path and URL of the pretrained file; exit 0 if it is there, 1 if not."""
-    from segpipe.weights import PRETRAINED, WeightsError, describe_cache_folder, fetch, \
-        weights_source
+    from segpipe.model.weights import (
+        PRETRAINED,
+        WeightsError,
+        describe_cache_folder,
+        fetch,
+        weights_source,
+    )
 
     source = weights_source("pretrained", args.arch)
     if args.download and source.missing:

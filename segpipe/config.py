@@ -12,21 +12,34 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
 import yaml
+
 
 #: Detectors that predict masks, and box-only detectors (their detections have no segmentation).
 MASK_ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
+
+
 BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
                      "fasterrcnn_mobilenet_v3_large_fpn")
+
+
 ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
+
+
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
 BATCH_CANVASES = ("exact", "fixed")
+
+
 #: How soft masks can be stored (``encode.quantise_soft_masks``), the default first.
 SOFT_MASK_DTYPES = ("uint16", "float32")
 
+
 #: The largest ``max_image_pixels``: COCO RLE (pycocotools) counts an image's pixels in 32 bits.
 MAX_PIXEL_LIMIT = 2**31 - 1
+
+
 #: The smallest tile: the model's feature maps stride 32 and its anchors start at 32 px.
 MIN_TILE = 64
 
@@ -113,11 +126,11 @@ class SegmentConfig:
                              "portrait canvas, so batches stay full but carry padding)", "exact",
                              choices=BATCH_CANVASES, metavar="CANVAS")
     max_image_pixels: int = _opt("images with more pixels become error rows (decode limit; "
-                                 "a decoded image takes 3 bytes per pixel, see the README's "
-                                 "\"Huge images\")", 100_000_000)
+                                 "a decoded image takes 3 bytes per pixel, see "
+                                 "docs/huge-images.md)", 100_000_000)
     tile: int = _opt("slice images larger than SIZE px into SIZE x SIZE tiles, each predicted "
                      "at its own resolution (no resize) and merged per image in full-image "
-                     "coordinates (README \"Huge images\"); 0: off", 0, metavar="SIZE")
+                     "coordinates (docs/huge-images.md); 0: off", 0, metavar="SIZE")
     tile_overlap: float = _opt("overlap of neighbouring tiles: a fraction of SIZE (< 1) or "
                                "pixels (>= 1)", 0.2, metavar="X")
     tile_full_pass: bool = _opt("with --tile, also predict each tiled image whole, resized by "
@@ -150,65 +163,6 @@ class SegmentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The model settings that change predictions (everything but the weights).
-
-    ``num_classes`` is the classifier's outputs, background included (91 for COCO); it comes
-    from the checkpoint, not from the config.
-    """
-
-    arch: str
-    min_size: int
-    max_size: int
-    score_floor: float
-    nms_threshold: float
-    detections_per_image: int
-    proposals_per_image: int
-    num_classes: int = 91
-
-    @property
-    def has_masks(self) -> bool:
-        return has_masks(self.arch)
-
-    @classmethod
-    def from_config(cls, config: SegmentConfig, num_classes: int = 91) -> "ModelSpec":
-        return cls(config.arch, config.min_size, config.max_size, config.score_floor,
-                   config.nms_threshold, config.detections_per_image, config.proposals_per_image,
-                   num_classes)
-
-
-@dataclass(frozen=True)
-class TileSettings:
-    """How a run slices its images (``--tile``); ``overlap`` in pixels."""
-
-    size: int
-    overlap: int
-    full_pass: bool = False
-    merge_threshold: float = 0.5
-    join_seams: bool = True
-
-    @classmethod
-    def from_config(cls, config: SegmentConfig) -> Optional["TileSettings"]:
-        """The run's tiling, or ``None`` without ``--tile``."""
-        if not config.tile:
-            return None
-        return cls(config.tile, tile_overlap_pixels(config.tile, config.tile_overlap),
-                   config.tile_full_pass, config.tile_merge_threshold, config.tile_join_seams)
-
-    def applies(self, height: int, width: int) -> bool:
-        """Whether an image of this size is sliced (its longer side is over the tile)."""
-        return max(height, width) > self.size
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def has_masks(arch: str) -> bool:
-    """True for the detectors that predict instance masks (Mask R-CNN)."""
-    return arch in MASK_ARCHITECTURES
 
 
 def config_fields() -> list[dataclasses.Field]:
@@ -282,19 +236,21 @@ def parse_actors(actors: str) -> tuple[int, int] | None:
 
 def check_precision_device(precision: str, on_gpu: bool) -> None:
     """fp16 needs CUDA GPUs: refuse it for predictors on CPU (``validate`` when num_gpus is 0,
-    ``pipeline.plan_stages`` once the cluster decides)."""
+    ``cluster.plan.plan_stages`` once the cluster decides)."""
     if precision == "fp16" and not on_gpu:
         raise ConfigError("precision fp16 runs on CUDA GPUs only and the predictors would run on "
                           "CPU; use --precision bf16 (fast on CPUs with AMX or AVX-512 BF16) or "
                           "fp32")
 
 
-def validate(config: SegmentConfig) -> None:
-    """Raise ``ConfigError`` for any setting that cannot work, naming the key to fix."""
+def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
+    """Raise ``ConfigError`` for any setting that cannot work, naming the key to fix;
+    ``needs_paths=False`` (the Python API, which takes a Dataset) does not ask for INPUT and
+    OUTPUT."""
     _check_types(config)
-    if not config.input:
+    if needs_paths and not config.input:
         raise ConfigError("INPUT is missing: give the image folder or URI to segment")
-    if not config.output:
+    if needs_paths and not config.output:
         raise ConfigError("OUTPUT is missing: give the folder or URI to write results to")
     if config.input_format not in ("auto", "files", "tar", "parquet"):
         raise ConfigError(f"input_format must be auto, files, tar or parquet, "

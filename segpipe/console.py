@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import io
 import os
 import re
@@ -23,8 +24,8 @@ from typing import Iterator, TextIO
 
 import pyarrow.fs as pafs
 
-from segpipe import storage
-from segpipe.layout import LOGS_DIR
+from segpipe.io import storage
+from segpipe.io.run_folder import LOGS_DIR
 
 #: Things Ray logs that change what a user should do, and what segpipe says about them.
 TRANSLATIONS: tuple[tuple[re.Pattern, str], ...] = (
@@ -142,3 +143,33 @@ class RunLog:
         fs, target = self._remote
         with contextlib.suppress(Exception):
             storage.write_bytes_atomic(fs, target, redacted.encode())
+
+
+class _SegpipeLines(logging.Handler):
+    """Each record of segpipe's loggers as one terminal line: ``segpipe: message``, with
+    ``WARNING:`` before warnings and errors; written to whatever ``sys.stdout`` is then."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = "WARNING: " if record.levelno >= logging.WARNING else ""
+            print(f"segpipe: {level}{record.getMessage()}", file=sys.stdout, flush=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def segpipe_lines() -> Iterator[None]:
+    """While a command runs, show the library's log records (``logging.getLogger("segpipe")``,
+    INFO and up) as segpipe's terminal lines; the logger is left as found afterwards."""
+    logger = logging.getLogger("segpipe")
+    handler = _SegpipeLines()
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

@@ -1,7 +1,7 @@
 """The Parquet schema of ``OUTPUT/predictions`` and the columns passed between stages.
 
 This is the one definition of the output table; the encode stage builds rows against it, the
-sink writes it, export and the tests read it, and the README documents it.
+sink writes it, export and the tests read it, and docs/output.md documents it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from typing import Optional
 
 import pyarrow as pa
 
-from segpipe.categories import COCO_TABLE, CategoryTable
-from segpipe.config import SOFT_MASK_DTYPES, ModelSpec, TileSettings
+from segpipe.model.categories import COCO_TABLE, CategoryTable
+from segpipe.config import SOFT_MASK_DTYPES
+from segpipe.model.spec import ModelSpec
+from segpipe.model.spec import TileSettings
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

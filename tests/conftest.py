@@ -16,9 +16,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))   # bench/ (precision_stages)
 
-from segpipe.config import SegmentConfig  # noqa: E402
-from segpipe.model import ModelSpec, build_model  # noqa: E402
+from segpipe.config import SegmentConfig
+from segpipe.model.build import ModelSpec, build_model
 
 #: Small and fast: images resized to 128 px, 10 detections from 100 proposals.
 SMALL = dict(min_size=128, max_size=200, detections_per_image=10, proposals_per_image=100,
@@ -148,3 +149,15 @@ def served_checkpoint(folder: Path, source: Path, stem: str = "maskrcnn_custom")
     name = f"{stem}-{digest[:8]}.pth"
     (folder / name).write_bytes(source.read_bytes())
     return name
+
+
+#: Fixtures that start Ray: a test using one (directly or through another fixture) is marked
+#: ``ray``. Tests that start Ray in a subprocess (the CLI's segment, render) say so with
+#: ``@pytest.mark.ray`` or their module's ``pytestmark``.
+RAY_FIXTURES = {"local_ray", "cluster", "autoscaling_cluster", "awkward_run"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)

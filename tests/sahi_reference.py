@@ -35,11 +35,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from segpipe import schema
-from segpipe.decode import pixel_column
-from segpipe.encode import encode_batch
-from segpipe.model import ModelSpec, build_model
-from segpipe.predictor import MaskRCNNPredictor
-from segpipe.tiles import TileSettings
+from segpipe.io.decode import pixel_column
+from segpipe.encode.encoder import encode_batch
+from segpipe.model.build import ModelSpec, build_model
+from segpipe.model.stage import PredictStage
+from segpipe.model.spec import TileSettings
 
 
 @dataclass
@@ -70,7 +70,7 @@ def segpipe_tiled(spec: ModelSpec, state_dict: dict, image: np.ndarray,
                   mask_threshold: float = 0.5) -> list[Found]:
     """segpipe's tiled detections of ``image`` (``H×W×3`` uint8); ``tiling`` None: the
     image predicted whole."""
-    predictor = MaskRCNNPredictor(spec, state_dict, use_gpu=False, tiling=tiling,
+    predictor = PredictStage(spec, state_dict, use_gpu=False, tiling=tiling,
                                   chunk=batch_size)
     encoded = encode_batch(predictor(decoded_rows([image])), mask_threshold)
     assert encoded.column("status").to_pylist() == ["ok"], encoded.column("error").to_pylist()
@@ -92,11 +92,11 @@ def segpipe_as_sahi_holds_it(spec: ModelSpec, state_dict: dict, image: np.ndarra
     by how SAHI holds detections."""
     from sahi.utils.cv import get_coco_segmentation_from_bool_mask
 
-    from segpipe.encode import encode_masks
-    from segpipe.tiles import greedy_merge, image_views
+    from segpipe.encode.encoder import encode_masks
+    from segpipe.model.tiles import greedy_merge, image_views
 
     height, width = image.shape[:2]
-    predictor = MaskRCNNPredictor(spec, state_dict, use_gpu=False)
+    predictor = PredictStage(spec, state_dict, use_gpu=False)
     views = image_views(height, width, tiling)
     crops = [(image[v.window[1]:v.window[3], v.window[0]:v.window[2]], v.resize) for v in views]
     results = [r for start in range(0, len(crops), batch_size)

@@ -9,11 +9,11 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from segpipe import schema
-from segpipe.config import ModelSpec
-from segpipe.categories import COCO_TABLE
-from segpipe.layout import predictions_dir
-from segpipe.sinks import write_prediction_file
-from segpipe.sources import image_id_for
+from segpipe.model.spec import ModelSpec
+from segpipe.model.categories import COCO_TABLE
+from segpipe.io.run_folder import predictions_dir
+from segpipe.io.sinks import write_prediction_file
+from segpipe.io.sources import image_id_for
 
 SETTINGS = schema.RunSettings(
     model=ModelSpec(arch="maskrcnn_resnet50_fpn", min_size=800, max_size=1333, score_floor=0.05,

@@ -14,9 +14,10 @@ from scipy import ndimage
 from conftest import small_config
 from images import write_photos
 from segpipe.config import ConfigError
-from segpipe.evaluate import run_eval
-from segpipe.export import ExportOptions, run_export
-from segpipe.pipeline import run_segment
+from segpipe.commands.evaluate import run_eval
+from segpipe.coco.selection import ExportOptions
+from segpipe.commands.export import run_export
+from segpipe.commands.segment import run_segment
 from segpipe.schema import IMAGE_IDS_BEFORE, RunSettings
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 from test_polygons import rasterise

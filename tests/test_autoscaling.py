@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from images import write_photos
-from segpipe.layout import prediction_files
+from segpipe.io.run_folder import prediction_files
 from test_cli import run_cli, small_flags
 from test_cluster import free_port, own_ray_processes, ray_cli, stop_processes
 
@@ -84,6 +84,7 @@ def autoscaling_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_pool_grows_with_an_autoscaling_cluster_and_every_image_comes_out_once(
         autoscaling_cluster, tmp_path, checkpoint):
     address, env = autoscaling_cluster

@@ -2,7 +2,7 @@
 
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-from segpipe.categories import COCO_CATEGORIES, COCO_TABLE, NUM_MODEL_CLASSES
+from segpipe.model.categories import COCO_CATEGORIES, COCO_TABLE, NUM_MODEL_CLASSES
 
 
 def test_table_matches_torchvision_labels():

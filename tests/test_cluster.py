@@ -18,7 +18,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from images import write_photos
-from segpipe.layout import prediction_files
+from segpipe.io.run_folder import prediction_files
 from test_cli import run_cli, small_flags
 
 BIN = Path(sys.executable).parent
@@ -102,6 +102,7 @@ def rows(out: Path) -> dict[str, dict]:
             for r in pq.read_table(p).to_pylist()}
 
 
+@pytest.mark.slow
 def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpoint):
     address, env = cluster
     inputs = tmp_path / "in"
@@ -125,7 +126,7 @@ def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpo
                     if "second_node" in n["resources_total"]]
     predicted = [t for t in list_tasks(address=address, detail=True, limit=10000,
                                        raise_on_missing_output=False)
-                 if "MaskRCNNPredictor" in (t.get("func_or_class_name") or "")
+                 if "PredictStage" in (t.get("func_or_class_name") or "")
                  and t.get("state") == "FINISHED"]
     assert second_node in {t["node_id"] for t in predicted}, \
         [(t["func_or_class_name"], t["node_id"]) for t in predicted]

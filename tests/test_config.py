@@ -9,8 +9,16 @@ import pytest
 import yaml
 
 from segpipe.cli import build_parser
-from segpipe.config import MAX_PIXEL_LIMIT, ConfigError, SegmentConfig, config_fields, \
-    load_config, parse_actors, read_yaml_config, validate
+from segpipe.config import (
+    MAX_PIXEL_LIMIT,
+    ConfigError,
+    SegmentConfig,
+    config_fields,
+    load_config,
+    parse_actors,
+    read_yaml_config,
+    validate,
+)
 
 DEFAULT_YAML = Path(__file__).parent.parent / "conf" / "default.yaml"
 
@@ -160,7 +168,7 @@ def test_configs_that_would_expand_or_cannot_be_read_fail_in_one_line(tmp_path, 
 
 
 def test_a_million_categories_are_refused_before_they_are_read(tmp_path):
-    from segpipe.categories import CategoryError, MAX_CATEGORIES, load_categories
+    from segpipe.model.categories import CategoryError, MAX_CATEGORIES, load_categories
 
     many = tmp_path / "classes.txt"
     many.write_text("".join(f"class{i}\n" for i in range(MAX_CATEGORIES + 1)))

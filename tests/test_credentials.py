@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from images import write_photos
-from segpipe.storage import join, redact
+from segpipe.io.storage import join, redact
 from test_cli import run_cli, small_flags
 from test_s3 import s3_env  # noqa: F401  (the moto server fixture)
 
@@ -65,6 +65,7 @@ def _objects(fs, prefix):
             if i.type == pafs.FileType.File}
 
 
+@pytest.mark.ray
 def test_secrets_in_uris_work_and_appear_nowhere(s3_env, tmp_path, checkpoint):  # noqa: F811
     endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
     options = f"endpoint_override={endpoint}&scheme=http"

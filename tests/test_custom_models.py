@@ -16,12 +16,12 @@ from pycocotools.cocoeval import COCOeval
 from conftest import small_config, small_spec
 from images import write_photos
 from parity import compare_with_torchvision
-from segpipe.categories import CategoryError, parse_categories
-from segpipe.evaluate import run_eval
-from segpipe.layout import predictions_dir, prediction_files, read_run_settings
-from segpipe.model import build_model
-from segpipe.pipeline import run_segment
-from segpipe.render import RenderRequest, run_render
+from segpipe.model.categories import CategoryError, parse_categories
+from segpipe.commands.evaluate import run_eval
+from segpipe.io.run_folder import predictions_dir, prediction_files, read_run_settings
+from segpipe.model.build import build_model
+from segpipe.commands.segment import run_segment
+from segpipe.commands.render import RenderRequest, run_render
 from test_cli import run_cli, small_flags
 
 #: The user's classes, ids neither contiguous nor sorted: label k is the k-th entry.

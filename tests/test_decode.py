@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from images import AWKWARD_EXPECTED, gray16_of, photo, write_awkward_inputs
-from segpipe.decode import DecodeError, DecodeLimits, decode_image
+from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
 
 LIMITS = DecodeLimits(max_pixels=100_000_000, max_bytes=1 << 30)
 
@@ -120,7 +120,7 @@ def test_limits_allow_exactly_their_value(awkward):
 
 
 def test_errors_name_the_format_and_stay_short():
-    from segpipe.decode import _reason
+    from segpipe.io.decode import _reason
 
     with pytest.raises(DecodeError, match="^JPEG does not decode: "):
         full = encoded(Image.fromarray(photo("coffee", 0.25)), "JPEG")
@@ -131,7 +131,7 @@ def test_errors_name_the_format_and_stay_short():
 
 
 def test_scaling_rules_at_their_boundaries():
-    from segpipe.decode import _reason
+    from segpipe.io.decode import _reason
 
     # Floats up to 1.0 are probabilities (×255); a maximum of 1.5 means values as they are.
     rgb = decode_image(encoded(Image.fromarray(np.array([[0.5, 1.5]], np.float32), "F")), LIMITS)

@@ -13,11 +13,12 @@ import torch
 import torchvision
 
 from conftest import small_config, small_spec
-from segpipe import predictor as predictor_module
+from segpipe.model import stage as predictor_module
 from segpipe import schema
-from segpipe.model import build_model, resolve_weights
-from segpipe.predictor import (DeviceError, MaskRCNNPredictor, canvas_shape, image_tensor,
-                               is_fatal_device_error, predict_images, select_device)
+from segpipe.model.build import build_model, resolve_weights
+from segpipe.model.devices import DeviceError, is_fatal_device_error, select_device
+from segpipe.model.stage import PredictStage
+from segpipe.model.inference import canvas_shape, image_tensor, predict_images
 
 
 def rows_of(sizes: list[tuple[int, int]]) -> pa.Table:
@@ -28,9 +29,9 @@ def rows_of(sizes: list[tuple[int, int]]) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def actor() -> MaskRCNNPredictor:
+def actor() -> PredictStage:
     spec = small_spec()
-    return MaskRCNNPredictor(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
+    return PredictStage(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
 
 
 class _Attempts:
@@ -135,7 +136,10 @@ def test_fixed_canvases_make_one_batch_of_mixed_sizes_and_exact_keeps_torchvisio
     together = predict_images(model, images, "fp32", "fixed")[1]
     assert np.array_equal(alone.labels, together.labels)
     assert np.allclose(alone.boxes, together.boxes, atol=1e-3)
-    assert np.allclose(alone.soft_masks, together.soft_masks, atol=1e-4)
+    # batched kernels round differently by CPU: up to 4.4e-4 measured on an AMD EPYC with
+    # AVX-512 (1e-4 held on the Intel Xeons before it); 1e-3 of a probability moves no mask
+    # pixel unless it sits within 1e-3 of the mask threshold
+    assert np.allclose(alone.soft_masks, together.soft_masks, atol=1e-3)
     assert not np.array_equal(alone.boxes, ours[1].boxes)
 
 
@@ -167,7 +171,7 @@ def test_image_tensor_matches_to_tensor():
 def test_predictor_threads_run_batches_concurrently_and_keep_every_image_once(
         tmp_path, checkpoint, local_ray):
     from images import write_photos
-    from segpipe.pipeline import run_segment
+    from segpipe.commands.segment import run_segment
     from test_resilience import written_ids
 
     inputs = tmp_path / "in"

@@ -9,9 +9,14 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from segpipe.encode import dequantise_soft_masks, encode_masks, quantise_soft_masks, \
-    rethreshold, xyxy_to_xywh
-from segpipe.paste import CHANNELS_LAST_MAX_SIDES, paste_runs
+from segpipe.encode.encoder import (
+    dequantise_soft_masks,
+    encode_masks,
+    quantise_soft_masks,
+    rethreshold,
+    xyxy_to_xywh,
+)
+from segpipe.encode.paste import CHANNELS_LAST_MAX_SIDES, paste_runs
 from synthetic import blob_detections
 
 
@@ -67,7 +72,7 @@ def test_blob_masks_of_all_sizes_equal_torchvision(threshold):
 def test_both_of_torchs_resize_kernels_are_reproduced_pixel_for_pixel(h):
     """torch resizes with one kernel when height + width <= 128 and another above: values
     (not just masks) must agree at both sides of the switch and at the 30 px identity."""
-    from segpipe.paste import _one_mask
+    from segpipe.encode.paste import _one_mask
 
     rng = np.random.default_rng(h)
     padded = np.zeros((30, 30), np.float32)

@@ -11,11 +11,13 @@ import pytest
 
 from conftest import small_config
 from images import write_photos
-from segpipe.categories import COCO_CATEGORIES
+from segpipe.model.categories import COCO_CATEGORIES
 from segpipe.config import ConfigError
-from segpipe.evaluate import STAT_NAMES, run_eval
-from segpipe.export import ExportOptions, run_export
-from segpipe.pipeline import run_segment
+from segpipe.coco.evaluate import STAT_NAMES
+from segpipe.commands.evaluate import run_eval
+from segpipe.coco.selection import ExportOptions
+from segpipe.commands.export import run_export
+from segpipe.commands.segment import run_segment
 from synthetic import box_detection, image_row, write_predictions
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")

@@ -16,11 +16,12 @@ from pycocotools.coco import COCO
 
 from conftest import small_config
 from images import write_photos
-from segpipe.categories import COCO_TABLE
+from segpipe.model.categories import COCO_TABLE
 from segpipe.config import ConfigError
-from segpipe.export import ExportCounts, ExportOptions, run_export
-from segpipe.layout import prediction_files
-from segpipe.pipeline import run_segment
+from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.commands.export import run_export
+from segpipe.io.run_folder import prediction_files
+from segpipe.commands.segment import run_segment
 from synthetic import large_predictions
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
@@ -164,7 +165,8 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
         # VmHWM is this process's own peak; ru_maxrss would carry pytest's over fork + exec.
-        code = ("import re; from segpipe.export import ExportOptions, run_export; "
+        code = ("import re; from segpipe.coco.selection import ExportOptions; "
+                "from segpipe.commands.export import run_export; "
                 f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
                 "ExportOptions(score_threshold=0.3)); "
                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
@@ -204,7 +206,8 @@ def test_export_keeps_no_python_object_per_detection(tmp_path):
     for images in (400, 3200):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
-        code = ("import tracemalloc; from segpipe.export import ExportOptions, run_export; "
+        code = ("import tracemalloc; from segpipe.coco.selection import ExportOptions; "
+                "from segpipe.commands.export import run_export; "
                 "tracemalloc.start(); "
                 f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
                 "ExportOptions(score_threshold=0.3)); "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMALL, served_checkpoint
 from images import write_photos
 from segpipe.progress import Progress
 from synthetic import image_row, write_predictions
-from test_cli import SEGPIPE, run_cli, small_flags
+from test_cli import SEGPIPE, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +152,8 @@ def test_a_run_that_fails_midway_says_why_in_one_line_and_how_to_finish(photos, 
                                                                         monkeypatch, capfd):
     """A full disk (or any fault) after the work began: no traceback on the terminal, the
     cause, the log that holds the traceback, and the command to finish the run, exit 1."""
-    from segpipe import cli, pipeline
+    from segpipe import cli
+    from segpipe.commands import segment as pipeline
 
     out = tmp_path / "out"
 
@@ -165,8 +164,8 @@ def test_a_run_that_fails_midway_says_why_in_one_line_and_how_to_finish(photos, 
     def disk_full(config):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "prepare_segment", prepared)
-    monkeypatch.setattr(pipeline, "execute_segment", disk_full)
+    monkeypatch.setattr(pipeline, "prepare_run", prepared)
+    monkeypatch.setattr(pipeline, "execute_run", disk_full)
     monkeypatch.setattr(sys, "argv", ["segpipe", "segment", str(photos), str(out)])
     code = cli.main(["segment", str(photos), str(out), "--weights", "random", "--no-progress"])
     err = capfd.readouterr().err
@@ -177,14 +176,15 @@ def test_a_run_that_fails_midway_says_why_in_one_line_and_how_to_finish(photos, 
     assert "Traceback" in log.read_text() and str(log) in err
 
 
+@pytest.mark.ray
 def test_ray_workers_import_segpipe_whatever_folder_it_starts_from(tmp_path):
     """Started from a folder that holds a clone named segpipe (no __init__.py at its top),
     Ray's workers, which get the driver's folder on their path, still import segpipe."""
     holder = tmp_path / "holder"
     (holder / "segpipe" / "segpipe").mkdir(parents=True)   # a clone: the package one deeper
-    script = ("import ray\nfrom segpipe.cluster import ray_session\n"
+    script = ("import ray\nfrom segpipe.cluster.session import ray_session\n"
               "with ray_session(None):\n"
-              "    f = ray.remote(lambda: __import__('segpipe.render').__version__)\n"
+              "    f = ray.remote(lambda: __import__('segpipe.commands.render').__version__)\n"
               "    print('version', ray.get(f.remote()))\n")
     (tmp_path / "driver.py").write_text(script)     # as the segpipe command: not in holder/
     result = subprocess.run([sys.executable, str(tmp_path / "driver.py")], cwd=holder,
@@ -210,7 +210,7 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(photos, tmp_path):
 
 
 def test_the_progress_line_says_the_stage_until_the_first_image():
-    from segpipe.pipeline import stage_before_first_image
+    from segpipe.commands.segment import stage_before_first_image
 
     stream = io.StringIO()
     progress = Progress("segment", 10, stream=stream, terminal=False)
@@ -225,7 +225,7 @@ def test_the_progress_line_says_the_stage_until_the_first_image():
 
 def test_a_small_run_starts_no_actor_it_has_no_batch_for():
     from conftest import small_config
-    from segpipe.pipeline import StagePlan, fit_pool_to_work
+    from segpipe.cluster.plan import StagePlan, fit_pool_to_work
 
     plan = StagePlan(2, 4, 0.0, 0.9, 1, 0.25, 0.2, 0.05, 1)
     config = small_config("in", "out", "random", batch_size=3)

@@ -13,11 +13,11 @@ import pytest
 
 from conftest import small_config
 from images import write_photos
-from segpipe import ownership, sources
-from segpipe.layout import prediction_files
-from segpipe.pipeline import run_segment
-from segpipe.render import RenderRequest, run_render
-from segpipe.sources import safe_file_name
+from segpipe.io import ownership, sources
+from segpipe.io.run_folder import prediction_files
+from segpipe.commands.segment import run_segment
+from segpipe.commands.render import RenderRequest, run_render
+from segpipe.io.sources import safe_file_name
 from test_inputs import add
 
 
@@ -102,7 +102,7 @@ def test_dangerous_member_names_stay_inside_every_folder(tmp_path, checkpoint, l
     assert len(list((gallery / "images").rglob("*.jpg"))) == 3
 
     # a run of image files: a raw dangerous name (an old run, a hand-made table) is refused
-    from segpipe.render import render_batch
+    from segpipe.commands.render import render_batch
 
     refused = render_batch(pa.table({"file_name": ["../bait.png"], "width": [1], "height": [1],
                                      "detections_json": ["[]"], "rendered_name": ["x.jpg"]}),
@@ -222,7 +222,7 @@ def test_a_damaged_table_costs_no_other_table_a_row(tmp_path, three_photos):
 def test_every_entry_is_a_row_or_a_counted_skip(tmp_path):
     """A name that is not UTF-8 becomes an error row (one-to-one encoded name), a broken link
     and a FIFO are counted skips (the FIFO never opened), so is a file that is no image."""
-    from segpipe.decode import DecodeLimits, decode_batch
+    from segpipe.io.decode import DecodeLimits, decode_batch
 
     root = tmp_path / "in"
     write_photos(root, names=("chelsea",))

@@ -13,8 +13,8 @@ import pytest
 from conftest import small_config
 from images import write_photos
 from segpipe.config import ConfigError
-from segpipe.pipeline import run_segment
-from segpipe.layout import prediction_files
+from segpipe.commands.segment import run_segment
+from segpipe.io.run_folder import prediction_files
 
 
 def rows(out) -> dict[str, dict]:
@@ -76,7 +76,7 @@ def test_parquet_tables_with_and_without_a_name_column(tmp_path, photos, checkpo
     assert name.startswith("train.parquet#") and row["status"] == "ok"
 
     # render reads the images back from the tables, as the run read them
-    from segpipe.render import RenderRequest, run_render
+    from segpipe.commands.render import RenderRequest, run_render
 
     for output, images, drawn in (("named", tables, 3), ("unnamed", hf, 1)):
         summary = run_render(RenderRequest(output=str(tmp_path / output), images_uri=str(images),

@@ -18,11 +18,11 @@ import pytest
 
 from images import write_photos
 from synthetic import SETTINGS, image_row
-from segpipe import lease as lease_module
-from segpipe.layout import prediction_files
-from segpipe.lease import LEASE_NAME, LeaseHeld, LeaseLost, acquire, check_free, check_holder
+from segpipe.io import lease as lease_module
+from segpipe.io.run_folder import prediction_files
+from segpipe.io.lease import LEASE_NAME, LeaseHeld, LeaseLost, acquire, check_free, check_holder
 from segpipe import schema
-from segpipe.sinks import write_prediction_file
+from segpipe.io.sinks import write_prediction_file
 from test_cli import small_flags
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
@@ -79,6 +79,7 @@ def test_a_write_after_the_lease_moved_on_is_dropped(tmp_path):
     assert not [p for p in predictions.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.ray
 def test_two_runs_started_together_into_one_output(tmp_path, checkpoint):
     inputs, out = tmp_path / "in", tmp_path / "out"
     write_photos(inputs)

@@ -18,10 +18,10 @@ from conftest import small_config, small_spec
 from images import photo, write_photos
 from parity import compare_with_torchvision, get_prediction
 from segpipe import schema
-from segpipe.categories import COCO_TABLE
-from segpipe.layout import prediction_files
-from segpipe.model import build_model
-from segpipe.pipeline import run_segment
+from segpipe.model.categories import COCO_TABLE
+from segpipe.io.run_folder import prediction_files
+from segpipe.model.build import build_model
+from segpipe.commands.segment import run_segment
 
 COCO_CATEGORY_IDS = COCO_TABLE.ids
 
@@ -146,8 +146,9 @@ def test_a_tiled_run_keeps_one_row_per_image_and_re_exports_from_its_parts(tmp_p
     """--tile through the whole pipeline: an image larger than a tile (tiled, with the full
     pass), one that fits a tile (whole), one that does not decode; one row each. The tiled
     image's detections keep their parts, and re-pasting them gives back the stored masks."""
-    from segpipe.encode import rethreshold
-    from segpipe.export import ExportOptions, run_export
+    from segpipe.encode.encoder import rethreshold
+    from segpipe.coco.selection import ExportOptions
+    from segpipe.commands.export import run_export
 
     images = tmp_path / "images"
     write_photos(images, ("chelsea",), scale=0.3)      # 135×90: fits one tile

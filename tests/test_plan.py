@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from conftest import small_config, small_spec
-from segpipe import sources
-from segpipe.cluster import ClusterShape
+from segpipe.io import sources
+from segpipe.cluster.shape import ClusterShape
 from segpipe.config import ConfigError
-from segpipe.pipeline import CPU_ACTOR_MEMORY, build_dataset, plan_stages
+from segpipe.cluster.plan import CPU_ACTOR_MEMORY, plan_stages
+from segpipe.commands.segment import build_dataset
 
 GIB = 1 << 30
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def test_decode_predict_and_encode_stay_separate_operators(local_ray, capsys):
     dataset.explain()
     physical = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     for operator in ("TaskPoolMapOperator[MapBatches(decode_batch)]",
-                     "ActorPoolMapOperator[MapBatches(MaskRCNNPredictor)]",
+                     "ActorPoolMapOperator[MapBatches(PredictStage)]",
                      "ActorPoolMapOperator[MapBatches(MaskEncoder)]"):
         assert operator in physical
 
@@ -116,7 +117,7 @@ HEAD = "node:__internal_head__"
 
 
 def grows(head: dict, *types: tuple[str, dict, int], max_workers=None, workers=()) -> ClusterShape:
-    from segpipe.cluster import NodeType
+    from segpipe.cluster.shape import NodeType
 
     return ClusterShape(({**head, HEAD: 1.0}, *workers),
                         tuple(NodeType(name, res, count) for name, res, count in types),
@@ -196,7 +197,7 @@ def test_stages_fit_on_some_node_of_a_grown_cluster_wherever_the_predictors_land
 def test_launcher_configs_give_node_types_and_unfilled_instance_types_give_none():
     import yaml
 
-    from segpipe.cluster import node_types_of_launcher_config
+    from segpipe.cluster.shape import node_types_of_launcher_config
 
     config = yaml.safe_load((ROOT / "conf" / "cluster-launcher-gpu.yaml").read_text())
     assert node_types_of_launcher_config(config) == (None, None)  # resources: {} (AWS fills)
@@ -207,7 +208,7 @@ def test_launcher_configs_give_node_types_and_unfilled_instance_types_give_none(
 
 
 def test_gpu_encoders_keep_up_with_the_gpus_and_leave_the_rest_to_decode():
-    from segpipe.pipeline import ENCODE_CPU_S_PER_IMAGE, GPU_IMAGES_PER_S, gpu_encoders
+    from segpipe.cluster.plan import ENCODE_CPU_S_PER_IMAGE, GPU_IMAGES_PER_S, gpu_encoders
 
     for gpus in (1, 2, 8):
         encoders = gpu_encoders(gpus, 1.0, spare_cpus=100)

@@ -2,7 +2,7 @@
 
 Random weights give near-tie scores, so any precision change reorders their detections: each
 stage is fed the same inputs in both precisions (the same anchors, proposals and boxes), as
-``segpipe.precision.stage_agreement`` does. The photo is resized to 480×720 so that box
+``bench.precision_stages.stage_agreement`` does. The photo is resized to 480×720 so that box
 coordinates pass 512 px, where bf16 steps are 4 px: a decode left in bf16 shows there.
 """
 
@@ -14,13 +14,14 @@ import torch
 
 from conftest import small_config
 from images import photo
-from segpipe.config import ConfigError, ModelSpec, validate
-from segpipe.model import build_model
-from segpipe.cluster import ClusterShape
-from segpipe.pipeline import plan_stages
-from segpipe.precision import (autocast, install_fp32_islands, prepare_model,
-                               scale_to_trained_outputs, stage_agreement)
-from segpipe.predictor import predict_images
+from segpipe.config import ConfigError, validate
+from segpipe.model.spec import ModelSpec
+from segpipe.model.build import build_model
+from segpipe.cluster.shape import ClusterShape
+from segpipe.cluster.plan import plan_stages
+from segpipe.model.precision import autocast, install_fp32_islands, prepare_model
+from bench.precision_stages import scale_to_trained_outputs, stage_agreement
+from segpipe.model.inference import predict_images
 
 
 def as_tensor(pixels: np.ndarray) -> torch.Tensor:

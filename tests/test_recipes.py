@@ -15,9 +15,14 @@ import pytest
 import yaml
 
 from segpipe.cli import build_parser, segment_config
-from segpipe.cluster import HEAD_MARKER, ClusterShape, NodeType, node_types_of_launcher_config
+from segpipe.cluster.shape import (
+    HEAD_MARKER,
+    ClusterShape,
+    NodeType,
+    node_types_of_launcher_config,
+)
 from segpipe.config import ConfigError
-from segpipe.pipeline import plan_stages
+from segpipe.cluster.plan import plan_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "conf" / "cluster-launcher-gpu.yaml"

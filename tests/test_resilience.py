@@ -12,19 +12,20 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from conftest import small_config, small_spec
 from images import write_photos
-from segpipe import predictor as predictor_module
+from segpipe.model import stage as predictor_module
 from segpipe import schema
-from segpipe.model import resolve_weights
-from segpipe.pipeline import run_segment
-from segpipe.predictor import MaskRCNNPredictor
-from segpipe.layout import prediction_files
-from segpipe.sources import list_images
+from segpipe.model.build import resolve_weights
+from segpipe.commands.segment import run_segment
+from segpipe.model.stage import PredictStage
+from segpipe.io.run_folder import prediction_files
+from segpipe.io.sources import list_images
 from test_cli import run_cli, small_flags
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
@@ -57,6 +58,8 @@ def many_photos(folder: Path, copies: int) -> None:
             (folder / f"{name}_{k}.png").write_bytes((folder / f"{name}.png").read_bytes())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint):
     inputs, out = tmp_path / "in", tmp_path / "out"
     many_photos(inputs, copies=8)
@@ -97,6 +100,7 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
     assert not [p for p in (out / "predictions").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_a_predictor_actor_killed_mid_batch_loses_nothing(tmp_path, checkpoint, local_ray):
     inputs = tmp_path / "in"
     many_photos(inputs, copies=2)
@@ -124,7 +128,7 @@ class _OutOfMemory:
 
 def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
     spec = small_spec()
-    actor = MaskRCNNPredictor(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
+    actor = PredictStage(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
     sizes = [(40, 60), (40, 60), (40, 61), (40, 60)]
     rows = [{"image_id": i, "file_name": f"{i}.png", "width": w, "height": h, "status": "ok",
              "error": None, schema.PIXELS: np.full((h, w, 3), 100, np.uint8).tobytes()}
@@ -140,6 +144,7 @@ def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
     assert fake.calls[0] == 4 and fake.calls.count(1) == 4
 
 
+@pytest.mark.ray
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, checkpoint):
     inputs, out = tmp_path / "in", tmp_path / "out"
     many_photos(inputs, copies=4)

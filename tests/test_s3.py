@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from images import write_photos
-from segpipe.categories import COCO_TABLE
+from segpipe.model.categories import COCO_TABLE
 from test_cli import run_cli, small_flags
 
 BIN = Path(sys.executable).parent
@@ -55,6 +55,7 @@ def s3_env():
                 os.environ[k] = v
 
 
+@pytest.mark.ray
 def test_segment_and_export_from_and_to_a_bucket(s3_env, tmp_path, checkpoint):
     fs, _ = pafs.FileSystem.from_uri("s3://segpipe-test/x")
     write_photos(tmp_path / "photos", names=("chelsea", "coffee"))

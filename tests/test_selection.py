@@ -7,12 +7,25 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from segpipe.categories import COCO_TABLE, Category, CategoryError, custom_table, \
-    generated_table, table_for, unnamed_classes_warning
+from segpipe.model.categories import (
+    COCO_TABLE,
+    Category,
+    CategoryError,
+    custom_table,
+    generated_table,
+    table_for,
+    unnamed_classes_warning,
+)
 from segpipe.config import ConfigError
-from segpipe.evaluate import crowd_regions, match_categories, match_images
-from segpipe.export import ExportCounts, ExportOptions, box_area, coco_result, \
-    mask_boxes_and_areas, select_detections
+from segpipe.coco.evaluate import crowd_regions, match_categories, match_images
+from segpipe.coco.selection import (
+    ExportCounts,
+    ExportOptions,
+    box_area,
+    mask_boxes_and_areas,
+    select_detections,
+)
+from segpipe.coco.writer import coco_result
 from segpipe.schema import RunSettings
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 
@@ -277,7 +290,7 @@ def test_images_in_deep_folders_match_by_their_base_name(tmp_path):
 
 
 def test_a_new_mask_threshold_re_pastes_the_stored_soft_mask():
-    from segpipe.encode import rethreshold
+    from segpipe.encode.encoder import rethreshold
 
     stored = det(1, 0.9, x=10, y=10, w=20, h=12)
     for threshold in (0.3, 0.99):
@@ -318,7 +331,7 @@ def test_an_exact_name_wins_where_base_names_are_ambiguous(tmp_path):
 
 
 def test_stored_soft_masks_dequantise_to_their_probabilities():
-    from segpipe.encode import dequantise_soft_masks, quantise_soft_masks
+    from segpipe.encode.encoder import dequantise_soft_masks, quantise_soft_masks
 
     stored = bytes([0, 128, 254, 255])
     np.testing.assert_array_equal(dequantise_soft_masks([stored], "uint8"),
@@ -336,8 +349,8 @@ def test_runs_stored_with_uint8_soft_masks_still_export_at_a_new_threshold(tmp_p
     import dataclasses
     import json
 
-    from segpipe.encode import dequantise_soft_masks, encode_masks, quantise_soft_masks
-    from segpipe.export import run_export
+    from segpipe.encode.encoder import dequantise_soft_masks, encode_masks, quantise_soft_masks
+    from segpipe.commands.export import run_export
     from segpipe.schema import RUN_SETTINGS_KEY, RunSettings
     from synthetic import blob_detections
 
@@ -369,7 +382,7 @@ def test_runs_stored_with_uint8_soft_masks_still_export_at_a_new_threshold(tmp_p
 def test_results_written_directly_equal_json_dumps(segmentation):
     import json
 
-    from segpipe.export import _box_json, _result_members
+    from segpipe.coco.writer import _box_json, _result_members
 
     detection = {**det(3, 0.123456789), "bbox": [0.1, 2.0, 1e-7, 3.3333333], "score": 0.87654321,
                  "segmentation": segmentation}
@@ -380,7 +393,7 @@ def test_results_written_directly_equal_json_dumps(segmentation):
 
 
 def test_float32_soft_masks_re_export_pixel_for_pixel():
-    from segpipe.encode import dequantise_soft_masks, encode_masks, quantise_soft_masks
+    from segpipe.encode.encoder import dequantise_soft_masks, encode_masks, quantise_soft_masks
     from synthetic import blob_detections
 
     rng = np.random.default_rng(9)

@@ -4,7 +4,7 @@ import pytest
 
 from images import AWKWARD_EXPECTED, write_awkward_inputs
 from segpipe.config import ConfigError
-from segpipe.sources import image_id_for, list_images, split_listing
+from segpipe.io.sources import image_id_for, list_images, split_listing
 
 
 def test_lists_images_recursively_with_relative_names(tmp_path):

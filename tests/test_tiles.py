@@ -14,13 +14,19 @@ from conftest import CHECKPOINT_SEED, small_spec
 from images import photo
 from synthetic import blob_detections
 from segpipe.config import ConfigError, SegmentConfig, tile_overlap_pixels, validate
-from segpipe.detections import ImageDetections
-from segpipe.encode import encode_detections, rethreshold
-from segpipe.model import build_model
-from segpipe.predictor import MaskRCNNPredictor
+from segpipe.encode.detections import ImageDetections
+from segpipe.encode.encoder import encode_detections, rethreshold
+from segpipe.model.build import build_model
+from segpipe.model.stage import PredictStage
 from segpipe.schema import RunSettings
-from segpipe.tiles import TileSettings, View, greedy_merge, image_views, merge_views, \
-    tile_windows
+from segpipe.model.tiles import (
+    TileSettings,
+    View,
+    greedy_merge,
+    image_views,
+    merge_views,
+    tile_windows,
+)
 
 
 @pytest.mark.parametrize("height,width,size,ratio", [
@@ -131,7 +137,7 @@ def test_an_object_on_a_seam_is_one_detection_with_the_union_of_its_masks():
 
 def test_an_image_is_ok_only_when_all_its_tiles_are(monkeypatch, checkpoint):
     spec = small_spec()
-    predictor = MaskRCNNPredictor(spec, torch.load(checkpoint, weights_only=True), False,
+    predictor = PredictStage(spec, torch.load(checkpoint, weights_only=True), False,
                                   tiling=TileSettings(128, 25), chunk=3)
     real = predictor._predict_isolated
 
@@ -217,7 +223,7 @@ def test_images_over_pillows_own_limit_decode_up_to_the_runs_limit(monkeypatch):
 
     from PIL import Image
 
-    from segpipe.decode import DecodeError, DecodeLimits, decode_image
+    from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
 
     data = io.BytesIO()
     Image.fromarray(photo("chelsea", 0.3)).save(data, "PNG")   # 135×90 = 12,150 px

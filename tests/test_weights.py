@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import socket
 import threading
 import time
@@ -14,12 +13,15 @@ import torch
 import torchvision
 
 from conftest import served_checkpoint, small_spec
-from segpipe import weights as weights_module
-from segpipe.categories import COCO_TABLE, Category
+from segpipe.model import weights as weights_module
+from segpipe.model.categories import COCO_TABLE, Category
 from segpipe.config import ARCHITECTURES, ConfigError
-from segpipe.model import build_model, checkpoint_architectures, resolve_weights, \
-    state_dict_sha256
-from segpipe.weights import WeightsError, download_checkpoint, hash_prefix, weights_source
+from segpipe.model.build import (
+    checkpoint_architectures,
+    resolve_weights,
+    state_dict_sha256,
+)
+from segpipe.model.weights import WeightsError, download_checkpoint, hash_prefix, weights_source
 
 
 class NotAWeight:

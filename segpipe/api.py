@@ -1,0 +1,306 @@
+"""segpipe from Python: a small typed facade over the commands, in the shape Ray Data teaches.
+
+* ``segment(ds, config)``: a lazy Ray Dataset of prediction rows (``schema.PREDICTION_SCHEMA``)
+  from the datasets Ray's readers make: ``read_images(include_paths=True)`` (decoded pixels),
+  ``read_binary_files(include_paths=True)`` (file bytes), ``read_webdataset`` (a ``jpg``,
+  ``png``... column and ``__key__``) or ``read_parquet`` of a table with an image-bytes column.
+  The same decode, predictor pool and encoders as ``segpipe segment``, the same error rows.
+* ``Predictor``: a callable class for a user's own ``map_batches`` on those columns (loads
+  in ``__init__``, predicts in ``__call__``), rows with readable ``detections``.
+* ``write_predictions(ds, output, config)`` and ``export(output, to, ...)``: a Dataset of
+  predictions into a run folder, and COCO files from it, without the model; results as
+  dataclasses.
+
+``config`` is a ``SegmentConfig`` or a dict of the YAML keys of ``conf/default.yaml``
+(``input`` and ``output`` are not needed). Ray must be initialised, or is, as Ray Data does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+
+from segpipe import schema
+from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.config import ConfigError, SegmentConfig, validate
+from segpipe.io.decode import decode_batch, pixel_column
+from segpipe.model.spec import ModelSpec, TileSettings
+
+ConfigLike = Union[SegmentConfig, Mapping[str, Any], None]
+
+#: Columns Ray's readers give image bytes in (``read_binary_files``; ``read_webdataset``'s
+#: suffixes), tried in this order when ``image_column`` is not one of the batch's columns.
+BYTES_COLUMNS = ("bytes", "jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+#: Columns that name a row: ``include_paths=True``'s ``path``, webdataset's ``__key__``.
+NAME_COLUMNS = ("path", "__key__")
+
+
+def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
+    """``config`` (a ``SegmentConfig``, a dict of YAML keys, or None for the defaults) with
+    ``overrides``, validated; ``ConfigError`` says what to fix."""
+    if isinstance(config, SegmentConfig):
+        result = dataclasses.replace(config, **overrides)
+    else:
+        values = {**dict(config or {}), **overrides}
+        known = {f.name for f in dataclasses.fields(SegmentConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(unknown)}; valid keys are "
+                              f"{', '.join(sorted(known))}")
+        result = SegmentConfig(**values)
+    validate(result, needs_paths=False)
+    return result
+
+
+def _resolve(config: SegmentConfig):
+    from segpipe.model.build import resolve_weights
+    from segpipe.model.categories import load_categories
+
+    categories = load_categories(config.categories) if config.categories else None
+    return resolve_weights(config.weights, ModelSpec.from_config(config), config.seed,
+                           categories)
+
+
+def _names(batch: Mapping[str, np.ndarray], rows: int, data: Optional[list] = None) -> list[str]:
+    for column in NAME_COLUMNS:
+        if column in batch:
+            return [str(v) for v in batch[column]]
+    if data is not None:   # no name: the hash of the bytes, as for Parquet rows without one
+        return [f"#{hashlib.blake2b(bytes(d), digest_size=8).hexdigest()}" for d in data]
+    return [f"#{k}" for k in range(rows)]
+
+
+def _rgb(array: np.ndarray) -> np.ndarray:
+    """A decoded image from Ray's ``read_images`` as ``H×W×3`` uint8 (gray repeated, alpha
+    dropped, as Pillow's conversion to RGB does)."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"pixels of type {array.dtype}, not uint8")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"pixels of shape {array.shape}, not H×W×channels")
+    if array.shape[2] in (1, 2):
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image") -> pa.Table:
+    """One batch of a Ray reader's rows (numpy batch format) as segpipe's rows: decoded rows
+    (``io.decode``'s) for ``read_images``' pixels, source rows with ``data`` for bytes; a row
+    whose image cannot be used becomes an error row, never a failed batch."""
+    from segpipe.io.sources import SOURCE_SCHEMA, image_id_for
+
+    column = image_column if image_column in batch else next(
+        (c for c in ("image", *BYTES_COLUMNS) if c in batch), None)
+    if column is None:
+        raise ValueError(f"no image column among {sorted(batch)}: name it with image_column")
+    values = list(batch[column])
+    if values and isinstance(values[0], np.ndarray) and values[0].dtype != object:
+        names = _names(batch, len(values))
+        pixels: list[Optional[np.ndarray]] = []
+        statuses: list[str] = []
+        errors: list[Optional[str]] = []
+        widths: list[Optional[int]] = []
+        heights: list[Optional[int]] = []
+        for value in values:
+            try:
+                rgb = _rgb(value)
+                pixels.append(rgb)
+                statuses.append(schema.STATUS_OK)
+                errors.append(None)
+                heights.append(rgb.shape[0])
+                widths.append(rgb.shape[1])
+            except ValueError as exc:
+                pixels.append(None)
+                statuses.append(schema.STATUS_ERROR)
+                errors.append(f"decode: {exc}")
+                heights.append(None)
+                widths.append(None)
+        ids = pa.array([image_id_for(n) for n in names], pa.int64())
+        return pa.table({"image_id": ids, "file_name": pa.array(names, pa.string()),
+                         "width": pa.array(widths, pa.int32()),
+                         "height": pa.array(heights, pa.int32()),
+                         "status": pa.array(statuses, pa.string()),
+                         "error": pa.array(errors, pa.string()),
+                         schema.PIXELS: pixel_column(pixels)})
+    data = [bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else None for v in values]
+    names = _names(batch, len(values), [d or b"" for d in data])
+    return pa.table({
+        "image_id": pa.array([image_id_for(n) for n in names], pa.int64()),
+        "file_name": pa.array(names, pa.string()),
+        "path": pa.array([None] * len(names), pa.string()),
+        "size": pa.array([len(d) if d is not None else 0 for d in data], pa.int64()),
+        "data": pa.array(data, pa.large_binary()),
+        "source_error": pa.array([None if d is not None else
+                                  f"the {column} column holds no image bytes" for d in data],
+                                 pa.string()),
+    }, schema=SOURCE_SCHEMA)
+
+
+def _decoded(batch: Mapping[str, np.ndarray], image_column: str, config: SegmentConfig) -> pa.Table:
+    from segpipe.commands.segment import decode_limits
+
+    rows = source_rows(batch, image_column)
+    if schema.PIXELS in rows.column_names:
+        return rows
+    return decode_batch(rows, ".", decode_limits(config))
+
+
+def segment(ds, config: ConfigLike = None, image_column: str = "image", **overrides: Any):
+    """``ds`` (rows of a Ray reader) segmented: a lazy ``ray.data.Dataset`` with one row per
+    input row in ``schema.PREDICTION_SCHEMA`` (``image_id``, ``file_name``, ``width``,
+    ``height``, ``status``, ``error``, ``detections``), made by the same stages as
+    ``segpipe segment``. ``file_name`` is the row's ``path`` (or webdataset ``__key__``).
+    The weights are loaded here, once, and shipped to the predictor actors."""
+    import ray
+
+    from segpipe.cluster.plan import plan_stages
+    from segpipe.cluster.shape import read_cluster_shape
+    from segpipe.commands.segment import images_per_block, predict_and_encode
+
+    config = as_config(config, **overrides)
+    weights = _resolve(config)
+    if not ray.is_initialized():
+        ray.init()
+    # Ray's readers run tasks of one CPU each; decoding joins them (Ray Data fuses the two),
+    # and the plan leaves that CPU free beside the predictors, or the read would never start
+    plan = plan_stages(config, read_cluster_shape(), read_cpus=1.0)
+    decoded = ds.map_batches(_decoded, batch_format="numpy", batch_size=images_per_block(config),
+                             fn_kwargs={"image_column": image_column, "config": config},
+                             num_cpus=plan.decode_cpus)
+    return predict_and_encode(decoded, config, plan, weights.spec, ray.put(weights.state_dict),
+                              weights.categories, soft_mask_dtype=config.soft_mask_dtype)
+
+
+class Predictor:
+    """Mask R-CNN (or a box-only detector) as a callable class for your own ``map_batches``::
+
+        ds.map_batches(segpipe.Predictor, fn_constructor_kwargs={"config": {...}},
+                       batch_size=4, compute=ray.data.ActorPoolStrategy(size=2))
+
+    It takes the columns Ray's readers make (``image`` pixels from ``read_images``, or image
+    bytes: ``bytes``, ``jpg``, ``png``..., or ``image_column``), keeps every input column,
+    and adds ``image_id``, ``file_name``, ``width``, ``height``, ``status``, ``error`` and
+    ``detections`` (a list per row of ``{category_id, category_name, score, bbox [x, y, w,
+    h], area, segmentation}`` dicts, COCO RLE masks), exactly as ``segpipe segment`` makes
+    them. Weights load in ``__init__``, once per actor (a checkpoint path must be readable
+    where the actors run).
+    """
+
+    def __init__(self, config: ConfigLike = None, image_column: str = "image",
+                 use_gpu: Optional[bool] = None, **overrides: Any):
+        import torch
+
+        from segpipe.encode.encoder import MaskEncoder
+        from segpipe.model.stage import PredictStage
+
+        self.config = as_config(config, **overrides)
+        self.image_column = image_column
+        weights = _resolve(self.config)
+        if use_gpu is None:
+            use_gpu = torch.cuda.is_available() and self.config.num_gpus != 0
+        self._predict = PredictStage(weights.spec, weights.state_dict, use_gpu,
+                                     self.config.precision, self.config.torch_threads,
+                                     canvas=self.config.batch_canvas,
+                                     tiling=TileSettings.from_config(self.config),
+                                     chunk=self.config.batch_size)
+        self._encode = MaskEncoder(self.config.mask_threshold, keep_soft_masks=False,
+                                   categories=weights.categories)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = self._encode(self._predict(_decoded(batch, self.image_column, self.config)))
+        out = dict(batch)
+        for name in ("image_id", "file_name", "width", "height", "status", "error"):
+            out[name] = rows.column(name).to_numpy(zero_copy_only=False)
+        detections = rows.column("detections").to_pylist()
+        out["detections"] = np.array(
+            [[{k: d[k] for k in ("category_id", "category_name", "score", "bbox", "area",
+                                 "segmentation")} for d in (dets or [])] for dets in detections]
+            + [None], dtype=object)[:-1]
+        return out
+
+
+def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file: int = 1000,
+                      **overrides: Any) -> str:
+    """Write a Dataset made by ``segment`` (with the same ``config``) into ``output`` as a run
+    folder: ``predictions/`` with the run settings in every file and the ledger of what was
+    committed, so that ``export``, ``segpipe eval`` and ``segpipe render`` read it as they
+    read a ``segpipe segment`` OUTPUT. Returns the predictions folder. The rules of OUTPUT
+    hold: a folder holding an earlier run is refused unless ``overwrite=True``."""
+    import posixpath
+
+    from segpipe.commands.segment import run_settings
+    from segpipe.io import lease, ownership, run_folder, sinks
+
+    config = as_config(config, **overrides)
+    weights = _resolve(config)
+    settings = run_settings(config, weights)
+    complete, temporary = run_folder.check_output(output, overwrite=config.overwrite)
+    run_folder.create_folder(output, "OUTPUT")
+    ownership.mark_folder(output, "segment")
+    held = lease.acquire(output)   # one writer per OUTPUT, as for segpipe segment
+    try:
+        directory = run_folder.predictions_dir(output)
+        ownership.remove(directory, complete + temporary)
+        ownership.record_written(directory, [], whole=True)
+        ds.write_datasink(sinks.PredictionSink(directory, rows_per_file, settings, output,
+                                               held.run_id))
+        ownership.record_written(directory, [posixpath.basename(p) for p in
+                                             run_folder.prediction_files(directory)],
+                                 whole=True)
+    finally:
+        held.release()
+    return directory
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` wrote: the COCO files, what went in and what was left out, and how fast."""
+
+    instances: str
+    results: str
+    counts: ExportCounts
+    seconds: float
+    detections_per_s: Optional[float]
+    left_out: list[tuple[int, str]] = field(default_factory=list)
+
+
+def export(output: str, to: str, score_threshold: float = 0.5,
+           mask_threshold: Optional[float] = None, classes: Optional[str] = None,
+           max_per_image: Optional[int] = None, min_area: int = 1, polygons: bool = False,
+           instances_bbox: str = "mask", address: Optional[str] = None) -> ExportResult:
+    """COCO ``instances.json`` and ``results.json`` in ``to`` from the run folder ``output``
+    (a ``segpipe segment`` OUTPUT, or ``write_predictions``'), at these thresholds, without
+    the model: ``segpipe export``'s options, checked the same way (``ConfigError``)."""
+    from segpipe.commands.export import check_export, check_export_target, run_export
+    from segpipe.io import storage
+
+    options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
+                            max_per_image=max_per_image, min_area=min_area, polygons=polygons,
+                            instances_bbox=instances_bbox)
+    checked = check_export(output, options, classes)
+    check_export_target(to)
+    start = time.perf_counter()
+    summary = run_export(output, to, checked.options, address=address, checked=checked)
+    counts = ExportCounts(**summary["counts"])
+    return ExportResult(storage.join(to, "instances.json"), storage.join(to, "results.json"),
+                        counts, round(time.perf_counter() - start, 3),
+                        summary["detections_per_s"], counts.left_out())
+
+
+def to_coco(ds, to: str, config: ConfigLike = None, score_threshold: float = 0.5,
+            **overrides: Any) -> ExportResult:
+    """A Dataset made by ``segment`` as COCO files in ``to``: its predictions are written to
+    ``to/run/`` (``write_predictions``, kept for re-export at other thresholds) and exported
+    from there."""
+    from segpipe.io import storage
+
+    run = storage.join(to.rstrip("/"), "run")
+    write_predictions(ds, run, config, **overrides)
+    return export(run, to, score_threshold=score_threshold)

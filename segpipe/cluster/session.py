@@ -1,0 +1,37 @@
+"""Join a Ray cluster, or start a local Ray, for one command, and leave Ray as found."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str]) -> Iterator[None]:
+    """Join ``address`` (or ``RAY_ADDRESS``), else start a local Ray; leave it as found.
+
+    Ray puts the driver's current folder on its workers' import path; started from a folder
+    that holds a clone named ``segpipe`` (no ``__init__.py`` at its top), the workers would
+    import that folder as a namespace package instead of segpipe. So the folder the driver
+    imported segpipe from goes on their path too, where a regular package wins over a
+    namespace one whatever the order: no command depends on the folder it is started from."""
+    import ray
+    from ray.job_config import JobConfig
+
+    if ray.is_initialized():
+        yield
+        return
+    # the folder holding the segpipe package this module is part of
+    job_config = JobConfig(_py_driver_sys_path=[os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))])
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        ray.init(address=target, log_to_driver=True, job_config=job_config)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
+                 job_config=job_config)
+    try:
+        yield
+    finally:
+        ray.shutdown()

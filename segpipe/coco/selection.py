@@ -1,0 +1,147 @@
+"""Choose the detections a COCO file gets: thresholds, classes, limits, areas; count what is left out and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+from segpipe import schema
+from segpipe.coco.polygons import mask_polygons
+
+
+@dataclass
+class ExportOptions:
+    """Which detections go into the COCO files, and how their masks are made."""
+
+    score_threshold: float
+    mask_threshold: Optional[float] = None   # None: the run's own masks, as stored
+    classes: Optional[frozenset[int]] = None  # category ids to keep; None: all
+    max_per_image: Optional[int] = None      # highest-scoring N per image, after other filters
+    min_area: int = 1                        # masks with fewer pixels are left out
+    polygons: bool = False                   # polygon segmentations instead of RLE
+    instances_bbox: str = "mask"             # instances.json bbox: "mask" (the tight box of the
+                                             # written mask, as COCO ground truth has it) or
+                                             # "model" (the predicted box)
+
+    def repastes_masks(self, settings: schema.RunSettings) -> bool:
+        """Whether masks are made anew from the stored soft masks (a new mask threshold)."""
+        return self.mask_threshold is not None and self.mask_threshold != settings.mask_threshold
+
+
+@dataclass
+class ExportCounts:
+    """What an export read, wrote and left out (each detection is counted once, first reason)."""
+
+    images: int = 0
+    ok: int = 0
+    errors: int = 0
+    detections: int = 0                 # stored detections (>= the run's score floor)
+    annotations: int = 0                # written to both COCO files
+    below_threshold: int = 0
+    other_classes_left_out: int = 0     # not in --classes
+    unknown_category_left_out: int = 0  # a label without a category (COCO's id gaps, "N/A")
+    empty_masks_left_out: int = 0       # no pixel above the mask threshold
+    small_masks_left_out: int = 0       # fewer pixels than min_area
+    no_polygon_left_out: int = 0        # --polygons: no polygon (never for a non-empty mask)
+    over_max_per_image: int = 0
+    masks_with_holes: int = 0           # --polygons: masks with holes (kept by keyhole rings)
+    per_category: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "ExportCounts") -> None:
+        """Add ``other``'s detection counts (an export of more files) to these."""
+        for name, value in asdict(other).items():
+            if isinstance(value, int) and name not in ("images", "ok", "errors"):
+                setattr(self, name, getattr(self, name) + value)
+
+    def left_out(self) -> list[tuple[int, str]]:
+        """``(count, reason)`` for every reason that left detections out, in selection order."""
+        reasons = [
+            (self.below_threshold, "below the score threshold"),
+            (self.other_classes_left_out, "of classes not asked for (--classes)"),
+            (self.unknown_category_left_out, "with labels that are no category ('N/A')"),
+            (self.empty_masks_left_out, "with empty masks at the mask threshold"),
+            (self.small_masks_left_out, "smaller than --min-area"),
+            (self.over_max_per_image, "over --max-per-image"),
+            (self.no_polygon_left_out, "without a polygon of 3+ points (--polygons)"),
+        ]
+        return [(n, reason) for n, reason in reasons if n]
+
+
+def select_detections(row: dict, options: ExportOptions, settings: schema.RunSettings,
+                      counts: ExportCounts) -> list[dict]:
+    """The detections of one ok row that go into the COCO files, with their final masks.
+
+    Applies, in order: score threshold, class filter, the run's categories, new mask
+    threshold, empty and small masks, ``max_per_image`` (highest scores first), then polygons.
+    Box-only detections (no segmentation) get COCO's box-only ``area``, the box's.
+    """
+    kept = []
+    category_ids = settings.categories.ids
+    rethreshold_masks = options.repastes_masks(settings)
+    for det in row["detections"] or []:
+        counts.detections += 1
+        if det["score"] < options.score_threshold:
+            counts.below_threshold += 1
+            continue
+        if options.classes is not None and det["category_id"] not in options.classes:
+            counts.other_classes_left_out += 1
+            continue
+        if det["category_id"] not in category_ids:
+            counts.unknown_category_left_out += 1
+            continue
+        kept.append(det if det["segmentation"] is not None else
+                    {**det, "area": box_area(det["bbox"])})
+    if rethreshold_masks:   # every mask of the image in one compiled pass
+        from segpipe.encode.encoder import rethreshold
+
+        with_masks = [k for k, det in enumerate(kept) if det["segmentation"] is not None]
+        new_masks = rethreshold([kept[k] for k in with_masks], row["height"], row["width"],
+                                options.mask_threshold, settings.soft_mask_dtype)
+        for k, (area, segmentation) in zip(with_masks, new_masks):
+            kept[k] = {**kept[k], "area": area, "segmentation": segmentation}
+    chosen = []
+    for det in kept:
+        if det["segmentation"] is not None and det["area"] == 0:
+            counts.empty_masks_left_out += 1
+        elif det["area"] < options.min_area:
+            counts.small_masks_left_out += 1
+        else:
+            chosen.append(det)
+    kept = chosen
+    if options.max_per_image is not None and len(kept) > options.max_per_image:
+        kept.sort(key=lambda d: -d["score"])
+        counts.over_max_per_image += len(kept) - options.max_per_image
+        kept = kept[:options.max_per_image]
+    if options.polygons:
+        for det in kept:
+            if det["segmentation"] is not None:
+                det["segmentation"], holes = mask_polygons(det["segmentation"])
+                counts.masks_with_holes += holes
+        counts.no_polygon_left_out += sum(1 for det in kept if det["segmentation"] == [])
+        kept = [det for det in kept if det["segmentation"] != []]
+    return kept
+
+
+def box_area(bbox: list[float]) -> float:
+    """COCO's ``area`` of a box-only annotation: the box's width × height."""
+    return float(bbox[2]) * float(bbox[3])
+
+
+def mask_boxes_and_areas(detections: list[dict], height: int,
+                         width: int) -> list[tuple[Optional[list[float]], Optional[int]]]:
+    """The tight ``[x, y, w, h]`` box and pixel count of each detection's segmentation as
+    pycocotools rasterises it: for RLE the stored ``area`` (the mask's pixels) and one
+    ``toBbox`` call for the image's masks; polygons are rasterised. ``(None, None)`` for
+    box-only detections."""
+    from pycocotools import mask as mask_utils
+
+    out: list[tuple[Optional[list[float]], Optional[int]]] = [(None, None)] * len(detections)
+    rle_at = [k for k, d in enumerate(detections) if isinstance(d["segmentation"], dict)]
+    if rle_at:
+        boxes = mask_utils.toBbox([detections[k]["segmentation"] for k in rle_at]).tolist()
+        for k, box in zip(rle_at, boxes):
+            out[k] = (box, detections[k]["area"])
+    for k, det in enumerate(detections):
+        if isinstance(det["segmentation"], list):
+            rle = mask_utils.merge(mask_utils.frPyObjects(det["segmentation"], height, width))
+            out[k] = ([float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle)))
+    return out

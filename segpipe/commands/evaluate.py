@@ -1,0 +1,74 @@
+"""``segpipe eval``: COCO AP of a run's predictions against a ground-truth file; writes ``eval.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Optional
+from pycocotools.coco import COCO
+from segpipe.io import run_folder, ownership, storage
+from segpipe.config import ConfigError
+from segpipe.io.run_folder import existing_predictions, read_run_settings
+from segpipe.coco.evaluate import IOU_TYPES, collect_results, crowd_regions, evaluate, match_categories, match_images
+
+
+EVAL_JSON = "eval.json"
+
+
+def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
+             iou_types: Optional[tuple[str, ...]] = None, crowd_as_objects: bool = False) -> dict:
+    """Evaluate ``output/predictions`` against ``gt_path``; write and return ``output/eval.json``.
+
+    ``iou_types`` defaults to segm and bbox (bbox alone for a box-only run; asking a box-only
+    run for segm is a ``ConfigError``). ``crowd_as_objects`` evaluates ``iscrowd=1`` ground
+    truth as ordinary objects.
+    """
+    predictions_dir = existing_predictions(output)
+    settings = read_run_settings(predictions_dir)
+    if settings is None:
+        raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
+    run_folder.check_folder_target(output, "OUTPUT", " (eval writes eval.json into it)")
+    ownership.check_replaceable(output, [EVAL_JSON])
+    if iou_types is None:
+        iou_types = IOU_TYPES if settings.model.has_masks else ("bbox",)
+    if "segm" in iou_types and not settings.model.has_masks:
+        raise ConfigError(f"--iou-type segm needs masks, but this run's detector "
+                          f"({settings.model.arch}) finds boxes only; use --iou-type bbox")
+    floor = settings.model.score_floor
+    threshold = floor if score_threshold is None else score_threshold
+    if threshold < floor:
+        raise ConfigError(f"score threshold {threshold} is below the stored score floor {floor}")
+    fs, gt_file = storage.resolve(gt_path)
+    try:
+        gt_json = json.loads(storage.read_bytes(fs, gt_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read ground truth {gt_path}: {exc}") from None
+    if not isinstance(gt_json, dict) or not {"images", "annotations", "categories"} <= set(gt_json):
+        raise ConfigError(f"{gt_path} is not a COCO instances file (images, annotations, categories)")
+    crowd_message = crowd_regions(gt_json, crowd_as_objects)
+    categories = match_categories(gt_json["categories"], settings.categories)
+    images = match_images(gt_json["images"], predictions_dir)
+    gt = COCO()
+    gt.dataset = gt_json
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    results = collect_results(predictions_dir, images, categories, threshold, settings)
+    report: dict = {}
+    tables = {}
+    image_ids = sorted(images.pred_by_gt)
+    for iou_type in iou_types:
+        report[iou_type], tables[iou_type] = evaluate(gt, results, image_ids, iou_type)
+    report["matching"] = {
+        "categories": categories.how, "category_message": categories.message,
+        "crowd_message": crowd_message,
+        "images_evaluated": len(image_ids), "ground_truth_images": len(gt_json["images"]),
+        "not_predicted": images.not_predicted, "failed": images.failed,
+        "size_mismatch": images.size_mismatch,
+    }
+    report["iou_types"] = list(iou_types)
+    report["score_threshold"] = threshold
+    report["detections"] = len(results)
+    report["tables"] = tables
+    ownership.write_json(output, EVAL_JSON, report)
+    return report

@@ -1,0 +1,387 @@
+"""The segment job: wire sources → decode → predictor pool → encode → Parquet on Ray Data.
+
+``run_segment`` takes what ``preflight.check_segment`` found (config, input, output, weights
+and categories files, checked before torch or Ray), resolves the weights and their classes,
+runs the Ray Data pipeline, then writes the COCO files and the run manifest from what landed
+in ``predictions/`` and checks that every listed input came out exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import signal
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional
+import pyarrow as pa
+import ray
+from segpipe.io import run_folder, ownership, sinks, sources, storage
+from segpipe.commands import report
+from segpipe import schema
+from segpipe.cluster.shape import ClusterWatch, read_cluster_shape
+from segpipe.cluster.session import ray_session
+from segpipe.model.categories import COCO_TABLE, CategoryTable
+from segpipe.config import ConfigError, SegmentConfig
+from segpipe.model.spec import ModelSpec
+from segpipe.io.decode import DecodeLimits, decode_batch
+from segpipe.encode.encoder import MaskEncoder
+from segpipe.coco.selection import ExportOptions
+from segpipe.coco.writer import coco_info, export_coco
+from segpipe.io.predictions import read_image_table
+from segpipe.model.build import ResolvedWeights, resolve_weights
+from segpipe.model.faults import FaultInjection
+from segpipe.model.stage import PredictStage
+from segpipe.commands.preflight import CheckedRun, check_segment
+from segpipe.io.lease import Lease, acquire as acquire_lease
+from segpipe.progress import Progress, RunMonitor
+from segpipe.schema import RunSettings
+from segpipe.model.spec import TileSettings
+from segpipe.cluster.plan import DECODE_BATCH, StagePlan, fit_pool_to_work, plan_stages
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_progress_bars(enabled: bool) -> Iterator[None]:
+    """Ray Data's own progress bars on or off while the block runs, as they were after."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = enabled
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[threading.Event]:
+    """Record Ctrl-C (SIGINT) while the block runs, besides raising ``KeyboardInterrupt`` as
+    usual: a KeyboardInterrupt raised inside Ray's code can be caught there, and the run must
+    still stop before it writes coco/ and run.json as if nothing happened."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        flag.set()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare_output(config: SegmentConfig,
+                   settings: RunSettings) -> tuple[str, set[int], RunSettings]:
+    """Return the predictions folder, the ids of the images already done in it, and the
+    settings this run writes with.
+
+    A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``
+    (segpipe's own files only: ``run_folder.check_output`` refuses anything else).
+    With ``resume`` the complete files of an earlier run are kept (their images are skipped)
+    after checking that they were made with the same settings; a run made before soft masks
+    were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover
+    temporary files of a killed run are removed.
+    """
+    predictions_dir = run_folder.predictions_dir(config.output)
+    # segpipe's own files only (ownership): anything else there is refused, not removed
+    complete, temporary = run_folder.check_output(config.output, config.resume, config.overwrite)
+    ownership.remove(predictions_dir, temporary)
+    if config.resume:
+        earlier, done = run_folder.read_written(predictions_dir)
+        if earlier is not None and earlier.soft_mask_dtype == schema.SOFT_MASK_DTYPE_BEFORE:
+            settings = replace(settings, soft_mask_dtype=earlier.soft_mask_dtype)
+        differences = settings.differences(earlier) if earlier is not None else []
+        if differences:
+            raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
+                              f"other settings ({', '.join(differences)}); resume with the "
+                              "same settings, or use --overwrite")
+        return predictions_dir, done, settings
+    ownership.remove(predictions_dir, complete)
+    ownership.record_written(predictions_dir, [], whole=True)   # what this run commits: none yet
+    return predictions_dir, set(), settings
+
+
+def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
+    if not config.fault_kill_after_batches:
+        return None
+    return FaultInjection(config.fault_kill_after_batches,
+                          storage.join(config.output.rstrip("/"), ".fault-injected"))
+
+
+def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional[pa.Table],
+                   done: frozenset[int], cpus: float,
+                   monitor: Optional[Any] = None) -> ray.data.Dataset:
+    """Rows of ``sources.SOURCE_SCHEMA`` (or the listing) for the images still to segment;
+    ``checked`` holds what the preflight checks listed (the shards or tables to read).
+
+    Reading shards or tables runs in tasks of ``cpus`` CPUs each, the decode stage's share:
+    Ray's default of one CPU may not be free while the predictors hold the rest. Tar shards
+    are read by segpipe's own stage (``sources.read_tar_shards``) so that a damaged shard
+    costs only its own unreadable part; ``monitor`` counts the members it skips.
+    """
+    if checked.input_format == "files":
+        return ray.data.from_arrow(sources.split_listing(listing))
+    paths = ray.data.from_arrow([pa.table({"path": [path]}) for path in checked.tables])
+    if checked.input_format == "tar":
+        return paths.map_batches(sources.read_tar_shards, batch_size=1,
+                                 fn_kwargs={"input_uri": config.input, "root": checked.root,
+                                            "done": done, "monitor": monitor},
+                                 batch_format="pyarrow", num_cpus=cpus)
+    return paths.map_batches(sources.read_image_tables, batch_size=1,
+                             fn_kwargs={"input_uri": config.input, "root": checked.root,
+                                        "image_column": config.image_column,
+                                        "name_column": config.name_column, "done": done},
+                             batch_format="pyarrow", num_cpus=cpus)
+
+
+def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
+                  spec: ModelSpec, weights_ref, categories: CategoryTable = COCO_TABLE,
+                  monitor: Optional[Any] = None,
+                  soft_mask_dtype: str = schema.SOFT_MASK_DTYPE) -> ray.data.Dataset:
+    """The lazy Ray Dataset from source rows to ``schema.PREDICTION_SCHEMA`` rows.
+
+    ``categories`` maps the model's labels to the run's categories (default: COCO's);
+    ``monitor`` is a ``RunMonitor`` actor: encoders report finished images to it, predictors
+    the device they run on; soft masks are stored as ``soft_mask_dtype``.
+    """
+    ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input,
+                                                     "limits": decode_limits(config)},
+                            batch_size=images_per_block(config), batch_format="pyarrow",
+                            num_cpus=plan.decode_cpus)
+    return predict_and_encode(ds, config, plan, spec, weights_ref, categories, monitor,
+                              soft_mask_dtype)
+
+
+def decode_limits(config: SegmentConfig) -> DecodeLimits:
+    return DecodeLimits(config.max_image_pixels, config.max_image_bytes)
+
+
+def images_per_block(config: SegmentConfig) -> int:
+    """Images per decode or encode call: one with tiles (a huge image never shares a block),
+    else ``DECODE_BATCH``."""
+    return 1 if TileSettings.from_config(config) else DECODE_BATCH
+
+
+def predict_and_encode(decoded: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,
+                       spec: ModelSpec, weights_ref, categories: CategoryTable = COCO_TABLE,
+                       monitor: Optional[Any] = None,
+                       soft_mask_dtype: str = schema.SOFT_MASK_DTYPE) -> ray.data.Dataset:
+    """Decoded rows (``io.decode``'s) to ``schema.PREDICTION_SCHEMA`` rows: the predictor
+    actor pool, then the encoders (see ``build_dataset``)."""
+    tiling = TileSettings.from_config(config)
+    # with tiles, one image per call (its tiles make full forward passes on their own)
+    images_per_call = 1 if tiling else config.batch_size
+    ds = decoded.map_batches(
+        PredictStage,
+        fn_constructor_kwargs={"spec": spec, "weights": weights_ref, "use_gpu": plan.num_gpus > 0,
+                               "precision": config.precision, "torch_threads": plan.torch_threads,
+                               "fault": fault_injection(config), "canvas": config.batch_canvas,
+                               "monitor": monitor, "tiling": tiling,
+                               "chunk": config.batch_size},
+        batch_size=images_per_call,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=plan.min_actors, max_size=plan.max_actors,
+            **({"max_concurrent_calls_per_actor": config.predictor_threads,
+                "enable_true_multi_threading": True} if config.predictor_threads > 1 else {})),
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.cpus_per_actor,
+    )
+    return ds.map_batches(
+        MaskEncoder,
+        fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
+                               "keep_soft_masks": config.soft_masks,
+                               "categories": categories, "monitor": monitor,
+                               "soft_mask_dtype": soft_mask_dtype},
+        batch_size=images_per_block(config), batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
+        num_cpus=plan.encode_cpus)
+
+
+def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings:
+    """What the predictions of this run depend on (recorded in every Parquet file)."""
+    return RunSettings(model=weights.spec, weights_sha256=weights.sha256,
+                       mask_threshold=config.mask_threshold, soft_masks=config.soft_masks,
+                       categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype,
+                       tiles=TileSettings.from_config(config))
+
+
+def stage_before_first_image(started: int, actors: int) -> str:
+    """What a run is doing before its first image is done, from the predictor actors that
+    have started (each loads the model in its ``__init__``)."""
+    if started < actors:
+        return f"starting predictor actors and loading the model ({started} of {actors} ready)"
+    return "predicting the first batch"
+
+
+@contextlib.contextmanager
+def watching(monitor: Optional[Any], progress: Progress, period_s: float = 1.0,
+             actors: int = 1) -> Iterator[None]:
+    """While the block runs, update ``progress`` from the ``RunMonitor`` actor ``monitor``;
+    until the first image is done, say which stage the run is in (``actors``: how many
+    predictor actors it starts with)."""
+    if monitor is None:
+        yield
+        return
+    stop = threading.Event()
+    progress.set_stage(stage_before_first_image(0, actors))
+
+    def poll() -> None:
+        while not stop.wait(period_s):
+            with contextlib.suppress(Exception):  # a slow answer only delays the next line
+                done, failed = ray.get(monitor.totals.remote(), timeout=10)
+                if not done + failed:
+                    started = len(ray.get(monitor.starts.remote(), timeout=10))
+                    progress.set_stage(stage_before_first_image(started, actors))
+                progress.update(done, failed)
+
+    thread = threading.Thread(target=poll, name="segpipe-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            progress.update(*ray.get(monitor.totals.remote(), timeout=10))
+        progress.close()
+
+
+@dataclass
+class PreparedRun:
+    """A run whose weights are loaded and whose OUTPUT is ready: all that remains is the work."""
+
+    config: SegmentConfig
+    checked: CheckedRun
+    weights: ResolvedWeights
+    settings: RunSettings
+    predictions_dir: str
+    done: set[int]
+    timer: report.Timer
+    lease: Lease
+
+
+def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> PreparedRun:
+    """Load the weights and their classes, check them against the categories file and any
+    earlier run to resume, then create OUTPUT. Raises ``ConfigError`` before anything is
+    written. ``checked`` is ``preflight.check_segment(config)`` when the caller ran it."""
+    checked = checked or check_segment(config)
+    timer = report.Timer()
+    timer.seconds["checks"] = checked.seconds
+    with timer("weights"):
+        weights = resolve_weights(checked.weights, ModelSpec.from_config(config), config.seed,
+                                  checked.categories, show_progress=config.progress)
+    settings = run_settings(config, weights)
+    run_folder.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
+    ownership.mark_folder(config.output, "segment")
+    lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
+    try:
+        predictions_dir, done, settings = prepare_output(config, settings)
+    except BaseException:
+        lease.release()
+        raise
+    return PreparedRun(config, checked, weights, settings, predictions_dir, done, timer, lease)
+
+
+def run_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> report.RunReport:
+    """Run the segment job described by ``config``; return its report (also in run.json)."""
+    return execute_run(prepare_run(config, checked))
+
+
+def execute_run(prepared: PreparedRun) -> report.RunReport:
+    """Segment the images still to do on Ray, then write coco/ and run.json; OUTPUT's lease
+    is renewed meanwhile and released at the end, whatever happens."""
+    prepared.lease.start_renewing()
+    try:
+        return _segment_then_write(prepared)
+    finally:
+        prepared.lease.release()
+
+
+def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
+    config, weights, timer = prepared.config, prepared.weights, prepared.timer
+    settings, predictions_dir, done = prepared.settings, prepared.predictions_dir, prepared.done
+    for warning in weights.warnings:
+        log.warning("%s", warning)
+    input_format, listing = prepared.checked.input_format, prepared.checked.listing
+    for reason, paths in prepared.checked.skipped.items():
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        log.info("INPUT: left out %d %s: %s", len(paths), reason, shown)
+    if done:
+        log.info("resuming: %d images already in predictions/", len(done))
+    todo = listing
+    if listing is not None:
+        todo = listing.filter(pa.array([i not in done for i in listing.column("image_id").to_pylist()]))
+        log.info("%d images to segment under %s", todo.num_rows, config.input)
+    else:
+        log.info("segmenting the images in the %s input %s", input_format, config.input)
+
+    cluster: dict = {"address": config.address or os.environ.get("RAY_ADDRESS") or "local"}
+    reading: dict = {"skipped": {}, "cut_short": []}
+    if todo is None or todo.num_rows:
+        with ray_session(config.address), interrupt_flag() as interrupted, \
+                ray_progress_bars(False):   # segpipe shows one line of its own (progress.py)
+            shape = read_cluster_shape()
+            plan = plan_stages(config, shape)
+            if todo is not None:   # no more actors than the work has batches for
+                plan = fit_pool_to_work(plan, todo.num_rows, config)
+            for note in plan.notes:
+                log.info("%s", note)
+            monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
+            progress = Progress("segment", todo.num_rows if todo is not None else None,
+                                enabled=config.progress)
+            growth = ClusterWatch()
+            with timer("pipeline"), watching(monitor if config.progress else None, progress,
+                                             actors=plan.min_actors), growth.running():
+                weights_ref = ray.put(weights.state_dict)
+                source = source_dataset(config, prepared.checked, todo, frozenset(done),
+                                        plan.decode_cpus, monitor)
+                dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
+                                        weights.categories, monitor, settings.soft_mask_dtype)
+                dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
+                                                            settings, config.output,
+                                                            prepared.lease.run_id),
+                                       ray_remote_args={"num_cpus": plan.write_cpus})
+            for reason, count in ray.get(monitor.skipped.remote(), timeout=30).items():
+                reading["skipped"][reason] = count
+                log.info("INPUT: left out %d %s", count, reason)
+            cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
+                                      if k in ("CPU", "GPU", "memory")},
+                           stages=plan.as_dict(),
+                           predictors=ray.get(monitor.devices.remote(), timeout=30),
+                           **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
+
+        if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
+            raise KeyboardInterrupt
+    with timer("export"):
+        # the files the run committed, for every reader to check predictions/ against
+        ownership.record_written(predictions_dir, [posixpath.basename(p) for p in
+                                                   run_folder.prediction_files(predictions_dir)],
+                                 whole=True)
+        images = read_image_table(predictions_dir)
+        accounting = report.account_for_inputs(listing, images)
+        reading["cut_short"] = report.cut_short(images)
+        info = coco_info("segpipe predictions", {"arch": config.arch,
+                                                 "weights": weights.identity()})
+        counts = export_coco(predictions_dir, run_folder.coco_dir(config.output),
+                             ExportOptions(score_threshold=config.score_threshold),
+                             settings, info, images, show_progress=config.progress)
+    run_report = report.RunReport(config=config, weights=weights.identity(), cluster=cluster,
+                                  counts=counts, accounting=accounting,
+                                  errors=report.error_summary(images), timings=timer.seconds,
+                                  processed=images.num_rows - len(done), resumed_from=len(done),
+                                  categories=weights.categories.coco_json(),
+                                  input_skipped=prepared.checked.skipped, reading=reading)
+    report.write_manifest(run_report, config.output)
+    return run_report

@@ -1,0 +1,84 @@
+"""The detections of one image as the predictor hands them to the encode stage.
+
+``ImageDetections`` holds them on the host; ``pack_detections`` turns a batch of them into the
+predictor's output rows (raw array bytes per image, ``schema``'s inter-stage columns) and
+``unpack_detections`` reads one row back. No torch here: the encode stage runs without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+import numpy as np
+import pyarrow as pa
+from segpipe import schema
+
+
+@dataclass
+class ImageDetections:
+    """The detections of one image, on the host.
+
+    Untiled, each row is a detection in original image pixels. A tiled image's rows are the
+    *parts* of its merged detections (``tiles.merge_views``): ``boxes`` in the pixels of the
+    part's view, ``windows`` the view's ``x0 y0 x1 y1`` in the image, ``groups`` the merged
+    detection each part belongs to (non-decreasing; each detection's best part first).
+    """
+
+    labels: np.ndarray      # int32[N], the model's labels (CategoryTable maps them)
+    scores: np.ndarray      # float32[N]
+    boxes: np.ndarray       # float32[N, 4], x1 y1 x2 y2
+    soft_masks: np.ndarray  # float32[N, M, M], mask probabilities for the predicted label;
+                            # float32[N, 0, 0] for box-only detectors
+    windows: Optional[np.ndarray] = None  # int32[N, 4] for tiled images
+    groups: Optional[np.ndarray] = None   # int32[N] for tiled images
+
+    @property
+    def has_masks(self) -> bool:
+        return self.soft_masks.shape[-1] > 0
+
+    @property
+    def tiled(self) -> bool:
+        return self.groups is not None
+
+
+def group_bounds(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` of each merged detection's parts in non-decreasing ``groups``."""
+    starts = np.flatnonzero(np.diff(np.asarray(groups), prepend=-1))
+    return starts, np.append(starts[1:], len(groups)).astype(np.int64)
+
+
+def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[str]],
+                    results: list[Optional[ImageDetections]]) -> pa.Table:
+    """Build the predictor's output rows: per image, the detection arrays as raw bytes."""
+    def packed(attr: str) -> pa.Array:
+        return pa.array([getattr(r, attr).tobytes() if r is not None and getattr(r, attr)
+                         is not None else b"" for r in results], pa.binary())
+
+    return pa.table({
+        **schema.image_columns(batch, statuses, errors),
+        schema.NUM_DETECTIONS: pa.array([len(r.scores) if r is not None else 0 for r in results],
+                                        pa.int32()),
+        schema.MASK_SIZE: pa.array([r.soft_masks.shape[-1] if r is not None else 0
+                                    for r in results], pa.int32()),
+        schema.LABELS: packed("labels"),
+        schema.SCORES: packed("scores"),
+        schema.BOXES: packed("boxes"),
+        schema.SOFT_MASKS: packed("soft_masks"),
+        schema.TILED: pa.array([r is not None and r.tiled for r in results], pa.bool_()),
+        schema.WINDOWS: packed("windows"),
+        schema.GROUPS: packed("groups"),
+    })
+
+
+def unpack_detections(row: dict) -> ImageDetections:
+    """Inverse of ``pack_detections`` for one row (a dict of column values)."""
+    n, m = row[schema.NUM_DETECTIONS], row[schema.MASK_SIZE]
+    tiled = row.get(schema.TILED)
+    return ImageDetections(
+        labels=np.frombuffer(row[schema.LABELS], np.int32),
+        scores=np.frombuffer(row[schema.SCORES], np.float32),
+        boxes=np.frombuffer(row[schema.BOXES], np.float32).reshape(n, 4),
+        soft_masks=np.frombuffer(row[schema.SOFT_MASKS], np.float32).reshape(n, m, m),
+        windows=np.frombuffer(row[schema.WINDOWS], np.int32).reshape(n, 4) if tiled else None,
+        groups=np.frombuffer(row[schema.GROUPS], np.int32) if tiled else None,
+    )

@@ -1,0 +1,69 @@
+"""What predictions depend on besides the weights: ``ModelSpec`` (architecture, sizes,
+thresholds) and ``TileSettings`` (how huge images are sliced)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from segpipe.config import MASK_ARCHITECTURES, SegmentConfig, tile_overlap_pixels
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model settings that change predictions (everything but the weights).
+
+    ``num_classes`` is the classifier's outputs, background included (91 for COCO); it comes
+    from the checkpoint, not from the config.
+    """
+
+    arch: str
+    min_size: int
+    max_size: int
+    score_floor: float
+    nms_threshold: float
+    detections_per_image: int
+    proposals_per_image: int
+    num_classes: int = 91
+
+    @property
+    def has_masks(self) -> bool:
+        return has_masks(self.arch)
+
+    @classmethod
+    def from_config(cls, config: SegmentConfig, num_classes: int = 91) -> "ModelSpec":
+        return cls(config.arch, config.min_size, config.max_size, config.score_floor,
+                   config.nms_threshold, config.detections_per_image, config.proposals_per_image,
+                   num_classes)
+
+
+def has_masks(arch: str) -> bool:
+    """True for the detectors that predict instance masks (Mask R-CNN)."""
+    return arch in MASK_ARCHITECTURES
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How a run slices its images (``--tile``); ``overlap`` in pixels."""
+
+    size: int
+    overlap: int
+    full_pass: bool = False
+    merge_threshold: float = 0.5
+    join_seams: bool = True
+
+    @classmethod
+    def from_config(cls, config: SegmentConfig) -> Optional["TileSettings"]:
+        """The run's tiling, or ``None`` without ``--tile``."""
+        if not config.tile:
+            return None
+        return cls(config.tile, tile_overlap_pixels(config.tile, config.tile_overlap),
+                   config.tile_full_pass, config.tile_merge_threshold, config.tile_join_seams)
+
+    def applies(self, height: int, width: int) -> bool:
+        """Whether an image of this size is sliced (its longer side is over the tile)."""
+        return max(height, width) > self.size
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
