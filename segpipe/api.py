@@ -189,8 +189,9 @@ class Predictor:
     and adds ``image_id``, ``file_name``, ``width``, ``height``, ``status``, ``error`` and
     ``detections`` (a list per row of ``{category_id, category_name, score, bbox [x, y, w,
     h], area, segmentation}`` dicts, COCO RLE masks), exactly as ``segpipe segment`` makes
-    them. Weights load in ``__init__``, once per actor (a checkpoint path must be readable
-    where the actors run).
+    them. Each call is predicted ``batch_size`` images (the config's) per forward pass,
+    whatever batch ``map_batches`` hands it. Weights load in ``__init__``, once per actor (a
+    checkpoint path must be readable where the actors run).
     """
 
     def __init__(self, config: ConfigLike = None, image_column: str = "image",
@@ -214,7 +215,10 @@ class Predictor:
                                    categories=weights.categories)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = self._encode(self._predict(_decoded(batch, self.image_column, self.config)))
+        decoded = _decoded(batch, self.image_column, self.config)
+        step = self.config.batch_size   # images per forward pass, as in segpipe segment
+        rows = pa.concat_tables([self._encode(self._predict(decoded.slice(start, step)))
+                                 for start in range(0, max(decoded.num_rows, 1), step)])
         out = dict(batch)
         for name in ("image_id", "file_name", "width", "height", "status", "error"):
             out[name] = rows.column(name).to_numpy(zero_copy_only=False)
@@ -236,9 +240,10 @@ def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file:
     import posixpath
 
     from segpipe.commands.segment import run_settings
-    from segpipe.io import lease, ownership, run_folder, sinks
+    from segpipe.io import lease, ownership, run_folder, sinks, storage
 
     config = as_config(config, **overrides)
+    output = storage.absolute(output)
     weights = _resolve(config)
     settings = run_settings(config, weights)
     complete, temporary = run_folder.check_output(output, overwrite=config.overwrite)
@@ -281,6 +286,7 @@ def export(output: str, to: str, score_threshold: float = 0.5,
     from segpipe.commands.export import check_export, check_export_target, run_export
     from segpipe.io import storage
 
+    output, to = storage.absolute(output), storage.absolute(to)
     options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
                             max_per_image=max_per_image, min_area=min_area, polygons=polygons,
                             instances_bbox=instances_bbox)
@@ -301,6 +307,6 @@ def to_coco(ds, to: str, config: ConfigLike = None, score_threshold: float = 0.5
     from there."""
     from segpipe.io import storage
 
-    run = storage.join(to.rstrip("/"), "run")
+    run = storage.join(storage.absolute(to).rstrip("/"), "run")
     write_predictions(ds, run, config, **overrides)
     return export(run, to, score_threshold=score_threshold)

@@ -109,9 +109,9 @@ class SegmentConfig:
                                            None)
     predictor_threads: int = _opt("batches each predictor actor runs at once, each in a thread "
                                   "with its own CUDA stream, so one batch's host work and "
-                                  "synchronisations overlap another's kernels (measured on an "
-                                  "H100, fp16 batch 16: 1 thread 97, 3 threads 129 images/s); "
-                                  "each thread holds its own batch's activations in GPU memory",
+                                  "synchronisations overlap another's kernels (docs/benchmarks.md "
+                                  "has the gain measured); each thread holds its own batch's "
+                                  "activations in GPU memory",
                                   1)
     torch_threads: int = _opt("torch threads per CPU predictor actor; 0: the cluster's CPUs "
                               "shared among the actors", 0)

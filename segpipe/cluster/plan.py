@@ -34,10 +34,10 @@ CPU_STAGE_CPUS = (0.25, 0.2, 0.05)
 CPU_PREDICTORS_PER_ENCODER = 16
 
 
-#: What sizes the encoders on GPU clusters (docs/benchmarks.md): one GPU's predictor runs up to
-#: ~160 images/s (H100, fp16, 1333×800, 2026-11-27), and encoding one image costs ~4 ms of a
-#: CPU (median 3.4 ms for 100 detections of 16-500 px on 1200×800, this project's 2-core
-#: Xeon; ``bench/encode_speed.py``). ENCODE_HEADROOM covers slower CPUs and busier images.
+#: What sizes the encoders on GPU clusters: the most images/s one GPU's predictor delivers, and
+#: the CPU-seconds encoding one image costs (both measured, with their machines and commands,
+#: in docs/benchmarks.md: ``bench/gpu_smoke.py``, ``bench/encode_speed.py``).
+#: ENCODE_HEADROOM covers slower CPUs and busier images.
 GPU_IMAGES_PER_S = 160
 
 
@@ -52,10 +52,9 @@ class StagePlan:
     """How the stages share the cluster: the predictor pool and the CPU stages around it.
 
     On a CPU-only cluster the default is one single-threaded predictor actor per CPU, which
-    turns the cores into independent workers: measured on 2 cores, two 1-thread model
-    instances ran 0.338 images/s together where one 2-thread instance ran 0.29, and the
-    2-thread one lost a further ~10% to light background load, since each parallel region
-    waits for its slowest thread (docs/benchmarks.md).
+    turns the cores into independent workers: two 1-thread model instances outran one
+    2-thread instance on 2 cores, which also lost more to background load, since each
+    parallel region waits for its slowest thread (the figures: docs/benchmarks.md).
 
     ``decode_cpus`` always differs from ``cpus_per_actor``: Ray Data fuses a task stage into
     the actor stage after it when their remote arguments are equal, and decoding would then

@@ -33,6 +33,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray's workers may run in another folder than the caller);
+    a URI as it is."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def split_options(uri: str) -> tuple[str, str]:
     """``scheme://bucket/path`` and its ``?options`` apart (``""`` when there are none); a
     local path has no options, whatever characters it holds."""
