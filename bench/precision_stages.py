@@ -1,24 +1,13 @@
-"""Mixed precision for torchvision's detectors: the network in bf16 or fp16, every box decode,
-anchor, NMS input and mask probability in fp32 (detectron2's rule).
+"""How far bf16/fp16 is from fp32, stage by stage: a measuring instrument for the tests
+(``tests/test_precision.py``) and the GPU bench (``bench/gpu_smoke.py``), not part of segpipe.
 
-torchvision's detection code is not precision-safe under autocast:
-
-* ``BoxCoder.decode_single`` casts the reference boxes (anchors, proposals) to the dtype of
-  the regression output, so boxes are decoded on a bf16 grid (4 px steps past 512 px) and NMS
-  then runs on those boxes and on low-precision scores;
-* ``AnchorGenerator`` builds its anchors in the dtype of the feature maps and keeps the
-  converted ``cell_anchors`` for every later call;
-* ``maskrcnn_inference`` takes the sigmoid of low-precision mask logits.
-
-``install_fp32_islands`` fixes all of them without changing torchvision's code or the state
-dict's keys: forward hooks hand fp32 outputs from the RPN head, the box predictor and the mask
-predictor (so decoding, softmax, NMS and sigmoid run in fp32), and a pre-hook gives the anchor
-generator fp32 stand-ins for the feature maps (same shapes, no copy). The backbone, FPN, RPN
-convolutions, RoIAlign and both heads' layers stay in low precision, where the time goes.
-
-``stage_agreement`` measures how far low precision is from fp32 stage by stage, each stage
-fed the same inputs (the same anchors, the same proposals, the same boxes): random weights
-give near-tie scores, so comparing whole runs would only measure reordering.
+``stage_agreement`` feeds each stage of a detector the same inputs in fp32 and in low
+precision (the same anchors, the same proposals, the same boxes) and compares the outputs:
+random weights give near-tie scores, so comparing whole runs would only measure reordering.
+``scale_to_trained_outputs`` rescales a random model's output layers to a trained model's
+logit ranges, so that the comparison sees trained-like scores. The precision rules measured
+are segpipe's own (``segpipe.model.precision``: fp32 islands around box decoding, anchors,
+NMS and mask probabilities).
 """
 
 from __future__ import annotations
@@ -26,10 +15,12 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Optional
+
 import torch
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import paste_masks_in_image
+
 from segpipe.model.precision import autocast, install_fp32_islands, remove_fp32_islands, uses_channels_last
 
 

@@ -31,8 +31,7 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 if TYPE_CHECKING:
-    from segpipe.api import (ExportResult, Predictor, as_config, export, segment, to_coco,
-                             write_predictions)
+    from segpipe.api import ExportResult, Predictor, as_config, export, segment, to_coco, write_predictions
     from segpipe.coco.selection import ExportCounts
     from segpipe.commands.report import RunReport
     from segpipe.commands.segment import run_segment

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-import yaml
 
+import yaml
 
 #: Detectors that predict masks, and box-only detectors (their detections have no segmentation).
 MASK_ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import io
+import logging
 import os
 import re
 import sys

@@ -12,10 +12,9 @@ from typing import Optional
 
 import pyarrow as pa
 
-from segpipe.model.categories import COCO_TABLE, CategoryTable
 from segpipe.config import SOFT_MASK_DTYPES
-from segpipe.model.spec import ModelSpec
-from segpipe.model.spec import TileSettings
+from segpipe.model.categories import COCO_TABLE, CategoryTable
+from segpipe.model.spec import ModelSpec, TileSettings
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import segpipe
 from conftest import SMALL, small_config
 from images import write_photos
+
+import segpipe
 from segpipe.io.run_folder import prediction_files
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import small_config
 from images import write_photos
-from segpipe.io import ownership, sources, storage
-from segpipe.config import ConfigError
+from PIL import Image
+from synthetic import SETTINGS, box_detection, image_row, write_predictions
+
 from segpipe.coco.selection import ExportOptions
 from segpipe.commands.export import check_export_target, run_export
-from segpipe.io.run_folder import check_output, predictions_dir
-from segpipe.commands.segment import prepare_output
 from segpipe.commands.render import RenderRequest, _draw, check_render
-from synthetic import SETTINGS, box_detection, image_row, write_predictions
+from segpipe.commands.segment import prepare_output
+from segpipe.config import ConfigError
+from segpipe.io import ownership, sources, storage
+from segpipe.io.run_folder import check_output, predictions_dir
 
 
 def a_run(output: Path) -> Path:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
 from segpipe.cluster.shape import ClusterShape
 from segpipe.config import ConfigError, SegmentConfig, check_precision_device, parse_actors
 from segpipe.model.spec import TileSettings
-
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
 DECODE_BATCH = 4

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-
 #: The resource keys recorded and planned with.
 KEYS = ("CPU", "GPU", "memory")
 

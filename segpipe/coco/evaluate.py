@@ -7,15 +7,16 @@ import contextlib
 import io
 from dataclasses import dataclass, field
 from typing import Optional
+
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
 from segpipe import schema
-from segpipe.model.categories import CategoryTable
-from segpipe.config import ConfigError
 from segpipe.coco.selection import ExportCounts, ExportOptions, select_detections
 from segpipe.coco.writer import coco_result
+from segpipe.config import ConfigError
 from segpipe.io.predictions import iter_ok_rows, read_image_table
-
+from segpipe.model.categories import CategoryTable
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 

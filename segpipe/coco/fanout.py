@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from typing import Iterator
+
 from segpipe import schema
+from segpipe.coco.selection import ExportOptions
+from segpipe.coco.writer import ExportPart, file_part
 from segpipe.io.run_folder import (
     prediction_files,
 )
-from segpipe.coco.selection import ExportOptions
-from segpipe.coco.writer import ExportPart, file_part
 
 
 def file_parts_on_ray(predictions_dir: str, options: ExportOptions,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
 from segpipe import schema
 from segpipe.coco.polygons import mask_polygons
 

@@ -12,16 +12,18 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import IO, Any, Iterable, Optional
+
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from segpipe import __version__, schema
+from segpipe.coco.selection import ExportCounts, ExportOptions, mask_boxes_and_areas, select_detections
 from segpipe.io import ownership, storage
+from segpipe.io.predictions import iter_ok_rows, ok_rows_of_file, read_image_table
 from segpipe.io.run_folder import (
     COCO_FILES,
 )
 from segpipe.progress import Progress
-from segpipe.coco.selection import ExportCounts, ExportOptions, mask_boxes_and_areas, select_detections
-from segpipe.io.predictions import iter_ok_rows, ok_rows_of_file, read_image_table
 
 
 class JsonArrayWriter:
@@ -112,7 +114,7 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
         progress = stack.enter_context(Progress(f"writing {coco_dir}", counts.ok,
                                                 enabled=show_progress))
         if parallel:
-            from segpipe.coco.fanout import file_parts_on_ray   # it builds on this module
+            from segpipe.coco.fanout import file_parts_on_ray  # it builds on this module
 
             parts = file_parts_on_ray(predictions_dir, options, settings)
         else:   # image by image, streaming

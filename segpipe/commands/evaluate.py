@@ -6,12 +6,13 @@ import contextlib
 import io
 import json
 from typing import Optional
-from pycocotools.coco import COCO
-from segpipe.io import run_folder, ownership, storage
-from segpipe.config import ConfigError
-from segpipe.io.run_folder import existing_predictions, read_run_settings
-from segpipe.coco.evaluate import IOU_TYPES, collect_results, crowd_regions, evaluate, match_categories, match_images
 
+from pycocotools.coco import COCO
+
+from segpipe.coco.evaluate import IOU_TYPES, collect_results, crowd_regions, evaluate, match_categories, match_images
+from segpipe.config import ConfigError
+from segpipe.io import ownership, run_folder, storage
+from segpipe.io.run_folder import existing_predictions, read_run_settings
 
 EVAL_JSON = "eval.json"
 

@@ -8,9 +8,12 @@ import datetime as dt
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
+
 from segpipe import __version__, schema
-from segpipe.io import ownership
+from segpipe.coco.selection import ExportOptions
+from segpipe.coco.writer import coco_info, export_coco
 from segpipe.config import ConfigError
+from segpipe.io import ownership
 from segpipe.io.run_folder import (
     COCO_FILES,
     LOGS_DIR,
@@ -18,9 +21,6 @@ from segpipe.io.run_folder import (
     existing_predictions,
     read_run_settings,
 )
-from segpipe.coco.selection import ExportOptions
-from segpipe.coco.writer import coco_info, export_coco
-
 
 EXPORT_JSON = "export.json"
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Optional
+
 import pyarrow as pa
-from segpipe.io import run_folder, sources
-from segpipe.model.categories import Category, load_categories
+
 from segpipe.config import SegmentConfig, validate
+from segpipe.io import run_folder, sources
 from segpipe.io.lease import check_free as check_lease
+from segpipe.model.categories import Category, load_categories
 from segpipe.model.weights import WeightsSource, weights_source
 
 

@@ -21,18 +21,19 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
-from segpipe.io import run_folder, ownership, sources, storage
+
 from segpipe import schema
-from segpipe.model.categories import CategoryTable
 from segpipe.config import ConfigError
+from segpipe.io import ownership, run_folder, sources, storage
 from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
 from segpipe.io.predictions import predictions_dataset
+from segpipe.model.categories import CategoryTable
 from segpipe.progress import Progress
-
 
 MASK_OPACITY = 0.5
 

@@ -11,13 +11,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Iterator, Optional
+
 import pyarrow as pa
 import pyarrow.compute as pc
-from segpipe import __version__, schema
-from segpipe.io import ownership
-from segpipe.config import SegmentConfig
-from segpipe.coco.selection import ExportCounts
 
+from segpipe import __version__, schema
+from segpipe.coco.selection import ExportCounts
+from segpipe.config import SegmentConfig
+from segpipe.io import ownership
 
 _VERSIONED = ("torch", "torchvision", "ray", "pyarrow", "numpy", "pillow", "pycocotools")
 

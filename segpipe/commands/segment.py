@@ -16,30 +16,32 @@ import signal
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
+
 import pyarrow as pa
 import ray
-from segpipe.io import run_folder, ownership, sinks, sources, storage
-from segpipe.commands import report
+
 from segpipe import schema
-from segpipe.cluster.shape import ClusterWatch, read_cluster_shape
+from segpipe.cluster.plan import DECODE_BATCH, StagePlan, fit_pool_to_work, plan_stages
 from segpipe.cluster.session import ray_session
-from segpipe.model.categories import COCO_TABLE, CategoryTable
-from segpipe.config import ConfigError, SegmentConfig
-from segpipe.model.spec import ModelSpec
-from segpipe.io.decode import DecodeLimits, decode_batch
-from segpipe.encode.encoder import MaskEncoder
+from segpipe.cluster.shape import ClusterWatch, read_cluster_shape
 from segpipe.coco.selection import ExportOptions
 from segpipe.coco.writer import coco_info, export_coco
+from segpipe.commands import report
+from segpipe.commands.preflight import CheckedRun, check_segment
+from segpipe.config import ConfigError, SegmentConfig
+from segpipe.encode.encoder import MaskEncoder
+from segpipe.io import ownership, run_folder, sinks, sources, storage
+from segpipe.io.decode import DecodeLimits, decode_batch
+from segpipe.io.lease import Lease
+from segpipe.io.lease import acquire as acquire_lease
 from segpipe.io.predictions import read_image_table
 from segpipe.model.build import ResolvedWeights, resolve_weights
+from segpipe.model.categories import COCO_TABLE, CategoryTable
 from segpipe.model.faults import FaultInjection
+from segpipe.model.spec import ModelSpec, TileSettings
 from segpipe.model.stage import PredictStage
-from segpipe.commands.preflight import CheckedRun, check_segment
-from segpipe.io.lease import Lease, acquire as acquire_lease
 from segpipe.progress import Progress, RunMonitor
 from segpipe.schema import RunSettings
-from segpipe.model.spec import TileSettings
-from segpipe.cluster.plan import DECODE_BATCH, StagePlan, fit_pool_to_work, plan_stages
 
 log = logging.getLogger(__name__)
 

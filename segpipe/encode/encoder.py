@@ -19,15 +19,16 @@ before, still read) lost up to 0.016 IoU on larger masks and 0.11 on small ones.
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
+
 import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
+
 from segpipe import schema
-from segpipe.model.categories import COCO_TABLE, CategoryTable
 from segpipe.encode.detections import ImageDetections, group_bounds, unpack_detections
 from segpipe.encode.paste import paste_runs
+from segpipe.model.categories import COCO_TABLE, CategoryTable
 from segpipe.model.tiles import image_boxes
-
 
 #: The full scale of each way soft masks are stored as integers (``float32`` keeps them as
 #: the model gave them).

@@ -26,11 +26,11 @@ areas; ``encode.py`` hands the counts to pycocotools, which compresses them to C
 from __future__ import annotations
 
 from typing import Optional
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
-
 
 #: Pixels whose four surrounding mask values are all further than this from the threshold are
 #: classified without computing them (float32 rounding moves a value by ~1e-7 at most).

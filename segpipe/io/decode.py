@@ -15,12 +15,13 @@ import threading
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
+
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from segpipe import schema
 from segpipe.io import storage
-
 
 #: Decoded pixels are copied out of Pillow this many bytes at a time (``_to_rgb_array``).
 PIXEL_BAND_BYTES = 32 << 20

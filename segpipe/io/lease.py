@@ -29,10 +29,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional
-import pyarrow.fs as pafs
-from segpipe.io import storage
-from segpipe.config import ConfigError
 
+import pyarrow.fs as pafs
+
+from segpipe.config import ConfigError
+from segpipe.io import storage
 
 LEASE_NAME = ".segpipe-lease.json"
 

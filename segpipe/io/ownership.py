@@ -26,12 +26,13 @@ import re
 import stat
 import time
 from typing import Iterable, Optional
+
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from segpipe import __version__
-from segpipe.io import storage
-from segpipe.config import ConfigError
 
+from segpipe import __version__
+from segpipe.config import ConfigError
+from segpipe.io import storage
 
 LEDGER_NAME = ".segpipe-files.json"
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from typing import Iterator
+
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
 from segpipe import schema
 from segpipe.io import storage
 from segpipe.io.run_folder import (
     prediction_files,
 )
-
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "status", "error"]
 

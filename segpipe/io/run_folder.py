@@ -12,12 +12,13 @@ import os
 import posixpath
 from pathlib import Path
 from typing import Optional
+
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from segpipe.io import ownership, storage
+
 from segpipe import schema
 from segpipe.config import ConfigError
-
+from segpipe.io import ownership, storage
 
 PREDICTIONS_DIR = "predictions"
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import uuid
 from typing import Callable, Iterable, Optional
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
+
 from segpipe import schema
 from segpipe.io import storage
-from segpipe.io.run_folder import PART_PREFIX, PART_SUFFIX
 from segpipe.io.lease import check_holder
+from segpipe.io.run_folder import PART_PREFIX, PART_SUFFIX
 
 
 def write_prediction_file(table: pa.Table, directory: str, settings: schema.RunSettings,

@@ -21,12 +21,13 @@ import re
 import stat
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
+
 import pyarrow as pa
 import pyarrow.fs as pafs
-from segpipe.io import ownership, storage
-from segpipe.config import ConfigError
-from segpipe.schema import IMAGE_ID_BITS
 
+from segpipe.config import ConfigError
+from segpipe.io import ownership, storage
+from segpipe.schema import IMAGE_ID_BITS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

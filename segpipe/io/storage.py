@@ -17,8 +17,10 @@ import socket
 import urllib.parse
 import uuid
 from typing import IO, Any, Callable, Iterator, Optional
+
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from segpipe.config import ConfigError
 
 

@@ -18,9 +18,12 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
+
 import torch
 from torchvision.models import detection
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+from segpipe.config import ARCHITECTURES, ConfigError
 from segpipe.model.categories import (
     Category,
     CategoryError,
@@ -28,10 +31,8 @@ from segpipe.model.categories import (
     table_for,
     unnamed_classes_warning,
 )
-from segpipe.config import ARCHITECTURES, ConfigError
 from segpipe.model.spec import ModelSpec
 from segpipe.model.weights import WeightsSource, check_hash, fetch, weights_source
-
 
 _BUILDERS: dict[str, Callable[..., GeneralizedRCNN]] = {
     arch: getattr(detection, arch) for arch in ARCHITECTURES}

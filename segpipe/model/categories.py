@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Iterable, Optional
-from segpipe.config import ConfigError
 
+from segpipe.config import ConfigError
 
 UNKNOWN_NAME = "N/A"
 

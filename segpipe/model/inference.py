@@ -6,10 +6,12 @@ from __future__ import annotations
 import warnings
 from collections import defaultdict
 from typing import Optional, Sequence
+
 import numpy as np
 import torch
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
+
 from segpipe.encode.detections import ImageDetections
 from segpipe.model.precision import run_network, uses_channels_last
 

@@ -15,20 +15,18 @@ dict's keys: forward hooks hand fp32 outputs from the RPN head, the box predicto
 predictor (so decoding, softmax, NMS and sigmoid run in fp32), and a pre-hook gives the anchor
 generator fp32 stand-ins for the feature maps (same shapes, no copy). The backbone, FPN, RPN
 convolutions, RoIAlign and both heads' layers stay in low precision, where the time goes.
-
-``stage_agreement`` measures how far low precision is from fp32 stage by stage, each stage
-fed the same inputs (the same anchors, the same proposals, the same boxes): random weights
-give near-tie scores, so comparing whole runs would only measure reordering.
+How far low precision lands from fp32, stage by stage, is measured by
+``bench/precision_stages.py`` (the tests and the GPU bench use it).
 """
 
 from __future__ import annotations
 
 import contextlib
+
 import torch
 from torch.utils.hooks import RemovableHandle
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
-
 
 #: The low precisions and their torch dtypes; "fp32" runs without autocast.
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,19 +8,21 @@ import contextlib
 import threading
 from collections import defaultdict
 from typing import Any, Optional
+
 import numpy as np
 import pyarrow as pa
 import torch
+
 from segpipe import schema
-from segpipe.io.decode import pixel_arrays
 from segpipe.encode.detections import ImageDetections, pack_detections
+from segpipe.io.decode import pixel_arrays
 from segpipe.model.build import ModelSpec, build_model
-from segpipe.model.precision import prepare_model
-from segpipe.model.spec import TileSettings
-from segpipe.model.tiles import View, image_views, merge_views
 from segpipe.model.devices import actor_identity, describe_device, end_actor, is_fatal_device_error, select_device
 from segpipe.model.faults import FaultInjection
 from segpipe.model.inference import image_tensor, predict_images
+from segpipe.model.precision import prepare_model
+from segpipe.model.spec import TileSettings
+from segpipe.model.tiles import View, image_views, merge_views
 
 
 class PredictStage:

@@ -40,8 +40,8 @@ from typing import Optional
 
 import numpy as np
 
-from segpipe.model.spec import TileSettings
 from segpipe.encode.detections import ImageDetections
+from segpipe.model.spec import TileSettings
 
 __all__ = ["View", "tile_windows", "image_views", "merge_views", "greedy_merge",
            "join_seams"]

@@ -29,9 +29,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
 from segpipe.config import ConfigError
 from segpipe.progress import Progress
-
 
 #: torchvision's COCO weights per architecture: (weights enum member, URL). Checked against
 #: torchvision's own enums by tests/test_weights.py.
