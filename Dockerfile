@@ -13,7 +13,7 @@ WORKDIR /app
 COPY --chown=ray:users pyproject.toml constraints.txt README.md ./
 COPY --chown=ray:users segpipe ./segpipe
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && python -c "import segpipe.encode as e, numpy as n; e.encode_masks(n.ones((1, 28, 28), n.float32), n.array([[0, 0, 9, 9]], n.float32), 10, 10, 0.5)"
+    && python -c "import segpipe.encode.encoder as e, numpy as n; e.encode_masks(n.ones((1, 28, 28), n.float32), n.array([[0, 0, 9, 9]], n.float32), 10, 10, 0.5)"
 # ^ compiles the mask paste (numba) once, into the image's cache: no encode actor compiles it
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users conf ./conf
