@@ -129,7 +129,7 @@ def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image") ->
                          "status": pa.array(statuses, pa.string()),
                          "error": pa.array(errors, pa.string()),
                          schema.PIXELS: pixel_column(pixels)})
-    data = [bytes(v) if isinstance(v, (bytes, bytearray, memoryview)) else None for v in values]
+    data = [_image_bytes(v) for v in values]
     names = _names(batch, len(values), [d or b"" for d in data])
     return pa.table({
         "image_id": pa.array([image_id_for(n) for n in names], pa.int64()),
@@ -141,6 +141,14 @@ def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image") ->
                                   f"the {column} column holds no image bytes" for d in data],
                                  pa.string()),
     }, schema=SOURCE_SCHEMA)
+
+
+def _image_bytes(value: Any) -> Optional[bytes]:
+    """The bytes of an image value: bytes as they are, a Hugging Face ``Image`` struct's
+    ``bytes``; None for anything else (that row's error)."""
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
 
 
 def _decoded(batch: Mapping[str, np.ndarray], image_column: str, config: SegmentConfig) -> pa.Table:

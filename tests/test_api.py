@@ -118,3 +118,28 @@ def test_the_readmes_python_example_runs_as_written(local_ray, tmp_path, monkeyp
     instances = json.loads((tmp_path / "coco" / "instances.json").read_text())
     assert [i["file_name"] for i in instances["images"]] == [str(tmp_path / "photos" /
                                                               "coffee.png")]
+
+
+def test_rays_columns_become_segpipes_rows_and_bad_values_error_rows():
+    """Ray-free: what ``segment`` and ``Predictor`` make of each kind of reader column."""
+    import io as bytes_io
+
+    import numpy as np
+    from PIL import Image
+
+    from segpipe.api import source_rows
+
+    png = bytes_io.BytesIO()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(png, "PNG")
+    files = source_rows({"bytes": np.array([png.getvalue(), {"bytes": png.getvalue()}, 7],
+                                           dtype=object),
+                         "path": np.array(["a.png", "b.png", "c.png"])})
+    assert files.column("file_name").to_pylist() == ["a.png", "b.png", "c.png"]
+    assert files.column("source_error").to_pylist() == [
+        None, None, "the bytes column holds no image bytes"]
+    gray, rgba = np.full((2, 3), 9, np.uint8), np.full((2, 3, 4), 7, np.uint8)
+    pixels = source_rows({"image": np.array([gray, rgba, np.zeros((2, 2), np.float32)] + [None],
+                                            dtype=object)[:-1]})
+    assert pixels.column("status").to_pylist() == ["ok", "ok", "error"]
+    assert pixels.column("width").to_pylist() == [3, 3, None]
+    assert "float32" in pixels.column("error").to_pylist()[2]
