@@ -194,6 +194,12 @@ def test_ray_workers_import_segpipe_whatever_folder_it_starts_from(tmp_path):
     assert "version 0." in result.stdout
 
 
+def test_the_folder_given_to_rays_workers_holds_the_package():
+    from segpipe.cluster.session import package_parent
+
+    assert (Path(package_parent()) / "segpipe" / "__init__.py").is_file()
+
+
 def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(photos, tmp_path):
     """SIGINT while torch is imported or the weights load: no traceback, exit 130."""
     import signal

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 
@@ -22,9 +23,7 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    # the folder holding the segpipe package this module is part of
-    job_config = JobConfig(_py_driver_sys_path=[os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))])
+    job_config = JobConfig(_py_driver_sys_path=[package_parent()])
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, log_to_driver=True, job_config=job_config)
@@ -35,3 +34,9 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def package_parent() -> str:
+    """The folder that holds the segpipe package this module is part of (``segpipe/`` is
+    ``parents[1]`` of ``segpipe/cluster/session.py``)."""
+    return str(Path(__file__).resolve().parents[2])
