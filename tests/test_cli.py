@@ -126,6 +126,7 @@ def test_configuration_mistakes_fail_before_work(tmp_path, checkpoint):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_offline_pretrained_weights_fail_early_with_the_cache_path(tmp_path):
     write_photos(tmp_path / "in", names=("chelsea",))
     cache = tmp_path / "torch-home"

@@ -49,6 +49,7 @@ def assert_equal_to_torchvision(soft, boxes, height, width, threshold):
         assert area == mask.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height,width", [(37, 53), (1, 1), (5, 80), (64, 64), (300, 211)])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5])
 def test_noise_masks_equal_torchvision_paste_and_pycocotools_encode(height, width, threshold):

@@ -152,6 +152,7 @@ def test_requests_the_predictions_cannot_answer_are_refused(runs):
     assert not (runs / "bad").exists()
 
 
+@pytest.mark.slow
 def test_export_memory_stays_flat_as_detections_grow(tmp_path):
     """Peak RSS of an export of 40k and of 320k detections (4 and 32 files) differ by little.
 
@@ -198,6 +199,7 @@ def test_export_summary_says_what_was_left_out_and_why(runs, tmp_path):
     assert len(annotations) + sum(printed.values()) == counts["detections"]
 
 
+@pytest.mark.slow
 def test_export_keeps_no_python_object_per_detection(tmp_path):
     """tracemalloc's peak of the Python heap, which has none of the allocator noise of RSS:
     an export of 160k detections peaks exactly where one of 20k does (18.3 MB both, measured),

@@ -23,6 +23,8 @@ from segpipe.model.precision import autocast, install_fp32_islands, prepare_mode
 from bench.precision_stages import scale_to_trained_outputs, stage_agreement
 from segpipe.model.inference import predict_images
 
+pytestmark = pytest.mark.slow   # model forwards at 480×720 in fp32 and bf16: minutes on 2 cores
+
 
 def as_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255

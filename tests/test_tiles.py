@@ -177,6 +177,7 @@ def collage(height: int, width: int) -> np.ndarray:
     return image
 
 
+@pytest.mark.slow
 def test_tiled_mask_detections_agree_with_sahi():
     """Mask R-CNN on an 1100×800 image in 256 px tiles (20), with SAHI's merge settings (seam
     joins off: SAHI has none): at least 0.95 of SAHI's detections matched. What differs is
@@ -202,6 +203,7 @@ def test_tiled_mask_detections_agree_with_sahi():
     assert np.median(same.box_ious) == 1.0 and np.median(same.mask_ious) == 1.0
 
 
+@pytest.mark.slow
 def test_tiled_box_detections_agree_with_sahi():
     image, tile, ratio = collage(640, 768), 256, 0.2
     torch.manual_seed(CHECKPOINT_SEED)
