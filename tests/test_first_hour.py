@@ -208,7 +208,12 @@ def test_ctrl_c_while_starting_up_is_one_line_and_exit_130(photos, tmp_path):
     process = subprocess.Popen([SEGPIPE, "segment", str(photos), str(tmp_path / "out"),
                                 "--weights", "random", "--no-progress"], text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:   # torch is being imported:
+        if "libtorch" in maps.read_text(errors="replace"):           # the checks are done
+            break
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
