@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -300,11 +299,10 @@ def export(output: str, to: str, score_threshold: float = 0.5,
                             instances_bbox=instances_bbox)
     checked = check_export(output, options, classes)
     check_export_target(to)
-    start = time.perf_counter()
     summary = run_export(output, to, checked.options, address=address, checked=checked)
     counts = ExportCounts(**summary["counts"])
     return ExportResult(storage.join(to, "instances.json"), storage.join(to, "results.json"),
-                        counts, round(time.perf_counter() - start, 3),
+                        counts, summary["seconds"],
                         summary["detections_per_s"], counts.left_out())
 
 

@@ -17,29 +17,16 @@ import yaml
 
 #: Detectors that predict masks, and box-only detectors (their detections have no segmentation).
 MASK_ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
-
-
 BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
                      "fasterrcnn_mobilenet_v3_large_fpn")
-
-
 ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
-
-
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
 BATCH_CANVASES = ("exact", "fixed")
-
-
 #: How soft masks can be stored (``encode.quantise_soft_masks``), the default first.
 SOFT_MASK_DTYPES = ("uint16", "float32")
 
-
 #: The largest ``max_image_pixels``: COCO RLE (pycocotools) counts an image's pixels in 32 bits.
 MAX_PIXEL_LIMIT = 2**31 - 1
-
-
 #: The smallest tile: the model's feature maps stride 32 and its anchors start at 32 px.
 MIN_TILE = 64
 

@@ -12,23 +12,15 @@ from segpipe.model.spec import TileSettings
 
 #: Images per decode or encode call; decoded pixels are large, so keep decode outputs small.
 DECODE_BATCH = 4
-
-
 #: Host memory allowed for each CPU predictor actor when sizing the pool (measured: 1.1-1.7 GB
 #: RSS for Mask R-CNN R50-FPN at min_size 800, docs/benchmarks.md).
 CPU_ACTOR_MEMORY = 2 << 30
-
-
 #: CPUs Ray reserves for a decode task, an encode actor and a write task: (decode, encode, write).
 #: With GPUs, decode and encode are real CPU work beside the GPU (decode is partly I/O).
 #: On CPU-only clusters the forward pass is the work (seconds per image against milliseconds
 #: for decode and encode), so those stages get small shares and the predictors the rest.
 GPU_STAGE_CPUS = (0.5, 1.0, 0.25)
-
-
 CPU_STAGE_CPUS = (0.25, 0.2, 0.05)
-
-
 #: On CPU-only clusters, one encode actor per this many CPUs (one encoder keeps up with
 #: hundreds of CPU predictors: ~4 ms of encoding against ~3-6 s of forward per image).
 CPU_PREDICTORS_PER_ENCODER = 16
@@ -39,11 +31,7 @@ CPU_PREDICTORS_PER_ENCODER = 16
 #: in docs/benchmarks.md: ``bench/gpu_smoke.py``, ``bench/encode_speed.py``).
 #: ENCODE_HEADROOM covers slower CPUs and busier images.
 GPU_IMAGES_PER_S = 160
-
-
 ENCODE_CPU_S_PER_IMAGE = 0.004
-
-
 ENCODE_HEADROOM = 2.0
 
 

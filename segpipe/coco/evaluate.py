@@ -19,8 +19,6 @@ from segpipe.io.predictions import iter_ok_rows, read_image_table
 from segpipe.model.categories import CategoryTable
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
 IOU_TYPES = ("segm", "bbox")
 
 

@@ -36,8 +36,6 @@ from segpipe.model.categories import CategoryTable
 from segpipe.progress import Progress
 
 MASK_OPACITY = 0.5
-
-
 HISTOGRAM_BINS = 20
 
 

@@ -35,8 +35,6 @@ from numba.extending import intrinsic
 #: Pixels whose four surrounding mask values are all further than this from the threshold are
 #: classified without computing them (float32 rounding moves a value by ~1e-7 at most).
 MARGIN = np.float32(1e-6)
-
-
 #: torch resizes with its channels-last kernel when output height + width <= this.
 CHANNELS_LAST_MAX_SIDES = 128
 

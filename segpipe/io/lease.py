@@ -36,14 +36,8 @@ from segpipe.config import ConfigError
 from segpipe.io import storage
 
 LEASE_NAME = ".segpipe-lease.json"
-
-
 RENEW_EVERY_S = 20.0
-
-
 STALE_AFTER_S = 120.0
-
-
 SETTLE_S = 2.0
 
 

@@ -35,22 +35,12 @@ from segpipe.config import ConfigError
 from segpipe.io import storage
 
 LEDGER_NAME = ".segpipe-files.json"
-
-
 LEDGER_KEY = "segpipe_files"
-
-
 #: The comment segpipe writes into every JPEG that ``render`` draws.
 RENDER_COMMENT = b"segpipe render"
-
-
 #: A temporary file untouched this long belongs to a writer that is gone.
 STALE_TEMPORARY_S = 600.0
-
-
 PART_NAME = re.compile(r"part-[0-9a-f]{32}\.parquet")
-
-
 TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-)?[0-9a-f]{12}"
                             + re.escape(storage.TEMPORARY_SUFFIX))
 

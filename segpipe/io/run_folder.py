@@ -21,17 +21,9 @@ from segpipe.config import ConfigError
 from segpipe.io import ownership, storage
 
 PREDICTIONS_DIR = "predictions"
-
-
 COCO_DIR = "coco"
-
-
 LOGS_DIR = "logs"
-
-
 PART_PREFIX = "part-"
-
-
 PART_SUFFIX = ".parquet"
 
 

@@ -31,7 +31,6 @@ from segpipe.schema import IMAGE_ID_BITS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
-
 LISTING_SCHEMA = pa.schema([
     pa.field("image_id", pa.int64(), nullable=False),
     pa.field("file_name", pa.string(), nullable=False),
@@ -94,11 +93,7 @@ def is_image_name(name: str) -> bool:
 
 
 SKIPPED_LINKED_FOLDERS = "symbolic links to folders (not followed)"
-
-
 SKIPPED_SAME_FILE = "links to a file listed already under another name"
-
-
 SKIPPED_OUTPUT_FOLDERS = "segpipe output folders (OUTPUT, or an export/render/eval --to)"
 
 
@@ -258,7 +253,6 @@ def split_listing(listing: pa.Table, target_blocks: int = 64, max_rows: int = 10
 
 
 INPUT_FORMATS = ("auto", "files", "tar", "parquet")
-
 
 #: Rows from every source into decode: ``path`` (read by decode) or ``data`` (bytes already read).
 #: ``source_error``: why a reader could not give this row's bytes (decode makes it an error row).

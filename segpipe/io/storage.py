@@ -60,12 +60,8 @@ def join(base: str, *parts: str) -> str:
 
 #: A URI's user info (``scheme://KEY:SECRET@``).
 _USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#'\"]+@")
-
-
 #: A URI with a query: ``scheme://...?query`` up to white space, a quote or an angle bracket.
 _URI_QUERY = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>?]*\?)([^\s'\"<>]*)")
-
-
 #: Query parameters that carry secrets in the URLs users meet: signatures and credentials of
 #: presigned and SAS URLs (AWS ``X-Amz-Signature``/``-Credential``/``-Security-Token``, GCS
 #: ``X-Goog-Signature``/``Signature``/``GoogleAccessId``, Azure SAS ``sig``, CloudFront

@@ -37,13 +37,9 @@ from segpipe.model.weights import WeightsSource, check_hash, fetch, weights_sour
 _BUILDERS: dict[str, Callable[..., GeneralizedRCNN]] = {
     arch: getattr(detection, arch) for arch in ARCHITECTURES}
 
-
 #: Keys whose rows are the classes: (box classifier, mask classifier).
 CLASS_ROWS_KEY = "roi_heads.box_predictor.cls_score.weight"
-
-
 MASK_ROWS_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
-
 
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run used seeded random-initialised weights; its "
                           "detections are meaningless and only exercise the pipeline")

@@ -23,8 +23,6 @@ from typing import Iterable, Optional
 from segpipe.config import ConfigError
 
 UNKNOWN_NAME = "N/A"
-
-
 BACKGROUND_NAMES = ("__background__", "background", "bg", "__bg__")
 
 
@@ -74,7 +72,6 @@ COCO_CATEGORIES: tuple[Category, ...] = tuple(
         (88, "teddy bear", "indoor"), (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
     ]
 )
-
 
 #: Number of classes a COCO-trained torchvision detector predicts (background + ids up to 90).
 NUM_MODEL_CLASSES = 91

@@ -46,7 +46,6 @@ from segpipe.model.spec import TileSettings
 __all__ = ["View", "tile_windows", "image_views", "merge_views", "greedy_merge",
            "join_seams"]
 
-
 #: A tile part whose box comes this close (px) to an edge of its tile inside the image is
 #: cut by that edge (torchvision clips boxes to the tile, so a cut box ends on it).
 SEAM_TOLERANCE = 1.0

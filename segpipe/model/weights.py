@@ -53,10 +53,8 @@ PRETRAINED: dict[str, tuple[str, str]] = {
         "https://download.pytorch.org/models/fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth"),
 }
 
-
 #: Seconds a download may wait for the server (to connect, or for the next bytes).
 DOWNLOAD_TIMEOUT_S = 60.0
-
 
 #: torch.hub's rule: the hex digits after the last-but-extension ``-`` are a sha256 prefix.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
