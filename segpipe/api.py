@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from segpipe import schema
 from segpipe.coco.selection import ExportCounts, ExportOptions
-from segpipe.config import ConfigError, SegmentConfig, validate
+from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, validate
 from segpipe.io.decode import decode_batch, pixel_column
 from segpipe.model.spec import ModelSpec, TileSettings
 
@@ -273,10 +273,12 @@ def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file:
 
 @dataclass
 class ExportResult:
-    """What ``export`` wrote: the COCO files, what went in and what was left out, and how fast."""
+    """What ``export`` wrote: the COCO files (one each, or the shards in order) and their
+    index, what went in and what was left out, and how fast."""
 
-    instances: str
-    results: str
+    index: str
+    instances: list[str]
+    results: list[str]
     counts: ExportCounts
     seconds: float
     detections_per_s: Optional[float]
@@ -286,12 +288,18 @@ class ExportResult:
 def export(output: str, to: str, score_threshold: float = 0.5,
            mask_threshold: Optional[float] = None, classes: Optional[str] = None,
            max_per_image: Optional[int] = None, min_area: int = 1, polygons: bool = False,
-           instances_bbox: str = "mask", address: Optional[str] = None) -> ExportResult:
-    """COCO ``instances.json`` and ``results.json`` in ``to`` from the run folder ``output``
-    (a ``segpipe segment`` OUTPUT, or ``write_predictions``'), at these thresholds, without
-    the model: ``segpipe export``'s options, checked the same way (``ConfigError``)."""
+           instances_bbox: str = "mask", address: Optional[str] = None,
+           coco_shard_images: int = DEFAULT_COCO_SHARD_IMAGES) -> ExportResult:
+    """COCO ``instances.json`` and ``results.json`` (or their shards of ``coco_shard_images``
+    images, and ``index.json``) in ``to`` from the run folder ``output`` (a ``segpipe
+    segment`` OUTPUT, or ``write_predictions``'), at these thresholds, without the model:
+    ``segpipe export``'s options, checked the same way (``ConfigError``)."""
+    from segpipe.coco.shards import INDEX_NAME, read_index
     from segpipe.commands.export import check_export, check_export_target, run_export
     from segpipe.io import storage
+
+    if coco_shard_images < 0:
+        raise ConfigError(f"coco_shard_images must be >= 0 (0: no shards), got {coco_shard_images}")
 
     output, to = storage.absolute(output), storage.absolute(to)
     options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
@@ -299,15 +307,19 @@ def export(output: str, to: str, score_threshold: float = 0.5,
                             instances_bbox=instances_bbox)
     checked = check_export(output, options, classes)
     check_export_target(to)
-    summary = run_export(output, to, checked.options, address=address, checked=checked)
+    summary = run_export(output, to, checked.options, address=address, checked=checked,
+                         shard_images=coco_shard_images)
     counts = ExportCounts(**summary["counts"])
-    return ExportResult(storage.join(to, "instances.json"), storage.join(to, "results.json"),
+    shards = read_index(to)["shards"]
+    return ExportResult(storage.join(to, INDEX_NAME),
+                        [storage.join(to, shard["instances"]) for shard in shards],
+                        [storage.join(to, shard["results"]) for shard in shards],
                         counts, summary["seconds"],
                         summary["detections_per_s"], counts.left_out())
 
 
 def to_coco(ds, to: str, config: ConfigLike = None, score_threshold: float = 0.5,
-            **overrides: Any) -> ExportResult:
+            coco_shard_images: int = DEFAULT_COCO_SHARD_IMAGES, **overrides: Any) -> ExportResult:
     """A Dataset made by ``segment`` as COCO files in ``to``: its predictions are written to
     ``to/run/`` (``write_predictions``, kept for re-export at other thresholds) and exported
     from there."""
@@ -315,4 +327,4 @@ def to_coco(ds, to: str, config: ConfigLike = None, score_threshold: float = 0.5
 
     run = storage.join(storage.absolute(to).rstrip("/"), "run")
     write_predictions(ds, run, config, **overrides)
-    return export(run, to, score_threshold=score_threshold)
+    return export(run, to, score_threshold=score_threshold, coco_shard_images=coco_shard_images)

@@ -16,7 +16,14 @@ import sys
 from typing import Optional, Sequence
 
 from segpipe import console
-from segpipe.config import ARCHITECTURES, ConfigError, SegmentConfig, config_fields, load_config
+from segpipe.config import (
+    ARCHITECTURES,
+    DEFAULT_COCO_SHARD_IMAGES,
+    ConfigError,
+    SegmentConfig,
+    config_fields,
+    load_config,
+)
 from segpipe.io.run_folder import prediction_files, predictions_dir
 from segpipe.io.storage import redact
 
@@ -49,6 +56,7 @@ SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
                                               "tile_merge_threshold", "tile_join_seams"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",
                            "batch_size", "predictor_threads", "rows_per_file"),
+    "coco/ output": ("coco_shard_images",),
     "run": ("overwrite", "resume", "progress", "fault_kill_after_batches"),
 }
 
@@ -164,8 +172,14 @@ def build_parser() -> SegpipeParser:
                              "mask, as COCO ground truth has it and importers expect, or the "
                              "model's predicted box (results.json always has the model's) "
                              "(default: mask)")
+    export.add_argument("--coco-shard-images", type=int, default=DEFAULT_COCO_SHARD_IMAGES,
+                        metavar="N",
+                        help="images per COCO shard: a run of more images is written as "
+                             "instances-00000-of-000NN.json... with index.json; 0: single "
+                             "files however large, which merges a sharded run (default: "
+                             f"{DEFAULT_COCO_SHARD_IMAGES:,})")
     export.add_argument("--address", default=None,
-                        help="Ray cluster to export on, one task per prediction file (default: "
+                        help="Ray cluster to export on, one task per shard (default: "
                              "RAY_ADDRESS; without either, this process exports, which is "
                              "faster than starting a local Ray for all but huge runs)")
     export.add_argument("--no-progress", dest="progress", action="store_false",
@@ -282,9 +296,20 @@ def _segment(args: argparse.Namespace) -> int:
         log.publish()
     for line in run_report.summary_lines() + console.translate(log.text()):
         print(line)
-    print(f"segpipe: wrote {predictions_dir(config.output)}, coco/instances.json, "
-          f"coco/results.json, run.json; Ray's own messages are in {log.where}")
+    print(f"segpipe: wrote {predictions_dir(config.output)}, {_coco_written(config.output)}, "
+          f"run.json; Ray's own messages are in {log.where}")
     return 0 if run_report.accounting.complete else 1
+
+
+def _coco_written(output: str) -> str:
+    """What coco/ holds, in words: its two files, or how many shards."""
+    from segpipe.coco.shards import read_index
+    from segpipe.io.run_folder import coco_dir
+
+    shards = (read_index(coco_dir(output)) or {"shards": [None]})["shards"]
+    if len(shards) == 1:
+        return "coco/instances.json, coco/results.json"
+    return f"coco/ in {len(shards)} shards (coco/index.json lists them)"
 
 
 def _resume_hint(config) -> str:
@@ -333,6 +358,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         if args.max_per_image is not None and args.max_per_image < 1:
             raise ConfigError("--max-per-image must be at least 1")
+        if args.coco_shard_images < 0:
+            raise ConfigError("--coco-shard-images must be >= 0 (0: single files)")
         options = ExportOptions(score_threshold=args.score_threshold,
                                 mask_threshold=args.mask_threshold,
                                 max_per_image=args.max_per_image, min_area=args.min_area,
@@ -347,11 +374,13 @@ def _export(args: argparse.Namespace) -> int:
         try:
             with console.output_to_log(log.path):
                 summary = run_export(args.output, args.to, options, args.progress,
-                                     address=address, checked=checked)
+                                     address=address, checked=checked,
+                                     shard_images=args.coco_shard_images)
         finally:
             log.publish()
     else:
-        summary = run_export(args.output, args.to, options, args.progress, checked=checked)
+        summary = run_export(args.output, args.to, options, args.progress, checked=checked,
+                             shard_images=args.coco_shard_images)
     from segpipe.coco.selection import ExportCounts
 
     c = summary["counts"]

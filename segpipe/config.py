@@ -27,6 +27,9 @@ SOFT_MASK_DTYPES = ("uint16", "float32")
 
 #: The largest ``max_image_pixels``: COCO RLE (pycocotools) counts an image's pixels in 32 bits.
 MAX_PIXEL_LIMIT = 2**31 - 1
+#: Images per COCO shard unless asked otherwise: about COCO's train2017 (118k images, 450 MB
+#: of polygons), the largest COCO file the tools in the loop are known to open whole.
+DEFAULT_COCO_SHARD_IMAGES = 100_000
 #: The smallest tile: the model's feature maps stride 32 and its anchors start at 32 px.
 MIN_TILE = 64
 
@@ -133,6 +136,11 @@ class SegmentConfig:
                                  "overlap in pieces", True)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
     rows_per_file: int = _opt("most rows (images) in one predictions/*.parquet file", 1000)
+    coco_shard_images: int = _opt("images per COCO shard in coco/ (each a complete COCO "
+                                  "dataset; coco/index.json lists them); a run with no more "
+                                  "images writes single instances.json and results.json; 0: "
+                                  "single files however large", DEFAULT_COCO_SHARD_IMAGES,
+                                  metavar="N")
     address: Optional[str] = _opt("Ray cluster to join; unset: RAY_ADDRESS, else a local Ray", None)
     overwrite: bool = _opt("replace the predictions of an earlier run in OUTPUT", False)
     resume: bool = _opt("finish an interrupted run: keep OUTPUT's complete prediction files, "
@@ -289,6 +297,9 @@ def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
     if config.resume and config.overwrite:
         raise ConfigError("resume and overwrite exclude each other: resume keeps earlier "
                           "predictions, overwrite deletes them")
+    if config.coco_shard_images < 0:
+        raise ConfigError(f"coco_shard_images must be >= 0 (0: no shards), got "
+                          f"{config.coco_shard_images}")
     if config.fault_kill_after_batches < 0:
         raise ConfigError("fault_kill_after_batches must be >= 0")
 

@@ -24,7 +24,10 @@ from segpipe import schema
 from segpipe.model.build import resolve_weights
 from segpipe.commands.segment import run_segment
 from segpipe.model.stage import PredictStage
+from segpipe.coco.selection import ExportOptions
+from segpipe.commands.export import run_export
 from segpipe.io.run_folder import prediction_files
+from segpipe.io.sinks import write_prediction_file
 from segpipe.io.sources import list_images
 from test_cli import run_cli, small_flags
 
@@ -65,7 +68,7 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
     many_photos(inputs, copies=8)
     listed = set(list_images(str(inputs)).column("image_id").to_pylist())
     args = ["segment", str(inputs), str(out), "--weights", str(checkpoint), *small_flags(),
-            "--batch-size", "1", "--rows-per-file", "2"]
+            "--batch-size", "1", "--rows-per-file", "2", "--coco-shard-images", "10"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     process = subprocess.Popen([SEGPIPE, *args], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,6 +101,21 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
     assert manifest["processed"] == sum(new_ids.values())
     assert manifest["accounting"]["complete"] and manifest["counts"]["images"] == len(listed)
     assert not [p for p in (out / "predictions").iterdir() if p.name.endswith(".tmp")]
+
+    # coco/, written in Ray tasks at the end of the resumed run, is byte for byte what the same
+    # predictions give written as one file in another order and exported in this process
+    rows = pa.concat_tables([pq.read_table(p) for p in prediction_files(str(out / "predictions"))])
+    again = tmp_path / "again"
+    write_prediction_file(rows.take(np.arange(rows.num_rows)[::-1]),
+                          str(again / "predictions"),
+                          schema.RunSettings.from_metadata(pq.read_schema(
+                              prediction_files(str(out / "predictions"))[0]).metadata))
+    options = ExportOptions(score_threshold=0.5)
+    run_export(str(again), str(tmp_path / "coco"), options, shard_images=10)
+    index = json.loads((out / "coco" / "index.json").read_text())
+    assert [s["images"] for s in index["shards"]] == [10, 10, 10, 2]
+    for name in ["index.json"] + [n for s in index["shards"] for n in (s["instances"], s["results"])]:
+        assert (out / "coco" / name).read_bytes() == (tmp_path / "coco" / name).read_bytes(), name
 
 
 @pytest.mark.slow

@@ -1,34 +1,55 @@
-"""Write COCO ``instances.json`` and ``results.json`` from ``predictions/``, streaming.
+"""Write a run's COCO files (``instances`` and ``results``, in shards) from ``predictions/``.
 
 Reads the Parquet predictions only (never a model or an image). The image table (a few small
-columns per image) is read whole and sorted by ``file_name``; detections are streamed batch by
-batch straight into both JSON files, which are written atomically."""
+columns per image, ``read_image_table``) is read whole and cut into shards (``coco.shards``);
+each shard is written in two steps, which Ray tasks run in parallel when asked:
+
+1. ``write_shard_entries`` streams the shard's rows in ``file_name`` order, selects their
+   detections, writes the shard's results file and its annotations (without ids, one a line)
+   to a temporary file, and counts them;
+2. once every shard is counted, annotation ids are known (they count up from 1 across the
+   shards), and ``write_shard_instances`` writes the shard's instances file from the
+   temporary one.
+
+Every file is written atomically; ``index.json`` is written last. Nothing in the files
+depends on time, the order of prediction files or the number of writers.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterable, Optional
+from itertools import accumulate
+from typing import IO, Any, Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe import __version__, schema
 from segpipe.coco.selection import ExportCounts, ExportOptions, mask_boxes_and_areas, select_detections
-from segpipe.io import ownership, storage
-from segpipe.io.predictions import iter_ok_rows, ok_rows_of_file, read_image_table
-from segpipe.io.run_folder import (
-    COCO_FILES,
+from segpipe.coco.shards import (
+    COCO_NAME,
+    INDEX_NAME,
+    Shard,
+    index_entry,
+    make_index,
+    plan_shards,
 )
+from segpipe.config import DEFAULT_COCO_SHARD_IMAGES
+from segpipe.io import ownership, storage
+from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
+from segpipe.io.run_folder import prediction_files
 from segpipe.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 class JsonArrayWriter:
     """Write the items of one JSON array to a stream as they come, a few at a time (``flush``
-    writes what is held: the caller flushes after each image and before the array's end)."""
+    writes what is held: the caller flushes before the array's end)."""
 
     #: Items held before they are written whatever the caller does.
     HOLD = 1000
@@ -36,14 +57,18 @@ class JsonArrayWriter:
     def __init__(self, stream: IO[bytes]):
         self.stream = stream
         self.count = 0
-        self._held: list[str] = []
+        self._held: list[bytes] = []
 
     def write(self, item: Any) -> None:
-        self.write_json(_ENCODER.encode(item))
+        self.write_encoded(_ENCODER.encode(item).encode("utf-8"))
 
     def write_json(self, text: str) -> None:
         """Write one item given as JSON text."""
-        self._held.append(text)
+        self.write_encoded(text.encode("utf-8"))
+
+    def write_encoded(self, item: bytes) -> None:
+        """Write one item given as UTF-8 JSON."""
+        self._held.append(item)
         self.count += 1
         if len(self._held) >= self.HOLD:
             self.flush()
@@ -51,8 +76,7 @@ class JsonArrayWriter:
     def flush(self) -> None:
         if self._held:
             first = self.count == len(self._held)
-            self.stream.write(((("\n" if first else ",\n") + ",\n".join(self._held))
-                               .encode("utf-8")))
+            self.stream.write((b"\n" if first else b",\n") + b",\n".join(self._held))
             self._held = []
 
 
@@ -64,78 +88,173 @@ def _dumps(value: Any) -> bytes:
     return _ENCODER.encode(value).encode("utf-8")
 
 
-def coco_info(description: str, extra: Optional[dict] = None) -> dict:
-    now = dt.datetime.now(dt.timezone.utc)
-    return {"description": description, "version": __version__, "year": now.year,
-            "contributor": "segpipe", "url": "", "date_created": now.isoformat(timespec="seconds"),
-            **(extra or {})}
+def coco_info(settings: schema.RunSettings, options: ExportOptions) -> dict:
+    """The ``info`` of a COCO file: what made it and at which thresholds; no time (the same
+    predictions give the same bytes; ``run.json`` and ``export.json`` say when)."""
+    return {"description": "segpipe predictions", "version": __version__,
+            "contributor": "segpipe", "url": "", "arch": settings.model.arch,
+            "weights_sha256": settings.weights_sha256,
+            "score_threshold": options.score_threshold,
+            "mask_threshold": (options.mask_threshold if options.mask_threshold is not None
+                               else settings.mask_threshold)}
+
+
+@dataclass
+class ShardEntries:
+    """What ``write_shard_entries`` wrote and counted for one shard: ``body`` is the temporary
+    file of its annotations (JSON objects without their ``"id"`` member, one a line)."""
+
+    body: str
+    annotations: int = 0
+    counts: ExportCounts = field(default_factory=ExportCounts)
+    per_category: Counter = field(default_factory=Counter)
+
+
+def write_shard_entries(predictions_dir: str, files: list[str], shard: Shard,
+                        options: ExportOptions, settings: schema.RunSettings,
+                        coco_dir: str) -> ShardEntries:
+    """Step 1 for ``shard``: its results file, and its annotations in a temporary file."""
+    fs, root = storage.resolve(coco_dir)
+    entries = ShardEntries(storage.temporary_name(storage.join(root, shard.instances)))
+    rows = rows_in_order(predictions_dir, files, shard.images,
+                         soft_masks=options.repastes_masks(settings))
+    try:
+        with storage.atomic_output(fs, storage.join(root, shard.results)) as results, \
+                fs.open_output_stream(entries.body) as body:
+            results.write(b"[")
+            result_writer = JsonArrayWriter(results)
+            for row in rows:
+                part = rows_part([row], options, settings)
+                for result in part.results:
+                    result_writer.write_json(result)
+                if part.annotations:
+                    body.write(("\n".join(part.annotations) + "\n").encode("utf-8"))
+                entries.annotations += len(part.annotations)
+                entries.counts.add(part.counts)
+                entries.per_category.update(part.per_category)
+            result_writer.flush()
+            results.write(b"\n]\n")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(entries.body)
+        raise
+    return entries
+
+
+def write_shard_instances(coco_dir: str, shard: Shard, entries: ShardEntries,
+                          first_annotation_id: int, header: bytes) -> None:
+    """Step 2 for ``shard``: its instances file (``header`` holds info, licenses and
+    categories), numbering its annotations from ``first_annotation_id``; the temporary file of
+    step 1 is removed."""
+    fs, root = storage.resolve(coco_dir)
+    try:
+        with storage.atomic_output(fs, storage.join(root, shard.instances)) as instances:
+            instances.write(header + b',"images":[')
+            image_writer = JsonArrayWriter(instances)
+            columns = shard.images.select(["image_id", "file_name", "width", "height"])
+            for batch in columns.to_batches(max_chunksize=JsonArrayWriter.HOLD):
+                for row in batch.to_pylist():
+                    image_writer.write({"id": row["image_id"], "file_name": row["file_name"],
+                                        "width": row["width"], "height": row["height"]})
+            image_writer.flush()
+            instances.write(b'\n],"annotations":[')
+            annotation_writer = JsonArrayWriter(instances)
+            number = first_annotation_id
+            with fs.open_input_stream(entries.body) as body:
+                for line in _lines(body):
+                    annotation_writer.write_encoded(b'{"id":%d,%s' % (number, line))
+                    number += 1
+            annotation_writer.flush()
+            instances.write(b"\n]}\n")
+    finally:
+        with contextlib.suppress(OSError):
+            fs.delete_file(entries.body)
+    if number - first_annotation_id != entries.annotations:
+        raise RuntimeError(f"{shard.instances}: {number - first_annotation_id} annotations "
+                           f"read back, {entries.annotations} written")
+
+
+def _lines(stream, block: int = 1 << 18) -> Iterator[bytes]:
+    """The lines of a binary stream, without their ends."""
+    tail = b""
+    while True:
+        data = stream.read(block)
+        if not data:
+            break
+        *complete, tail = (tail + data).split(b"\n")
+        yield from complete
+    if tail:
+        yield tail
 
 
 def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
-                settings: schema.RunSettings, info: Optional[dict] = None,
-                images: Optional[pa.Table] = None, show_progress: bool = False,
-                parallel: bool = False) -> ExportCounts:
-    """Write ``coco_dir/instances.json`` and ``coco_dir/results.json`` from predictions.
+                settings: schema.RunSettings, images: Optional[pa.Table] = None,
+                files: Optional[list[str]] = None, show_progress: bool = False,
+                parallel: bool = False,
+                shard_images: int = DEFAULT_COCO_SHARD_IMAGES) -> ExportCounts:
+    """Write the COCO shards of ``predictions_dir`` and their ``index.json`` into ``coco_dir``.
 
-    Both files hold the same detections, chosen by ``select_detections``; ``images`` lists the
-    images that decoded and were predicted. ``images`` is ``read_image_table(predictions_dir)``
-    when the caller has it already. The entries are made by ``rows_part``: in this process,
-    image by image, or with ``parallel`` one prediction file per Ray task (Ray must be
-    initialised), written in file order either way, so the files are the same. The
-    ``categories`` list is the run's category table;
-    box-only detections have no ``segmentation`` key.
+    Both files of a shard hold the same detections, chosen by ``select_detections``; its
+    images are the ok images (decoded and predicted) of its part of the run. ``images`` is
+    ``read_image_table(predictions_dir, files)`` when the caller has it already. With
+    ``parallel`` (Ray initialised) each shard's steps run in Ray tasks; the files are the same
+    either way. Files of an earlier export into ``coco_dir`` that this one does not write
+    again (other shards) are removed, being segpipe's (``ownership``); box-only detections
+    have no ``segmentation`` key.
     """
+    files = prediction_files(predictions_dir) if files is None else files
     if images is None:
-        images = read_image_table(predictions_dir)
+        images = read_image_table(predictions_dir, files)
     counts = ExportCounts(images=images.num_rows)
-    ok_images = images.filter(pc.field("status") == schema.STATUS_OK)
+    ok_images = images.filter(pc.field("status") == schema.STATUS_OK).select(
+        ["image_id", "file_name", "width", "height", *LOCATION_COLUMNS])
     counts.ok = ok_images.num_rows
     counts.errors = counts.images - counts.ok
-    per_category: Counter = Counter()
+    shards = plan_shards(ok_images, shard_images)
     fs, root = storage.resolve(coco_dir)
-    ownership.remove(coco_dir, ownership.stale_temporaries(coco_dir, COCO_FILES))
-    with contextlib.ExitStack() as stack:
-        instances = stack.enter_context(storage.atomic_output(fs, storage.join(root, COCO_FILES[0])))
-        results = stack.enter_context(storage.atomic_output(fs, storage.join(root, COCO_FILES[1])))
-        instances.write(b'{"info":' + storage.redact(
-            _dumps(info or coco_info("segpipe predictions")).decode()).encode())
-        instances.write(b',"licenses":[],"categories":'
-                        + _dumps(settings.categories.coco_json()))
-        instances.write(b',"images":[')
-        image_writer = JsonArrayWriter(instances)
-        for row in ok_images.select(["image_id", "file_name", "width", "height"]).to_pylist():
-            image_writer.write({"id": row["image_id"], "file_name": row["file_name"],
-                                "width": row["width"], "height": row["height"]})
-        image_writer.flush()
-        instances.write(b'\n],"annotations":[')
-        annotation_writer = JsonArrayWriter(instances)
-        results.write(b"[")
-        result_writer = JsonArrayWriter(results)
-        progress = stack.enter_context(Progress(f"writing {coco_dir}", counts.ok,
-                                                enabled=show_progress))
-        if parallel:
-            from segpipe.coco.fanout import file_parts_on_ray  # it builds on this module
-
-            parts = file_parts_on_ray(predictions_dir, options, settings)
-        else:   # image by image, streaming
-            parts = (rows_part([row], options, settings) for row in
-                     iter_ok_rows(predictions_dir, soft_masks=options.repastes_masks(settings)))
-        for part in parts:
-            for result, annotation in zip(part.results, part.annotations):
-                result_writer.write_json(result)
-                annotation_writer.write_json(f'{{"id":{annotation_writer.count + 1},'
-                                             + annotation)
-            result_writer.flush()
-            annotation_writer.flush()
-            counts.add(part.counts)
-            per_category.update(part.per_category)
-            progress.advance(part.images)
-        instances.write(b"\n]}\n")
-        results.write(b"\n]\n")
-    ownership.record_written(coco_dir, COCO_FILES)
-    counts.annotations = annotation_writer.count
+    fs.create_dir(root, recursive=True)
+    ownership.remove(coco_dir, ownership.stale_temporaries(coco_dir, [COCO_NAME]))
+    ownership.remove_recorded(coco_dir, [INDEX_NAME])   # until every shard is written again
+    header = (b'{"info":' + storage.redact(_dumps(coco_info(settings, options)).decode()).encode()
+              + b',"licenses":[],"categories":' + _dumps(settings.categories.coco_json()))
+    run = _on_ray if parallel else _here
+    with Progress(f"writing {coco_dir}", counts.ok, enabled=show_progress) as progress:
+        written = []
+        for shard, entries in zip(shards, run(write_shard_entries, [
+                (predictions_dir, files, shard, options, settings, coco_dir) for shard in shards])):
+            written.append(entries)
+            progress.advance(shard.images.num_rows)
+        # annotation ids count up from 1 across the shards, in order
+        firsts = [1 + before for before in accumulate([0] + [e.annotations for e in written[:-1]])]
+        list(run(write_shard_instances, [(coco_dir, shard, entries, first, header)
+                                         for shard, entries, first in zip(shards, written, firsts)]))
+    index = make_index(shard_images, [index_entry(shard, entries.annotations, first) for
+                                      shard, entries, first in zip(shards, written, firsts)])
+    names = [name for shard in shards for name in (shard.instances, shard.results)]
+    ownership.record_written(coco_dir, names)
+    earlier = ownership.recorded(coco_dir) or {}
+    ownership.remove_recorded(coco_dir, [name for name in earlier if COCO_NAME.fullmatch(name)
+                                         and name not in names])
+    ownership.write_json(coco_dir, INDEX_NAME, index)
+    per_category: Counter = Counter()
+    for entries in written:
+        counts.add(entries.counts)
+        per_category.update(entries.per_category)
+    counts.annotations = index["annotations"]
     counts.per_category = dict(sorted(per_category.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
+
+
+def _here(function: Callable, calls: list[tuple]) -> Iterator[Any]:
+    """``function(*call)`` for each call, in this process, in order."""
+    for call in calls:
+        yield function(*call)
+
+
+def _on_ray(function: Callable, calls: list[tuple]) -> Iterator[Any]:
+    from segpipe.coco.fanout import ordered_on_ray  # Ray is imported only when asked for
+
+    return ordered_on_ray(function, calls)
 
 
 @dataclass
@@ -149,14 +268,6 @@ class ExportPart:
     counts: ExportCounts = field(default_factory=ExportCounts)
     per_category: Counter = field(default_factory=Counter)
     images: int = 0
-
-
-def file_part(predictions_dir: str, path: str, options: ExportOptions,
-              settings: schema.RunSettings) -> ExportPart:
-    """``rows_part`` of one prediction file (what a Ray task of a parallel export does)."""
-    return rows_part(ok_rows_of_file(predictions_dir, path,
-                                     soft_masks=options.repastes_masks(settings)),
-                     options, settings)
 
 
 def rows_part(rows: Iterable[dict], options: ExportOptions,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from typing import Optional
 
 from pycocotools.coco import COCO
 
 from segpipe.coco.evaluate import IOU_TYPES, collect_results, crowd_regions, evaluate, match_categories, match_images
+from segpipe.coco.shards import load_instances
 from segpipe.config import ConfigError
-from segpipe.io import ownership, run_folder, storage
+from segpipe.io import ownership, run_folder
 from segpipe.io.run_folder import existing_predictions, read_run_settings
 
 EVAL_JSON = "eval.json"
@@ -40,10 +40,9 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
     threshold = floor if score_threshold is None else score_threshold
     if threshold < floor:
         raise ConfigError(f"score threshold {threshold} is below the stored score floor {floor}")
-    fs, gt_file = storage.resolve(gt_path)
-    try:
-        gt_json = json.loads(storage.read_bytes(fs, gt_file))
-    except (OSError, ValueError) as exc:
+    try:   # one file, or the shards that an index.json (or the folder holding it) lists
+        gt_json = load_instances(gt_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"cannot read ground truth {gt_path}: {exc}") from None
     if not isinstance(gt_json, dict) or not {"images", "annotations", "categories"} <= set(gt_json):
         raise ConfigError(f"{gt_path} is not a COCO instances file (images, annotations, categories)")

@@ -11,8 +11,9 @@ from typing import Optional
 
 from segpipe import __version__, schema
 from segpipe.coco.selection import ExportOptions
-from segpipe.coco.writer import coco_info, export_coco
-from segpipe.config import ConfigError
+from segpipe.coco.shards import COCO_NAME, read_index
+from segpipe.coco.writer import export_coco
+from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError
 from segpipe.io import ownership
 from segpipe.io.run_folder import (
     COCO_FILES,
@@ -66,26 +67,27 @@ def check_export(output: str, options: ExportOptions,
 
 def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False,
                class_names: Optional[str] = None, address: Optional[str] = None,
-               checked: Optional[CheckedExport] = None) -> dict:
-    """``segpipe export``: write ``to/instances.json``, ``to/results.json`` and ``to/export.json``
-    from ``output/predictions`` alone, after ``check_export`` (``checked``, when the caller ran
-    it). With a Ray ``address`` the prediction files are exported in Ray tasks on that cluster
-    (``export_coco(parallel=True)``)."""
+               checked: Optional[CheckedExport] = None,
+               shard_images: int = DEFAULT_COCO_SHARD_IMAGES) -> dict:
+    """``segpipe export``: write the COCO files (``instances.json`` and ``results.json``, or
+    their shards of ``shard_images`` images; 0: single files, which merges a sharded run) with
+    ``index.json`` and ``export.json`` into ``to`` from ``output/predictions`` alone, after
+    ``check_export`` (``checked``, when the caller ran it). With a Ray ``address`` the shards
+    are written in Ray tasks on that cluster (``export_coco(parallel=True)``)."""
     if checked is None:
         checked = check_export(output, options, class_names)
         check_export_target(to)
     predictions_dir, settings, options = checked.predictions_dir, checked.settings, checked.options
     ownership.mark_folder(to, "export")
     start = time.perf_counter()
-    info = coco_info("segpipe export", {"arch": settings.model.arch,
-                                        "weights_sha256": settings.weights_sha256})
     with contextlib.ExitStack() as stack:
         if address:
             from segpipe.cluster.session import ray_session
 
             stack.enter_context(ray_session(address))
-        counts = export_coco(predictions_dir, to, options, settings, info,
-                             show_progress=show_progress, parallel=bool(address))
+        counts = export_coco(predictions_dir, to, options, settings,
+                             show_progress=show_progress, parallel=bool(address),
+                             shard_images=shard_images)
     seconds = time.perf_counter() - start
     summary = {
         "segpipe": __version__,
@@ -96,6 +98,8 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
                   else settings.mask_threshold},
         "run_settings": settings.to_json(),
         "counts": asdict(counts),
+        "coco_shard_images": shard_images,
+        "shards": len(read_index(to)["shards"]),
         "seconds": round(seconds, 3),
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
         "ray": address or None,
@@ -107,7 +111,7 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
 def check_export_target(to: str) -> None:
     """Refuse a ``--to`` folder export cannot write (a file, no permission), a link on the
     way, or files there that export would replace and segpipe did not write."""
-    check_folder_target(to, "--to", " (export writes instances.json, results.json and "
-                                    "export.json into it)")
+    check_folder_target(to, "--to", " (export writes instances.json, results.json (or their "
+                                    "shards), index.json and export.json into it)")
     ownership.refuse_links(to, [LOGS_DIR], "export writes its log there")
-    ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON))
+    ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON), matching=COCO_NAME)

@@ -18,14 +18,15 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from segpipe import schema
 from segpipe.cluster.plan import DECODE_BATCH, StagePlan, fit_pool_to_work, plan_stages
 from segpipe.cluster.session import ray_session
 from segpipe.cluster.shape import ClusterWatch, read_cluster_shape
-from segpipe.coco.selection import ExportOptions
-from segpipe.coco.writer import coco_info, export_coco
+from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.coco.writer import export_coco
 from segpipe.commands import report
 from segpipe.commands.preflight import CheckedRun, check_segment
 from segpipe.config import ConfigError, SegmentConfig
@@ -324,7 +325,9 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
         log.info("resuming: %d images already in predictions/", len(done))
     todo = listing
     if listing is not None:
-        todo = listing.filter(pa.array([i not in done for i in listing.column("image_id").to_pylist()]))
+        with timer("todo"):
+            todo = listing.filter(pc.invert(pc.is_in(
+                listing.column("image_id"), value_set=pa.array(sorted(done), pa.int64()))))
         log.info("%d images to segment under %s", todo.num_rows, config.input)
     else:
         log.info("segmenting the images in the %s input %s", input_format, config.input)
@@ -363,22 +366,14 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
                            stages=plan.as_dict(),
                            predictors=ray.get(monitor.devices.remote(), timeout=30),
                            **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
-
-        if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
-            raise KeyboardInterrupt
-    with timer("export"):
-        # the files the run committed, for every reader to check predictions/ against
-        ownership.record_written(predictions_dir, [posixpath.basename(p) for p in
-                                                   run_folder.prediction_files(predictions_dir)],
-                                 whole=True)
-        images = read_image_table(predictions_dir)
-        accounting = report.account_for_inputs(listing, images)
-        reading["cut_short"] = report.cut_short(images)
-        info = coco_info("segpipe predictions", {"arch": config.arch,
-                                                 "weights": weights.identity()})
-        counts = export_coco(predictions_dir, run_folder.coco_dir(config.output),
-                             ExportOptions(score_threshold=config.score_threshold),
-                             settings, info, images, show_progress=config.progress)
+            if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
+                raise KeyboardInterrupt
+            # coco/ in Ray tasks, one per shard, while Ray is up
+            counts, accounting, images = account_and_export(prepared, listing, timer,
+                                                            parallel=True)
+    else:   # nothing left to segment: no Ray to start for the export
+        counts, accounting, images = account_and_export(prepared, listing, timer, parallel=False)
+    reading["cut_short"] = report.cut_short(images)
     run_report = report.RunReport(config=config, weights=weights.identity(), cluster=cluster,
                                   counts=counts, accounting=accounting,
                                   errors=report.error_summary(images), timings=timer.seconds,
@@ -387,3 +382,25 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
                                   input_skipped=prepared.checked.skipped, reading=reading)
     report.write_manifest(run_report, config.output)
     return run_report
+
+
+def account_and_export(prepared: PreparedRun, listing: Optional[pa.Table], timer: report.Timer,
+                       parallel: bool) -> tuple[ExportCounts, report.Accounting, pa.Table]:
+    """Record the prediction files the run committed, account for every input, and write
+    coco/ (in Ray tasks with ``parallel``); return the export's counts, the accounting and the
+    image table."""
+    config, predictions_dir = prepared.config, prepared.predictions_dir
+    with timer("image_table"):
+        files = run_folder.prediction_files(predictions_dir)
+        # the files the run committed, for every reader to check predictions/ against
+        ownership.record_written(predictions_dir, [posixpath.basename(p) for p in files],
+                                 whole=True)
+        images = read_image_table(predictions_dir, files)
+    with timer("accounting"):
+        accounting = report.account_for_inputs(listing, images)
+    with timer("export"):
+        counts = export_coco(predictions_dir, run_folder.coco_dir(config.output),
+                             ExportOptions(score_threshold=config.score_threshold),
+                             prepared.settings, images, files, show_progress=config.progress,
+                             parallel=parallel, shard_images=config.coco_shard_images)
+    return counts, accounting, images

@@ -25,7 +25,7 @@ import posixpath
 import re
 import stat
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -160,11 +160,17 @@ def is_output_folder(fs: pafs.FileSystem, root: str) -> bool:
         return False
 
 
-def check_replaceable(folder: str, names: Iterable[str]) -> None:
+def check_replaceable(folder: str, names: Iterable[str],
+                      matching: Optional[re.Pattern] = None) -> None:
     """Refuse (``ConfigError``, naming them) to replace files under ``folder`` that are there
-    and not proven segpipe's by the ledger, and any link on the way to them."""
+    and not proven segpipe's by the ledger, and any link on the way to them; with
+    ``matching``, also every entry of ``folder`` whose name it matches (files whose names
+    depend on what is written: COCO shards)."""
     fs, root = storage.resolve(folder)
     names = list(names)
+    if matching is not None and storage.is_dir(fs, root):
+        names += sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root))
+                        if matching.fullmatch(i.base_name) and i.base_name not in names)
     refuse_links(folder, names, f"it is on the way to what segpipe writes in {folder}")
     entries = None
     foreign = []
@@ -192,7 +198,7 @@ def _lstat(fs: pafs.FileSystem, path: str) -> Optional[pafs.FileInfo]:
     return None if info.type == pafs.FileType.NotFound else info
 
 
-def _is_own_temporary(fs: pafs.FileSystem, path: str, names: Iterable[str],
+def _is_own_temporary(fs: pafs.FileSystem, path: str, names: Iterable[Union[str, re.Pattern]],
                       magic: bytes = b"") -> bool:
     found = TEMPORARY_NAME.fullmatch(posixpath.basename(path))
     if found is None or not any(_name_matches(found.group("name"), n) for n in names):
@@ -202,7 +208,9 @@ def _is_own_temporary(fs: pafs.FileSystem, path: str, names: Iterable[str],
     return not head or not magic or head == magic
 
 
-def _name_matches(name: str, wanted: str) -> bool:
+def _name_matches(name: str, wanted: Union[str, re.Pattern]) -> bool:
+    if isinstance(wanted, re.Pattern):
+        return wanted.fullmatch(name) is not None
     return PART_NAME.fullmatch(name) is not None if wanted == "part" else name == wanted
 
 
@@ -220,7 +228,7 @@ def _writer_gone(name: str, mtime_ns: Optional[int], now: float) -> bool:
     return mtime_ns is not None and now - mtime_ns / 1e9 >= STALE_TEMPORARY_S
 
 
-def stale_temporaries(folder: str, names: Iterable[str],
+def stale_temporaries(folder: str, names: Iterable[Union[str, re.Pattern]],
                       now: Optional[float] = None) -> list[str]:
     """Temporary files in ``folder`` (not below it) of the files ``names`` whose writer is
     gone (``_writer_gone``): what killed commands left behind."""
@@ -237,6 +245,23 @@ def stale_temporaries(folder: str, names: Iterable[str],
                 _is_own_temporary(fs, info.path, names):
             stale.append(info.path)
     return stale
+
+
+def remove_recorded(folder: str, names: Iterable[str]) -> None:
+    """Delete the files ``folder/name`` that the ledger lists as segpipe's, unchanged since
+    (other files of those names are left alone), and drop them from the ledger."""
+    fs, root = storage.resolve(folder)
+    ledger = _ledger(fs, root)
+    if not ledger:
+        return
+    files = dict(ledger[LEDGER_KEY])
+    for name in names:
+        info = _lstat(fs, storage.join(root, name))
+        if info is not None and info.type == pafs.FileType.File and files.get(name) == _stamp(info):
+            fs.delete_file(info.path)
+        if info is None or files.get(name) == _stamp(info):
+            files.pop(name, None)
+    _write_ledger(fs, root, {**ledger, LEDGER_KEY: files})
 
 
 def remove(folder: str, paths: Iterable[str]) -> None:

@@ -1,9 +1,12 @@
-"""Read a run's ``predictions/``: the image table, and ok rows streamed file by file."""
+"""Read a run's ``predictions/``: the image table (where each image's row is), and ok rows
+streamed file by file or in any order the caller asks (``rows_in_order``)."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections import OrderedDict
+from typing import Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -15,6 +18,9 @@ from segpipe.io.run_folder import (
 )
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "status", "error"]
+#: Where an image's row is: ``files[file_index]``, row ``row_index`` (``read_image_table``).
+LOCATION_COLUMNS = ["file_index", "row_index"]
+ROW_COLUMNS = ["image_id", "file_name", "width", "height", "status", "detections"]
 
 
 def predictions_dataset(predictions_dir: str) -> pads.Dataset:
@@ -24,10 +30,26 @@ def predictions_dataset(predictions_dir: str) -> pads.Dataset:
                         schema=schema.PREDICTION_SCHEMA)
 
 
-def read_image_table(predictions_dir: str) -> pa.Table:
-    """One row per image (no detections), sorted by ``file_name``."""
-    table = predictions_dataset(predictions_dir).to_table(columns=IMAGE_COLUMNS)
-    return table.sort_by("file_name")
+def read_image_table(predictions_dir: str, files: Optional[list[str]] = None) -> pa.Table:
+    """One row per image (no detections), sorted by ``file_name`` (then by where it is):
+    ``IMAGE_COLUMNS`` and ``LOCATION_COLUMNS``, which index ``files`` (default:
+    ``prediction_files(predictions_dir)``). Arrow columns only: no Python object per image."""
+    fs, _ = storage.resolve(predictions_dir)
+    files = prediction_files(predictions_dir) if files is None else files
+    tables = []
+    for index, path in enumerate(files):
+        with fs.open_input_file(path) as f:
+            table = pq.read_table(f, columns=IMAGE_COLUMNS, schema=schema.PREDICTION_SCHEMA)
+        tables.append(table.append_column("file_index", pa.array(
+            np.full(table.num_rows, index, dtype=np.int32))).append_column(
+            "row_index", pa.array(np.arange(table.num_rows, dtype=np.int32))))
+    if not tables:
+        empty = schema.PREDICTION_SCHEMA
+        return pa.table({name: pa.array([], empty.field(name).type) for name in IMAGE_COLUMNS}
+                        | {name: pa.array([], pa.int32()) for name in LOCATION_COLUMNS})
+    return pa.concat_tables(tables).sort_by([("file_name", "ascending"),
+                                             ("file_index", "ascending"),
+                                             ("row_index", "ascending")])
 
 
 def iter_ok_rows(predictions_dir: str, batch_rows: int = 256,
@@ -48,9 +70,8 @@ def ok_rows_of_file(predictions_dir: str, path: str, batch_rows: int = 256,
                     soft_masks: bool = True) -> Iterator[dict]:
     """``iter_ok_rows`` for one prediction file ``path`` of ``predictions_dir``."""
     fs, _ = storage.resolve(predictions_dir)
-    columns = ["image_id", "file_name", "width", "height", "status", "detections"]
     with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=ROW_COLUMNS):
             if not soft_masks:
                 batch = without_soft_masks(batch)
             for row in batch.to_pylist():
@@ -71,3 +92,45 @@ def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
     lists = pa.ListArray.from_arrays(detections.offsets, stripped,
                                      mask=detections.is_null())
     return batch.set_column(batch.schema.get_field_index("detections"), "detections", lists)
+
+
+def rows_in_order(predictions_dir: str, files: list[str], located: pa.Table,
+                  soft_masks: bool = True, chunk_rows: int = 256,
+                  cached_files: int = 8) -> Iterator[dict]:
+    """Yield the rows (``ROW_COLUMNS``) that ``located`` points at (its ``LOCATION_COLUMNS``,
+    into ``files``), in ``located``'s order, a chunk of ``chunk_rows`` at a time.
+
+    A chunk's rows are taken from whole prediction files, the last ``cached_files`` of which
+    are kept: the rows of a run's files are in nearly the order their inputs were listed, so
+    a chunk of names in sorted order touches few files and each file is read about once.
+    """
+    fs, _ = storage.resolve(predictions_dir)
+    cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    def file_table(index: int) -> pa.Table:
+        if index in cache:
+            cache.move_to_end(index)
+            return cache[index]
+        with fs.open_input_file(files[index]) as f:
+            table = pq.read_table(f, columns=ROW_COLUMNS)
+        if not soft_masks:
+            table = pa.Table.from_batches([without_soft_masks(b) for b in table.to_batches()],
+                                          schema=table.schema)
+        cache[index] = table
+        if len(cache) > cached_files:
+            cache.popitem(last=False)
+        return table
+
+    for start in range(0, located.num_rows, chunk_rows):
+        part = located.slice(start, chunk_rows)
+        file_index = part.column("file_index").to_numpy()
+        row_index = part.column("row_index").to_numpy()
+        order = np.lexsort((row_index, file_index))   # by file, then row
+        pieces = []
+        for index in np.unique(file_index):
+            rows = row_index[order][file_index[order] == index]
+            pieces.append(file_table(int(index)).take(pa.array(rows)))
+        joined = pa.concat_tables(pieces)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        yield from joined.take(pa.array(back)).to_pylist()

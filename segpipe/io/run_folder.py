@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from segpipe import schema
+from segpipe.coco.shards import COCO_NAME
 from segpipe.config import ConfigError
 from segpipe.io import ownership, storage
 
@@ -193,7 +194,7 @@ def check_output(output: str, resume: bool = False,
     if fs.get_file_info(path).type == pafs.FileType.File:
         raise ConfigError(f"{predictions} is a file; OUTPUT must be a segpipe output folder")
     ownership.check_replaceable(output, [RUN_JSON])
-    ownership.check_replaceable(coco_dir(output), COCO_FILES)
+    ownership.check_replaceable(coco_dir(output), COCO_FILES, matching=COCO_NAME)
     if resume:
         return [], ownership.prediction_entries(predictions)[1]
     old, temporary = ownership.check_clearable(predictions)
