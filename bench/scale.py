@@ -1,6 +1,18 @@
 """Stream many small images through ``segpipe segment`` and watch memory stay flat.
 
     python bench/scale.py [--images 20000] [--size 64] [--rows-per-file 1000] [--no-record]
+    python bench/scale.py --images 1000000 --replay --json OUT.json [--resume-check]
+
+``--replay``: WebDataset tar shards of small real JPEGs (crops of scikit-image's photos), the
+real pipeline (listing, decode, encode, Parquet sink, sharded COCO, accounting) with the model
+replaced by a *replay of detections recorded from a real run* (``bench/replay.py``: a bench
+instrument, never selectable in segpipe). The run is made in a fresh process, whose peak RSS
+is the driver's peak; the JSON holds ``images``, ``images_per_s``, ``driver_peak_mb``, the
+driver's ``seconds`` per stage, ``spilled_mb`` and ``exactly_once``. ``--resume-check`` then
+resumes the finished run (nothing left to do: listing, resume, to-do filter, accounting and
+the COCO write again) in another fresh process and reports its seconds and peak too.
+
+Without ``--replay``:
 
 Generates ``--images`` synthetic PNGs (random shapes on noise), runs the segment job on a local
 Ray with a tiny model configuration (seeded random weights, min_size = size, 5 detections per
@@ -69,6 +81,8 @@ def sample_memory() -> dict:
 
 
 def main() -> int:
+    if "--replay" in sys.argv or "--child" in sys.argv:
+        return replay_main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--size", type=int, default=64)
@@ -136,6 +150,168 @@ def main() -> int:
                     f"detections/image, batch {args.batch_size}, rows_per_file {args.rows_per_file}\n\n"
                     "```json\n" + json.dumps(result, indent=1) + "\n```\n")
     return 0 if result["exactly_once"] and result["max_rows_per_file"] <= args.rows_per_file else 1
+
+
+REPLAY_SIZE = 64
+
+
+def photo_crops(count: int, size: int, seed: int = 0) -> list:
+    """``count`` random ``size``×``size`` crops of scikit-image's real photos, as arrays."""
+    import numpy as np
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    photos = [getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    crops = []
+    for k in range(count):
+        photo = photos[k % len(photos)]
+        y, x = (int(rng.integers(0, photo.shape[d] - size)) for d in (0, 1))
+        crops.append(np.ascontiguousarray(photo[y:y + size, x:x + size, :3]))
+    return crops
+
+
+def make_tar_shards(folder: Path, count: int, size: int, per_tar: int = 1000) -> None:
+    """WebDataset-style shards ``shard-NNNNN.tar`` of ``count`` JPEGs (``KEY.jpg`` members);
+    the JPEG bytes cycle through 512 distinct crops."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    encoded = []
+    for crop in photo_crops(512, size):
+        buffer = io.BytesIO()
+        Image.fromarray(crop).save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, count, per_tar):
+        with tarfile.open(folder / f"shard-{start // per_tar:05d}.tar", "w") as tar:
+            for i in range(start, min(count, start + per_tar)):
+                data = encoded[i % len(encoded)]
+                member = tarfile.TarInfo(f"{i:09d}.jpg")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+
+
+def replay_config(work: Path, args, resume: bool = False):
+    from segpipe.config import SegmentConfig
+
+    return SegmentConfig(input=str(work / "tars"), output=str(work / "out"), weights="random",
+                         min_size=REPLAY_SIZE, max_size=REPLAY_SIZE,
+                         detections_per_image=args.per_image, proposals_per_image=100,
+                         score_floor=0.0, score_threshold=0.0, soft_masks=False,
+                         batch_size=16, rows_per_file=args.rows_per_file,
+                         coco_shard_images=args.coco_shard_images, progress=False,
+                         resume=resume)
+
+
+def replay_child(work: Path, args) -> dict:
+    """One segment run in this (fresh) process with replayed detections; its own figures."""
+    import pickle
+    import resource
+
+    import ray
+
+    from bench import replay
+    from segpipe.commands import segment
+
+    replay.ReplayedDetections.recorded = pickle.loads((work / "recorded.pkl").read_bytes())
+    ray.cloudpickle.register_pickle_by_value(replay)
+    segment.PredictStage = replay.ReplayedDetections   # the instrument, in this process only
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    spilled = [0.0]
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(2):
+            spilled[0] = max(spilled[0], sample_memory()["spilled_mb"])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    report = segment.run_segment(replay_config(work, args, resume=args.child == "resume"))
+    done.set()
+    watcher.join()
+    ray.shutdown()
+    return {"images": report.counts.images, "ok": report.counts.ok,
+            "annotations": report.counts.annotations,
+            "accounting_complete": report.accounting.complete,
+            "seconds": report.timings,
+            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "spilled_mb": spilled[0]}
+
+
+def replay_main() -> int:
+    import pickle
+    import subprocess
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--replay", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--per-image", type=int, default=10)
+    parser.add_argument("--rows-per-file", type=int, default=1000)
+    parser.add_argument("--coco-shard-images", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, help="folder to work in (default: a new temporary one)")
+    parser.add_argument("--resume-check", action="store_true")
+    parser.add_argument("--child", choices=("run", "resume"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(replay_child(args.work, args)))
+        return 0
+
+    import pyarrow.parquet as pq
+
+    from bench.replay import LABEL, record_detections
+    from segpipe.io.run_folder import prediction_files
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="segpipe-scale-"))
+    start = time.time()
+    make_tar_shards(work / "tars", args.images, REPLAY_SIZE)
+    generated_s = time.time() - start
+    config = replay_config(work, args)
+    recorded = record_detections(photo_crops(16, REPLAY_SIZE, seed=1), config)
+    (work / "recorded.pkl").write_bytes(pickle.dumps(recorded))
+    print(f"generated {args.images} JPEGs in tar shards in {generated_s:.0f} s; recorded "
+          f"{sum(len(r.scores) for r in recorded)} detections of 16 photos", flush=True)
+
+    def child(mode: str) -> dict:
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", mode,
+                   "--work", str(work), "--per-image", str(args.per_image),
+                   "--rows-per-file", str(args.rows_per_file),
+                   "--coco-shard-images", str(args.coco_shard_images)]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise SystemExit(done.stderr[-5000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    run = child("run")
+    files = prediction_files(str(work / "out" / "predictions"))
+    ids = pq.ParquetDataset(files).read(columns=["image_id"]).column("image_id")
+    unique = len(ids.unique())
+    coco = json.loads((work / "out" / "coco" / "index.json").read_text())
+    pipeline_s = run["seconds"]["pipeline"]
+    result = {
+        "label": LABEL, "images": args.images, "ok": run["ok"],
+        "images_per_s": round(args.images / pipeline_s, 1),
+        "end_to_end_images_per_s": round(args.images / run["seconds"]["total"], 1),
+        "driver_peak_mb": run["driver_peak_mb"], "seconds": run["seconds"],
+        "spilled_mb": run["spilled_mb"],
+        "exactly_once": unique == len(ids) == args.images and run["accounting_complete"],
+        "annotations": run["annotations"], "coco_shards": len(coco["shards"]),
+        "prediction_files": len(files),
+        "predictions_mb": round(sum(Path(f).stat().st_size for f in files) / 2**20, 1),
+        "coco_mb": round(sum(p.stat().st_size for p in (work / "out" / "coco").iterdir())
+                         / 2**20, 1),
+        "generation_s": round(generated_s, 1),
+    }
+    if args.resume_check:
+        resumed = child("resume")
+        result["resume"] = {"seconds": resumed["seconds"],
+                            "driver_peak_mb": resumed["driver_peak_mb"]}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if result["exactly_once"] else 1
 
 
 if __name__ == "__main__":

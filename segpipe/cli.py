@@ -136,19 +136,22 @@ def build_parser() -> SegpipeParser:
         "segment", help="segment the images under INPUT into OUTPUT (the expensive pass)",
         description="Segment every image under INPUT (a folder, tar shards or Parquet tables, "
                     "local or s3://) and write OUTPUT/predictions/*.parquet, "
-                    "OUTPUT/coco/instances.json, OUTPUT/coco/results.json and OUTPUT/run.json. "
+                    "OUTPUT/coco/instances.json and results.json (in shards listed by coco/index.json "
+                    "for runs of more than --coco-shard-images images) and OUTPUT/run.json. "
                     "Every option is also a key of a --config YAML file.",
         usage="segpipe segment INPUT OUTPUT [--config FILE] [options]")
     _add_config_flags(segment)
 
     export = commands.add_parser(
         "export", help="write COCO files from OUTPUT/predictions at new thresholds (no model)",
-        description="Write DIR/instances.json, DIR/results.json and DIR/export.json from a "
+        description="Write DIR/instances.json, DIR/results.json (or their shards), "
+                    "DIR/index.json and DIR/export.json from a "
                     "run's predictions/ at other thresholds, classes or limits, without the "
                     "model or the images.")
     export.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     export.add_argument("--to", required=True, metavar="DIR",
-                        help="folder to write instances.json, results.json and export.json to")
+                        help="folder to write instances.json, results.json (or their shards), "
+                             "index.json and export.json to")
     export.add_argument("--score-threshold", type=float, default=0.5, metavar="X",
                         help="lowest score written; not below the run's score floor "
                              "(default: 0.5)")
@@ -193,7 +196,8 @@ def build_parser() -> SegpipeParser:
                     "OUTPUT/eval.json.")
     evaluate.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     evaluate.add_argument("--gt", required=True, metavar="ANNOTATIONS.json",
-                          help="COCO instances file (images, annotations, categories)")
+                          help="COCO instances file (images, annotations, categories), or a "
+                               "segpipe index.json of COCO shards (or its folder)")
     evaluate.add_argument("--score-threshold", type=float, default=None, metavar="X",
                           help="lowest score evaluated (default: the run's score floor, as "
                                "COCO evaluation expects all detections)")

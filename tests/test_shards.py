@@ -203,3 +203,26 @@ def test_eval_takes_sharded_ground_truth_as_one_dataset(run, tmp_path):
     assert sharded["matching"]["images_evaluated"] == IMAGES
     assert sharded["segm"] == whole["segm"] and sharded["bbox"] == whole["bbox"]
     assert whole["segm"]["AP"] > 0.5
+
+
+def test_accounting_names_missing_duplicated_and_unexpected_images():
+    import pyarrow as pa
+
+    from segpipe.commands.report import account_for_inputs, cut_short
+
+    listing = pa.table({"image_id": pa.array([1, 2, 3], pa.int64()), "file_name": ["a", "b", "c"]})
+    images = pa.table({"image_id": pa.array([2, 2, 4, 5], pa.int64()),
+                       "file_name": ["b", "b", "d", "e.tar"],
+                       "status": ["ok", "ok", "ok", "error"],
+                       "error": [None, None, None, "read: x (the shard ends early)"]})
+    accounting = account_for_inputs(listing, images)
+    assert (accounting.listed, accounting.written) == (3, 4)
+    assert accounting.missing == ["a", "c"] and accounting.duplicated == ["b"]
+    assert accounting.unexpected == ["d", "e.tar"] and not accounting.complete
+    unlisted = account_for_inputs(None, images)
+    assert unlisted.duplicated == ["b"] and unlisted.listed is None and not unlisted.missing
+    assert account_for_inputs(listing.slice(1, 1), images.slice(0, 1)).complete
+    from segpipe.io.sources import READ_CUT
+
+    cut = images.set_column(3, "error", pa.array([None, None, None, f"read: {READ_CUT}"]))
+    assert cut_short(cut) == ["e.tar"] and cut_short(images) == []

@@ -7,7 +7,6 @@ import dataclasses
 import datetime as dt
 import platform
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Iterator, Optional
@@ -59,21 +58,33 @@ def account_for_inputs(listing: Optional[pa.Table], images: pa.Table) -> Account
     """Check that each listed image has exactly one row in ``images`` (and nothing else does).
 
     Inputs read by Ray Data's readers (tar shards, Parquet tables) have no listing: then only
-    duplicates can be checked, and ``listed`` is ``None``.
+    duplicates can be checked, and ``listed`` is ``None``. Arrow compute throughout: the
+    driver makes Python objects for the exceptions only, not for every image.
     """
-    written = Counter(images.column("image_id").to_pylist())
-    names = dict(zip(images.column("image_id").to_pylist(), images.column("file_name").to_pylist()))
+    written_ids = images.column("image_id")
+    counted = pc.value_counts(written_ids)
+    repeated = counted.filter(pc.greater(counted.field("counts"), 1)).field("values")
+    duplicated = _names(images, repeated)
     if listing is None:
-        return Accounting(listed=None, written=images.num_rows,
-                          duplicated=sorted(names[i] for i, n in written.items() if n > 1))
-    listed = dict(zip(listing.column("image_id").to_pylist(), listing.column("file_name").to_pylist()))
+        return Accounting(listed=None, written=images.num_rows, duplicated=duplicated)
+    listed_ids = listing.column("image_id")
+    missing = listing.filter(pc.invert(pc.is_in(listed_ids, value_set=written_ids)))
+    unexpected = images.filter(pc.invert(pc.is_in(written_ids, value_set=listed_ids)))
     return Accounting(
-        listed=len(listed),
+        listed=len(pc.unique(listed_ids)),
         written=images.num_rows,
-        missing=sorted(listed[i] for i in listed.keys() - written.keys()),
-        duplicated=sorted(names[i] for i, n in written.items() if n > 1),
-        unexpected=sorted(names[i] for i in written.keys() - listed.keys()),
+        missing=sorted(missing.column("file_name").to_pylist()),
+        duplicated=duplicated,
+        unexpected=sorted(set(unexpected.column("file_name").to_pylist())),
     )
+
+
+def _names(images: pa.Table, ids: pa.Array) -> list[str]:
+    """The file names of the images with ``ids``, sorted, once each."""
+    if not len(ids):
+        return []
+    rows = images.filter(pc.is_in(images.column("image_id"), value_set=ids))
+    return sorted(set(rows.column("file_name").to_pylist()))
 
 
 def error_summary(images: pa.Table) -> list[dict]:
@@ -172,8 +183,9 @@ def cut_short(images: pa.Table) -> list[str]:
     """The shards and tables whose error row says they could not be read to their end."""
     from segpipe.io.sources import READ_CUT
 
-    return sorted(name for name, error in zip(images.column("file_name").to_pylist(),
-                                              images.column("error").to_pylist())
+    errors = images.filter(pc.field("status") == schema.STATUS_ERROR)
+    return sorted(name for name, error in zip(errors.column("file_name").to_pylist(),
+                                              errors.column("error").to_pylist())
                   if error and error.startswith("read: ") and READ_CUT in error)
 
 

@@ -326,7 +326,12 @@ class _TailKeepingReader:
         return data
 
     def has_end_marker(self, offset: int) -> bool:
-        """True when two zero blocks follow the last member (which ends at ``offset``)."""
+        """True when two zero blocks follow the last member (which ends at ``offset``).
+        ``tarfile`` reads in records of 10,240 bytes and stops at the first zero block: when
+        that block ends a record, the second is not read yet, so it is read here."""
+        missing = offset + 1024 - self.consumed
+        if missing > 0:
+            self.read(missing)
         start = offset - (self.consumed - len(self.tail))
         return 0 <= start and len(self.tail) >= start + 1024 and \
             not any(self.tail[start:start + 1024])
