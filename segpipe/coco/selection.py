@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from segpipe import schema
@@ -49,9 +49,8 @@ class ExportCounts:
 
     def add(self, other: "ExportCounts") -> None:
         """Add ``other``'s detection counts (an export of more files) to these."""
-        for name, value in asdict(other).items():
-            if isinstance(value, int) and name not in ("images", "ok", "errors"):
-                setattr(self, name, getattr(self, name) + value)
+        for name in _DETECTION_COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def left_out(self) -> list[tuple[int, str]]:
         """``(count, reason)`` for every reason that left detections out, in selection order."""
@@ -65,6 +64,11 @@ class ExportCounts:
             (self.no_polygon_left_out, "without a polygon of 3+ points (--polygons)"),
         ]
         return [(n, reason) for n, reason in reasons if n]
+
+
+#: The fields of ``ExportCounts`` that count detections (what ``add`` adds).
+_DETECTION_COUNTS = tuple(f.name for f in fields(ExportCounts)
+                          if f.name not in ("images", "ok", "errors", "per_category"))
 
 
 def select_detections(row: dict, options: ExportOptions, settings: schema.RunSettings,

@@ -110,6 +110,22 @@ class ShardEntries:
     per_category: Counter = field(default_factory=Counter)
 
 
+#: Rows whose entries are made together (``rows_part``) before they are written.
+ROWS_PER_PART = 64
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def write_shard_entries(predictions_dir: str, files: list[str], shard: Shard,
                         options: ExportOptions, settings: schema.RunSettings,
                         coco_dir: str) -> ShardEntries:
@@ -123,8 +139,8 @@ def write_shard_entries(predictions_dir: str, files: list[str], shard: Shard,
                 fs.open_output_stream(entries.body) as body:
             results.write(b"[")
             result_writer = JsonArrayWriter(results)
-            for row in rows:
-                part = rows_part([row], options, settings)
+            for some_rows in batched(rows, ROWS_PER_PART):
+                part = rows_part(some_rows, options, settings)
                 for result in part.results:
                     result_writer.write_json(result)
                 if part.annotations:
