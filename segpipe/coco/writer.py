@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -43,8 +42,6 @@ from segpipe.io import ownership, storage
 from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
 from segpipe.io.run_folder import prediction_files
 from segpipe.progress import Progress
-
-log = logging.getLogger(__name__)
 
 
 class JsonArrayWriter:

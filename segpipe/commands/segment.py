@@ -212,6 +212,13 @@ def predict_and_encode(decoded: ray.data.Dataset, config: SegmentConfig, plan: S
         num_cpus=plan.encode_cpus)
 
 
+def remaining(listing: pa.Table, done: set[int]) -> pa.Table:
+    """The rows of ``listing`` whose images are not ``done`` (Arrow compute: no Python object
+    per listed image)."""
+    return listing.filter(pc.invert(pc.is_in(listing.column("image_id"),
+                                             value_set=pa.array(sorted(done), pa.int64()))))
+
+
 def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings:
     """What the predictions of this run depend on (recorded in every Parquet file)."""
     return RunSettings(model=weights.spec, weights_sha256=weights.sha256,
@@ -326,8 +333,7 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
     todo = listing
     if listing is not None:
         with timer("todo"):
-            todo = listing.filter(pc.invert(pc.is_in(
-                listing.column("image_id"), value_set=pa.array(sorted(done), pa.int64()))))
+            todo = remaining(listing, done)
         log.info("%d images to segment under %s", todo.num_rows, config.input)
     else:
         log.info("segmenting the images in the %s input %s", input_format, config.input)
