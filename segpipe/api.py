@@ -310,7 +310,10 @@ def export(output: str, to: str, score_threshold: float = 0.5,
     summary = run_export(output, to, checked.options, address=address, checked=checked,
                          shard_images=coco_shard_images)
     counts = ExportCounts(**summary["counts"])
-    shards = read_index(to)["shards"]
+    index = read_index(to)
+    if index is None:   # every export writes it last
+        raise RuntimeError(f"{to} holds no {INDEX_NAME} after the export")
+    shards = index["shards"]
     return ExportResult(storage.join(to, INDEX_NAME),
                         [storage.join(to, shard["instances"]) for shard in shards],
                         [storage.join(to, shard["results"]) for shard in shards],

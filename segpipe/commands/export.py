@@ -99,7 +99,7 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
         "run_settings": settings.to_json(),
         "counts": asdict(counts),
         "coco_shard_images": shard_images,
-        "shards": len(read_index(to)["shards"]),
+        "shards": len((read_index(to) or {"shards": []})["shards"]),
         "seconds": round(seconds, 3),
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
         "ray": address or None,
