@@ -226,3 +226,15 @@ def test_accounting_names_missing_duplicated_and_unexpected_images():
 
     cut = images.set_column(3, "error", pa.array([None, None, None, f"read: {READ_CUT}"]))
     assert cut_short(cut) == ["e.tar"] and cut_short(images) == []
+
+
+def test_the_to_do_list_is_the_listing_less_the_images_done():
+    import pyarrow as pa
+
+    from segpipe.commands.segment import remaining
+
+    listing = pa.table({"image_id": pa.array([5, 1, 9, 3], pa.int64()),
+                        "file_name": ["e", "a", "i", "c"]})
+    assert remaining(listing, {1, 9, 42}).column("file_name").to_pylist() == ["e", "c"]
+    assert remaining(listing, set()).equals(listing)
+    assert remaining(listing, {5, 1, 9, 3}).num_rows == 0
