@@ -24,22 +24,41 @@ IMAGES=${2:-2000}
 PY=${PYTHON:-python3}
 
 if [ "$MODE" = prepare ]; then
+    # --no-deps: the machine has numpy, torch and pyarrow; a wheel of them here would shadow
+    # its own (and numpy alone is 16 MB of the 64 MiB that can be carried)
     rm -rf wheels && mkdir -p wheels/raw
-    $PY -m pip download --quiet --only-binary=:all: --python-version 3.12 \
+    $PY -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux_2_28_x86_64 -d wheels/raw \
         "ray==$($PY -c 'import ray; print(ray.__version__)')" pycocotools msgpack click \
-        filelock jsonschema referencing rpds-py jsonschema-specifications attrs protobuf
+        filelock jsonschema referencing rpds-py jsonschema-specifications attrs protobuf \
+        pyyaml requests idna certifi charset-normalizer urllib3 packaging fsspec pandas \
+        python-dateutil six pytz tzdata tqdm
     $PY ../shared/tools/trim_ray_wheel.py wheels/raw/ray-*.whl wheels
     find wheels/raw -name '*.whl' ! -name 'ray-*' -exec mv {} wheels/ \;
     rm -rf wheels/raw
     du -sh wheels
+    [ "$(du -sk wheels | cut -f1)" -le 65536 ] || { echo "wheels/ is over 64 MiB"; exit 1; }
     exit 0
 fi
 
 SITE=$PWD/.gpu-site
 mkdir -p "$SITE"
-$PY -m pip install --quiet --no-index --no-deps --target "$SITE" wheels/*.whl
+# only what the machine lacks: a wheel of a package it has would shadow its own
+MISSING=$($PY - wheels/*.whl <<'EOF'
+import importlib.metadata as md
+import re
+import sys
+
+for wheel in sys.argv[1:]:
+    name = re.sub(r"[-_.]+", "-", wheel.rsplit("/", 1)[-1].split("-")[0]).lower()
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        print(wheel)
+EOF
+)
+[ -z "$MISSING" ] || $PY -m pip install --quiet --no-index --no-deps --target "$SITE" $MISSING
 export PYTHONPATH=$SITE:$PWD
 WORK=$(mktemp -d /tmp/segpipe-gpu-node-XXXX)
 $PY - "$WORK/images" "$IMAGES" <<'EOF'
