@@ -82,7 +82,10 @@ def test_predictions_written_and_exported_as_dataclasses(runs, tmp_path):
     result = segpipe.export(str(out), str(tmp_path / "coco"), score_threshold=0.5)
     assert isinstance(result, segpipe.ExportResult)
     assert isinstance(result.counts, segpipe.ExportCounts)
-    ours = json.loads(Path(result.instances).read_text())
+    assert result.instances == [str(tmp_path / "coco" / "instances.json")]   # one shard
+    assert result.results == [str(tmp_path / "coco" / "results.json")]
+    assert json.loads(Path(result.index).read_text())["images"] == result.counts.ok
+    ours = json.loads(Path(result.instances[0]).read_text())
     theirs = json.loads((root / "out" / "coco" / "instances.json").read_text())
     assert result.counts.annotations == len(ours["annotations"]) == len(theirs["annotations"])
     assert sorted(a["segmentation"]["counts"] for a in ours["annotations"]) == \
