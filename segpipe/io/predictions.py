@@ -95,7 +95,7 @@ def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def rows_in_order(predictions_dir: str, files: list[str], located: pa.Table,
-                  soft_masks: bool = True, chunk_rows: int = 256,
+                  soft_masks: bool = True, chunk_rows: int = 64,
                   cached_files: int = 8) -> Iterator[dict]:
     """Yield the rows (``ROW_COLUMNS``) that ``located`` points at (its ``LOCATION_COLUMNS``,
     into ``files``), in ``located``'s order, a chunk of ``chunk_rows`` at a time.
