@@ -126,9 +126,10 @@ def rows_in_order(predictions_dir: str, files: list[str], located: pa.Table,
         file_index = part.column("file_index").to_numpy()
         row_index = part.column("row_index").to_numpy()
         order = np.lexsort((row_index, file_index))   # by file, then row
+        files_in_order, rows_in_file_order = file_index[order], row_index[order]
         pieces = []
         for index in np.unique(file_index):
-            rows = row_index[order][file_index[order] == index]
+            rows = rows_in_file_order[files_in_order == index]
             pieces.append(file_table(int(index)).take(pa.array(rows)))
         joined = pa.concat_tables(pieces)
         back = np.empty_like(order)
