@@ -4,6 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# label-studio-sdk's brush decoder and config validation, for the tests, without its pins
+# (opencv-python-headless<4.13 would clash with opencv-python): the packages those import
+NO_DEPS_TEST_TOOLS := label-studio-sdk lxml xmljson jsf faker rstr ijson pyjwt ujson appdirs nltk
 
 .PHONY: setup sample test test-fast lint
 
@@ -13,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --no-deps -c constraints.txt $(NO_DEPS_TEST_TOOLS)
 	touch $(STAMP)
 
 sample: $(STAMP)

@@ -20,7 +20,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "segment": "segpipe.api", "Predictor": "segpipe.api", "write_predictions": "segpipe.api",
     "export": "segpipe.api", "to_coco": "segpipe.api", "ExportResult": "segpipe.api",
-    "as_config": "segpipe.api",
+    "as_config": "segpipe.api", "export_labels": "segpipe.api", "LabelsResult": "segpipe.api",
+    "review": "segpipe.api",
     "SegmentConfig": "segpipe.config", "ConfigError": "segpipe.config",
     "load_config": "segpipe.config",
     "ExportCounts": "segpipe.coco.selection",
@@ -31,7 +32,18 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 if TYPE_CHECKING:
-    from segpipe.api import ExportResult, Predictor, as_config, export, segment, to_coco, write_predictions
+    from segpipe.api import (
+        ExportResult,
+        LabelsResult,
+        Predictor,
+        as_config,
+        export,
+        export_labels,
+        review,
+        segment,
+        to_coco,
+        write_predictions,
+    )
     from segpipe.coco.selection import ExportCounts
     from segpipe.commands.report import RunReport
     from segpipe.commands.segment import run_segment

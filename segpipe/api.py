@@ -331,3 +331,52 @@ def to_coco(ds, to: str, config: ConfigLike = None, score_threshold: float = 0.5
     run = storage.join(storage.absolute(to).rstrip("/"), "run")
     write_predictions(ds, run, config, **overrides)
     return export(run, to, score_threshold=score_threshold, coco_shard_images=coco_shard_images)
+
+
+@dataclass
+class LabelsResult:
+    """What ``export_labels`` wrote: its files (Label Studio task files and config; YOLO's
+    data.yaml and lists), what went in and what was left out, and ``export.json``'s summary."""
+
+    files: list[str]
+    counts: ExportCounts
+    summary: dict[str, Any]
+
+
+def export_labels(output: str, to: str, format: str, image_root: Optional[str] = None,
+                  score_threshold: float = 0.5, mask_threshold: Optional[float] = None,
+                  classes: Optional[str] = None, max_per_image: Optional[int] = None,
+                  min_area: int = 1, polygons: bool = False, val_fraction: float = 0.1,
+                  split_seed: int = 0) -> LabelsResult:
+    """Label Studio tasks (``format="label-studio"``; ``image_root``: the images' URL prefix)
+    or an Ultralytics YOLO dataset (``format="yolo"``; ``image_root``: the local folder the
+    run read, linked from ``to/images``) in ``to`` from the run folder ``output``: ``segpipe
+    export --format``'s options, checked the same way (``ConfigError``)."""
+    from segpipe.commands.export import ExportFormat, check_export, check_export_target, run_export
+    from segpipe.io import storage
+
+    if format not in ("label-studio", "yolo"):
+        raise ConfigError(f"format must be label-studio or yolo (COCO: export), got {format!r}")
+    export_format = ExportFormat(format, image_root, val_fraction, split_seed)
+    export_format.check()
+    options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
+                            max_per_image=max_per_image, min_area=min_area, polygons=polygons)
+    checked = check_export(output, options, classes)
+    check_export_target(to, format)
+    summary = run_export(output, to, checked.options, checked=checked, export_format=export_format)
+    names = summary["task_files"] + [summary["label_config"]] if format == "label-studio" \
+        else ["data.yaml", "train.txt", "val.txt"]
+    return LabelsResult([storage.join(to, name) for name in names],
+                        ExportCounts(**summary["counts"]), summary)
+
+
+def review(output: str, to: str, score_threshold: float = 0.5, margin: float = 0.15,
+           top: Optional[int] = None, subset: Optional[str] = None,
+           image_root: Optional[str] = None, images: Optional[str] = None) -> dict[str, Any]:
+    """``segpipe review``: rank the run's images for review into ``to`` (``review.jsonl``,
+    ``review.csv``), with the first ``top`` as a ``subset`` (``coco`` or ``label-studio``) and
+    a gallery when ``images`` (the run's INPUT) is given; returns ``review.json``'s summary."""
+    from segpipe.commands.review import ReviewRequest, run_review
+
+    return run_review(ReviewRequest(output, to, score_threshold, margin, top, subset,
+                                    image_root, images))

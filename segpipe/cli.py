@@ -33,8 +33,9 @@ Ray cluster or a laptop, and write COCO instance annotations to train on, evalua
 into a labelling tool.
 
 `segpipe segment` is the one expensive pass: it writes every image's detections (with soft
-masks) to OUTPUT/predictions/*.parquet and the COCO files to OUTPUT/coco/. `export`, `eval`
-and `render` then work from OUTPUT/predictions alone, without a GPU or the images' model.
+masks) to OUTPUT/predictions/*.parquet and the COCO files to OUTPUT/coco/. `export` (COCO,
+Label Studio, YOLO), `review`, `eval` and `render` then work from OUTPUT/predictions alone,
+without a GPU or the images' model.
 """
 
 EPILOG = """\
@@ -143,15 +144,31 @@ def build_parser() -> SegpipeParser:
     _add_config_flags(segment)
 
     export = commands.add_parser(
-        "export", help="write COCO files from OUTPUT/predictions at new thresholds (no model)",
-        description="Write DIR/instances.json, DIR/results.json (or their shards), "
-                    "DIR/index.json and DIR/export.json from a "
-                    "run's predictions/ at other thresholds, classes or limits, without the "
-                    "model or the images.")
+        "export", help="write COCO, Label Studio or YOLO files from OUTPUT/predictions (no model)",
+        description="Write a run's predictions/ at other thresholds, classes or limits, without "
+                    "the model or the images, as COCO (DIR/instances.json, DIR/results.json or "
+                    "their shards, DIR/index.json), Label Studio tasks with pre-annotations "
+                    "(DIR/tasks.json, DIR/label_config.xml) or an Ultralytics YOLO segmentation "
+                    "dataset (DIR/data.yaml, train.txt, val.txt, labels/, images/), and "
+                    "DIR/export.json.")
     export.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     export.add_argument("--to", required=True, metavar="DIR",
-                        help="folder to write instances.json, results.json (or their shards), "
-                             "index.json and export.json to")
+                        help="folder to write the files (and export.json) to")
+    export.add_argument("--format", choices=("coco", "label-studio", "yolo"), default="coco",
+                        help="coco: COCO instances and results files; label-studio: tasks with "
+                             "pre-annotations (brush masks, exact; --polygons: polygon regions) "
+                             "and the labelling config; yolo: an Ultralytics segmentation "
+                             "dataset (default: coco)")
+    export.add_argument("--image-root", metavar="ROOT",
+                        help="label-studio: the URL prefix of the images (each task's image is "
+                             "ROOT + file_name), e.g. /data/local-files/?d=photos/ or "
+                             "s3://bucket/photos/; yolo: the local folder the run read, linked "
+                             "from DIR/images/ (default: no links)")
+    export.add_argument("--val-fraction", type=float, default=0.1, metavar="X",
+                        help="yolo: share of images in val.txt, chosen by a seeded hash of the "
+                             "file name (default: 0.1)")
+    export.add_argument("--split-seed", type=int, default=0, metavar="N",
+                        help="yolo: seed of the train/val hash (default: 0)")
     export.add_argument("--score-threshold", type=float, default=0.5, metavar="X",
                         help="lowest score written; not below the run's score floor "
                              "(default: 0.5)")
@@ -186,6 +203,35 @@ def build_parser() -> SegpipeParser:
                              "RAY_ADDRESS; without either, this process exports, which is "
                              "faster than starting a local Ray for all but huge runs)")
     export.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress line")
+
+    review = commands.add_parser(
+        "review", help="rank OUTPUT's images by how much a person's look would change their labels",
+        description="Score every image of a run from its predictions/ (detections near the score "
+                    "threshold, uncertain soft masks, masks that change between mask thresholds, "
+                    "rare classes; docs/labelling.md), write DIR/review.jsonl and DIR/review.csv "
+                    "in priority order with the reasons, and DIR/review.json; optionally the top "
+                    "images as a COCO or Label Studio subset (DIR/top/) and a gallery "
+                    "(DIR/gallery/).")
+    review.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
+    review.add_argument("--to", required=True, metavar="DIR", help="folder to write the ranking to")
+    review.add_argument("--score-threshold", type=float, default=0.5, metavar="X",
+                        help="the threshold labels will be exported at (default: 0.5)")
+    review.add_argument("--margin", type=float, default=0.15, metavar="X",
+                        help="scores within X of the threshold are borderline (default: 0.15)")
+    review.add_argument("--top", type=int, metavar="K",
+                        help="the first K images of the queue for --subset and the gallery "
+                             "(default: gallery of 100, no subset)")
+    review.add_argument("--subset", choices=("coco", "label-studio"),
+                        help="write the top K images as this format into DIR/top/ (default: "
+                             "no subset)")
+    review.add_argument("--image-root", metavar="ROOT",
+                        help="--subset label-studio: the URL prefix of the images, as export's "
+                             "(default: none)")
+    review.add_argument("--images", metavar="INPUT",
+                        help="the INPUT the run segmented: draw the top images, in queue order, "
+                             "into DIR/gallery/ (Ray tasks) (default: no gallery)")
+    review.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress line")
 
     evaluate = commands.add_parser(
@@ -247,8 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if extra:
         subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore
         subparser.unknown_flags(extra)
-    commands = {"segment": _segment, "export": _export, "eval": _eval, "render": _render,
-                "weights": _weights}
+    commands = {"segment": _segment, "export": _export, "review": _review, "eval": _eval,
+                "render": _render, "weights": _weights}
     try:
         with console.redacted_output(), console.segpipe_lines():
             return commands[args.command](args)
@@ -357,7 +403,7 @@ def _failed(config, log, exc: Exception) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from segpipe.coco.selection import ExportOptions
-    from segpipe.commands.export import check_export, check_export_target, run_export
+    from segpipe.commands.export import ExportFormat, check_export, check_export_target, run_export
 
     try:
         if args.max_per_image is not None and args.max_per_image < 1:
@@ -368,23 +414,26 @@ def _export(args: argparse.Namespace) -> int:
                                 mask_threshold=args.mask_threshold,
                                 max_per_image=args.max_per_image, min_area=args.min_area,
                                 polygons=args.polygons, instances_bbox=args.instances_bbox)
+        export_format = ExportFormat(args.format, args.image_root, args.val_fraction, args.split_seed)
+        export_format.check()
         checked = check_export(args.output, options, args.classes)
-        check_export_target(args.to)
+        check_export_target(args.to, args.format)
     except ConfigError as exc:
         return _config_error(exc)
-    address = args.address or os.environ.get("RAY_ADDRESS")
+    address = (args.address or os.environ.get("RAY_ADDRESS")) if args.format == "coco" else None
     if address:   # Ray's own messages go to DIR/logs, as render's do
         log = console.RunLog(args.to, "export")
         try:
             with console.output_to_log(log.path):
                 summary = run_export(args.output, args.to, options, args.progress,
                                      address=address, checked=checked,
-                                     shard_images=args.coco_shard_images)
+                                     shard_images=args.coco_shard_images,
+                                     export_format=export_format)
         finally:
             log.publish()
     else:
         summary = run_export(args.output, args.to, options, args.progress, checked=checked,
-                             shard_images=args.coco_shard_images)
+                             shard_images=args.coco_shard_images, export_format=export_format)
     from segpipe.coco.selection import ExportCounts
 
     c = summary["counts"]
@@ -397,8 +446,55 @@ def _export(args: argparse.Namespace) -> int:
     if counts.masks_with_holes:
         print(f"segpipe export:   {counts.masks_with_holes} masks have holes: their polygons "
               "reach each hole along a zero-width cut (keyhole polygons), which keeps the holes")
-    for name, n in list(c["per_category"].items())[:10]:
+    if args.format == "label-studio":
+        print(f"segpipe export:   tasks: {', '.join(summary['task_files'])}; paste "
+              f"{args.to.rstrip('/')}/label_config.xml into the project's Labeling Interface")
+    if args.format == "yolo":
+        print(f"segpipe export:   {summary['train']} train and {summary['val']} val images, "
+              f"{len(summary['classes'])} classes; train with data={args.to.rstrip('/')}/data.yaml")
+        if not summary["linked"]:
+            print("segpipe export:   no --image-root: put (or link) each image at "
+                  "DIR/images/<name> as train.txt and val.txt list them")
+        if summary["duplicate_names"]:
+            print(f"segpipe export:   {summary['duplicate_names']} image(s) left out: their label "
+                  "file name is another image's")
+    for name, n in sorted(c["per_category"].items(), key=lambda kv: (-kv[1], kv[0]))[:10]:
         print(f"  {n:>8}  {name}")
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from segpipe.commands.review import ReviewRequest, check_review, run_review
+
+    request = ReviewRequest(args.output, args.to, args.score_threshold, args.margin, args.top,
+                            args.subset, args.image_root, args.images)
+    try:
+        check_review(request)
+    except ConfigError as exc:
+        return _config_error(exc)
+    if args.images:   # Ray's own messages (the gallery) go to DIR/logs, as render's do
+        log = console.RunLog(args.to, "review")
+        try:
+            with console.output_to_log(log.path):
+                summary = run_review(request, show_progress=args.progress)
+        finally:
+            log.publish()
+    else:
+        summary = run_review(request, show_progress=args.progress)
+    print(f"segpipe review: {summary['images']} images ranked in {summary['seconds']} s → "
+          f"{args.to.rstrip('/')}/review.jsonl, review.csv")
+    for name, spread in summary["signals"].items():
+        print(f"segpipe review:   {name}: over 0.05 on {spread['images_over_0.05']} images, "
+              f"mean {spread['mean']}, max {spread['max']}")
+    for record in summary["first"][:5]:
+        print(f"  #{record['rank']} {record['file_name']} ({record['priority']}): "
+              + "; ".join(record["reasons"][:2]))
+    if "subset" in summary:
+        s = summary["subset"]
+        print(f"segpipe review: top {s['images']} images as {s['format']} → {s['folder']}")
+    if "gallery" in summary:
+        print(f"segpipe review: gallery of {summary['gallery']['rendered']} images: "
+              f"open {summary['gallery']['index']}")
     return 0
 
 

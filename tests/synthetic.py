@@ -102,3 +102,101 @@ def blob_detections(count: int, height: int, width: int, seed: int = 0, smallest
             inside = np.minimum(inside, (np.hypot(gx - cx, gy - cy) - 0.2) * mask_size / 2)
         masks[k] = 1 / (1 + np.exp(-rng.uniform(2, 5) * inside))
     return masks, boxes.astype(np.float32)
+
+
+def blob_rows(images: int, per_image: int, height: int, width: int, seed: int = 0,
+              smallest: int = 16, largest: int = 120) -> list[dict]:
+    """Rows of trained-like detections (``blob_detections``) encoded as the run's encode
+    stage encodes them: masks pasted and binarised at 0.5, soft masks stored."""
+    from segpipe.encode.detections import ImageDetections
+    from segpipe.encode.encoder import encode_detections
+
+    rng = np.random.default_rng(seed)
+    labels = sorted(COCO_TABLE.ids)[:12]
+    rows = []
+    for i in range(images):
+        soft, boxes = blob_detections(per_image, height, width, seed=seed * 1000 + i,
+                                      smallest=smallest, largest=largest)
+        scores = np.sort(rng.uniform(0.05, 1.0, per_image))[::-1].astype(np.float32)
+        det = ImageDetections(labels=np.array([labels[k % len(labels)] for k in rng.integers(0, 40, per_image)],
+                                              np.int32),
+                              scores=scores, boxes=boxes, soft_masks=soft)
+        rows.append(image_row(f"blobs/{i:04d}.jpg", width, height,
+                              encode_detections(det, height, width, SETTINGS.mask_threshold)))
+    return rows
+
+
+def simulated_review_set(images: int, height: int = 96, width: int = 128, seed: int = 0):
+    """A set with exact ground truth and the detections of a *simulated* detector whose
+    mistakes grow with each object's difficulty: ``(rows, truth)``, ``truth[file_name]`` a
+    list of ``(category_id, mask)``.
+
+    Ground truth: 1-4 smooth blobs an image (``blob_detections`` pasted at 0.5), classes
+    drawn from a skewed table (3 common, 5 rare). Per object a difficulty ``d`` in [0, 1]:
+    the score falls with ``d`` (``0.95 - 0.7 d`` + noise), the box shifts by up to ``0.3 d`` of
+    its size, the soft mask is flattened towards 0.5 by ``d`` (less sure) and its edge moved,
+    the class is swapped with probability ``0.02 + 0.4 d`` (rare classes are harder: ``d``
+    is drawn higher); a quarter of the images get a low-scored false positive. A plumbing
+    check of the review signals against errors, not a claim about real models."""
+    from segpipe.encode.encoder import encode_masks
+    from segpipe.encode.detections import ImageDetections
+    from segpipe.encode.encoder import encode_detections
+
+    rng = np.random.default_rng(seed)
+    common, rare = [1, 3, 62], [17, 18, 44, 77, 88]
+    rows, truth = [], {}
+    for i in range(images):
+        count = int(rng.integers(1, 5))
+        soft, boxes = blob_detections(count, height, width, seed=seed * 100_000 + i, smallest=20,
+                                      largest=60)
+        is_rare = rng.random(count) < 0.15
+        classes = np.where(is_rare, rng.choice(rare, count), rng.choice(common, count))
+        gt_rles, _ = encode_masks(soft, boxes, height, width, 0.5)
+        name = f"sim/{i:05d}.jpg"
+        truth[name] = [(int(c), mask_utils.decode(r | {"counts": r["counts"].encode()}).astype(bool))
+                       for c, r in zip(classes, gt_rles)]
+        d = np.clip(rng.beta(1.0, 5.0, count) + 0.3 * is_rare, 0, 1)
+        scores = np.clip(0.95 - 0.7 * d + rng.normal(0, 0.05, count), 0.06, 0.999)
+        size = (boxes[:, 2:] - boxes[:, :2])
+        shift = rng.uniform(-1, 1, (count, 2)) * d[:, None] * size * 0.3
+        boxes_p = boxes + np.concatenate([shift, shift], 1).astype(np.float32)
+        logit = np.log(soft / (1 - soft + 1e-6) + 1e-6)
+        soft_p = 1 / (1 + np.exp(-(logit * (1 - 0.85 * d)[:, None, None]
+                                   + rng.normal(0, 1.5, soft.shape) * d[:, None, None])))
+        swap = rng.random(count) < 0.02 + 0.4 * d
+        labels = np.where(swap, rng.choice(common + rare, count), classes)
+        if rng.random() < 0.25:   # a false positive
+            fp_soft, fp_box = blob_detections(1, height, width, seed=seed * 100_000 + i + 50_000,
+                                              smallest=15, largest=40)
+            soft_p = np.concatenate([soft_p, fp_soft])
+            boxes_p = np.concatenate([boxes_p, fp_box])
+            scores = np.concatenate([scores, rng.uniform(0.35, 0.7, 1)])
+            labels = np.concatenate([labels, rng.choice(common, 1)])
+        det = ImageDetections(labels=labels.astype(np.int32), scores=scores.astype(np.float32),
+                              boxes=boxes_p.clip(0, [width, height, width, height]).astype(np.float32),
+                              soft_masks=soft_p.astype(np.float32))
+        rows.append(image_row(name, width, height, encode_detections(det, height, width, 0.5)))
+    return rows, truth
+
+
+def image_errors(row: dict, truth: list, threshold: float = 0.5, iou_ok: float = 0.75) -> int:
+    """Mistakes a labeller would fix in one image at ``threshold``: missed objects, false
+    detections (wrong class or IoU < 0.5) and poor masks (IoU < ``iou_ok``), greedy matching
+    by score."""
+    kept = sorted((d for d in row["detections"] if d["score"] >= threshold), key=lambda d: -d["score"])
+    unmatched = list(range(len(truth)))
+    errors = 0
+    for det in kept:
+        mask = mask_utils.decode(det["segmentation"] | {"counts": det["segmentation"]["counts"].encode()}).astype(bool)
+        best, best_iou = None, 0.0
+        for k in unmatched:
+            category, gt = truth[k]
+            iou = (mask & gt).sum() / max((mask | gt).sum(), 1)
+            if category == det["category_id"] and iou > best_iou:
+                best, best_iou = k, iou
+        if best is None or best_iou < 0.5:
+            errors += 1
+            continue
+        unmatched.remove(best)
+        errors += best_iou < iou_ok
+    return errors + len(unmatched)

@@ -87,7 +87,7 @@ def test_help_is_a_manual(no_torch_no_ray):
     top = run_cli("--help", env_extra=no_torch_no_ray)
     assert top.returncode == 0
     assert "Segment large image datasets" in top.stdout and "Exit status" in top.stdout
-    for command in ("segment", "export", "eval", "render", "weights"):
+    for command in ("segment", "export", "review", "eval", "render", "weights"):
         assert f"    {command}" in top.stdout
     segment = run_cli("segment", "--help", env_extra=no_torch_no_ray).stdout
     assert segment.startswith("usage: segpipe segment INPUT OUTPUT")
@@ -97,7 +97,8 @@ def test_help_is_a_manual(no_torch_no_ray):
     assert "(default: 0.05)" in flat and "(default: maskrcnn_resnet50_fpn)" in flat
     for command, flags in {"render": ("--score-threshold", "--classes", "--limit"),
                            "eval": ("--iou-type", "--score-threshold"),
-                           "export": ("--polygons", "--min-area")}.items():
+                           "export": ("--polygons", "--min-area", "--format", "--image-root"),
+                           "review": ("--top", "--subset", "--margin")}.items():
         text = run_cli(command, "--help", env_extra=no_torch_no_ray).stdout
         # Each option's entry: from "  --flag" to the next option.
         entries = {("-" + chunk).split()[0].rstrip(","): chunk

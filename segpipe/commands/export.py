@@ -1,20 +1,25 @@
-"""``segpipe export``: check the request against the stored predictions, then write COCO files
-into ``--to`` (``coco.writer``) and ``export.json``."""
+"""``segpipe export``: check the request against the stored predictions, then write the files
+of the asked format into ``--to`` and ``export.json``: COCO (``coco.writer``), Label Studio
+tasks (``labels.label_studio``) or an Ultralytics YOLO dataset (``labels.yolo``)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
+
+import pyarrow.fs as pafs
 
 from segpipe import __version__, schema
 from segpipe.coco.selection import ExportOptions
 from segpipe.coco.shards import COCO_NAME, read_index
 from segpipe.coco.writer import export_coco
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError
-from segpipe.io import ownership
+from segpipe.io import ownership, storage
 from segpipe.io.run_folder import (
     COCO_FILES,
     LOGS_DIR,
@@ -24,6 +29,32 @@ from segpipe.io.run_folder import (
 )
 
 EXPORT_JSON = "export.json"
+FORMATS = ("coco", "label-studio", "yolo")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """What ``--format`` asks beyond the detections: where the images are for tools that show
+    them (Label Studio's URLs, YOLO's links), and YOLO's train/val split."""
+
+    name: str = "coco"
+    image_root: Optional[str] = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+    def check(self) -> None:
+        """``ConfigError`` for a format request that cannot be written."""
+        if self.name not in FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.name!r}")
+        if self.name == "label-studio" and not self.image_root:
+            raise ConfigError("--format label-studio needs --image-root: where Label Studio finds "
+                              "the images, e.g. /data/local-files/?d=photos/ or s3://bucket/photos/")
+        if self.name == "yolo":
+            if not 0.0 <= self.val_fraction <= 1.0:
+                raise ConfigError(f"--val-fraction must be in [0, 1], got {self.val_fraction}")
+            if self.image_root and not os.path.isdir(self.image_root):
+                raise ConfigError(f"--image-root {self.image_root} is not a local folder: a YOLO "
+                                  "dataset links its images from the folder the run read")
 
 
 @dataclass(frozen=True)
@@ -68,38 +99,61 @@ def check_export(output: str, options: ExportOptions,
 def run_export(output: str, to: str, options: ExportOptions, show_progress: bool = False,
                class_names: Optional[str] = None, address: Optional[str] = None,
                checked: Optional[CheckedExport] = None,
-               shard_images: int = DEFAULT_COCO_SHARD_IMAGES) -> dict:
-    """``segpipe export``: write the COCO files (``instances.json`` and ``results.json``, or
-    their shards of ``shard_images`` images; 0: single files, which merges a sharded run) with
-    ``index.json`` and ``export.json`` into ``to`` from ``output/predictions`` alone, after
-    ``check_export`` (``checked``, when the caller ran it). With a Ray ``address`` the shards
-    are written in Ray tasks on that cluster (``export_coco(parallel=True)``)."""
+               shard_images: int = DEFAULT_COCO_SHARD_IMAGES,
+               export_format: Optional[ExportFormat] = None) -> dict:
+    """``segpipe export``: write the files of ``export_format`` (default COCO) and
+    ``export.json`` into ``to`` from ``output/predictions`` alone, after ``check_export``
+    (``checked``, when the caller ran it) and ``check_export_target``.
+
+    COCO: ``instances.json`` and ``results.json``, or their shards of ``shard_images`` images
+    (0: single files, which merges a sharded run), with ``index.json``; with a Ray
+    ``address`` the shards are written in Ray tasks on that cluster. Label Studio and YOLO
+    are written by this process."""
+    export_format = export_format or ExportFormat()
     if checked is None:
+        export_format.check()
         checked = check_export(output, options, class_names)
-        check_export_target(to)
+        check_export_target(to, export_format.name)
     predictions_dir, settings, options = checked.predictions_dir, checked.settings, checked.options
     ownership.mark_folder(to, "export")
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if address:
-            from segpipe.cluster.session import ray_session
+    written: dict = {}
+    if export_format.name == "label-studio":
+        from segpipe.labels.label_studio import export_label_studio
 
-            stack.enter_context(ray_session(address))
-        counts = export_coco(predictions_dir, to, options, settings,
-                             show_progress=show_progress, parallel=bool(address),
-                             shard_images=shard_images)
+        counts, names = export_label_studio(predictions_dir, to, options, settings,
+                                            export_format.image_root or "")
+        written = {"task_files": names, "label_config": "label_config.xml"}
+    elif export_format.name == "yolo":
+        from segpipe.labels.yolo import YoloSplit, export_yolo
+
+        counts, yolo = export_yolo(predictions_dir, to, options, settings,
+                                   YoloSplit(export_format.val_fraction, export_format.split_seed),
+                                   export_format.image_root)
+        written = {"data_yaml": "data.yaml", **asdict(yolo)}
+    else:
+        with contextlib.ExitStack() as stack:
+            if address:
+                from segpipe.cluster.session import ray_session
+
+                stack.enter_context(ray_session(address))
+            counts = export_coco(predictions_dir, to, options, settings,
+                                 show_progress=show_progress, parallel=bool(address),
+                                 shard_images=shard_images)
+        written = {"coco_shard_images": shard_images,
+                   "shards": len((read_index(to) or {"shards": []})["shards"])}
     seconds = time.perf_counter() - start
     summary = {
         "segpipe": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": output,
+        "format": export_format.name,
         "asked": {**asdict(options), "classes": sorted(options.classes) if options.classes else None,
                   "mask_threshold": options.mask_threshold if options.mask_threshold is not None
-                  else settings.mask_threshold},
+                  else settings.mask_threshold, **asdict(export_format)},
         "run_settings": settings.to_json(),
         "counts": asdict(counts),
-        "coco_shard_images": shard_images,
-        "shards": len((read_index(to) or {"shards": []})["shards"]),
+        **written,
         "seconds": round(seconds, 3),
         "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
         "ray": address or None,
@@ -108,10 +162,29 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     return summary
 
 
-def check_export_target(to: str) -> None:
+def check_export_target(to: str, format_name: str = "coco") -> None:
     """Refuse a ``--to`` folder export cannot write (a file, no permission), a link on the
     way, or files there that export would replace and segpipe did not write."""
-    check_folder_target(to, "--to", " (export writes instances.json, results.json (or their "
-                                    "shards), index.json and export.json into it)")
+    from segpipe.labels.label_studio import TASK_FILE_NAME
+    from segpipe.labels.yolo import YOLO_DIRS, YOLO_FILES
+
+    writes = {"coco": "instances.json, results.json (or their shards), index.json",
+              "label-studio": "tasks.json (or its parts) and label_config.xml",
+              "yolo": "data.yaml, train.txt, val.txt, labels/ and images/"}[format_name]
+    check_folder_target(to, "--to", f" (export writes {writes} and export.json into it)")
     ownership.refuse_links(to, [LOGS_DIR], "export writes its log there")
-    ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON), matching=COCO_NAME)
+    if format_name == "coco":
+        ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON), matching=COCO_NAME)
+    elif format_name == "label-studio":
+        ownership.check_replaceable(to, ("label_config.xml", EXPORT_JSON),
+                                    matching=re.compile(TASK_FILE_NAME))
+    else:
+        fs, root = storage.resolve(to)
+        if not isinstance(fs, pafs.LocalFileSystem):
+            raise ConfigError(f"--format yolo writes a local folder (Ultralytics reads one), not {to}")
+        ownership.refuse_links(to, YOLO_DIRS, "export writes YOLO labels there")
+        ownership.check_replaceable(to, (*YOLO_FILES, EXPORT_JSON))
+        ours = "data.yaml" in (ownership.recorded(to) or {})
+        there = [storage.join(root, d) for d in YOLO_DIRS if storage.exists(fs, storage.join(root, d))]
+        if there and not ours:
+            raise ownership.refusal(there, to, "write into")

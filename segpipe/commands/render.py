@@ -230,13 +230,17 @@ def source_blocks(rows: pa.Table, found: sources.InputFiles,
 
 
 def select_rows(predictions_dir: str, limit: int, score_threshold: float,
-                classes: Optional[frozenset[int]], categories: CategoryTable) -> pa.Table:
-    """The first ``limit`` ok images by file_name, with the detections to draw as JSON and the
-    name each is rendered under."""
+                classes: Optional[frozenset[int]], categories: CategoryTable,
+                file_names: Optional[list[str]] = None) -> pa.Table:
+    """The first ``limit`` ok images by file_name (or the ok ones of ``file_names``, in that
+    order), with the detections to draw as JSON and the name each is rendered under."""
     dataset = predictions_dataset(predictions_dir)
-    names = (dataset.to_table(columns=["file_name"], filter=pc.field("status") == schema.STATUS_OK)
-             .column("file_name").to_pylist())
-    chosen = set(sorted(names)[:limit])
+    if file_names is None:
+        names = (dataset.to_table(columns=["file_name"], filter=pc.field("status") == schema.STATUS_OK)
+                 .column("file_name").to_pylist())
+        chosen = set(sorted(names)[:limit])
+    else:
+        chosen = set(file_names)
     table = dataset.to_table(columns=["file_name", "width", "height", "detections"],
                              filter=pc.field("file_name").isin(list(chosen)))
     rows = []
@@ -251,11 +255,18 @@ def select_rows(predictions_dir: str, limit: int, score_threshold: float,
     names = rendered_names([r["file_name"] for r in rows])
     for r in rows:
         r["rendered_name"] = names[r["file_name"]]
-    return pa.Table.from_pylist(rows).sort_by("file_name") if rows else pa.table({})
+    if not rows:
+        return pa.table({})
+    if file_names is None:
+        return pa.Table.from_pylist(rows).sort_by("file_name")
+    position = {name: k for k, name in enumerate(file_names)}
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: position[r["file_name"]]))
 
 
-def gallery_html(rows: list[dict], errors: dict[str, str], title: str) -> str:
-    """``index.html``: per-class counts, a score histogram and every rendered image."""
+def gallery_html(rows: list[dict], errors: dict[str, str], title: str,
+                 captions: Optional[dict[str, str]] = None) -> str:
+    """``index.html``: per-class counts, a score histogram and every rendered image (in the
+    order of ``rows``, with its caption from ``captions`` under its name)."""
     per_class: Counter = Counter()
     scores = []
     for row in rows:
@@ -276,12 +287,14 @@ def gallery_html(rows: list[dict], errors: dict[str, str], title: str) -> str:
         name = row["file_name"]
         href = urllib.parse.quote("images/" + row["rendered_name"])
         count = len(json.loads(row["detections_json"]))
+        caption = (captions or {}).get(name)
+        extra = f"<br>{html.escape(caption)}" if caption else ""
         if name in errors:
             tiles.append(f'<figure class="err"><figcaption>{html.escape(name)}: '
                          f"{html.escape(errors[name])}</figcaption></figure>")
         else:
             tiles.append(f'<figure><a href="{href}"><img src="{href}" loading="lazy"></a>'
-                         f"<figcaption>{html.escape(name)} ({count})</figcaption></figure>")
+                         f"<figcaption>{html.escape(name)} ({count}){extra}</figcaption></figure>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;margin:4px;width:320px;
@@ -312,6 +325,9 @@ class RenderRequest:
     score_threshold: float = 0.5
     classes: Optional[str] = None   # names or ids, comma-separated
     address: Optional[str] = None
+    file_names: Optional[list[str]] = None   # these images, in this order (not the first by name)
+    captions: Optional[dict[str, str]] = None   # a line under each image, by file_name
+    title: Optional[str] = None
 
 
 @dataclass
@@ -348,11 +364,11 @@ def check_render(request: RenderRequest) -> CheckedRender:
     input_format = sources.detect_input_format(request.images_uri, found)
     run_folder.check_folder_target(request.to, "--to")
     rows = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
-                       settings.categories)
+                       settings.categories, request.file_names)
     if rows.num_rows == 0:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
     check_render_target(request.to, rows.column("rendered_name").to_pylist())
-    return CheckedRender(predictions_dir, rows, f"segpipe: {request.output}", input_format,
+    return CheckedRender(predictions_dir, rows, request.title or f"segpipe: {request.output}", input_format,
                          *_table_columns(request.output), found)
 
 
@@ -431,7 +447,7 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
     rows = table.to_pylist()
     fs, root = storage.resolve(to.rstrip("/"))
     storage.write_bytes_atomic(fs, storage.join(root, RENDER_FILES[0]),
-                               gallery_html(rows, errors, checked.title).encode())
+                               gallery_html(rows, errors, checked.title, request.captions).encode())
     ownership.record_written(to, [RENDER_FILES[0]])
     summary = {"rendered": len(rows) - len(errors), "errors": errors,
                "index": storage.join(root, RENDER_FILES[0])}

@@ -1,0 +1,176 @@
+"""Label Studio tasks with segpipe's detections as pre-annotations, and the labelling config.
+
+One task per ok image: ``data.image`` is the image's URL under a root the user gives (a Label
+Studio local-files path such as ``/data/local-files/?d=photos/``, an ``s3://`` or ``gs://``
+prefix its cloud storage resolves, or an ``http(s)`` URL), with ``file_name`` and
+``segpipe_image_id`` beside it; ``predictions`` holds one prediction (``model_version``: the
+architecture and the weights' sha256, ``score``: the mean of its regions') with one region per
+detection:
+
+- ``brushlabels`` (default): the mask in Label Studio's brush RLE (``labels.brush``), which its
+  decoder turns back into exactly the mask's pixels, holes and separate parts included;
+- ``polygonlabels`` (``polygons``): one region per 8-connected part of the mask, its pixel-edge
+  ring with holes kept by keyhole cuts (``coco.polygons``), in percent of the image size;
+  a mask of several parts becomes several regions, as Label Studio's polygons are one ring;
+- ``rectanglelabels``: detections of a box-only detector.
+
+Each region carries its class name as its label and its own ``score``. ``label_config`` is the
+XML to paste into the project's Labeling Interface: the run's class names, in its order.
+Tasks are written as JSON lists of at most ``TASKS_PER_FILE`` tasks (``tasks.json``, or
+``tasks-00000-of-000NN.json``...), each importable on its own.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+import xml.etree.ElementTree as ET
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from segpipe import schema
+from segpipe.coco.polygons import mask_polygons
+from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.io import ownership, storage
+from segpipe.labels.brush import brush_rle
+from segpipe.labels.rows import selected_images
+from segpipe.model.categories import CategoryTable
+
+#: Tasks per file: Label Studio reads an uploaded file whole, in one request.
+TASKS_PER_FILE = 10_000
+FROM_NAME = "label"
+TO_NAME = "image"
+#: The region type of each kind of geometry, and the control tag that makes it.
+REGION_TYPES = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
+CONTROL_TAGS = {"brush": "BrushLabels", "polygon": "PolygonLabels", "rectangle": "RectangleLabels"}
+#: URL schemes whose paths Label Studio's cloud storages resolve as object keys, unquoted.
+STORAGE_SCHEMES = ("s3://", "gs://", "azure-blob://")
+TASK_FILE_NAME = r"tasks(?:-\d{5,}-of-\d{5,})?\.json"
+
+
+def region_kind(settings: schema.RunSettings, options: ExportOptions) -> str:
+    """``brush``, ``polygon`` or ``rectangle``: how this run's detections become regions."""
+    if not settings.model.has_masks:
+        return "rectangle"
+    return "polygon" if options.polygons else "brush"
+
+
+def label_config(categories: CategoryTable, kind: str, classes: Optional[frozenset[int]] = None) -> str:
+    """The labelling config XML for tasks of ``kind`` regions with these categories (those in
+    ``classes`` when given), in the run's order."""
+    view = ET.Element("View")
+    ET.SubElement(view, "Image", name=TO_NAME, value="$" + TO_NAME, zoom="true", zoomControl="true")
+    control = ET.SubElement(view, CONTROL_TAGS[kind], name=FROM_NAME, toName=TO_NAME)
+    for category in categories.categories:
+        if classes is None or category.id in classes:
+            ET.SubElement(control, "Label", value=category.name)
+    ET.indent(view)
+    return ET.tostring(view, encoding="unicode") + "\n"
+
+
+def image_url(image_root: str, file_name: str) -> str:
+    """The URL of ``file_name`` under ``image_root``: object keys are left as they are for
+    cloud storage schemes; elsewhere the name is percent-quoted (``/`` kept)."""
+    if image_root.startswith(STORAGE_SCHEMES):
+        name = file_name
+    else:
+        name = urllib.parse.quote(file_name, safe="/")
+    if image_root.endswith(("/", "=")):
+        return image_root + name
+    return image_root + "/" + name
+
+
+def regions(detections: list[dict], width: int, height: int, kind: str) -> list[dict]:
+    """The prediction regions of one image's detections (masks as COCO RLE)."""
+    from pycocotools import mask as mask_utils
+
+    out = []
+    for k, det in enumerate(detections):
+        common = {"from_name": FROM_NAME, "to_name": TO_NAME, "type": REGION_TYPES[kind],
+                  "original_width": width, "original_height": height, "image_rotation": 0,
+                  "score": float(det["score"])}
+        label = {REGION_TYPES[kind]: [det["category_name"]]}
+        if kind == "brush":
+            mask = mask_utils.decode(det["segmentation"])
+            out.append({"id": f"d{k}", **common,
+                        "value": {"format": "rle", "rle": brush_rle(mask), **label}})
+        elif kind == "polygon":
+            parts, _ = mask_polygons(det["segmentation"])
+            for p, ring in enumerate(parts):
+                points = np.asarray(ring, np.float64).reshape(-1, 2) / [width, height] * 100.0
+                out.append({"id": f"d{k}" if len(parts) == 1 else f"d{k}p{p}", **common,
+                            "value": {"points": points.tolist(), "closed": True, **label}})
+        else:
+            x, y, w, h = (float(v) for v in det["bbox"])
+            out.append({"id": f"d{k}", **common,
+                        "value": {"x": x / width * 100.0, "y": y / height * 100.0,
+                                  "width": w / width * 100.0, "height": h / height * 100.0,
+                                  "rotation": 0, **label}})
+    return out
+
+
+def model_version(settings: schema.RunSettings) -> str:
+    """What made the predictions, as Label Studio groups them: architecture and weights."""
+    return f"segpipe {settings.model.arch} {settings.weights_sha256[:12]}"
+
+
+def make_task(row: dict, detections: list[dict], image_root: str, kind: str, version: str,
+              extra: Optional[dict] = None) -> dict:
+    """The Label Studio task of one ok image (``extra``: more ``data`` fields)."""
+    found = regions(detections, row["width"], row["height"], kind)
+    prediction: dict[str, Any] = {"model_version": version, "result": found}
+    if found:
+        prediction["score"] = float(np.mean([r["score"] for r in found]))
+    data = {TO_NAME: image_url(image_root, row["file_name"]), "file_name": row["file_name"],
+            "segpipe_image_id": row["image_id"], **(extra or {})}
+    return {"data": data, "predictions": [prediction]}
+
+
+def task_file_names(images: int) -> list[str]:
+    """The task files of an export of ``images`` tasks."""
+    total = max(1, -(-images // TASKS_PER_FILE))
+    if total == 1:
+        return ["tasks.json"]
+    return [f"tasks-{k:05d}-of-{total:05d}.json" for k in range(total)]
+
+
+def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
+                        settings: schema.RunSettings, image_root: str,
+                        images: Optional[pa.Table] = None,
+                        extra: Optional[Callable[[dict], dict]] = None) -> tuple[ExportCounts, list[str]]:
+    """Write the tasks of the run's ok images (of ``images``, default all) and
+    ``label_config.xml`` into ``to``; ``extra(row)`` adds task data. Returns the counts and
+    the task files written."""
+    from segpipe.coco.writer import JsonArrayWriter
+
+    kind = region_kind(settings, options)
+    version = model_version(settings)
+    fs, root = storage.resolve(to)
+    counts = ExportCounts()
+    rows = selected_images(predictions_dir, options, settings, counts, images)
+    first = next(rows, None)
+    ok_images = counts.ok
+    names = task_file_names(ok_images)
+    pending = first
+    for name in names:
+        with storage.atomic_output(fs, storage.join(root, name)) as stream:
+            stream.write(b"[")
+            writer = JsonArrayWriter(stream)
+            written = 0
+            while pending is not None and written < TASKS_PER_FILE:
+                row, kept = pending
+                writer.write(make_task(row, kept, image_root, kind, version,
+                                       extra(row) if extra else None))
+                written += 1
+                pending = next(rows, None)
+            writer.flush()
+            stream.write(b"\n]\n")
+    storage.write_bytes_atomic(fs, storage.join(root, "label_config.xml"),
+                               label_config(settings.categories, kind, options.classes).encode())
+    ownership.record_written(to, [*names, "label_config.xml"])
+    earlier = ownership.recorded(to) or {}   # an earlier export's other task files
+    ownership.remove_recorded(to, [name for name in earlier
+                                   if re.fullmatch(TASK_FILE_NAME, name) and name not in names])
+    return counts, names

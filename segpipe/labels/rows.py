@@ -1,0 +1,45 @@
+"""The ok images of a run in ``file_name`` order, each with the detections an export keeps
+(``coco.selection``): what every label format is written from."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from segpipe import schema
+from segpipe.coco.selection import ExportCounts, ExportOptions, select_detections
+from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
+from segpipe.io.run_folder import prediction_files
+
+
+def ok_image_table(predictions_dir: str, images: Optional[pa.Table] = None) -> tuple[list[str], pa.Table, int]:
+    """The run's prediction files, its ok images in ``file_name`` order (``read_image_table``
+    rows, or those of ``images``) and how many images there were."""
+    files = prediction_files(predictions_dir)
+    table = read_image_table(predictions_dir, files) if images is None else images
+    ok = table.filter(pc.field("status") == schema.STATUS_OK).select(
+        ["image_id", "file_name", "width", "height", *LOCATION_COLUMNS])
+    return files, ok, table.num_rows
+
+
+def selected_images(predictions_dir: str, options: ExportOptions, settings: schema.RunSettings,
+                    counts: ExportCounts,
+                    images: Optional[pa.Table] = None) -> Iterator[tuple[dict, list[dict]]]:
+    """``(row, detections)`` for each ok image (of ``images``, a ``read_image_table`` of the
+    run or part of it; default all) in ``file_name`` order; ``detections`` are those
+    ``select_detections`` keeps, masks as COCO RLE whatever ``options.polygons`` says.
+    ``counts`` gets the images, errors and every detection's fate."""
+    files, ok, total = ok_image_table(predictions_dir, images)
+    counts.images += total
+    counts.ok += ok.num_rows
+    counts.errors += total - ok.num_rows
+    rle_options = replace(options, polygons=False)
+    for row in rows_in_order(predictions_dir, files, ok, soft_masks=options.repastes_masks(settings)):
+        kept = select_detections(row, rle_options, settings, counts)
+        for det in kept:
+            counts.per_category[det["category_name"]] = counts.per_category.get(det["category_name"], 0) + 1
+        counts.annotations += len(kept)
+        yield row, kept
