@@ -1,6 +1,7 @@
 """How exactly the label formats give back segpipe's masks, read by the tools' own code.
 
     .venv/bin/python bench/labels_roundtrip.py [--images 100] [--per-image 10] [--json OUT.json]
+    .venv/bin/python bench/labels_roundtrip.py --run out/sample --photos samples  # a real run
 
 Trained-like detections (``tests/synthetic.blob_rows``: smooth blobs of 8-300 px boxes, some
 with holes, pasted by the encode stage) are written as predictions/, then exported as COCO
@@ -8,7 +9,9 @@ with holes, pasted by the encode stage) are written as predictions/, then export
 Studio brush masks are decoded by label-studio-sdk's ``decode_rle``, polygons put back in
 pixels and filled by pycocotools; YOLO labels are read by Ultralytics' ``YOLODataset`` and
 filled by its ``polygon2mask``. Prints IoU with the COCO mask per detection (min, share
-exact) by kind of mask, and each export's time.
+exact) by kind of mask, and each export's time. ``--run OUTPUT --photos INPUT`` does the
+same on a real run's predictions (random weights give noisy masks of many parts: the worst
+case for formats that want one polygon an object).
 """
 
 import argparse
@@ -39,6 +42,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--per-image", type=int, default=10)
     parser.add_argument("--json")
+    parser.add_argument("--run", help="a segment OUTPUT to use instead of synthetic blobs")
+    parser.add_argument("--photos", help="the INPUT that run read (for YOLO's image links)")
     args = parser.parse_args()
     import cv2
     from label_studio_sdk.converter.brush import decode_rle
@@ -47,14 +52,18 @@ def main() -> None:
     h, w = 480, 640
     root = Path(tempfile.mkdtemp(prefix="labels-roundtrip-"))
     os.environ.setdefault("YOLO_CONFIG_DIR", str(root / ".ultralytics"))
-    from test_labels import yolo_masks
+    from test_labels import matched_ious, yolo_masks
 
     try:
-        write_predictions(root / "run", blob_rows(args.images, args.per_image, h, w, seed=11,
-                                                  smallest=8, largest=300), rows_per_file=50)
-        (root / "photos" / "blobs").mkdir(parents=True)
-        for k in range(args.images):
-            Image.new("RGB", (w, h)).save(root / "photos" / "blobs" / f"{k:04d}.jpg")
+        if args.run:
+            shutil.copytree(args.run, root / "run")
+            shutil.copytree(args.photos, root / "photos")
+        else:
+            write_predictions(root / "run", blob_rows(args.images, args.per_image, h, w, seed=11,
+                                                      smallest=8, largest=300), rows_per_file=50)
+            (root / "photos" / "blobs").mkdir(parents=True)
+            for k in range(args.images):
+                Image.new("RGB", (w, h)).save(root / "photos" / "blobs" / f"{k:04d}.jpg")
         options = ExportOptions(score_threshold=0.05)
         seconds = {}
         for name, fmt, opts in (("coco", ExportFormat(), options),
@@ -68,9 +77,13 @@ def main() -> None:
             seconds[name] = round(time.perf_counter() - start, 3)
         coco = json.loads((root / "coco" / "instances.json").read_text())
         files = {im["id"]: im["file_name"] for im in coco["images"]}
+        sizes = {im["file_name"]: (im["height"], im["width"]) for im in coco["images"]}
+        names = {c["id"]: c["name"] for c in coco["categories"]}
         reference: dict[str, list] = {name: [] for name in files.values()}
+        classes: dict[str, list] = {name: [] for name in files.values()}
         for ann in coco["annotations"]:
             reference[files[ann["image_id"]]].append(mask_utils.decode(ann["segmentation"]).astype(bool))
+            classes[files[ann["image_id"]]].append(names[ann["category_id"]])
         kinds = {}
         for masks in reference.values():
             for m in masks:
@@ -88,20 +101,24 @@ def main() -> None:
                 want = reference[task["data"]["file_name"]]
                 regions = task["predictions"][0]["result"]
                 if fmt.endswith("brush"):
-                    got = [decode_rle(r["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0 for r in regions]
+                    got = [decode_rle(r["value"]["rle"]).reshape(
+                        r["original_height"], r["original_width"], 4)[:, :, 3] > 0 for r in regions]
                 else:
                     by: dict[str, list] = {}
+                    ih, iw = sizes[task["data"]["file_name"]]
                     for r in regions:
-                        pts = np.asarray(r["value"]["points"]) * [w / 100, h / 100]
+                        pts = np.asarray(r["value"]["points"]) * [iw / 100, ih / 100]
                         by.setdefault(r["id"].split("p")[0], []).append(pts.ravel().tolist())
-                    got = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p, h, w))).astype(bool)
+                    got = [mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(p, ih, iw))).astype(bool)
                            for p in by.values()]
                 for mask, ref in zip(got, want):
                     note(fmt, mask, ref)
-        for name, dets in yolo_masks(root / "yolo", [c["name"] for c in coco["categories"]]).items():
-            for (_, mask), ref in zip(dets, reference[name]):
-                note("yolo", mask, ref)
-        report = {"detections": sum(len(v) for v in reference.values()), "images": args.images,
+        read_back = yolo_masks(root / "yolo", [c["name"] for c in coco["categories"]])
+        for name, want in reference.items():
+            for ref, iou in zip(want, matched_ious(want, classes[name], read_back.get(name, []))):
+                found.setdefault("yolo", {}).setdefault(kinds[id(ref)], []).append(iou)
+        report = {"source": args.run or "synthetic blobs (tests/synthetic.blob_rows, seed 11)",
+                  "detections": sum(len(v) for v in reference.values()), "images": len(reference),
                   "export_seconds": seconds, "iou": {}}
         for fmt, by_kind in found.items():
             report["iou"][fmt] = {kind: {"n": len(v), "min": round(min(v), 4), "median": round(float(np.median(v)), 4),

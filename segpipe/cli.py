@@ -455,6 +455,9 @@ def _export(args: argparse.Namespace) -> int:
         if not summary["linked"]:
             print("segpipe export:   no --image-root: put (or link) each image at "
                   "DIR/images/<name> as train.txt and val.txt list them")
+        if summary["same_box_lines"]:
+            print(f"segpipe export:   {summary['same_box_lines']} label line(s) repeat another "
+                  "detection's class and box (tiny masks): Ultralytics reads one of each")
         if summary["duplicate_names"]:
             print(f"segpipe export:   {summary['duplicate_names']} image(s) left out: their label "
                   "file name is another image's")

@@ -139,10 +139,18 @@ def test_label_studio_box_only_runs_give_rectangles(tmp_path):
     assert interface.validate_prediction(task["predictions"][0], return_errors=True) == []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ultralytics_settings(tmp_path_factory):
+    """Ultralytics keeps its settings in this module's temporary folder, not the home's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics")))
+        yield
+
+
 def yolo_masks(dataset_dir: Path, names: list[str]):
     """Each image's labels as Ultralytics reads them (its YOLODataset), rasterised by its
-    polygon2mask: file_name -> [(class name, mask)]."""
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(dataset_dir / ".ultralytics"))
+    polygon2mask: file_name -> [(class name, mask)] (Ultralytics drops repeated lines and
+    may reorder an image's labels then: ``matched_ious`` pairs them)."""
     from ultralytics.data.dataset import YOLODataset
     from ultralytics.data.utils import polygon2mask
 
@@ -160,6 +168,21 @@ def yolo_masks(dataset_dir: Path, names: list[str]):
                      for seg in label["segments"]]
             out[name] = [(names[int(c)], m) for c, m in zip(label["cls"].ravel(), masks)]
     return out
+
+
+def matched_ious(want: list[np.ndarray], classes: list[str], got: list[tuple[str, np.ndarray]]) -> list[float]:
+    """IoU of each wanted mask with the unused read-back mask of its class it overlaps most
+    (0 when none is left: Ultralytics dropped it)."""
+    unused = list(range(len(got)))
+    ious = []
+    for name, mask in zip(classes, want):
+        scored = [((mask & got[k][1]).sum() / max((mask | got[k][1]).sum(), 1), k)
+                  for k in unused if got[k][0] == name]
+        iou, k = max(scored, default=(0.0, None))
+        if k is not None:
+            unused.remove(k)
+        ious.append(float(iou))
+    return ious
 
 
 def test_yolo_dataset_reads_back_through_ultralytics(blob_run, tmp_path):

@@ -165,6 +165,7 @@ class YoloCounts:
     linked: int = 0
     renamed: int = 0
     duplicate_names: int = 0   # images left out: their label name is another image's
+    same_box_lines: int = 0    # lines with another line's class and box: Ultralytics drops them
     classes: list[str] = field(default_factory=list)
 
 
@@ -173,6 +174,7 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
                 images: Optional[pa.Table] = None) -> tuple[ExportCounts, YoloCounts]:
     """Write the YOLO dataset of the run's ok images into the local folder ``to``; with a
     local ``image_root`` (the folder the run read), ``images/`` holds links to the images."""
+    image_root = os.path.abspath(image_root) if image_root is not None else None   # links' targets
     categories = [c for c in settings.categories.categories
                   if options.classes is None or c.id in options.classes]
     index_of = {c.id: k for k, c in enumerate(categories)}
@@ -218,12 +220,20 @@ def _write_dataset(predictions_dir, to, options, settings, split, image_root, im
             line = mask_line(index_of[det["category_id"]], mask_utils.decode(det["segmentation"]))
             if line is not None:
                 lines.append(line)
+        yolo.same_box_lines += len(lines) - len({_class_and_box(line) for line in lines})
         _write_text(os.path.join(to, label), "".join(line + "\n" for line in lines))
         if image_root is not None:
             yolo.linked += _link(os.path.join(to, "images", name), os.path.join(image_root, row["file_name"]))
         part = "val" if split.is_val(row["file_name"]) else "train"
         lists[part].write(f"./images/{name}\n".encode("utf-8", "surrogateescape"))
         setattr(yolo, part, getattr(yolo, part) + 1)
+
+
+def _class_and_box(line: str) -> tuple:
+    """A label line's class and the box of its points (what Ultralytics de-duplicates on)."""
+    values = line.split()
+    points = np.asarray(values[1:], np.float64).reshape(-1, 2)
+    return (values[0], *points.min(0).tolist(), *points.max(0).tolist())
 
 
 def _strings(column: pa.ChunkedArray, chunk: int = 4096):
