@@ -323,27 +323,31 @@ def _segment(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
 
-    try:
-        from segpipe.commands.segment import execute_run, prepare_run
+    with console.interrupt_flag() as interrupted:   # Ctrl-C a library catches still stops the run
+        try:
+            from segpipe.commands.segment import execute_run, prepare_run
 
-        prepared = prepare_run(config, checked)   # torch, weights: still nothing written
-    except ConfigError as exc:
-        return _config_error(exc)
-    except KeyboardInterrupt:
-        print("\nsegpipe: interrupted before any work; nothing was written", file=sys.stderr)
-        return 130
-    log = console.RunLog(config.output, "segment")
-    try:
-        with console.output_to_log(log.path):
-            run_report = execute_run(prepared)
-    except ConfigError as exc:
-        return _config_error(exc)
-    except KeyboardInterrupt:
-        return _interrupted(config, log)
-    except Exception as exc:   # a full disk, a lost cluster: one line, the way on, exit 1
-        return _failed(config, log, exc)
-    finally:
-        log.publish()
+            prepared = prepare_run(config, checked)   # torch, weights: still nothing written
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+        except ConfigError as exc:
+            return _config_error(exc)
+        except KeyboardInterrupt:
+            print("\nsegpipe: interrupted before any work; nothing was written", file=sys.stderr)
+            return 130
+        prepared.interrupted = interrupted
+        log = console.RunLog(config.output, "segment")
+        try:
+            with console.output_to_log(log.path):
+                run_report = execute_run(prepared)
+        except ConfigError as exc:
+            return _config_error(exc)
+        except KeyboardInterrupt:
+            return _interrupted(config, log)
+        except Exception as exc:   # a full disk, a lost cluster: one line, the way on, exit 1
+            return _failed(config, log, exc)
+        finally:
+            log.publish()
     for line in run_report.summary_lines() + console.translate(log.text()):
         print(line)
     print(f"segpipe: wrote {predictions_dir(config.output)}, {_coco_written(config.output)}, "

@@ -17,8 +17,10 @@ import io
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -173,3 +175,30 @@ def segpipe_lines() -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[threading.Event]:
+    """Record Ctrl-C (SIGINT) while the block runs, besides raising ``KeyboardInterrupt`` as
+    usual: a KeyboardInterrupt raised inside a library (Ray's code, an import) can be caught
+    there, and the run must still stop before it writes coco/ and run.json as if nothing
+    happened. The handler before the block is put back after it; in a thread other than the
+    main one (where signals cannot be handled) the flag stays clear."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_interrupt(signum, frame):
+        flag.set()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -246,3 +246,29 @@ def test_a_small_run_starts_no_actor_it_has_no_batch_for():
     assert (fit_pool_to_work(plan, 9, config).min_actors,
             fit_pool_to_work(plan, 9, config).max_actors) == (2, 3)
     assert fit_pool_to_work(plan, 1000, config) == plan
+
+
+def test_a_ctrl_c_a_library_swallows_is_still_seen():
+    """The flag the CLI holds from start-up records Ctrl-C even where a library catches the
+    KeyboardInterrupt (an import, Ray starting), so the run stops at its next check."""
+    import os
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from segpipe.commands.segment import _stop_if_interrupted
+    from segpipe.console import interrupt_flag
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_flag() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass   # what a library that swallows it does
+        assert interrupted.is_set()
+        with interrupt_flag() as inner:   # the Ray block's own flag, nested
+            assert not inner.is_set()
+            with pytest.raises(KeyboardInterrupt):
+                _stop_if_interrupted(SimpleNamespace(interrupted=interrupted), inner)
+    assert signal.getsignal(signal.SIGINT) is before

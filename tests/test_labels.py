@@ -217,6 +217,19 @@ def test_yolo_dataset_reads_back_through_ultralytics(blob_run, tmp_path):
     assert (again["train"], again["val"]) == (summary["train"], summary["val"])
 
 
+def test_yolo_links_resolve_from_a_relative_image_root(blob_run, tmp_path, monkeypatch):
+    (tmp_path / "photos" / "blobs").mkdir(parents=True)
+    for k in range(12):
+        Image.new("RGB", (W, H)).save(tmp_path / "photos" / "blobs" / f"{k:04d}.jpg")
+    monkeypatch.chdir(tmp_path)
+    summary = run_export(str(blob_run), "yolo", ExportOptions(0.5),
+                         export_format=ExportFormat("yolo", "photos"))
+    assert summary["linked"] == 12
+    link = tmp_path / "yolo" / "images" / "blobs" / "0003.jpg"
+    assert link.is_symlink() and link.resolve() == (tmp_path / "photos" / "blobs" / "0003.jpg").resolve()
+    assert Image.open(link).size == (W, H)
+
+
 def test_yolo_names_and_split_are_stable():
     import pyarrow as pa
 

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import posixpath
-import signal
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
@@ -31,6 +30,7 @@ from segpipe.coco.writer import export_coco
 from segpipe.commands import report
 from segpipe.commands.preflight import CheckedRun, check_segment
 from segpipe.config import ConfigError, SegmentConfig
+from segpipe.console import interrupt_flag
 from segpipe.encode.encoder import MaskEncoder
 from segpipe.io import ownership, run_folder, sinks, sources, storage
 from segpipe.io.decode import DecodeLimits, decode_batch
@@ -58,31 +58,6 @@ def ray_progress_bars(enabled: bool) -> Iterator[None]:
         yield
     finally:
         ctx.enable_progress_bars = before
-
-
-@contextlib.contextmanager
-def interrupt_flag() -> Iterator[threading.Event]:
-    """Record Ctrl-C (SIGINT) while the block runs, besides raising ``KeyboardInterrupt`` as
-    usual: a KeyboardInterrupt raised inside Ray's code can be caught there, and the run must
-    still stop before it writes coco/ and run.json as if nothing happened."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def on_interrupt(signum, frame):
-        flag.set()
-        if callable(previous):
-            previous(signum, frame)
-        else:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def prepare_output(config: SegmentConfig,
@@ -281,6 +256,7 @@ class PreparedRun:
     done: set[int]
     timer: report.Timer
     lease: Lease
+    interrupted: Optional[threading.Event] = None   # Ctrl-C seen since the command began
 
 
 def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> PreparedRun:
@@ -320,6 +296,13 @@ def execute_run(prepared: PreparedRun) -> report.RunReport:
         prepared.lease.release()
 
 
+def _stop_if_interrupted(prepared: PreparedRun, interrupted: threading.Event) -> None:
+    """Raise ``KeyboardInterrupt`` if Ctrl-C came (in this block, or since the command
+    began) though no ``KeyboardInterrupt`` reached here: a library caught it."""
+    if interrupted.is_set() or (prepared.interrupted is not None and prepared.interrupted.is_set()):
+        raise KeyboardInterrupt
+
+
 def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
     config, weights, timer = prepared.config, prepared.weights, prepared.timer
     settings, predictions_dir, done = prepared.settings, prepared.predictions_dir, prepared.done
@@ -344,6 +327,7 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
     if todo is None or todo.num_rows:
         with ray_session(config.address), interrupt_flag() as interrupted, \
                 ray_progress_bars(False):   # segpipe shows one line of its own (progress.py)
+            _stop_if_interrupted(prepared, interrupted)   # a Ctrl-C swallowed while Ray started
             shape = read_cluster_shape()
             plan = plan_stages(config, shape)
             if todo is not None:   # no more actors than the work has batches for
@@ -373,8 +357,7 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
                            stages=plan.as_dict(),
                            predictors=ray.get(monitor.devices.remote(), timeout=30),
                            **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
-            if interrupted.is_set():   # Ctrl-C that a library caught and did not re-raise
-                raise KeyboardInterrupt
+            _stop_if_interrupted(prepared, interrupted)   # Ctrl-C a library caught and dropped
             # coco/ in Ray tasks, one per shard, while Ray is up
             counts, accounting, images = account_and_export(prepared, listing, timer,
                                                             parallel=True)
