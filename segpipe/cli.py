@@ -199,9 +199,10 @@ def build_parser() -> SegpipeParser:
                              "files however large, which merges a sharded run (default: "
                              f"{DEFAULT_COCO_SHARD_IMAGES:,})")
     export.add_argument("--address", default=None,
-                        help="Ray cluster to export on, one task per shard (default: "
-                             "RAY_ADDRESS; without either, this process exports, which is "
-                             "faster than starting a local Ray for all but huge runs)")
+                        help="Ray cluster to export on, one task per COCO shard, Label Studio task "
+                             "file or 10,000 YOLO images (default: RAY_ADDRESS; without either, "
+                             "this process exports, which is faster than starting a local Ray "
+                             "for all but huge runs)")
     export.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress line")
 
@@ -424,7 +425,7 @@ def _export(args: argparse.Namespace) -> int:
         check_export_target(args.to, args.format)
     except ConfigError as exc:
         return _config_error(exc)
-    address = (args.address or os.environ.get("RAY_ADDRESS")) if args.format == "coco" else None
+    address = args.address or os.environ.get("RAY_ADDRESS")
     if address:   # Ray's own messages go to DIR/logs, as render's do
         log = console.RunLog(args.to, "export")
         try:

@@ -278,3 +278,36 @@ def test_export_format_mistakes_are_one_line_exit_2(blob_run, tmp_path):
     (foreign / "labels").mkdir(parents=True)
     result = run_cli("export", str(blob_run), "--to", str(foreign), "--format", "yolo")
     assert result.returncode == 2 and "labels" in result.stderr
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and p.name != "export.json"}
+
+
+@pytest.mark.ray
+def test_ray_tasks_write_the_same_label_files_as_one_process(blob_run, tmp_path, local_ray, monkeypatch):
+    """Task files and YOLO parts written by Ray tasks (as with --address) are byte for byte
+    those this process writes."""
+    import segpipe.labels.label_studio as label_studio
+    import segpipe.labels.yolo as yolo
+    from segpipe.io.run_folder import predictions_dir, read_run_settings
+
+    monkeypatch.setattr(label_studio, "TASKS_PER_FILE", 5)
+    monkeypatch.setattr(yolo, "PART_IMAGES", 5)
+    predictions = predictions_dir(str(blob_run))
+    settings = read_run_settings(predictions)
+    options = ExportOptions(score_threshold=0.3)
+    for parallel in (False, True):
+        label_studio.export_label_studio(predictions, str(tmp_path / f"ls-{parallel}"), options, settings,
+                                         "/data/local-files/?d=", parallel=parallel)
+        yolo.export_yolo(predictions, str(tmp_path / f"yolo-{parallel}"), options, settings,
+                         yolo.YoloSplit(0.3, 1), parallel=parallel)
+    tasks = _files(tmp_path / "ls-True")
+    assert sorted(tasks) == ["label_config.xml", "tasks-00000-of-00003.json", "tasks-00001-of-00003.json",
+                             "tasks-00002-of-00003.json"]
+    assert tasks == _files(tmp_path / "ls-False")
+    labels, serial = _files(tmp_path / "yolo-True"), _files(tmp_path / "yolo-False")
+    assert len([name for name in labels if name.startswith("labels/")]) == 12
+    assert labels.pop("data.yaml").replace(b"yolo-True", b"yolo-False") == serial.pop("data.yaml")
+    assert labels == serial

@@ -1,8 +1,17 @@
-"""Run the steps of a COCO export in Ray tasks, one task per shard, and hand back their results in order."""
+"""Run the parts of an export (COCO shards, Label Studio task files, YOLO label chunks) in
+this process or in Ray tasks, one per part, and hand back their results in order."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
+
+
+def run_calls(function: Callable, calls: list[tuple], parallel: bool) -> Iterator[Any]:
+    """``function(*call)`` for each call, in order: in Ray tasks when ``parallel`` (Ray
+    initialised), else in this process one after the other."""
+    if parallel:
+        return ordered_on_ray(function, calls)
+    return (function(*call) for call in calls)
 
 
 def ordered_on_ray(function: Callable, calls: list[tuple]) -> Iterator[Any]:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe import __version__, schema
+from segpipe.coco.fanout import run_calls
 from segpipe.coco.selection import ExportCounts, ExportOptions, mask_boxes_and_areas, select_detections
 from segpipe.coco.shards import (
     COCO_NAME,
@@ -230,7 +231,9 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     ownership.remove_recorded(coco_dir, [INDEX_NAME])   # until every shard is written again
     header = (b'{"info":' + storage.redact(_dumps(coco_info(settings, options)).decode()).encode()
               + b',"licenses":[],"categories":' + _dumps(settings.categories.coco_json()))
-    run = _on_ray if parallel else _here
+    def run(function: Callable, calls: list[tuple]) -> Iterator[Any]:
+        return run_calls(function, calls, parallel)
+
     with Progress(f"writing {coco_dir}", counts.ok, enabled=show_progress) as progress:
         written = []
         for shard, entries in zip(shards, run(write_shard_entries, [
@@ -256,18 +259,6 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     counts.annotations = index["annotations"]
     counts.per_category = dict(sorted(per_category.items(), key=lambda kv: (-kv[1], kv[0])))
     return counts
-
-
-def _here(function: Callable, calls: list[tuple]) -> Iterator[Any]:
-    """``function(*call)`` for each call, in this process, in order."""
-    for call in calls:
-        yield function(*call)
-
-
-def _on_ray(function: Callable, calls: list[tuple]) -> Iterator[Any]:
-    from segpipe.coco.fanout import ordered_on_ray  # Ray is imported only when asked for
-
-    return ordered_on_ray(function, calls)
 
 
 @dataclass

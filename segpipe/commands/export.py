@@ -107,8 +107,8 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
 
     COCO: ``instances.json`` and ``results.json``, or their shards of ``shard_images`` images
     (0: single files, which merges a sharded run), with ``index.json``; with a Ray
-    ``address`` the shards are written in Ray tasks on that cluster. Label Studio and YOLO
-    are written by this process."""
+    ``address`` the parts (COCO shards, Label Studio task files, YOLO parts of
+    ``labels.yolo.PART_IMAGES`` images) are written in Ray tasks on that cluster."""
     export_format = export_format or ExportFormat()
     if checked is None:
         export_format.check()
@@ -118,30 +118,30 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     ownership.mark_folder(to, "export")
     start = time.perf_counter()
     written: dict = {}
-    if export_format.name == "label-studio":
-        from segpipe.labels.label_studio import export_label_studio
+    with contextlib.ExitStack() as stack:
+        if address:
+            from segpipe.cluster.session import ray_session
 
-        counts, names = export_label_studio(predictions_dir, to, options, settings,
-                                            export_format.image_root or "")
-        written = {"task_files": names, "label_config": "label_config.xml"}
-    elif export_format.name == "yolo":
-        from segpipe.labels.yolo import YoloSplit, export_yolo
+            stack.enter_context(ray_session(address))
+        if export_format.name == "label-studio":
+            from segpipe.labels.label_studio import export_label_studio
 
-        counts, yolo = export_yolo(predictions_dir, to, options, settings,
-                                   YoloSplit(export_format.val_fraction, export_format.split_seed),
-                                   export_format.image_root)
-        written = {"data_yaml": "data.yaml", **asdict(yolo)}
-    else:
-        with contextlib.ExitStack() as stack:
-            if address:
-                from segpipe.cluster.session import ray_session
+            counts, names = export_label_studio(predictions_dir, to, options, settings,
+                                                export_format.image_root or "", parallel=bool(address))
+            written = {"task_files": names, "label_config": "label_config.xml"}
+        elif export_format.name == "yolo":
+            from segpipe.labels.yolo import YoloSplit, export_yolo
 
-                stack.enter_context(ray_session(address))
+            counts, yolo = export_yolo(predictions_dir, to, options, settings,
+                                       YoloSplit(export_format.val_fraction, export_format.split_seed),
+                                       export_format.image_root, parallel=bool(address))
+            written = {"data_yaml": "data.yaml", **asdict(yolo)}
+        else:
             counts = export_coco(predictions_dir, to, options, settings,
                                  show_progress=show_progress, parallel=bool(address),
                                  shard_images=shard_images)
-        written = {"coco_shard_images": shard_images,
-                   "shards": len((read_index(to) or {"shards": []})["shards"])}
+            written = {"coco_shard_images": shard_images,
+                       "shards": len((read_index(to) or {"shards": []})["shards"])}
     seconds = time.perf_counter() - start
     summary = {
         "segpipe": __version__,

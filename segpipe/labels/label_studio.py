@@ -35,7 +35,7 @@ from segpipe.coco.polygons import mask_polygons
 from segpipe.coco.selection import ExportCounts, ExportOptions
 from segpipe.io import ownership, storage
 from segpipe.labels.brush import brush_rle
-from segpipe.labels.rows import selected_images
+from segpipe.labels.rows import add_counts, image_counts, ok_image_table, selected_images
 from segpipe.model.categories import CategoryTable
 
 #: Tasks per file: Label Studio reads an uploaded file whole, in one request.
@@ -136,37 +136,48 @@ def task_file_names(images: int) -> list[str]:
     return [f"tasks-{k:05d}-of-{total:05d}.json" for k in range(total)]
 
 
-def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
-                        settings: schema.RunSettings, image_root: str,
-                        images: Optional[pa.Table] = None,
-                        extra: Optional[Callable[[dict], dict]] = None) -> tuple[ExportCounts, list[str]]:
-    """Write the tasks of the run's ok images (of ``images``, default all) and
-    ``label_config.xml`` into ``to``; ``extra(row)`` adds task data. Returns the counts and
-    the task files written."""
+def write_task_file(predictions_dir: str, files: list[str], images: pa.Table, path: str,
+                    options: ExportOptions, settings: schema.RunSettings, image_root: str,
+                    extra: Optional[Callable[[dict], dict]] = None) -> ExportCounts:
+    """Write the tasks of ``images`` (``ok_image_table`` rows, in their order) to the task
+    file ``path``, atomically; returns its detection counts."""
     from segpipe.coco.writer import JsonArrayWriter
 
     kind = region_kind(settings, options)
     version = model_version(settings)
-    fs, root = storage.resolve(to)
     counts = ExportCounts()
-    rows = selected_images(predictions_dir, options, settings, counts, images)
-    first = next(rows, None)
-    ok_images = counts.ok
-    names = task_file_names(ok_images)
-    pending = first
-    for name in names:
-        with storage.atomic_output(fs, storage.join(root, name)) as stream:
-            stream.write(b"[")
-            writer = JsonArrayWriter(stream)
-            written = 0
-            while pending is not None and written < TASKS_PER_FILE:
-                row, kept = pending
-                writer.write(make_task(row, kept, image_root, kind, version,
-                                       extra(row) if extra else None))
-                written += 1
-                pending = next(rows, None)
-            writer.flush()
-            stream.write(b"\n]\n")
+    fs, root = storage.resolve(path)
+    with storage.atomic_output(fs, root) as stream:
+        stream.write(b"[")
+        writer = JsonArrayWriter(stream)
+        for row, kept in selected_images(predictions_dir, files, images, options, settings, counts):
+            writer.write(make_task(row, kept, image_root, kind, version, extra(row) if extra else None))
+        writer.flush()
+        stream.write(b"\n]\n")
+    return counts
+
+
+def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
+                        settings: schema.RunSettings, image_root: str,
+                        images: Optional[pa.Table] = None,
+                        extra: Optional[Callable[[dict], dict]] = None,
+                        parallel: bool = False) -> tuple[ExportCounts, list[str]]:
+    """Write the tasks of the run's ok images (of ``images``, a ``read_image_table`` of the
+    run or part of it, in its order; default all, by name) and ``label_config.xml`` into
+    ``to``; ``extra(row)`` adds task data. With ``parallel`` (Ray initialised, no ``extra``)
+    each task file is written by a Ray task. Returns the counts and the task files."""
+    from segpipe.coco.fanout import run_calls
+
+    files, ok, total = ok_image_table(predictions_dir, images)
+    counts = image_counts(ok, total)
+    names = task_file_names(ok.num_rows)
+    fs, root = storage.resolve(to)
+    calls = [(predictions_dir, files, ok.slice(k * TASKS_PER_FILE, TASKS_PER_FILE),
+              storage.join(to, name), options, settings, image_root, extra)
+             for k, name in enumerate(names)]
+    for part in run_calls(write_task_file, calls, parallel and extra is None):
+        add_counts(counts, part)
+    kind = region_kind(settings, options)
     storage.write_bytes_atomic(fs, storage.join(root, "label_config.xml"),
                                label_config(settings.categories, kind, options.classes).encode())
     ownership.record_written(to, [*names, "label_config.xml"])

@@ -25,17 +25,12 @@ def ok_image_table(predictions_dir: str, images: Optional[pa.Table] = None) -> t
     return files, ok, table.num_rows
 
 
-def selected_images(predictions_dir: str, options: ExportOptions, settings: schema.RunSettings,
-                    counts: ExportCounts,
-                    images: Optional[pa.Table] = None) -> Iterator[tuple[dict, list[dict]]]:
-    """``(row, detections)`` for each ok image (of ``images``, a ``read_image_table`` of the
-    run or part of it; default all) in ``file_name`` order; ``detections`` are those
-    ``select_detections`` keeps, masks as COCO RLE whatever ``options.polygons`` says.
-    ``counts`` gets the images, errors and every detection's fate."""
-    files, ok, total = ok_image_table(predictions_dir, images)
-    counts.images += total
-    counts.ok += ok.num_rows
-    counts.errors += total - ok.num_rows
+def selected_images(predictions_dir: str, files: list[str], ok: pa.Table, options: ExportOptions,
+                    settings: schema.RunSettings, counts: ExportCounts) -> Iterator[tuple[dict, list[dict]]]:
+    """``(row, detections)`` for each image of ``ok`` (``ok_image_table`` rows, in their
+    order); ``detections`` are those ``select_detections`` keeps, masks as COCO RLE whatever
+    ``options.polygons`` says. ``counts`` gets every detection's fate and the annotations
+    per category."""
     rle_options = replace(options, polygons=False)
     for row in rows_in_order(predictions_dir, files, ok, soft_masks=options.repastes_masks(settings)):
         kept = select_detections(row, rle_options, settings, counts)
@@ -43,3 +38,15 @@ def selected_images(predictions_dir: str, options: ExportOptions, settings: sche
             counts.per_category[det["category_name"]] = counts.per_category.get(det["category_name"], 0) + 1
         counts.annotations += len(kept)
         yield row, kept
+
+
+def image_counts(ok: pa.Table, total: int) -> ExportCounts:
+    """The image counts of an export of ``ok`` images out of ``total``."""
+    return ExportCounts(images=total, ok=ok.num_rows, errors=total - ok.num_rows)
+
+
+def add_counts(counts: ExportCounts, part: ExportCounts) -> None:
+    """Add a part's detection counts (annotations included) and per-category counts."""
+    counts.add(part)
+    for name, n in part.per_category.items():
+        counts.per_category[name] = counts.per_category.get(name, 0) + n

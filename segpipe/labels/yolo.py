@@ -29,7 +29,6 @@ line across the gap, the one loss (docs/labelling.md gives the figures).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import posixpath
@@ -41,9 +40,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe import schema
+from segpipe.coco.fanout import run_calls
 from segpipe.coco.selection import ExportCounts, ExportOptions
 from segpipe.io import ownership, storage
-from segpipe.labels.rows import ok_image_table, selected_images
+from segpipe.labels.rows import add_counts, image_counts, ok_image_table, selected_images
 
 YOLO_FILES = ("data.yaml", "train.txt", "val.txt")
 YOLO_DIRS = ("images", "labels")
@@ -103,23 +103,26 @@ def join_rings(rings: list[np.ndarray]) -> np.ndarray:
     return joined
 
 
-def mask_line(class_index: int, mask: np.ndarray) -> Optional[str]:
-    """The label line of one mask: its class and its joined ring, normalised; None for an
-    empty mask."""
+def mask_points(mask: np.ndarray) -> Optional[np.ndarray]:
+    """The normalised ``(N, 2)`` polygon of one mask: its rings joined, at pixel centres;
+    None for an empty mask."""
     rings = mask_rings(mask)
     if not rings:
         return None
-    ring = join_rings(rings)
     height, width = mask.shape
-    points = (ring + 0.5) / np.array([width, height], np.float64)
+    return (join_rings(rings) + 0.5) / np.array([width, height], np.float64)
+
+
+def label_line(class_index: int, points: np.ndarray) -> str:
+    """One label line: the class and the polygon's normalised coordinates."""
     return f"{class_index} " + " ".join(f"{v:.{DIGITS}f}" for v in points.ravel())
 
 
-def box_line(class_index: int, bbox: list[float], width: int, height: int) -> str:
-    """The label line of a box-only detection: its box as a 4-corner polygon."""
+def box_points(bbox: list[float], width: int, height: int) -> np.ndarray:
+    """The normalised polygon of a box-only detection: its 4 corners."""
     x, y, w, h = (float(v) for v in bbox)
     corners = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]]) / [width, height]
-    return f"{class_index} " + " ".join(f"{v:.{DIGITS}f}" for v in np.clip(corners, 0, 1).ravel())
+    return np.clip(corners, 0, 1)
 
 
 def dataset_names(file_names: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -169,74 +172,114 @@ class YoloCounts:
     classes: list[str] = field(default_factory=list)
 
 
+#: Images whose labels one call of ``write_label_part`` writes (one Ray task with ``parallel``).
+PART_IMAGES = 10_000
+
+
+@dataclass(frozen=True)
+class YoloTarget:
+    """Where and how a part's labels are written: the dataset folder, the local image folder
+    to link from (None: no links), the split, and each category id's class index."""
+
+    to: str
+    image_root: Optional[str]
+    split: YoloSplit
+    index_of: dict[int, int]
+
+
+@dataclass
+class YoloPart:
+    """What ``write_label_part`` wrote: counts, and its images' lines of train.txt and val.txt."""
+
+    counts: ExportCounts = field(default_factory=ExportCounts)
+    yolo: YoloCounts = field(default_factory=YoloCounts)
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+
+
 def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings: schema.RunSettings,
                 split: YoloSplit, image_root: Optional[str] = None,
-                images: Optional[pa.Table] = None) -> tuple[ExportCounts, YoloCounts]:
-    """Write the YOLO dataset of the run's ok images into the local folder ``to``; with a
-    local ``image_root`` (the folder the run read), ``images/`` holds links to the images."""
-    image_root = os.path.abspath(image_root) if image_root is not None else None   # links' targets
+                images: Optional[pa.Table] = None, parallel: bool = False) -> tuple[ExportCounts, YoloCounts]:
+    """Write the YOLO dataset of the run's ok images (of ``images``, default all) into the
+    local folder ``to``; with a local ``image_root`` (the folder the run read), ``images/``
+    holds links to the images. With ``parallel`` (Ray initialised) each part of
+    ``PART_IMAGES`` images is written by a Ray task (on the machine that holds ``to``: a
+    cluster's nodes must share it)."""
     categories = [c for c in settings.categories.categories
                   if options.classes is None or c.id in options.classes]
-    index_of = {c.id: k for k, c in enumerate(categories)}
-    yolo = YoloCounts(classes=[c.name for c in categories])
-    _, ok, _ = ok_image_table(predictions_dir, images)
+    target = YoloTarget(os.path.abspath(to), os.path.abspath(image_root) if image_root else None,
+                        split, {c.id: k for k, c in enumerate(categories)})
+    files, ok, total = ok_image_table(predictions_dir, images)
     names = dataset_names(ok.column("file_name"))
+    yolo = YoloCounts(classes=[c.name for c in categories])
     yolo.renamed = int(pc.sum(pc.not_equal(names, ok.column("file_name"))).as_py() or 0)
-    labels = pc.replace_substring_regex(names, r"\.[^./]+$", "")
-    repeated = pc.value_counts(labels)
-    repeated = repeated.field("values").filter(pc.greater(repeated.field("counts"), 1))
-    clashing = set(repeated.to_pylist())   # rare: names that still share a label
-    counts = ExportCounts()
-    fs, root = storage.resolve(os.path.abspath(to))
-    with contextlib.ExitStack() as stack:
-        lists = {part: stack.enter_context(storage.atomic_output(fs, storage.join(root, f"{part}.txt")))
-                 for part in ("train", "val")}
-        _write_dataset(predictions_dir, to, options, settings, split, image_root, images, names,
-                       clashing, index_of, counts, yolo, lists)
-    _write_text(os.path.join(to, "data.yaml"), data_yaml(os.path.abspath(to), yolo.classes))
+    keep = _first_of_each_label(names)
+    yolo.duplicate_names = int(len(keep) - pc.sum(keep).as_py()) if len(keep) else 0
+    counts = image_counts(ok, total)
+    calls = [(predictions_dir, files, ok.slice(start, PART_IMAGES), names.slice(start, PART_IMAGES),
+              keep.slice(start, PART_IMAGES), options, settings, target)
+             for start in range(0, ok.num_rows, PART_IMAGES)]
+    fs, root = storage.resolve(target.to)
+    with storage.atomic_output(fs, storage.join(root, "train.txt")) as train, \
+            storage.atomic_output(fs, storage.join(root, "val.txt")) as val:
+        for part in run_calls(write_label_part, calls, parallel):
+            add_counts(counts, part.counts)
+            for name in ("train", "val", "linked", "same_box_lines"):
+                setattr(yolo, name, getattr(yolo, name) + getattr(part.yolo, name))
+            train.write("".join(part.train).encode("utf-8", "surrogateescape"))
+            val.write("".join(part.val).encode("utf-8", "surrogateescape"))
+    _write_text(os.path.join(target.to, "data.yaml"), data_yaml(target.to, yolo.classes))
     ownership.record_written(to, YOLO_FILES)
     return counts, yolo
 
 
-def _write_dataset(predictions_dir, to, options, settings, split, image_root, images, names,
-                   clashing, index_of, counts, yolo, lists) -> None:
-    """The label files and links of every ok image, and its line in its list."""
+def _first_of_each_label(names: pa.Array) -> pa.Array:
+    """Per image, whether it is the first with its label file (names that still share one
+    after ``dataset_names`` are rare: only those are looked at one by one)."""
+    labels = pc.replace_substring_regex(names, r"\.[^./]+$", "")
+    repeated = pc.value_counts(labels)
+    repeated = repeated.field("values").filter(pc.greater(repeated.field("counts"), 1))
+    keep = np.ones(len(names), bool)
+    seen: set[str] = set()
+    for k in np.flatnonzero(pc.is_in(labels, repeated).to_numpy(zero_copy_only=False)):
+        label = labels[int(k)].as_py()
+        keep[k] = label not in seen
+        seen.add(label)
+    return pa.array(keep)
+
+
+def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, names: pa.Array,
+                     keep: pa.Array, options: ExportOptions, settings: schema.RunSettings,
+                     target: YoloTarget) -> YoloPart:
+    """The label files and image links of ``images`` (``ok_image_table`` rows; ``names``
+    their dataset names, ``keep`` false for those left out), and their list lines."""
     from pycocotools import mask as mask_utils
 
-    seen: set[str] = set()
-    rows = selected_images(predictions_dir, options, settings, counts, images)
-    for (row, kept), name in zip(rows, _strings(names)):
-        label = label_name(name)
-        if label[len("labels/"):-len(".txt")] in clashing:
-            if label in seen:
-                yolo.duplicate_names += 1
-                continue
-            seen.add(label)
-        lines = []
+    part = YoloPart()
+    chosen = images.filter(keep)
+    for (row, kept), name in zip(selected_images(predictions_dir, files, chosen, options, settings, part.counts),
+                                 _strings(names.filter(keep))):
+        lines, boxes = [], set()
         for det in kept:
-            if det["segmentation"] is None:
-                lines.append(box_line(index_of[det["category_id"]], det["bbox"], row["width"], row["height"]))
+            points = (box_points(det["bbox"], row["width"], row["height"])
+                      if det["segmentation"] is None else mask_points(mask_utils.decode(det["segmentation"])))
+            if points is None:
                 continue
-            line = mask_line(index_of[det["category_id"]], mask_utils.decode(det["segmentation"]))
-            if line is not None:
-                lines.append(line)
-        yolo.same_box_lines += len(lines) - len({_class_and_box(line) for line in lines})
-        _write_text(os.path.join(to, label), "".join(line + "\n" for line in lines))
-        if image_root is not None:
-            yolo.linked += _link(os.path.join(to, "images", name), os.path.join(image_root, row["file_name"]))
-        part = "val" if split.is_val(row["file_name"]) else "train"
-        lists[part].write(f"./images/{name}\n".encode("utf-8", "surrogateescape"))
-        setattr(yolo, part, getattr(yolo, part) + 1)
+            index = target.index_of[det["category_id"]]
+            lines.append(label_line(index, points))
+            boxes.add((index, *np.round(points.min(0), DIGITS).tolist(), *np.round(points.max(0), DIGITS).tolist()))
+        part.yolo.same_box_lines += len(lines) - len(boxes)   # Ultralytics reads one line of each
+        _write_text(os.path.join(target.to, label_name(name)), "".join(line + "\n" for line in lines))
+        if target.image_root is not None:
+            part.yolo.linked += _link(os.path.join(target.to, "images", name),
+                                      os.path.join(target.image_root, row["file_name"]))
+        listed = part.val if target.split.is_val(row["file_name"]) else part.train
+        listed.append(f"./images/{name}\n")
+    part.yolo.train, part.yolo.val = len(part.train), len(part.val)
+    return part
 
 
-def _class_and_box(line: str) -> tuple:
-    """A label line's class and the box of its points (what Ultralytics de-duplicates on)."""
-    values = line.split()
-    points = np.asarray(values[1:], np.float64).reshape(-1, 2)
-    return (values[0], *points.min(0).tolist(), *points.max(0).tolist())
-
-
-def _strings(column: pa.ChunkedArray, chunk: int = 4096):
+def _strings(column: pa.Array, chunk: int = 4096):
     """The strings of ``column``, converted a chunk at a time."""
     for start in range(0, len(column), chunk):
         yield from column.slice(start, chunk).to_pylist()
