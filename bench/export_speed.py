@@ -33,6 +33,8 @@ def main() -> int:
     parser.add_argument("--per-image", type=int, default=100)
     parser.add_argument("--mask-threshold", type=float, default=None)
     parser.add_argument("--format", default="coco", choices=("coco", "label-studio", "yolo"))
+    parser.add_argument("--address", default=None,
+                        help="Ray to export on (local: start one; its start-up is timed too)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -45,7 +47,7 @@ def main() -> int:
     code = ("import json, re; from segpipe.coco.selection import ExportOptions; "
             "from segpipe.commands.export import ExportFormat, run_export; "
             f"s = run_export({str(work)!r}, {str(work / 'export')!r}, ExportOptions("
-            f"score_threshold=0.05, mask_threshold={args.mask_threshold!r}), "
+            f"score_threshold=0.05, mask_threshold={args.mask_threshold!r}), address={args.address!r}, "
             f"export_format=ExportFormat({args.format!r}, {'https://host/images/' if args.format == 'label-studio' else None!r})); "
             "print(json.dumps({'detections': s['counts']['detections'], "
             "'annotations': s['counts']['annotations'], 'seconds': s['seconds'], "

@@ -29,8 +29,6 @@ def test_signals_measure_what_they_say():
     s = signals.SignalSettings(score_threshold=0.5, margin=0.1)
     w = signals.borderline_weights(np.array([0.5, 0.55, 0.6, 0.9, 0.42]), s)
     assert w == pytest.approx([1.0, 0.5, 0.0, 0.0, 0.2])
-    assert signals.combine_borderline(np.array([0.5, 0.5])) == pytest.approx(0.75)
-    assert signals.combine_borderline(np.array([])) == 0.0
     sharp = np.zeros((1, 28, 28), np.float32)
     sharp[0, 5:20, 5:20] = 1.0
     flat = np.full((1, 28, 28), 0.5, np.float32)

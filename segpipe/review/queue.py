@@ -30,7 +30,6 @@ from segpipe.review.signals import (
     UNSURE_LOW,
     SignalSettings,
     borderline_weights,
-    combine_borderline,
     mask_uncertainty,
     rarity,
     threshold_sensitivity,
@@ -38,7 +37,8 @@ from segpipe.review.signals import (
 
 #: Per-image columns of the scored table beyond the image table's and ``SIGNALS``.
 DETAIL_COLUMNS = ("priority", "kept", "borderline_count", "closest_score", "closest_category",
-                  "unsure_category", "sensitive_category", "rare_category")
+                  "unsure_category", "most_unsure", "sensitive_category", "most_sensitive",
+                  "rare_category")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class _Accumulator:
     kept_category: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in (*SIGNALS, "closest_score"):
+        for name in (*SIGNALS, "closest_score", "most_unsure", "most_sensitive"):
             self.values[name] = np.zeros(self.size, np.float64)
         for name in ("kept", "borderline_count"):
             self.values[name] = np.zeros(self.size, np.int32)
@@ -100,7 +100,7 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
         scores = np.array([d["score"] for d in dets], np.float64)
         categories = np.array([d["category_id"] for d in dets], np.int32)
         weights = borderline_weights(scores, signal_settings)
-        v["borderline"][position] = combine_borderline(weights[weights > 0])
+        v["borderline"][position] = weights.sum()
         v["borderline_count"][position] = int((weights > 0).sum())
         closest = int(np.argmin(np.abs(scores - signal_settings.score_threshold)))
         v["closest_score"][position] = scores[closest]
@@ -114,12 +114,14 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
         soft = _soft_masks([dets[k] for k in kept], settings.soft_mask_dtype) \
             if settings.model.has_masks and settings.soft_masks else None
         if soft is not None and len(soft):
-            for name, found, where in (("mask_uncertainty", mask_uncertainty(soft), "unsure_category"),
-                                       ("threshold_sensitivity", threshold_sensitivity(soft),
-                                        "sensitive_category")):
+            for name, found, where, most in (
+                    ("mask_uncertainty", mask_uncertainty(soft), "unsure_category", "most_unsure"),
+                    ("threshold_sensitivity", threshold_sensitivity(soft), "sensitive_category",
+                     "most_sensitive")):
                 best = int(np.argmax(found))
-                v[name][position] = found[best]
+                v[name][position] = found.sum()
                 v[where][position] = categories[kept[best]]
+                v[most][position] = found[best]
     kept_per_category: dict[int, int] = {}
     if acc.kept_image:
         image_of = np.concatenate(acc.kept_image)
@@ -130,7 +132,7 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
         order = np.lexsort((-rare, image_of))   # per image, rarest first
         first = np.ones(order.size, bool)
         first[1:] = image_of[order][1:] != image_of[order][:-1]
-        v["rare_class"][image_of[order][first]] = rare[order][first]
+        np.add.at(v["rare_class"], image_of, rare)
         v["rare_category"][image_of[order][first]] = category_of[order][first]
     v["priority"] = sum(v[name] for name in SIGNALS)
     for name in (*SIGNALS, *DETAIL_COLUMNS):
@@ -158,12 +160,12 @@ def reasons(row: dict, names: dict[int, str], signal_settings: SignalSettings,
                      f"{names.get(row['closest_category'], '?')} {row['closest_score']:.3f})"))
     if row["mask_uncertainty"] > 0.05:
         said.append((row["mask_uncertainty"],
-                     f"{names.get(row['unsure_category'], '?')} mask: {row['mask_uncertainty']:.0%} of its "
+                     f"{names.get(row['unsure_category'], '?')} mask: {row['most_unsure']:.0%} of its "
                      f"box has probability {UNSURE_LOW:g}-{UNSURE_HIGH:g}"))
     if row["threshold_sensitivity"] > 0.05:
         said.append((row["threshold_sensitivity"],
                      f"{names.get(row['sensitive_category'], '?')} mask changes "
-                     f"{row['threshold_sensitivity']:.0%} between mask thresholds {LOW_MASK:g} and {HIGH_MASK:g}"))
+                     f"{row['most_sensitive']:.0%} between mask thresholds {LOW_MASK:g} and {HIGH_MASK:g}"))
     if row["rare_class"] > 0.05:
         category = row["rare_category"]
         said.append((row["rare_class"], f"rare class: {names.get(category, '?')} "

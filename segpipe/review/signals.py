@@ -1,25 +1,27 @@
 """What in an image's stored detections says a person's look would change its labels.
 
-Four signals, each in [0, 1], from what ``predictions/`` keeps (every detection down to the
-score floor, with the mask head's soft mask); ``threshold`` is the export's score threshold
-and "kept" detections are those at or above it:
+Four signals from what ``predictions/`` keeps (every detection down to the score floor, with
+the mask head's soft mask). ``threshold`` is the export's score threshold; "kept" detections
+are those at or above it. Each detection gets a value in [0, 1] per signal, and an image the
+sum over its detections: an estimate of how many corrections it needs, so that an image of
+many doubtful objects comes before one of a single doubtful object.
 
 ``borderline``
     detections whose score is within ``margin`` of the threshold, where one step of the
-    threshold adds or removes them: each counts ``w = 1 - |score - threshold| / margin``,
-    and the image gets ``1 - prod(1 - w)`` (1 when one sits on the threshold).
+    threshold adds or removes them: ``w = 1 - |score - threshold| / margin`` (0 outside).
 ``mask_uncertainty``
-    the largest share, over kept detections, of the mask head's grid (its M×M probabilities
-    over the box) that is neither clearly in nor clearly out: ``UNSURE_LOW <= p <= UNSURE_HIGH``.
+    per kept detection, the share of the mask head's grid (its M×M probabilities over the
+    box) that is neither clearly in nor clearly out: ``UNSURE_LOW <= p <= UNSURE_HIGH``.
 ``threshold_sensitivity``
-    the largest change, over kept detections, of the mask between the mask thresholds
-    ``LOW_MASK`` and ``HIGH_MASK``: ``1 - IoU`` of the two in the grid.
+    per kept detection, how much the mask changes between the mask thresholds ``LOW_MASK``
+    and ``HIGH_MASK``: ``1 - IoU`` of the two in the grid.
 ``rare_class``
-    the rarest class among the kept detections, against the run's kept detections per class:
+    per kept detection, how rare its class is among the run's kept detections:
     ``1 - log(1 + n_class) / log(1 + n_most_common)`` (0 for the most common class).
 
-An image's priority is their sum. Runs without soft masks (``--no-soft-masks``) have no mask
-signals (0). Tiled images use each detection's best part's soft mask.
+An image's priority is the sum of its four signals. Runs without soft masks
+(``--no-soft-masks``) have no mask signals (0). Tiled images use each detection's best
+part's soft mask.
 """
 
 from __future__ import annotations
@@ -45,11 +47,6 @@ class SignalSettings:
 def borderline_weights(scores: np.ndarray, settings: SignalSettings) -> np.ndarray:
     """Each detection's ``w``: how close its score is to the threshold (0 outside the band)."""
     return np.clip(1.0 - np.abs(scores - settings.score_threshold) / settings.margin, 0.0, 1.0)
-
-
-def combine_borderline(weights: np.ndarray) -> float:
-    """An image's ``borderline`` from its detections' weights: ``1 - prod(1 - w)``."""
-    return float(1.0 - np.prod(1.0 - weights)) if weights.size else 0.0
 
 
 def mask_uncertainty(soft: np.ndarray) -> np.ndarray:
