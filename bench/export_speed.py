@@ -44,11 +44,12 @@ def main() -> int:
     start = time.time()
     total = large_predictions(work, args.images, args.per_image)
     print(f"wrote {total} detections in {time.time() - start:.0f} s", flush=True)
+    image_root = "https://host/images/" if args.format == "label-studio" else None
     code = ("import json, re; from segpipe.coco.selection import ExportOptions; "
             "from segpipe.commands.export import ExportFormat, run_export; "
             f"s = run_export({str(work)!r}, {str(work / 'export')!r}, ExportOptions("
             f"score_threshold=0.05, mask_threshold={args.mask_threshold!r}), address={args.address!r}, "
-            f"export_format=ExportFormat({args.format!r}, {'https://host/images/' if args.format == 'label-studio' else None!r})); "
+            f"export_format=ExportFormat({args.format!r}, {image_root!r})); "
             "print(json.dumps({'detections': s['counts']['detections'], "
             "'annotations': s['counts']['annotations'], 'seconds': s['seconds'], "
             "'detections_per_s': s['detections_per_s'], "

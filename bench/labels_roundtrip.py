@@ -4,7 +4,8 @@
     .venv/bin/python bench/labels_roundtrip.py --run out/sample --photos samples  # a real run
 
 Trained-like detections (``tests/synthetic.blob_rows``: smooth blobs of 8-300 px boxes, some
-with holes, pasted by the encode stage) are written as predictions/, then exported as COCO
+with holes, pasted by the encode stage; every 4th cut in two by a 4-pixel bar, as by an
+occluding pole) are written as predictions/, then exported as COCO
 (the reference masks), Label Studio brush and polygon tasks, and a YOLO dataset. Label
 Studio brush masks are decoded by label-studio-sdk's ``decode_rle``, polygons put back in
 pixels and filled by pycocotools; YOLO labels are read by Ultralytics' ``YOLODataset`` and
@@ -37,6 +38,26 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
 
+def occlude(rows: list[dict], every: int) -> None:
+    """Cut every ``every``-th mask in two with a 4-pixel vertical bar through its box's middle
+    (an object behind a pole): trained models' masks of several parts look like this."""
+    from pycocotools import mask as mask_utils
+
+    k = 0
+    for row in rows:
+        for det in row["detections"]:
+            k += 1
+            if k % every or det["area"] < 50:
+                continue
+            rle = det["segmentation"]
+            mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+            x, _, bw, _ = (int(v) for v in mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()}))
+            mask[:, x + bw // 2 - 2:x + bw // 2 + 2] = 0
+            cut = mask_utils.encode(np.asfortranarray(mask))
+            det["segmentation"] = {"size": rle["size"], "counts": cut["counts"].decode()}
+            det["area"] = int(mask.sum())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100)
@@ -59,8 +80,9 @@ def main() -> None:
             shutil.copytree(args.run, root / "run")
             shutil.copytree(args.photos, root / "photos")
         else:
-            write_predictions(root / "run", blob_rows(args.images, args.per_image, h, w, seed=11,
-                                                      smallest=8, largest=300), rows_per_file=50)
+            rows = blob_rows(args.images, args.per_image, h, w, seed=11, smallest=8, largest=300)
+            occlude(rows, every=4)
+            write_predictions(root / "run", rows, rows_per_file=50)
             (root / "photos" / "blobs").mkdir(parents=True)
             for k in range(args.images):
                 Image.new("RGB", (w, h)).save(root / "photos" / "blobs" / f"{k:04d}.jpg")

@@ -230,6 +230,22 @@ def test_yolo_links_resolve_from_a_relative_image_root(blob_run, tmp_path, monke
     assert Image.open(link).size == (W, H)
 
 
+def test_yolo_reads_pixels_and_lines_as_polygons(tmp_path):
+    """Masks of one pixel or one straight line have contours of 1 or 2 points; written as
+    such, Ultralytics reads the line as a box row and drops every label of the image."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (W, H)).save(tmp_path / "photos" / "a.jpg")
+    dets = [box_detection(1, 0.9, 10, 10, 30, 20, H, W), box_detection(1, 0.8, 50, 50, 1, 1, H, W),
+            box_detection(1, 0.7, 70, 30, 25, 1, H, W), box_detection(3, 0.6, 100, 20, 1, 40, H, W)]
+    write_predictions(tmp_path / "run", [image_row("a.jpg", W, H, dets)])
+    run_export(str(tmp_path / "run"), str(tmp_path / "yolo"), ExportOptions(0.5),
+               export_format=ExportFormat("yolo", str(tmp_path / "photos"), 0.0))
+    got = yolo_masks(tmp_path / "yolo", ["person", "bicycle", "car"])["a.jpg"]
+    want = [mask_utils.decode(d["segmentation"] | {"counts": d["segmentation"]["counts"].encode()}).astype(bool)
+            for d in dets]
+    assert matched_ious(want, ["person", "person", "person", "car"], got) == [1.0] * 4
+
+
 def test_yolo_names_and_split_are_stable():
     import pyarrow as pa
 

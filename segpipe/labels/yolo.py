@@ -104,13 +104,17 @@ def join_rings(rings: list[np.ndarray]) -> np.ndarray:
 
 
 def mask_points(mask: np.ndarray) -> Optional[np.ndarray]:
-    """The normalised ``(N, 2)`` polygon of one mask: its rings joined, at pixel centres;
-    None for an empty mask."""
+    """The normalised ``(N, 2)`` polygon of one mask: its rings joined, at pixel centres, at
+    least 3 points (a line of 2 would be read as a box: Ultralytics then drops the whole
+    image's labels); None for an empty mask."""
     rings = mask_rings(mask)
     if not rings:
         return None
     height, width = mask.shape
-    return (join_rings(rings) + 0.5) / np.array([width, height], np.float64)
+    ring = join_rings(rings)
+    if len(ring) < 3:   # a pixel or a straight line: Ultralytics reads 1 or 2 points as a box row
+        ring = np.concatenate([ring, ring[-1:].repeat(3 - len(ring), axis=0)])
+    return (ring + 0.5) / np.array([width, height], np.float64)
 
 
 def label_line(class_index: int, points: np.ndarray) -> str:
