@@ -457,9 +457,12 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "yolo":
         print(f"segpipe export:   {summary['train']} train and {summary['val']} val images, "
               f"{len(summary['classes'])} classes; train with data={args.to.rstrip('/')}/data.yaml")
-        if not summary["linked"]:
+        if not args.image_root:
             print("segpipe export:   no --image-root: put (or link) each image at "
                   "DIR/images/<name> as train.txt and val.txt list them")
+        if summary["missing_images"]:
+            print(f"segpipe export:   {summary['missing_images']} image(s) not found under "
+                  f"{args.image_root}: not linked (is it the folder the run read?)")
         if summary["same_box_lines"]:
             print(f"segpipe export:   {summary['same_box_lines']} label line(s) repeat another "
                   "detection's class and box (tiny masks): Ultralytics reads one of each")

@@ -221,10 +221,12 @@ def test_yolo_links_resolve_from_a_relative_image_root(blob_run, tmp_path, monke
     (tmp_path / "photos" / "blobs").mkdir(parents=True)
     for k in range(12):
         Image.new("RGB", (W, H)).save(tmp_path / "photos" / "blobs" / f"{k:04d}.jpg")
+    (tmp_path / "photos" / "blobs" / "0011.jpg").unlink()
     monkeypatch.chdir(tmp_path)
     summary = run_export(str(blob_run), "yolo", ExportOptions(0.5),
                          export_format=ExportFormat("yolo", "photos"))
-    assert summary["linked"] == 12
+    assert (summary["linked"], summary["missing_images"]) == (11, 1)
+    assert not os.path.lexists(tmp_path / "yolo" / "images" / "blobs" / "0011.jpg")
     link = tmp_path / "yolo" / "images" / "blobs" / "0003.jpg"
     assert link.is_symlink() and link.resolve() == (tmp_path / "photos" / "blobs" / "0003.jpg").resolve()
     assert Image.open(link).size == (W, H)
@@ -327,3 +329,18 @@ def test_ray_tasks_write_the_same_label_files_as_one_process(blob_run, tmp_path,
     assert len([name for name in labels if name.startswith("labels/")]) == 12
     assert labels.pop("data.yaml").replace(b"yolo-True", b"yolo-False") == serial.pop("data.yaml")
     assert labels == serial
+
+
+def test_the_api_exports_labels_and_reviews(blob_run, tmp_path):
+    import segpipe
+
+    result = segpipe.export_labels(str(blob_run), str(tmp_path / "ls"), "label-studio", image_root="s3://b/")
+    assert result.files == [str(tmp_path / "ls" / "tasks.json"), str(tmp_path / "ls" / "label_config.xml")]
+    assert result.counts.ok == 12 and result.counts.annotations == result.summary["counts"]["annotations"] > 0
+    yolo = segpipe.export_labels(str(blob_run), str(tmp_path / "yolo"), "yolo", val_fraction=0.5, split_seed=3)
+    assert yolo.summary["train"] + yolo.summary["val"] == 12
+    with pytest.raises(segpipe.ConfigError, match="format must be"):
+        segpipe.export_labels(str(blob_run), str(tmp_path / "x"), "coco")
+    summary = segpipe.review(str(blob_run), str(tmp_path / "q"), top=3, subset="coco")
+    assert summary["images"] == 12 and summary["subset"]["images"] == 3
+    assert (tmp_path / "q" / "review.jsonl").read_text().count("\n") == 12

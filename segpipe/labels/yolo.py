@@ -173,6 +173,7 @@ class YoloCounts:
     renamed: int = 0
     duplicate_names: int = 0   # images left out: their label name is another image's
     same_box_lines: int = 0    # lines with another line's class and box: Ultralytics drops them
+    missing_images: int = 0    # --image-root has no file of that name: no link made
     classes: list[str] = field(default_factory=list)
 
 
@@ -228,7 +229,7 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
             storage.atomic_output(fs, storage.join(root, "val.txt")) as val:
         for part in run_calls(write_label_part, calls, parallel):
             add_counts(counts, part.counts)
-            for name in ("train", "val", "linked", "same_box_lines"):
+            for name in ("train", "val", "linked", "same_box_lines", "missing_images"):
                 setattr(yolo, name, getattr(yolo, name) + getattr(part.yolo, name))
             train.write("".join(part.train).encode("utf-8", "surrogateescape"))
             val.write("".join(part.val).encode("utf-8", "surrogateescape"))
@@ -275,8 +276,11 @@ def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, n
         part.yolo.same_box_lines += len(lines) - len(boxes)   # Ultralytics reads one line of each
         _write_text(os.path.join(target.to, label_name(name)), "".join(line + "\n" for line in lines))
         if target.image_root is not None:
-            part.yolo.linked += _link(os.path.join(target.to, "images", name),
-                                      os.path.join(target.image_root, row["file_name"]))
+            source = os.path.join(target.image_root, row["file_name"])
+            if os.path.isfile(source):
+                part.yolo.linked += _link(os.path.join(target.to, "images", name), source)
+            else:
+                part.yolo.missing_images += 1
         listed = part.val if target.split.is_val(row["file_name"]) else part.train
         listed.append(f"./images/{name}\n")
     part.yolo.train, part.yolo.val = len(part.train), len(part.val)

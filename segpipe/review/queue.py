@@ -50,7 +50,23 @@ class _Accumulator:
     kept_image: list[np.ndarray] = field(default_factory=list)
     kept_category: list[np.ndarray] = field(default_factory=list)
 
+    def add_kept(self, position: int, categories: np.ndarray) -> None:
+        """Note the kept detections' categories of the image at ``position``; held in
+        ``_pending`` Python lists and packed into arrays every few thousand images."""
+        self._pending_image.extend([position] * len(categories))
+        self._pending_category.extend(categories.tolist())
+        if len(self._pending_image) >= 65536:
+            self.pack()
+
+    def pack(self) -> None:
+        if self._pending_image:
+            self.kept_image.append(np.asarray(self._pending_image, np.int64))
+            self.kept_category.append(np.asarray(self._pending_category, np.int32))
+            self._pending_image, self._pending_category = [], []
+
     def __post_init__(self) -> None:
+        self._pending_image: list[int] = []
+        self._pending_category: list[int] = []
         for name in (*SIGNALS, "closest_score", "most_unsure", "most_sensitive"):
             self.values[name] = np.zeros(self.size, np.float64)
         for name in ("kept", "borderline_count"):
@@ -109,8 +125,7 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
         v["kept"][position] = kept.size
         if kept.size == 0:
             continue
-        acc.kept_image.append(np.full(kept.size, position, np.int64))
-        acc.kept_category.append(categories[kept])
+        acc.add_kept(position, categories[kept])
         soft = _soft_masks([dets[k] for k in kept], settings.soft_mask_dtype) \
             if settings.model.has_masks and settings.soft_masks else None
         if soft is not None and len(soft):
@@ -123,6 +138,7 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
                 v[where][position] = categories[kept[best]]
                 v[most][position] = found[best]
     kept_per_category: dict[int, int] = {}
+    acc.pack()
     if acc.kept_image:
         image_of = np.concatenate(acc.kept_image)
         category_of = np.concatenate(acc.kept_category)
