@@ -370,7 +370,7 @@ def export_labels(output: str, to: str, format: str, image_root: Optional[str] =
                         ExportCounts(**summary["counts"]), summary)
 
 
-def review(output: str, to: str, score_threshold: float = 0.5, margin: float = 0.15,
+def review_queue(output: str, to: str, score_threshold: float = 0.5, margin: float = 0.15,
            top: Optional[int] = None, subset: Optional[str] = None,
            image_root: Optional[str] = None, images: Optional[str] = None) -> dict[str, Any]:
     """``segpipe review``: rank the run's images for review into ``to`` (``review.jsonl``,

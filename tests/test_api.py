@@ -146,3 +146,13 @@ def test_rays_columns_become_segpipes_rows_and_bad_values_error_rows():
     assert pixels.column("status").to_pylist() == ["ok", "ok", "error"]
     assert pixels.column("width").to_pylist() == [3, 3, None]
     assert "float32" in pixels.column("error").to_pylist()[2]
+
+
+def test_no_public_name_is_also_a_module():
+    """``segpipe.NAME`` must stay the API's: a subpackage of the same name, once imported,
+    would take its place on the package."""
+    import importlib.util
+
+    clashing = [name for name in segpipe.__all__ if name != "__version__"
+                and importlib.util.find_spec(f"segpipe.{name}") is not None]
+    assert clashing == []

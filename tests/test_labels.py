@@ -341,6 +341,8 @@ def test_the_api_exports_labels_and_reviews(blob_run, tmp_path):
     assert yolo.summary["train"] + yolo.summary["val"] == 12
     with pytest.raises(segpipe.ConfigError, match="format must be"):
         segpipe.export_labels(str(blob_run), str(tmp_path / "x"), "coco")
-    summary = segpipe.review(str(blob_run), str(tmp_path / "q"), top=3, subset="coco")
+    import segpipe.review   # the package of the same name must not hide the function
+
+    summary = segpipe.review_queue(str(blob_run), str(tmp_path / "q"), top=3, subset="coco")
     assert summary["images"] == 12 and summary["subset"]["images"] == 3
     assert (tmp_path / "q" / "review.jsonl").read_text().count("\n") == 12
