@@ -10,8 +10,9 @@ last ``/images/`` of its path with ``/labels/`` and its extension with ``.txt``)
     DIR/labels/<stem>.txt  one line per detection: class x1 y1 x2 y2 ... (0..1)
 
 ``<name>`` is the image's ``file_name`` with any folder called ``images`` renamed
-``images_`` (it would break that lookup); two names with one stem (``a.jpg``, ``a.png``) keep
-their extension in the label's stem (``a.png.png`` → ``a.png.txt``). Every ok image gets a
+``images_`` (it would break that lookup), ``.jpg`` added where its extension is none that
+Ultralytics reads as an image; two names with one stem (``a.jpg``, ``a.png``) keep their
+extension in the label's stem (``a.png.png`` → ``a.png.txt``). Every ok image gets a
 label file, empty when nothing was kept (Ultralytics counts it as a background image).
 
 Class indices are 0.. in the run's category order (those kept by ``--classes``).
@@ -24,7 +25,8 @@ integer cast in ``polygon2mask`` lands on the pixel. Ultralytics wants one polyg
 object: holes and separate parts are joined into one ring by zero-width cuts between their
 nearest vertices (as its ``merge_multi_segment`` does). A cut to a hole runs inside the mask
 and costs nothing; a cut between two separate parts is drawn by ``fillPoly`` as a 1-pixel
-line across the gap, the one loss (docs/labelling.md gives the figures).
+line across the gap, the one loss (docs/labelling.md gives the figures). A polygon has at
+least 3 points: Ultralytics reads a line of 2 as a box row, and drops the image's labels.
 """
 
 from __future__ import annotations
