@@ -93,6 +93,30 @@ def test_label_studio_tasks_round_trip_pixel_for_pixel(blob_run, tmp_path):
     assert regions == summary["counts"]["annotations"]
 
 
+def test_the_documented_way_back_from_label_studio_is_exact(blob_run, tmp_path):
+    """docs/labelling.md's recipe on a Label Studio JSON export in which each task's
+    annotation is its accepted pre-annotation: the masks are the COCO export's."""
+    import re
+
+    run_export(str(blob_run), str(tmp_path / "coco"), ExportOptions(0.3), shard_images=0)
+    run_export(str(blob_run), str(tmp_path / "ls"), ExportOptions(0.3),
+               export_format=ExportFormat("label-studio", "s3://b/"))
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    exported = [{**task, "annotations": [{"result": task["predictions"][0]["result"]}]} for task in tasks]
+    (tmp_path / "export.json").write_text(json.dumps(exported))
+    docs = (Path(__file__).parents[1] / "docs" / "labelling.md").read_text()
+    recipe = re.search(r"```python\n(.*?)```", docs, re.S).group(1)
+    namespace: dict = {}
+    exec(recipe, namespace)
+    got = namespace["corrected_masks"](str(tmp_path / "export.json"))
+    expected = _coco_masks(tmp_path / "coco")
+    assert got.keys() == expected.keys()
+    for name, regions in got.items():
+        assert [label for label, _ in regions] == [label for label, _, _ in expected[name]]
+        for (_, rle), (_, _, want) in zip(regions, expected[name]):
+            assert np.array_equal(mask_utils.decode(rle).astype(bool), want)
+
+
 def test_label_studio_polygons_rasterise_back_to_the_masks(blob_run, tmp_path):
     """Polygon regions (one per part, holes by keyhole rings) in percent of the image: put
     back in pixels, pycocotools fills exactly the mask."""
