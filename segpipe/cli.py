@@ -463,6 +463,10 @@ def _export(args: argparse.Namespace) -> int:
         if summary["missing_images"]:
             print(f"segpipe export:   {summary['missing_images']} image(s) not found under "
                   f"{args.image_root}: not linked (is it the folder the run read?)")
+        if summary["left_alone"]:
+            print(f"segpipe export:   {summary['left_alone']} label file(s) or image link(s) not "
+                  "written: another file or link is there, or a folder on the way links out of "
+                  "DIR (segpipe replaces only what it wrote)")
         if summary["same_box_lines"]:
             print(f"segpipe export:   {summary['same_box_lines']} label line(s) repeat another "
                   "detection's class and box (tiny masks): Ultralytics reads one of each")

@@ -272,6 +272,27 @@ def test_yolo_reads_pixels_and_lines_as_polygons(tmp_path):
     assert matched_ious(want, ["person", "person", "person", "car"], got) == [1.0] * 4
 
 
+def test_yolo_leaves_links_it_did_not_make_alone(blob_run, tmp_path):
+    """A link already at an image's place (another target) stays; nothing is written through
+    a folder that links out of the dataset."""
+    photos, elsewhere = tmp_path / "photos" / "blobs", tmp_path / "elsewhere"
+    photos.mkdir(parents=True)
+    elsewhere.mkdir()
+    for k in range(12):
+        Image.new("RGB", (W, H)).save(photos / f"{k:04d}.jpg")
+    to = tmp_path / "yolo"
+    run_export(str(blob_run), str(to), ExportOptions(0.5), export_format=ExportFormat("yolo"))
+    (to / "images" / "blobs").mkdir(parents=True)
+    os.symlink(tmp_path / "mine.jpg", to / "images" / "blobs" / "0001.jpg")
+    (to / "labels" / "blobs" / "0002.txt").unlink()
+    os.symlink(elsewhere / "0002.txt", to / "labels" / "blobs" / "0002.txt")
+    summary = run_export(str(blob_run), str(to), ExportOptions(0.5),
+                         export_format=ExportFormat("yolo", str(tmp_path / "photos")))
+    assert (summary["linked"], summary["left_alone"]) == (11, 2)
+    assert os.readlink(to / "images" / "blobs" / "0001.jpg") == str(tmp_path / "mine.jpg")
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_yolo_names_and_split_are_stable():
     import pyarrow as pa
 

@@ -176,6 +176,8 @@ class YoloCounts:
     duplicate_names: int = 0   # images left out: their label name is another image's
     same_box_lines: int = 0    # lines with another line's class and box: Ultralytics drops them
     missing_images: int = 0    # --image-root has no file of that name: no link made
+    left_alone: int = 0        # a label or link not written: something else is there, or a
+                               # folder on the way links out of the dataset
     classes: list[str] = field(default_factory=list)
 
 
@@ -231,7 +233,7 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
             storage.atomic_output(fs, storage.join(root, "val.txt")) as val:
         for part in run_calls(write_label_part, calls, parallel):
             add_counts(counts, part.counts)
-            for name in ("train", "val", "linked", "same_box_lines", "missing_images"):
+            for name in ("train", "val", "linked", "same_box_lines", "missing_images", "left_alone"):
                 setattr(yolo, name, getattr(yolo, name) + getattr(part.yolo, name))
             train.write("".join(part.train).encode("utf-8", "surrogateescape"))
             val.write("".join(part.val).encode("utf-8", "surrogateescape"))
@@ -276,11 +278,17 @@ def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, n
             lines.append(label_line(index, points))
             boxes.add((index, *np.round(points.min(0), DIGITS).tolist(), *np.round(points.max(0), DIGITS).tolist()))
         part.yolo.same_box_lines += len(lines) - len(boxes)   # Ultralytics reads one line of each
-        _write_text(os.path.join(target.to, label_name(name)), "".join(line + "\n" for line in lines))
+        label = os.path.join(target.to, label_name(name))
+        if os.path.islink(label) or not _inside(target.to, posixpath.dirname(label)):
+            part.yolo.left_alone += 1   # never written over or through a link
+        else:
+            _write_text(label, "".join(line + "\n" for line in lines))
         if target.image_root is not None:
             source = os.path.join(target.image_root, row["file_name"])
             if os.path.isfile(source):
-                part.yolo.linked += _link(os.path.join(target.to, "images", name), source)
+                made = _link(target.to, os.path.join(target.to, "images", name), source)
+                part.yolo.linked += made
+                part.yolo.left_alone += 1 - made
             else:
                 part.yolo.missing_images += 1
         listed = part.val if target.split.is_val(row["file_name"]) else part.train
@@ -300,14 +308,22 @@ def _write_text(path: str, text: str) -> None:
     storage.write_bytes_atomic(fs, root, text.encode("utf-8", "surrogateescape"))
 
 
-def _link(path: str, target: str) -> int:
-    """Make ``path`` a link to ``target`` (replacing segpipe's earlier link); 1 if made."""
-    os.makedirs(posixpath.dirname(path), exist_ok=True)
-    if os.path.islink(path):
-        if os.readlink(path) == target:
-            return 1
-        os.unlink(path)
-    elif os.path.exists(path):
+def _inside(folder: str, directory: str) -> bool:
+    """Whether ``directory`` (made or not) resolves inside ``folder``: no link on the way
+    leads out of it."""
+    real = os.path.realpath(folder)
+    return os.path.realpath(directory).startswith(real + os.sep)
+
+
+def _link(folder: str, path: str, target: str) -> int:
+    """Make ``path`` (under ``folder``) a link to ``target``; 1 if it is one now. Whatever is
+    at ``path`` already is left alone (segpipe removes nothing it cannot prove its own), as
+    is a path whose folders lead out of ``folder``: 0."""
+    directory = posixpath.dirname(path)
+    if not _inside(folder, directory):
         return 0
+    os.makedirs(directory, exist_ok=True)
+    if os.path.lexists(path):
+        return int(os.path.islink(path) and os.readlink(path) == target)
     os.symlink(target, path)
     return 1
