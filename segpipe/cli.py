@@ -484,18 +484,18 @@ def _review(args: argparse.Namespace) -> int:
     request = ReviewRequest(args.output, args.to, args.score_threshold, args.margin, args.top,
                             args.subset, args.image_root, args.images)
     try:
-        check_review(request)
+        checked = check_review(request)
     except ConfigError as exc:
         return _config_error(exc)
     if args.images:   # Ray's own messages (the gallery) go to DIR/logs, as render's do
         log = console.RunLog(args.to, "review")
         try:
             with console.output_to_log(log.path):
-                summary = run_review(request, show_progress=args.progress)
+                summary = run_review(request, show_progress=args.progress, checked=checked)
         finally:
             log.publish()
     else:
-        summary = run_review(request, show_progress=args.progress)
+        summary = run_review(request, show_progress=args.progress, checked=checked)
     print(f"segpipe review: {summary['images']} images ranked in {summary['seconds']} s → "
           f"{args.to.rstrip('/')}/review.jsonl, review.csv")
     for name, spread in summary["signals"].items():

@@ -74,11 +74,13 @@ def check_review(request: ReviewRequest):
     return predictions_dir, settings
 
 
-def run_review(request: ReviewRequest, show_progress: bool = False) -> dict:
-    """Score, rank and write; returns the summary written to ``review.json``."""
+def run_review(request: ReviewRequest, show_progress: bool = False,
+               checked: Optional[tuple] = None) -> dict:
+    """Score, rank and write, after ``check_review`` (``checked``: its result, when the caller
+    ran it); returns the summary written to ``review.json``."""
     from segpipe.review.queue import rank, ranked_records, score_images, write_ranking
 
-    predictions_dir, settings = check_review(request)
+    predictions_dir, settings = checked or check_review(request)
     signal_settings = signals.SignalSettings(request.score_threshold, request.margin)
     ownership.mark_folder(request.to, "review")
     start = time.perf_counter()
