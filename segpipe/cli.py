@@ -290,18 +290,19 @@ def build_parser() -> SegpipeParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore
-        subparser.unknown_flags(extra)
     commands = {"segment": _segment, "export": _export, "review": _review, "eval": _eval,
                 "render": _render, "weights": _weights}
-    try:
-        with console.redacted_output(), console.segpipe_lines():
-            return commands[args.command](args)
-    except KeyboardInterrupt:   # Ctrl-C before a command's own handling (torch, Ray starting)
-        print("\nsegpipe: interrupted", file=sys.stderr)
-        return 130
+    with console.redacted_output():   # argparse's own messages repeat what was typed
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            subparser = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore
+            subparser.unknown_flags(extra)
+        try:
+            with console.segpipe_lines():
+                return commands[args.command](args)
+        except KeyboardInterrupt:   # Ctrl-C before a command's own handling (torch, Ray starting)
+            print("\nsegpipe: interrupted", file=sys.stderr)
+            return 130
 
 
 def _config_error(exc: Exception) -> int:
@@ -448,6 +449,7 @@ def _export(args: argparse.Namespace) -> int:
           f"({summary['detections_per_s']} detections/s) → {args.to}")
     for n, reason in counts.left_out():
         print(f"segpipe export:   {n} left out: {reason}")
+    _print_damaged("segpipe export", counts.damaged_images, counts.damaged)
     if counts.masks_with_holes:
         print(f"segpipe export:   {counts.masks_with_holes} masks have holes: their polygons "
               "reach each hole along a zero-width cut (keyhole polygons), which keeps the holes")
@@ -478,6 +480,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_damaged(prefix: str, images: int, named: list[str]) -> None:
+    """Say which image rows and detections were damaged in predictions/ and left out."""
+    if images:
+        print(f"{prefix}:   {images} image row(s) damaged in predictions/, left out as errors")
+    if named:
+        print(f"{prefix}:   damaged in predictions/ (edited or broken files; the first "
+              f"{len(named)}):")
+        for line in named:
+            print(f"{prefix}:     {line}")
+
+
 def _review(args: argparse.Namespace) -> int:
     from segpipe.commands.review import ReviewRequest, check_review, run_review
 
@@ -501,6 +514,10 @@ def _review(args: argparse.Namespace) -> int:
     for name, spread in summary["signals"].items():
         print(f"segpipe review:   {name}: over 0.05 on {spread['images_over_0.05']} images, "
               f"mean {spread['mean']}, max {spread['max']}")
+    damaged = summary["damaged"]
+    if damaged["detections"]:
+        print(f"segpipe review:   {damaged['detections']} detection(s) left out: damaged in predictions/")
+    _print_damaged("segpipe review", damaged["images"], damaged["named"])
     for record in summary["first"][:5]:
         print(f"  #{record['rank']} {record['file_name']} ({record['priority']}): "
               + "; ".join(record["reasons"][:2]))
@@ -525,7 +542,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
     matching = report["matching"]
-    for key in ("category_message", "crowd_message"):
+    for key in ("category_message", "crowd_message", "own_export_message"):
         if matching[key]:
             print(f"segpipe eval: NOTE: {matching[key]}")
     for iou_type in report["iou_types"]:
@@ -534,6 +551,10 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"segpipe eval: {matching['images_evaluated']} of {matching['ground_truth_images']} "
           f"ground-truth images evaluated, {report['detections']} detections "
           f"(score >= {report['score_threshold']})")
+    if matching["damaged_detections"]:
+        print(f"segpipe eval: {matching['damaged_detections']} detection(s) left out: damaged in "
+              "predictions/")
+        _print_damaged("segpipe eval", 0, matching["damaged"])
     for key in ("not_predicted", "failed", "size_mismatch"):
         if matching[key]:
             print(f"segpipe eval: {len(matching[key])} ground-truth image(s) {key.replace('_', ' ')}:")
@@ -566,6 +587,11 @@ def _render(args: argparse.Namespace) -> int:
           f"open {summary['index']}")
     for name, error in summary["errors"].items():
         print(f"  {name}: {error}")
+    if summary["damaged"]:
+        print(f"segpipe render: {len(summary['damaged'])} image(s) or detection(s) left out: "
+              "damaged in predictions/")
+        for line in summary["damaged"][:5]:
+            print(f"  {line}")
     if summary["rendered"] == 0:
         print("segpipe render: no image could be drawn (are --images the INPUT the run "
               "segmented?)", file=sys.stderr)

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 
 from segpipe.io import storage
 from segpipe.io.run_folder import LOGS_DIR
+from segpipe.names import printable
 
 #: Things Ray logs that change what a user should do, and what segpipe says about them.
 TRANSLATIONS: tuple[tuple[re.Pattern, str], ...] = (
@@ -68,14 +69,16 @@ def output_to_log(path: Path) -> Iterator[None]:
 
 
 class RedactedStream(io.TextIOBase):
-    """A text stream whose writes pass through ``storage.redact``: no line segpipe prints
-    (messages, errors, tracebacks, the resume command) shows a credential from a URI."""
+    """A text stream whose writes pass through ``storage.redact`` and ``names.printable``: no
+    line segpipe prints (messages, errors, tracebacks, the resume command) shows a credential
+    from a URI, or lets a name from a file (a class, an image, a path) act on the terminal
+    (an escape sequence, a control character: shown escaped, ``\\x1b``)."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
 
     def write(self, text: str) -> int:
-        self.stream.write(storage.redact(text))
+        self.stream.write(printable(storage.redact(text), keep="\n\r\t"))
         return len(text)
 
     def flush(self) -> None:

@@ -92,19 +92,22 @@ def match_images(gt_images: list[dict], predictions_dir: str) -> ImageMatch:
 
 
 def collect_results(predictions_dir: str, images: ImageMatch, categories: CategoryMatch,
-                    score_threshold: float, settings: schema.RunSettings) -> list[dict]:
+                    score_threshold: float, settings: schema.RunSettings,
+                    counts: Optional[ExportCounts] = None) -> list[dict]:
     """COCO results for the matched images, with ground-truth image and category ids.
 
-    The detections are those ``segpipe export`` would write at ``score_threshold``.
+    The detections are those ``segpipe export`` would write at ``score_threshold``;
+    ``counts`` gets what was left out (damaged detections among them).
     """
     gt_by_pred = {p: g for g, p in images.pred_by_gt.items()}
     options = ExportOptions(score_threshold=score_threshold)
+    counts = ExportCounts() if counts is None else counts
     results = []
-    for row in iter_ok_rows(predictions_dir):
+    for row in iter_ok_rows(predictions_dir, settings, soft_masks=False):   # scores and masks only
         gt_id = gt_by_pred.get(row["image_id"])
         if gt_id is None:
             continue
-        for det in select_detections(row, options, settings, ExportCounts()):
+        for det in select_detections(row, options, settings, counts):
             category = categories.to_gt.get(det["category_id"])
             if category is None:
                 continue
@@ -116,16 +119,29 @@ def evaluate(gt: COCO, results: list[dict], image_ids: list[int], iou_type: str)
     """COCOeval's 12 numbers (as a dict) and its printed table."""
     if not results:
         return {name: 0.0 for name in STAT_NAMES}, "(no detections to evaluate)\n"
-    detections = gt.loadRes(results)
-    evaluator = COCOeval(gt, detections, iou_type)
-    evaluator.params.imgIds = image_ids
     table = io.StringIO()
-    with contextlib.redirect_stdout(table):
+    with contextlib.redirect_stdout(table):   # pycocotools prints as it loads and evaluates
+        detections = gt.loadRes(results)
+        evaluator = COCOeval(gt, detections, iou_type)
+        evaluator.params.imgIds = image_ids
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     stats = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
     return stats, "\n".join(l for l in table.getvalue().splitlines() if "Average" in l) + "\n"
+
+
+def own_export(gt_json: dict, settings: schema.RunSettings) -> Optional[str]:
+    """What to tell a user evaluating a run against segpipe's own COCO export of the same
+    weights (``None`` when the ground truth is something else)."""
+    info = gt_json.get("info")
+    if not isinstance(info, dict) or info.get("contributor") != "segpipe" or \
+            info.get("weights_sha256") != settings.weights_sha256:
+        return None
+    return ("the ground truth is segpipe's own export of predictions of these weights: its masks "
+            "are the detections themselves, so segm AP near 1 says nothing of the model, and "
+            "its boxes are the masks' tight boxes (export --instances-bbox mask), not the "
+            "model's, so bbox AP measures how far the model's boxes are from its own masks")
 
 
 def crowd_regions(gt_json: dict, as_objects: bool) -> Optional[str]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from segpipe import schema
 from segpipe.coco.polygons import mask_polygons
+from segpipe.io.damage import DAMAGED_KEY, NAMED, damaged_image_notes
 
 
 @dataclass
@@ -45,12 +49,24 @@ class ExportCounts:
     no_polygon_left_out: int = 0        # --polygons: no polygon (never for a non-empty mask)
     over_max_per_image: int = 0
     masks_with_holes: int = 0           # --polygons: masks with holes (kept by keyhole rings)
+    damaged_left_out: int = 0           # detections damaged in predictions/ (io.damage)
+    damaged_images: int = 0             # ok image rows damaged in predictions/: not exported
+    damaged: list[str] = field(default_factory=list)   # the first damaged ones, in words
     per_category: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: "ExportCounts") -> None:
         """Add ``other``'s detection counts (an export of more files) to these."""
         for name in _DETECTION_COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.damaged = (self.damaged + other.damaged)[:NAMED]
+
+    def note_damaged(self, lines: list[str], images: bool = False) -> None:
+        """Count damaged detections (or image rows) and name the first few."""
+        if images:
+            self.damaged_images += len(lines)
+        else:
+            self.damaged_left_out += len(lines)
+        self.damaged = (self.damaged + lines)[:NAMED]
 
     def left_out(self) -> list[tuple[int, str]]:
         """``(count, reason)`` for every reason that left detections out, in selection order."""
@@ -62,26 +78,42 @@ class ExportCounts:
             (self.small_masks_left_out, "smaller than --min-area"),
             (self.over_max_per_image, "over --max-per-image"),
             (self.no_polygon_left_out, "without a polygon of 3+ points (--polygons)"),
+            (self.damaged_left_out, "damaged in predictions/ (not as segpipe writes them)"),
         ]
         return [(n, reason) for n, reason in reasons if n]
 
 
 #: The fields of ``ExportCounts`` that count detections (what ``add`` adds).
 _DETECTION_COUNTS = tuple(f.name for f in fields(ExportCounts)
-                          if f.name not in ("images", "ok", "errors", "per_category"))
+                          if f.name not in ("images", "ok", "errors", "per_category",
+                                            "damaged_images", "damaged"))
+
+
+def image_counts(images: pa.Table) -> ExportCounts:
+    """The image counts of an export of the image table ``images`` (``read_image_table``'s):
+    all, ok and error rows, and the ok rows damaged in predictions/, named."""
+    ok = pc.sum(pc.equal(images.column("status"), schema.STATUS_OK)).as_py() or 0
+    counts = ExportCounts(images=images.num_rows, ok=ok, errors=images.num_rows - ok)
+    damaged, named = damaged_image_notes(images)
+    counts.damaged_images, counts.damaged = damaged, named
+    return counts
 
 
 def select_detections(row: dict, options: ExportOptions, settings: schema.RunSettings,
                       counts: ExportCounts) -> list[dict]:
     """The detections of one ok row that go into the COCO files, with their final masks.
 
-    Applies, in order: score threshold, class filter, the run's categories, new mask
-    threshold, empty and small masks, ``max_per_image`` (highest scores first), then polygons.
-    Box-only detections (no segmentation) get COCO's box-only ``area``, the box's.
+    Counts the damaged detections the reader took out (``io.damage``), then applies, in order: score
+    threshold, class filter, the run's categories, new mask threshold, empty and small masks,
+    ``max_per_image`` (highest scores first), then polygons. Box-only detections (no
+    segmentation) get COCO's box-only ``area``, the box's.
     """
     kept = []
     category_ids = settings.categories.ids
     rethreshold_masks = options.repastes_masks(settings)
+    if DAMAGED_KEY in row:   # taken out by the reader (io.predictions.checked_rows)
+        counts.detections += len(row[DAMAGED_KEY])
+        counts.note_damaged(row[DAMAGED_KEY])
     for det in row["detections"] or []:
         counts.detections += 1
         if det["score"] < options.score_threshold:

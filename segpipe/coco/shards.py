@@ -81,15 +81,40 @@ def make_index(shard_images: int, entries: list[dict[str, Any]]) -> dict[str, An
 
 def read_index(coco_dir: str) -> Optional[dict[str, Any]]:
     """The index of the COCO folder ``coco_dir``; None when it has none (written before
-    shards existed, or a write that did not finish)."""
+    shards existed, or a write that did not finish). ``ConfigError`` naming the file when it
+    is not a segpipe index whose shards are files of that folder (``check_index``)."""
     fs, root = storage.resolve(coco_dir)
+    path = storage.join(coco_dir, INDEX_NAME)
     try:
         data = json.loads(storage.read_bytes(fs, storage.join(root, INDEX_NAME)))
     except FileNotFoundError:
         return None
-    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
-        raise ConfigError(f"{storage.join(coco_dir, INDEX_NAME)} is not a segpipe COCO index")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON: {' '.join(str(exc).split())[:200]}") from None
+    problem = check_index(data)
+    if problem:
+        raise ConfigError(f"{path} is not a segpipe COCO index: {problem}")
     return data
+
+
+def check_index(data: Any) -> Optional[str]:
+    """Why ``data`` is not a segpipe COCO index, or None: its format, at least one shard, and
+    each shard's files plain names of the index's own folder (never ``../x.json`` or
+    ``/etc/passwd``) in COCO's naming."""
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        return f"its format is not {INDEX_FORMAT!r}"
+    shards = data.get("shards")
+    if not isinstance(shards, list) or not shards:
+        return "it lists no shard"
+    for k, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shard {k} is not an object"
+        for key in ("instances", "results"):
+            name = shard.get(key)
+            if not isinstance(name, str) or not COCO_NAME.fullmatch(name) or name == INDEX_NAME:
+                return (f"shard {k}'s {key} file {str(name)[:80]!r} is not a COCO file name of "
+                        "the index's own folder")
+    return None
 
 
 def instances_files(coco_dir: str) -> list[str]:
@@ -103,7 +128,8 @@ def instances_files(coco_dir: str) -> list[str]:
 def load_instances(path: str) -> dict[str, Any]:
     """A COCO instances dataset from one file, or from every shard of an index (``path`` is
     an ``index.json`` or a folder holding one), joined in memory: for evaluation and small
-    runs. Tools that load a dataset whole should take a sharded one shard by shard."""
+    runs. Tools that load a dataset whole should take a sharded one shard by shard.
+    ``ConfigError`` names a file that is not JSON or a shard that is no COCO dataset."""
     fs, resolved = storage.resolve(path)
     folder = None
     if storage.is_dir(fs, resolved):
@@ -111,15 +137,29 @@ def load_instances(path: str) -> dict[str, Any]:
     elif path.rstrip("/").endswith("/" + INDEX_NAME) or path == INDEX_NAME:
         folder = path.rstrip("/")[: -len(INDEX_NAME)].rstrip("/") or "."
     if folder is None:
-        return json.loads(storage.read_bytes(fs, resolved))
+        return _read_json(path)
     joined: Optional[dict[str, Any]] = None
     for shard_path in instances_files(folder):
-        shard_fs, shard_file = storage.resolve(shard_path)
-        shard = json.loads(storage.read_bytes(shard_fs, shard_file))
+        shard = _read_json(shard_path)
+        if not isinstance(shard, dict) or not all(isinstance(shard.get(key), list)
+                                                  for key in ("images", "annotations")):
+            raise ConfigError(f"{shard_path} is not a COCO instances file (images, annotations, "
+                              "categories)")
         if joined is None:
             joined = shard
         else:
             joined["images"].extend(shard["images"])
             joined["annotations"].extend(shard["annotations"])
-    assert joined is not None
+    if joined is None:   # check_index lets no index of no shard through
+        raise ConfigError(f"{path} lists no COCO file")
     return joined
+
+
+def _read_json(path: str) -> Any:
+    fs, resolved = storage.resolve(path)
+    try:
+        return json.loads(storage.read_bytes(fs, resolved))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as JSON: {' '.join(str(exc).split())[:200]}") from None

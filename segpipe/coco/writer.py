@@ -29,7 +29,13 @@ import pyarrow.compute as pc
 
 from segpipe import __version__, schema
 from segpipe.coco.fanout import run_calls
-from segpipe.coco.selection import ExportCounts, ExportOptions, mask_boxes_and_areas, select_detections
+from segpipe.coco.selection import (
+    ExportCounts,
+    ExportOptions,
+    image_counts,
+    mask_boxes_and_areas,
+    select_detections,
+)
 from segpipe.coco.shards import (
     COCO_NAME,
     INDEX_NAME,
@@ -130,7 +136,7 @@ def write_shard_entries(predictions_dir: str, files: list[str], shard: Shard,
     """Step 1 for ``shard``: its results file, and its annotations in a temporary file."""
     fs, root = storage.resolve(coco_dir)
     entries = ShardEntries(storage.temporary_name(storage.join(root, shard.instances)))
-    rows = rows_in_order(predictions_dir, files, shard.images,
+    rows = rows_in_order(predictions_dir, files, shard.images, settings,
                          soft_masks=options.repastes_masks(settings))
     try:
         with storage.atomic_output(fs, storage.join(root, shard.results)) as results, \
@@ -219,11 +225,9 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     files = prediction_files(predictions_dir) if files is None else files
     if images is None:
         images = read_image_table(predictions_dir, files)
-    counts = ExportCounts(images=images.num_rows)
+    counts = image_counts(images)
     ok_images = images.filter(pc.field("status") == schema.STATUS_OK).select(
         ["image_id", "file_name", "width", "height", *LOCATION_COLUMNS])
-    counts.ok = ok_images.num_rows
-    counts.errors = counts.images - counts.ok
     shards = plan_shards(ok_images, shard_images)
     fs, root = storage.resolve(coco_dir)
     fs.create_dir(root, recursive=True)

@@ -8,8 +8,17 @@ from typing import Optional
 
 from pycocotools.coco import COCO
 
-from segpipe.coco.evaluate import IOU_TYPES, collect_results, crowd_regions, evaluate, match_categories, match_images
-from segpipe.coco.shards import load_instances
+from segpipe.coco.evaluate import (
+    IOU_TYPES,
+    collect_results,
+    crowd_regions,
+    evaluate,
+    match_categories,
+    match_images,
+    own_export,
+)
+from segpipe.coco.ground_truth import load_ground_truth
+from segpipe.coco.selection import ExportCounts
 from segpipe.config import ConfigError
 from segpipe.io import ownership, run_folder
 from segpipe.io.run_folder import existing_predictions, read_run_settings
@@ -40,12 +49,8 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
     threshold = floor if score_threshold is None else score_threshold
     if threshold < floor:
         raise ConfigError(f"score threshold {threshold} is below the stored score floor {floor}")
-    try:   # one file, or the shards that an index.json (or the folder holding it) lists
-        gt_json = load_instances(gt_path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read ground truth {gt_path}: {exc}") from None
-    if not isinstance(gt_json, dict) or not {"images", "annotations", "categories"} <= set(gt_json):
-        raise ConfigError(f"{gt_path} is not a COCO instances file (images, annotations, categories)")
+    # one file, or the shards that an index.json (or the folder holding it) lists, checked
+    gt_json = load_ground_truth(gt_path)
     crowd_message = crowd_regions(gt_json, crowd_as_objects)
     categories = match_categories(gt_json["categories"], settings.categories)
     images = match_images(gt_json["images"], predictions_dir)
@@ -53,7 +58,8 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
     gt.dataset = gt_json
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-    results = collect_results(predictions_dir, images, categories, threshold, settings)
+    counts = ExportCounts()   # what predictions/ holds damaged: left out, named
+    results = collect_results(predictions_dir, images, categories, threshold, settings, counts)
     report: dict = {}
     tables = {}
     image_ids = sorted(images.pred_by_gt)
@@ -65,6 +71,8 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
         "images_evaluated": len(image_ids), "ground_truth_images": len(gt_json["images"]),
         "not_predicted": images.not_predicted, "failed": images.failed,
         "size_mismatch": images.size_mismatch,
+        "own_export_message": own_export(gt_json, settings),
+        "damaged_detections": counts.damaged_left_out, "damaged": counts.damaged,
     }
     report["iou_types"] = list(iou_types)
     report["score_threshold"] = threshold

@@ -19,7 +19,7 @@ import json
 import posixpath
 import urllib.parse
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -30,9 +30,9 @@ from PIL import Image, ImageDraw
 from segpipe import schema
 from segpipe.config import ConfigError
 from segpipe.io import ownership, run_folder, sources, storage
+from segpipe.io.damage import DAMAGED, DAMAGED_KEY, damaged_image_notes, mark_damaged_images
 from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
-from segpipe.io.predictions import predictions_dataset
-from segpipe.model.categories import CategoryTable
+from segpipe.io.predictions import checked_rows, predictions_dataset
 from segpipe.progress import Progress
 
 MASK_OPACITY = 0.5
@@ -230,10 +230,11 @@ def source_blocks(rows: pa.Table, found: sources.InputFiles,
 
 
 def select_rows(predictions_dir: str, limit: int, score_threshold: float,
-                classes: Optional[frozenset[int]], categories: CategoryTable,
-                file_names: Optional[list[str]] = None) -> pa.Table:
+                classes: Optional[frozenset[int]], settings: schema.RunSettings,
+                file_names: Optional[list[str]] = None) -> tuple[pa.Table, list[str]]:
     """The first ``limit`` ok images by file_name (or the ok ones of ``file_names``, in that
-    order), with the detections to draw as JSON and the name each is rendered under."""
+    order), with the detections to draw as JSON and the name each is rendered under; and a
+    line for each image or detection left out as damaged in predictions/ (``io.damage``)."""
     dataset = predictions_dataset(predictions_dir)
     if file_names is None:
         names = (dataset.to_table(columns=["file_name"], filter=pc.field("status") == schema.STATUS_OK)
@@ -241,14 +242,18 @@ def select_rows(predictions_dir: str, limit: int, score_threshold: float,
         chosen = set(sorted(names)[:limit])
     else:
         chosen = set(file_names)
-    table = dataset.to_table(columns=["file_name", "width", "height", "detections"],
+    table = dataset.to_table(columns=["file_name", "width", "height", "status", "error", "detections"],
                              filter=pc.field("file_name").isin(list(chosen)))
+    marked = mark_damaged_images(table.drop_columns(["detections"]))
+    _, damaged = damaged_image_notes(marked)
+    table = table.filter(pc.invert(pc.starts_with(pc.fill_null(marked.column("error"), ""), DAMAGED)))
     rows = []
-    for row in table.to_pylist():
+    for row in checked_rows(table, settings):
+        damaged += row.get(DAMAGED_KEY, [])
         dets = [{k: d[k] for k in ("category_id", "category_name", "score", "bbox", "segmentation")}
                 for d in row["detections"] or []
                 if d["score"] >= score_threshold and (d["area"] is None or d["area"] > 0)
-                and d["category_id"] in categories.ids
+                and d["category_id"] in settings.categories.ids
                 and (classes is None or d["category_id"] in classes)]
         rows.append({"file_name": row["file_name"], "width": row["width"], "height": row["height"],
                      "detections_json": json.dumps(dets)})
@@ -256,11 +261,11 @@ def select_rows(predictions_dir: str, limit: int, score_threshold: float,
     for r in rows:
         r["rendered_name"] = names[r["file_name"]]
     if not rows:
-        return pa.table({})
+        return pa.table({}), damaged
     if file_names is None:
-        return pa.Table.from_pylist(rows).sort_by("file_name")
+        return pa.Table.from_pylist(rows).sort_by("file_name"), damaged
     position = {name: k for k, name in enumerate(file_names)}
-    return pa.Table.from_pylist(sorted(rows, key=lambda r: position[r["file_name"]]))
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: position[r["file_name"]])), damaged
 
 
 def gallery_html(rows: list[dict], errors: dict[str, str], title: str,
@@ -339,6 +344,7 @@ class CheckedRender:
     image_column: str = "image"          # parquet: the columns the run read
     name_column: Optional[str] = None
     images: Optional[sources.InputFiles] = None   # the files of --images, listed once
+    damaged: list[str] = field(default_factory=list)   # left out as damaged (select_rows)
 
 
 def check_render(request: RenderRequest) -> CheckedRender:
@@ -363,13 +369,13 @@ def check_render(request: RenderRequest) -> CheckedRender:
     found = sources.input_files(request.images_uri)
     input_format = sources.detect_input_format(request.images_uri, found)
     run_folder.check_folder_target(request.to, "--to")
-    rows = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
-                       settings.categories, request.file_names)
+    rows, damaged = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
+                                settings, request.file_names)
     if rows.num_rows == 0:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
     check_render_target(request.to, rows.column("rendered_name").to_pylist())
     return CheckedRender(predictions_dir, rows, request.title or f"segpipe: {request.output}", input_format,
-                         *_table_columns(request.output), found)
+                         *_table_columns(request.output), found, damaged)
 
 
 RENDER_FILES = ("index.html", "render.json")
@@ -450,6 +456,6 @@ def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
                                gallery_html(rows, errors, checked.title, request.captions).encode())
     ownership.record_written(to, [RENDER_FILES[0]])
     summary = {"rendered": len(rows) - len(errors), "errors": errors,
-               "index": storage.join(root, RENDER_FILES[0])}
+               "damaged": checked.damaged, "index": storage.join(root, RENDER_FILES[0])}
     ownership.write_json(to, RENDER_FILES[1], summary)
     return summary

@@ -97,6 +97,8 @@ def run_review(request: ReviewRequest, show_progress: bool = False,
         "source": request.output, "asked": asdict(request),
         "images": ranked.num_rows,
         "signals": {name: _described(ranked, name) for name in signals.SIGNALS},
+        "damaged": {"images": scored.counts.damaged_images,
+                    "detections": scored.counts.damaged_left_out, "named": scored.counts.damaged},
         "first": first,
     }
     if request.subset:

@@ -8,11 +8,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from segpipe import schema
 from segpipe.io import storage
+from segpipe.io.damage import DAMAGED_KEY, damaged_detections_removed, mark_damaged_images
 from segpipe.io.run_folder import (
     prediction_files,
 )
@@ -33,7 +35,8 @@ def predictions_dataset(predictions_dir: str) -> pads.Dataset:
 def read_image_table(predictions_dir: str, files: Optional[list[str]] = None) -> pa.Table:
     """One row per image (no detections), sorted by ``file_name`` (then by where it is):
     ``IMAGE_COLUMNS`` and ``LOCATION_COLUMNS``, which index ``files`` (default:
-    ``prediction_files(predictions_dir)``). Arrow columns only: no Python object per image."""
+    ``prediction_files(predictions_dir)``); an ok row damaged in predictions/ is an error row
+    (``damage.mark_damaged_images``). Arrow columns only: no Python object per image."""
     fs, _ = storage.resolve(predictions_dir)
     files = prediction_files(predictions_dir) if files is None else files
     tables = []
@@ -47,14 +50,16 @@ def read_image_table(predictions_dir: str, files: Optional[list[str]] = None) ->
         empty = schema.PREDICTION_SCHEMA
         return pa.table({name: pa.array([], empty.field(name).type) for name in IMAGE_COLUMNS}
                         | {name: pa.array([], pa.int32()) for name in LOCATION_COLUMNS})
-    return pa.concat_tables(tables).sort_by([("file_name", "ascending"),
-                                             ("file_index", "ascending"),
-                                             ("row_index", "ascending")])
+    return mark_damaged_images(pa.concat_tables(tables).sort_by([("file_name", "ascending"),
+                                                                 ("file_index", "ascending"),
+                                                                 ("row_index", "ascending")]))
 
 
-def iter_ok_rows(predictions_dir: str, batch_rows: int = 256,
+def iter_ok_rows(predictions_dir: str, settings: schema.RunSettings, batch_rows: int = 256,
                  soft_masks: bool = True) -> Iterator[dict]:
-    """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming.
+    """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming;
+    damaged detections are taken out and named under ``damage.DAMAGED_KEY``
+    (``checked_rows``).
 
     Reads one file at a time, synchronously: pyarrow's dataset scanner reads ahead of a slow
     consumer (this loop converts to Python) and its peak memory grew with the dataset
@@ -62,21 +67,25 @@ def iter_ok_rows(predictions_dir: str, batch_rows: int = 256,
     ``soft_masks`` the detections come without their stored soft masks (``soft_mask`` is
     None), which saves making a bytes object per detection when no mask is re-pasted.
     """
-    for path in prediction_files(predictions_dir):
-        yield from ok_rows_of_file(predictions_dir, path, batch_rows, soft_masks)
-
-
-def ok_rows_of_file(predictions_dir: str, path: str, batch_rows: int = 256,
-                    soft_masks: bool = True) -> Iterator[dict]:
-    """``iter_ok_rows`` for one prediction file ``path`` of ``predictions_dir``."""
     fs, _ = storage.resolve(predictions_dir)
-    with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=ROW_COLUMNS):
-            if not soft_masks:
-                batch = without_soft_masks(batch)
-            for row in batch.to_pylist():
-                if row["status"] == schema.STATUS_OK:
-                    yield row
+    for path in prediction_files(predictions_dir):
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=ROW_COLUMNS):
+                batch = batch.filter(pc.equal(batch.column("status"), schema.STATUS_OK))
+                if not soft_masks:
+                    batch = without_soft_masks(batch)
+                yield from checked_rows(pa.Table.from_batches([batch]), settings)
+
+
+def checked_rows(table: pa.Table, settings: schema.RunSettings) -> Iterator[dict]:
+    """The rows of ``table`` as dicts, their damaged detections taken out
+    (``damage.damaged_detections_removed``) and named in a list under ``DAMAGED_KEY`` of the
+    rows that had any."""
+    table, damaged = damaged_detections_removed(table, settings)
+    for row, lines in zip(table.to_pylist(), damaged):
+        if lines:
+            row[DAMAGED_KEY] = lines
+        yield row
 
 
 def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -95,10 +104,11 @@ def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def rows_in_order(predictions_dir: str, files: list[str], located: pa.Table,
-                  soft_masks: bool = True, chunk_rows: int = 64,
+                  settings: schema.RunSettings, soft_masks: bool = True, chunk_rows: int = 64,
                   cached_files: int = 8) -> Iterator[dict]:
     """Yield the rows (``ROW_COLUMNS``) that ``located`` points at (its ``LOCATION_COLUMNS``,
-    into ``files``), in ``located``'s order, a chunk of ``chunk_rows`` at a time.
+    into ``files``), in ``located``'s order, a chunk of ``chunk_rows`` at a time; damaged
+    detections are taken out and named (``checked_rows``).
 
     A chunk's rows are taken from whole prediction files, the last ``cached_files`` of which
     are kept: the rows of a run's files are in nearly the order their inputs were listed, so
@@ -134,4 +144,4 @@ def rows_in_order(predictions_dir: str, files: list[str], located: pa.Table,
         joined = pa.concat_tables(pieces)
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
-        yield from joined.take(pa.array(back)).to_pylist()
+        yield from checked_rows(joined.take(pa.array(back)), settings)

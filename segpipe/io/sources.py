@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 
 from segpipe.config import ConfigError
 from segpipe.io import ownership, storage
+from segpipe.names import UNSAFE_CHARACTERS, UNSAFE_CHARACTERS_RE2, unsafe_character
 from segpipe.schema import IMAGE_ID_BITS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -41,22 +42,44 @@ LISTING_SCHEMA = pa.schema([
 
 
 #: Characters percent-encoded in a file_name: ``%`` itself (so the encoding is reversible),
-#: backslashes and control characters.
-_UNSAFE_CHARACTERS = re.compile(r"[%\\\x00-\x1f\x7f]")
+#: backslashes, and every character a name may not hold (``segpipe.names``:
+#: controls, line separators, bidi overrides...).
+_UNSAFE_CHARACTERS = re.compile(r"[%\\]|" + UNSAFE_CHARACTERS.pattern)
+#: An RE2 pattern (Arrow) that finds every ``file_name`` ``safe_file_name`` never makes: a
+#: leading ``/``, an empty, ``.`` or ``..`` segment, a backslash or an unsafe character.
+UNSAFE_FILE_NAME_RE2 = (r"^/|(^|/)\.{0,2}(/|$)|\\|" + UNSAFE_CHARACTERS_RE2)
+
+
+def _percent(character: str) -> str:
+    """A character as the percent-encoded bytes of its UTF-8 (a surrogate of an undecodable
+    byte as that byte)."""
+    try:
+        data = character.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        data = character.encode("utf-8", "surrogatepass")
+    return "".join(f"%{b:02X}" for b in data)
 
 
 def safe_file_name(name: str) -> str:
     """``name`` (from a tar member, a Parquet name column or a folder) as a safe relative POSIX
-    path: ``%``, ``\\`` and control characters, a leading ``/`` and every empty, ``.`` or
-    ``..`` segment are percent-encoded (``../../x.jpg`` → ``%2E%2E/%2E%2E/x.jpg``, ``/abs/x.jpg``
-    → ``%2Fabs/x.jpg``). Ordinary names are unchanged. The mapping is one to one, so distinct
-    inputs keep distinct names and ids, and no consumer of ``file_name`` (render, a labeling
-    tool) is led outside its folder."""
-    encoded = _UNSAFE_CHARACTERS.sub(lambda m: f"%{ord(m.group()):02X}", name)
+    path: ``%``, ``\\`` and unsafe characters (percent-encoded as UTF-8 bytes), a leading
+    ``/`` and every empty, ``.`` or ``..`` segment are percent-encoded (``../../x.jpg`` →
+    ``%2E%2E/%2E%2E/x.jpg``, ``/abs/x.jpg`` → ``%2Fabs/x.jpg``, a line feed → ``%0A``).
+    Ordinary names are unchanged. The mapping is one to one, so distinct inputs keep distinct
+    names and ids, and no consumer of ``file_name`` (render, a label list, a labeling tool)
+    is led outside its folder or sees a line end."""
+    encoded = _UNSAFE_CHARACTERS.sub(lambda m: _percent(m.group()), name)
     head = "%2F" if encoded.startswith("/") else ""
     segments = (encoded[1:] if head else encoded).split("/")
     special = {"": "%00", ".": "%2E", "..": "%2E%2E"}
     return head + "/".join(special.get(segment, segment) for segment in segments)
+
+
+def is_safe_file_name(name: str) -> bool:
+    """Whether ``name`` is a ``file_name`` segpipe writes: relative, no empty, ``.`` or
+    ``..`` segment, no backslash or unsafe character (``%`` may stand anywhere)."""
+    return not re.search(r"^/|(^|/)\.{0,2}(/|$)|\\", name) and \
+        unsafe_character(name) is None
 
 
 def undecodable_name(name: str) -> str:
@@ -217,6 +240,8 @@ def image_listing(found: InputFiles, input_uri: str) -> pa.Table:
     prefix = root.rstrip("/") + "/"
     for f in files:
         file_name = f.path[len(prefix):] if f.path.startswith(prefix) else f.base_name
+        if not is_safe_file_name(file_name):   # a line feed, an escape... in a local name
+            file_name = safe_file_name(file_name)
         if is_image_name(file_name):
             rows.append((image_id_for(file_name), file_name, f.path, f.size or 0, None))
         else:

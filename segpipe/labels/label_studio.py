@@ -35,7 +35,7 @@ from segpipe.coco.polygons import mask_polygons
 from segpipe.coco.selection import ExportCounts, ExportOptions
 from segpipe.io import ownership, storage
 from segpipe.labels.brush import brush_rle
-from segpipe.labels.rows import add_counts, image_counts, ok_image_table, selected_images
+from segpipe.labels.rows import add_counts, ok_image_table, selected_images
 from segpipe.model.categories import CategoryTable
 
 #: Tasks per file: Label Studio reads an uploaded file whole, in one request.
@@ -168,8 +168,7 @@ def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
     each task file is written by a Ray task. Returns the counts and the task files."""
     from segpipe.coco.fanout import run_calls
 
-    files, ok, total = ok_image_table(predictions_dir, images)
-    counts = image_counts(ok, total)
+    files, ok, counts = ok_image_table(predictions_dir, images)
     names = task_file_names(ok.num_rows)
     fs, root = storage.resolve(to)
     calls = [(predictions_dir, files, ok.slice(k * TASKS_PER_FILE, TASKS_PER_FILE),

@@ -10,19 +10,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe import schema
-from segpipe.coco.selection import ExportCounts, ExportOptions, select_detections
+from segpipe.coco.selection import ExportCounts, ExportOptions, image_counts, select_detections
 from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
 from segpipe.io.run_folder import prediction_files
 
 
-def ok_image_table(predictions_dir: str, images: Optional[pa.Table] = None) -> tuple[list[str], pa.Table, int]:
+def ok_image_table(predictions_dir: str,
+                   images: Optional[pa.Table] = None) -> tuple[list[str], pa.Table, ExportCounts]:
     """The run's prediction files, its ok images in ``file_name`` order (``read_image_table``
-    rows, or those of ``images``) and how many images there were."""
+    rows, or those of ``images``) and the export's image counts (``image_counts``)."""
     files = prediction_files(predictions_dir)
     table = read_image_table(predictions_dir, files) if images is None else images
     ok = table.filter(pc.field("status") == schema.STATUS_OK).select(
         ["image_id", "file_name", "width", "height", *LOCATION_COLUMNS])
-    return files, ok, table.num_rows
+    return files, ok, image_counts(table)
 
 
 def selected_images(predictions_dir: str, files: list[str], ok: pa.Table, options: ExportOptions,
@@ -32,17 +33,12 @@ def selected_images(predictions_dir: str, files: list[str], ok: pa.Table, option
     ``options.polygons`` says. ``counts`` gets every detection's fate and the annotations
     per category."""
     rle_options = replace(options, polygons=False)
-    for row in rows_in_order(predictions_dir, files, ok, soft_masks=options.repastes_masks(settings)):
+    for row in rows_in_order(predictions_dir, files, ok, settings, soft_masks=options.repastes_masks(settings)):
         kept = select_detections(row, rle_options, settings, counts)
         for det in kept:
             counts.per_category[det["category_name"]] = counts.per_category.get(det["category_name"], 0) + 1
         counts.annotations += len(kept)
         yield row, kept
-
-
-def image_counts(ok: pa.Table, total: int) -> ExportCounts:
-    """The image counts of an export of ``ok`` images out of ``total``."""
-    return ExportCounts(images=total, ok=ok.num_rows, errors=total - ok.num_rows)
 
 
 def add_counts(counts: ExportCounts, part: ExportCounts) -> None:

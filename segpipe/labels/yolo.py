@@ -45,7 +45,7 @@ from segpipe import schema
 from segpipe.coco.fanout import run_calls
 from segpipe.coco.selection import ExportCounts, ExportOptions
 from segpipe.io import ownership, storage
-from segpipe.labels.rows import add_counts, image_counts, ok_image_table, selected_images
+from segpipe.labels.rows import add_counts, ok_image_table, selected_images
 
 YOLO_FILES = ("data.yaml", "train.txt", "val.txt")
 YOLO_DIRS = ("images", "labels")
@@ -218,13 +218,12 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
                   if options.classes is None or c.id in options.classes]
     target = YoloTarget(os.path.abspath(to), os.path.abspath(image_root) if image_root else None,
                         split, {c.id: k for k, c in enumerate(categories)})
-    files, ok, total = ok_image_table(predictions_dir, images)
+    files, ok, counts = ok_image_table(predictions_dir, images)
     names = dataset_names(ok.column("file_name"))
     yolo = YoloCounts(classes=[c.name for c in categories])
     yolo.renamed = int(pc.sum(pc.not_equal(names, ok.column("file_name"))).as_py() or 0)
     keep = _first_of_each_label(names)
     yolo.duplicate_names = int(len(keep) - pc.sum(keep).as_py()) if len(keep) else 0
-    counts = image_counts(ok, total)
     calls = [(predictions_dir, files, ok.slice(start, PART_IMAGES), names.slice(start, PART_IMAGES),
               keep.slice(start, PART_IMAGES), options, settings, target)
              for start in range(0, ok.num_rows, PART_IMAGES)]

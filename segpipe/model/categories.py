@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from segpipe.config import ConfigError
+from segpipe.names import check_name, unsafe_character
 
 UNKNOWN_NAME = "N/A"
 BACKGROUND_NAMES = ("__background__", "background", "bg", "__bg__")
@@ -110,6 +111,12 @@ class CategoryTable:
         category = self.for_label(label)
         return (category.id, category.name) if category else (int(label), UNKNOWN_NAME)
 
+    def name_of(self, category_id: int) -> str:
+        """The name stored with a detection of ``category_id``: its category's, ``"N/A"`` for
+        an id of no category (``category_of``)."""
+        category = self._by_id.get(category_id)
+        return category.name if category else UNKNOWN_NAME
+
     def coco_json(self) -> list[dict]:
         """The ``categories`` list of a COCO dataset file, in table order."""
         return [{"id": c.id, "name": c.name, "supercategory": c.supercategory}
@@ -150,9 +157,16 @@ class CategoryTable:
         """Inverse of ``to_json``; ``None`` (files written before tables were recorded) is COCO."""
         if not value:
             return COCO_TABLE
-        rows = value["categories"]
-        return cls(tuple(Category(r["id"], r["name"], r.get("supercategory", "")) for r in rows),
-                   tuple(r["label"] for r in rows), value["num_classes"], value["origin"])
+        try:
+            rows = value["categories"]
+            table = cls(tuple(Category(int(r["id"]), str(r["name"]), str(r.get("supercategory", "")))
+                              for r in rows),
+                        tuple(int(r["label"]) for r in rows), int(value["num_classes"]),
+                        str(value["origin"]))
+        except (KeyError, TypeError, ValueError):
+            raise CategoryError("the category table recorded with the run is damaged") from None
+        check_names(table.categories, "the category table recorded with the run")
+        return table
 
 
 COCO_TABLE = CategoryTable(COCO_CATEGORIES, tuple(c.id for c in COCO_CATEGORIES),
@@ -245,7 +259,8 @@ def parse_categories(text: str, source: str) -> tuple[Category, ...]:
             value = value["categories"]
         categories = _from_json_list(value, source)
     else:
-        names = [line.strip() for line in stripped.splitlines() if line.strip()]
+        # lines end at line feeds only: a name holding another line end is refused, not cut
+        names = [line.strip() for line in stripped.split("\n") if line.strip()]
         categories = tuple(Category(k, name) for k, name in enumerate(names, start=1))
     if not categories:
         raise CategoryError(f"categories file {source} names no category")
@@ -253,7 +268,18 @@ def parse_categories(text: str, source: str) -> tuple[Category, ...]:
         raise CategoryError(f"categories file {source} names {len(categories)} categories; "
                             f"segpipe takes at most {MAX_CATEGORIES}")
     _check_unique(categories, source)
+    check_names(categories, f"categories file {source}")
     return categories
+
+
+def check_names(categories: Iterable[Category], source: str) -> None:
+    """``CategoryError`` for a class (or supercategory) name that holds a character no file
+    segpipe writes may carry (``names.check_name``): a control character, a line separator,
+    a lone surrogate..."""
+    for n, category in enumerate(categories):
+        for what, name in (("name", category.name), ("supercategory", category.supercategory)):
+            if unsafe_character(name) is not None:
+                raise CategoryError(check_name(name, f"{source}, entry {n}: the {what}"))
 
 
 def _from_json_list(value, source: str) -> tuple[Category, ...]:

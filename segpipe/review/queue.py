@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -18,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from segpipe import schema
+from segpipe.coco.selection import ExportCounts, image_counts
 from segpipe.encode.encoder import dequantise_soft_masks
 from segpipe.io import storage
+from segpipe.io.damage import DAMAGED_KEY
 from segpipe.io.predictions import read_image_table, rows_in_order
 from segpipe.io.run_folder import prediction_files
 from segpipe.review.signals import (
@@ -95,6 +98,7 @@ class ScoredImages:
 
     table: pa.Table
     kept_per_category: dict[int, int]
+    counts: ExportCounts   # images, and what was damaged in predictions/ (left out, named)
 
 
 def score_images(predictions_dir: str, settings: schema.RunSettings,
@@ -109,7 +113,10 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
     acc = _Accumulator(ok.num_rows)
     known = settings.categories.ids
     v = acc.values
-    for position, row in enumerate(rows_in_order(predictions_dir, files, ok, soft_masks=True)):
+    damaged = image_counts(images)
+    for position, row in enumerate(rows_in_order(predictions_dir, files, ok, settings, soft_masks=True)):
+        if DAMAGED_KEY in row:
+            damaged.note_damaged(row[DAMAGED_KEY])
         dets = [d for d in row["detections"] or [] if d["category_id"] in known]
         if not dets:
             continue
@@ -153,7 +160,7 @@ def score_images(predictions_dir: str, settings: schema.RunSettings,
     v["priority"] = sum(v[name] for name in SIGNALS)
     for name in (*SIGNALS, *DETAIL_COLUMNS):
         ok = ok.append_column(name, pa.array(v[name]))
-    return ScoredImages(ok, kept_per_category)
+    return ScoredImages(ok, kept_per_category, damaged)
 
 
 def rank(scored: pa.Table) -> pa.Table:
@@ -205,6 +212,20 @@ def ranked_records(ranked: pa.Table, settings: schema.RunSettings, signal_settin
             yield record
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP's list: ``=``, ``+``, ``-``, ``@``,
+#: tab and carriage return), and what may stand before them.
+_FORMULA_START = re.compile(r"^[\s\x00-\x1f]*[=+\-@\t\r]")
+
+
+def spreadsheet_cell(value: object) -> object:
+    """``value`` as a CSV cell no spreadsheet evaluates: text that could start a formula
+    gets a leading ``'`` (the escape Excel, LibreOffice and Google Sheets show as text);
+    numbers stay numbers."""
+    if isinstance(value, str) and _FORMULA_START.match(value):
+        return "'" + value
+    return value
+
+
 def write_ranking(to: str, ranked: pa.Table, settings: schema.RunSettings,
                   signal_settings: SignalSettings, kept_per_category: dict[int, int]) -> list[str]:
     """``review.jsonl`` and ``review.csv`` in ``to``, atomically; returns their names."""
@@ -216,7 +237,8 @@ def write_ranking(to: str, ranked: pa.Table, settings: schema.RunSettings,
         writer.writerow([*RECORD_COLUMNS, "kept", "reasons"])
         for n, record in enumerate(ranked_records(ranked, settings, signal_settings, kept_per_category)):
             jsonl.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-            writer.writerow([*(record[k] for k in RECORD_COLUMNS), record["kept"], "; ".join(record["reasons"])])
+            writer.writerow([spreadsheet_cell(v) for v in (*(record[k] for k in RECORD_COLUMNS),
+                                                             record["kept"], "; ".join(record["reasons"]))])
             if n % 1024 == 1023:
                 flat.write(text.getvalue().encode("utf-8"))
                 text.seek(0)
