@@ -259,6 +259,7 @@ def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file:
     held = lease.acquire(output)   # one writer per OUTPUT, as for segpipe segment
     try:
         directory = run_folder.predictions_dir(output)
+        run_folder.retire_finished_run(output)
         ownership.remove(directory, complete + temporary)
         ownership.record_written(directory, [], whole=True)
         ds.write_datasink(sinks.PredictionSink(directory, rows_per_file, settings, output,
@@ -306,7 +307,7 @@ def export(output: str, to: str, score_threshold: float = 0.5,
                             max_per_image=max_per_image, min_area=min_area, polygons=polygons,
                             instances_bbox=instances_bbox)
     checked = check_export(output, options, classes)
-    check_export_target(to)
+    check_export_target(to, "coco", output)
     summary = run_export(output, to, checked.options, address=address, checked=checked,
                          shard_images=coco_shard_images)
     counts = ExportCounts(**summary["counts"])
@@ -362,7 +363,7 @@ def export_labels(output: str, to: str, format: str, image_root: Optional[str] =
     options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
                             max_per_image=max_per_image, min_area=min_area, polygons=polygons)
     checked = check_export(output, options, classes)
-    check_export_target(to, format)
+    check_export_target(to, format, output, image_root)
     summary = run_export(output, to, checked.options, checked=checked, export_format=export_format)
     names = summary["task_files"] + [summary["label_config"]] if format == "label-studio" \
         else ["data.yaml", "train.txt", "val.txt"]

@@ -423,7 +423,7 @@ def _export(args: argparse.Namespace) -> int:
         export_format = ExportFormat(args.format, args.image_root, args.val_fraction, args.split_seed)
         export_format.check()
         checked = check_export(args.output, options, args.classes)
-        check_export_target(args.to, args.format)
+        check_export_target(args.to, args.format, args.output, args.image_root)
     except ConfigError as exc:
         return _config_error(exc)
     address = args.address or os.environ.get("RAY_ADDRESS")

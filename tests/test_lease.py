@@ -91,7 +91,7 @@ def test_two_runs_started_together_into_one_output(tmp_path, checkpoint):
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], [r[2][-1500:] for r in results]
     refused = next(stderr for code, _, stderr in results if code == 2)
-    assert "is in use by another segpipe run" in refused
+    assert "is in use by another segpipe command" in refused
     ids = Counter(i for p in prediction_files(str(out / "predictions"))
                   for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
     assert len(ids) == 4 and max(ids.values()) == 1

@@ -19,13 +19,15 @@ from segpipe.coco.selection import ExportOptions
 from segpipe.coco.shards import COCO_NAME, read_index
 from segpipe.coco.writer import export_coco
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError
-from segpipe.io import ownership, storage
+from segpipe.io import lease, ownership, storage
 from segpipe.io.run_folder import (
     COCO_FILES,
     LOGS_DIR,
     check_folder_target,
+    check_target,
     existing_predictions,
     read_run_settings,
+    run_input,
 )
 
 EXPORT_JSON = "export.json"
@@ -113,58 +115,64 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     if checked is None:
         export_format.check()
         checked = check_export(output, options, class_names)
-        check_export_target(to, export_format.name)
+        check_export_target(to, export_format.name, output, export_format.image_root)
     predictions_dir, settings, options = checked.predictions_dir, checked.settings, checked.options
     ownership.mark_folder(to, "export")
-    start = time.perf_counter()
-    written: dict = {}
-    with contextlib.ExitStack() as stack:
-        if address:
-            from segpipe.cluster.session import ray_session
+    with lease.holding(to, "--to"):   # one writer at a time, as for segment
+        start = time.perf_counter()
+        written: dict = {}
+        with contextlib.ExitStack() as stack:
+            if address:
+                from segpipe.cluster.session import ray_session
 
-            stack.enter_context(ray_session(address))
-        if export_format.name == "label-studio":
-            from segpipe.labels.label_studio import export_label_studio
+                stack.enter_context(ray_session(address))
+            if export_format.name == "label-studio":
+                from segpipe.labels.label_studio import export_label_studio
 
-            counts, names = export_label_studio(predictions_dir, to, options, settings,
-                                                export_format.image_root or "", parallel=bool(address))
-            written = {"task_files": names, "label_config": "label_config.xml"}
-        elif export_format.name == "yolo":
-            from segpipe.labels.yolo import YoloSplit, export_yolo
+                counts, names = export_label_studio(predictions_dir, to, options, settings,
+                                                    export_format.image_root or "", parallel=bool(address))
+                written = {"task_files": names, "label_config": "label_config.xml"}
+            elif export_format.name == "yolo":
+                from segpipe.labels.yolo import YoloSplit, export_yolo
 
-            counts, yolo = export_yolo(predictions_dir, to, options, settings,
-                                       YoloSplit(export_format.val_fraction, export_format.split_seed),
-                                       export_format.image_root, parallel=bool(address))
-            written = {"data_yaml": "data.yaml", **asdict(yolo)}
-        else:
-            counts = export_coco(predictions_dir, to, options, settings,
-                                 show_progress=show_progress, parallel=bool(address),
-                                 shard_images=shard_images)
-            written = {"coco_shard_images": shard_images,
-                       "shards": len((read_index(to) or {"shards": []})["shards"])}
-    seconds = time.perf_counter() - start
-    summary = {
-        "segpipe": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": output,
-        "format": export_format.name,
-        "asked": {**asdict(options), "classes": sorted(options.classes) if options.classes else None,
-                  "mask_threshold": options.mask_threshold if options.mask_threshold is not None
-                  else settings.mask_threshold, **asdict(export_format)},
-        "run_settings": settings.to_json(),
-        "counts": asdict(counts),
-        **written,
-        "seconds": round(seconds, 3),
-        "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
-        "ray": address or None,
-    }
-    ownership.write_json(to, EXPORT_JSON, summary)
+                counts, yolo = export_yolo(predictions_dir, to, options, settings,
+                                           YoloSplit(export_format.val_fraction, export_format.split_seed),
+                                           export_format.image_root, parallel=bool(address))
+                written = {"data_yaml": "data.yaml", **asdict(yolo)}
+            else:
+                counts = export_coco(predictions_dir, to, options, settings,
+                                     show_progress=show_progress, parallel=bool(address),
+                                     shard_images=shard_images)
+                written = {"coco_shard_images": shard_images,
+                           "shards": len((read_index(to) or {"shards": []})["shards"])}
+        seconds = time.perf_counter() - start
+        summary = {
+            "segpipe": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": output,
+            "format": export_format.name,
+            "asked": {**asdict(options), "classes": sorted(options.classes) if options.classes else None,
+                      "mask_threshold": options.mask_threshold if options.mask_threshold is not None
+                      else settings.mask_threshold, **asdict(export_format)},
+            "run_settings": settings.to_json(),
+            "counts": asdict(counts),
+            **written,
+            "seconds": round(seconds, 3),
+            "detections_per_s": round(counts.detections / seconds, 1) if seconds else None,
+            "ray": address or None,
+        }
+        ownership.write_json(to, EXPORT_JSON, summary)
     return summary
 
 
-def check_export_target(to: str, format_name: str = "coco") -> None:
+def check_export_target(to: str, format_name: str = "coco", output: Optional[str] = None,
+                        image_root: Optional[str] = None) -> None:
     """Refuse a ``--to`` folder export cannot write (a file, no permission), a link on the
-    way, or files there that export would replace and segpipe did not write."""
+    way, files there that export would replace and segpipe did not write, or (given the
+    run's ``output`` and ``image_root``) one of the run's own folders or its images'
+    (``run_folder.check_target``)."""
+    if output is not None:   # a YOLO --image-root is the folder of the images
+        check_target(to, "--to", output, (run_input(output), image_root if format_name == "yolo" else None))
     from segpipe.labels.label_studio import TASK_FILE_NAME
     from segpipe.labels.yolo import YOLO_DIRS, YOLO_FILES
 
@@ -173,6 +181,7 @@ def check_export_target(to: str, format_name: str = "coco") -> None:
               "yolo": "data.yaml, train.txt, val.txt, labels/ and images/"}[format_name]
     check_folder_target(to, "--to", f" (export writes {writes} and export.json into it)")
     ownership.refuse_links(to, [LOGS_DIR], "export writes its log there")
+    lease.check_free(to, what="--to")
     if format_name == "coco":
         ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON), matching=COCO_NAME)
     elif format_name == "label-studio":
@@ -184,6 +193,7 @@ def check_export_target(to: str, format_name: str = "coco") -> None:
             raise ConfigError(f"--format yolo writes a local folder (Ultralytics reads one), not {to}")
         ownership.refuse_links(to, YOLO_DIRS, "export writes YOLO labels there")
         ownership.check_replaceable(to, (*YOLO_FILES, EXPORT_JSON))
+        ownership.read_stamps(to)   # its record of the label files it wrote, if any, is its own
         ours = "data.yaml" in (ownership.recorded(to) or {})
         there = [storage.join(root, d) for d in YOLO_DIRS if storage.exists(fs, storage.join(root, d))]
         if there and not ours:

@@ -42,6 +42,7 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     validate(config)
     categories = load_categories(config.categories) if config.categories else None
     weights = weights_source(config.weights, config.arch, config.seed)
+    run_folder.check_target(config.output, "OUTPUT", inputs=(config.input,))
     run_folder.check_output(config.output, config.resume, config.overwrite)
     check_lease(config.output)   # another live run writing OUTPUT: say so before any work
     found = sources.list_inputs(config.input, config.input_format, config.image_column,

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from segpipe import schema
 from segpipe.config import ConfigError
-from segpipe.io import ownership, run_folder, sources, storage
+from segpipe.io import lease, ownership, run_folder, sources, storage
 from segpipe.io.damage import DAMAGED, DAMAGED_KEY, damaged_image_notes, mark_damaged_images
 from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
 from segpipe.io.predictions import checked_rows, predictions_dataset
@@ -369,6 +369,8 @@ def check_render(request: RenderRequest) -> CheckedRender:
     found = sources.input_files(request.images_uri)
     input_format = sources.detect_input_format(request.images_uri, found)
     run_folder.check_folder_target(request.to, "--to")
+    run_folder.check_target(request.to, "--to", request.output,
+                            (run_folder.run_input(request.output), request.images_uri))
     rows, damaged = select_rows(predictions_dir, request.limit, request.score_threshold, classes,
                                 settings, request.file_names)
     if rows.num_rows == 0:
@@ -386,6 +388,7 @@ def check_render_target(to: str, rendered: list[str]) -> None:
     ``render.json`` must be in its ledger, an image under ``images/`` must carry render's JPEG
     comment; nothing on the way may be a link (``ownership``)."""
     ownership.refuse_links(to, [IMAGES_DIR, run_folder.LOGS_DIR], "render writes there")
+    lease.check_free(to, what="--to")
     ownership.check_replaceable(to, RENDER_FILES)
     fs, root = storage.resolve(to)
     foreign = []
@@ -420,13 +423,18 @@ def _table_columns(output: str) -> tuple[str, Optional[str]]:
 def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,
                show_progress: bool = False) -> dict:
     """Render up to ``request.limit`` images of a run into ``request.to`` on Ray."""
+    checked = checked or check_render(request)
+    ownership.mark_folder(request.to, "render")
+    with lease.holding(request.to, "--to"):   # one writer at a time, as for segment
+        return _render(request, checked, show_progress)
+
+
+def _render(request: RenderRequest, checked: CheckedRender, show_progress: bool) -> dict:
     import ray
 
     from segpipe.cluster.session import ray_session
 
-    checked = checked or check_render(request)
     table, to = checked.rows, request.to
-    ownership.mark_folder(to, "render")
     with ray_session(request.address):
         if checked.input_format == "files":
             blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]

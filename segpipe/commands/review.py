@@ -13,8 +13,15 @@ import pyarrow as pa
 from segpipe import __version__
 from segpipe.coco.selection import ExportOptions
 from segpipe.config import ConfigError
-from segpipe.io import ownership, storage
-from segpipe.io.run_folder import check_folder_target, existing_predictions, read_run_settings
+from segpipe.io import lease, ownership, storage
+from segpipe.io.run_folder import (
+    LOGS_DIR,
+    check_folder_target,
+    check_target,
+    existing_predictions,
+    read_run_settings,
+    run_input,
+)
 from segpipe.review import signals
 
 REVIEW_FILES = ("review.jsonl", "review.csv", "review.json")
@@ -61,6 +68,10 @@ def check_review(request: ReviewRequest):
                               "the images)")
     check_folder_target(request.to, "--to", " (review writes review.jsonl, review.csv, "
                                             "review.json, top/ and gallery/ into it)")
+    check_target(request.to, "--to", request.output, (run_input(request.output), request.images))
+    ownership.refuse_links(request.to, [SUBSET_DIR, GALLERY_DIR, LOGS_DIR],
+                           "review writes its subset, gallery and log there")
+    lease.check_free(request.to, what="--to")
     ownership.check_replaceable(request.to, REVIEW_FILES)
     if request.subset:
         from segpipe.commands.export import check_export_target
@@ -78,11 +89,16 @@ def run_review(request: ReviewRequest, show_progress: bool = False,
                checked: Optional[tuple] = None) -> dict:
     """Score, rank and write, after ``check_review`` (``checked``: its result, when the caller
     ran it); returns the summary written to ``review.json``."""
+    predictions_dir, settings = checked or check_review(request)
+    ownership.mark_folder(request.to, "review")
+    with lease.holding(request.to, "--to"):   # one writer at a time, as for segment
+        return _review(request, predictions_dir, settings, show_progress)
+
+
+def _review(request: ReviewRequest, predictions_dir: str, settings, show_progress: bool) -> dict:
     from segpipe.review.queue import rank, ranked_records, score_images, write_ranking
 
-    predictions_dir, settings = checked or check_review(request)
     signal_settings = signals.SignalSettings(request.score_threshold, request.margin)
-    ownership.mark_folder(request.to, "review")
     start = time.perf_counter()
     scored = score_images(predictions_dir, settings, signal_settings)
     ranked = rank(scored.table)

@@ -66,7 +66,8 @@ def prepare_output(config: SegmentConfig,
     settings this run writes with.
 
     A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``
-    (segpipe's own files only: ``run_folder.check_output`` refuses anything else).
+    (segpipe's own files only: ``run_folder.check_output`` refuses anything else). Every run
+    first removes the earlier run.json and coco/ (``run_folder.retire_finished_run``).
     With ``resume`` the complete files of an earlier run are kept (their images are skipped)
     after checking that they were made with the same settings; a run made before soft masks
     were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover
@@ -75,6 +76,7 @@ def prepare_output(config: SegmentConfig,
     predictions_dir = run_folder.predictions_dir(config.output)
     # segpipe's own files only (ownership): anything else there is refused, not removed
     complete, temporary = run_folder.check_output(config.output, config.resume, config.overwrite)
+    run_folder.retire_finished_run(config.output)   # written again when this run finishes
     ownership.remove(predictions_dir, temporary)
     if config.resume:
         earlier, done = run_folder.read_written(predictions_dir)

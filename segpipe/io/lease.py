@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow.fs as pafs
 
@@ -170,8 +170,9 @@ class Lease:
 
 
 def acquire(output: str, command: Optional[str] = None,
-            clock: Callable[[], float] = time.time) -> Lease:
-    """Take OUTPUT's lease for a new run, or raise ``LeaseHeld`` naming the live holder."""
+            clock: Callable[[], float] = time.time, what: str = "OUTPUT") -> Lease:
+    """Take OUTPUT's lease for a new run, or raise ``LeaseHeld`` naming the live holder;
+    ``what`` names the folder in messages (an export's ``--to`` holds a lease too)."""
     fs, path = lease_path(output)
     now = clock()
     run_id = uuid.uuid4().hex[:16]
@@ -183,13 +184,13 @@ def acquire(output: str, command: Optional[str] = None,
     data = json.dumps(record).encode()
     holder = read_lease(fs, path)
     if holder is not None and not is_stale(holder, now):
-        raise _held(output, holder, now)
+        raise _held(output, holder, now, what)
     if holder is None and isinstance(fs, pafs.LocalFileSystem):
         try:   # the one atomic "create if absent" every local disk has
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = read_lease(fs, path) or {UNREADABLE: "appeared meanwhile", "renewed": now}
-            raise _held(output, holder, now) from None
+            raise _held(output, holder, now, what) from None
         try:
             with os.fdopen(descriptor, "wb") as f:
                 f.write(data)
@@ -204,11 +205,11 @@ def acquire(output: str, command: Optional[str] = None,
     time.sleep(SETTLE_S)
     holder = read_lease(fs, path)
     if holder is None or holder.get("run_id") != run_id:
-        raise _held(output, holder or {}, clock())
+        raise _held(output, holder or {}, clock(), what)
     return Lease(output, run_id, record)
 
 
-def check_free(output: str, clock: Callable[[], float] = time.time) -> None:
+def check_free(output: str, clock: Callable[[], float] = time.time, what: str = "OUTPUT") -> None:
     """Raise ``LeaseHeld`` when a live run holds OUTPUT's lease (the early check; ``acquire``
     decides)."""
     fs, path = lease_path(output)
@@ -216,21 +217,34 @@ def check_free(output: str, clock: Callable[[], float] = time.time) -> None:
         return
     holder = read_lease(fs, path)
     if holder is not None and not is_stale(holder, clock()):
-        raise _held(output, holder, clock())
+        raise _held(output, holder, clock(), what)
 
 
-def _held(output: str, holder: dict, now: float) -> LeaseHeld:
+@contextlib.contextmanager
+def holding(folder: str, what: str) -> Iterator[Lease]:
+    """Hold ``folder``'s lease (renewed) while the block runs: one writer at a time for the
+    folders export, review and render write, as for a segment OUTPUT."""
+    lease = acquire(folder, what=what)
+    lease.start_renewing()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def _held(output: str, holder: dict, now: float, what: str = "OUTPUT") -> LeaseHeld:
     left = max(0, int(STALE_AFTER_S - (now - float(holder.get("renewed", now)))))
+    segment = what == "OUTPUT"
     if UNREADABLE in holder:
         fs, path = lease_path(output)
         return LeaseHeld(
-            f"OUTPUT {storage.redact(output)} has {describe(holder, now)} ({path}). A run may "
-            f"be starting there; if none is, the lease goes stale {left} s from now and the "
-            f"next run takes it over, or delete {path} now and rerun (with --resume to keep "
-            "what is in predictions/)")
+            f"{what} {storage.redact(output)} has {describe(holder, now)} ({path}). A command "
+            f"may be starting there; if none is, the lease goes stale {left} s from now and the "
+            f"next one takes it over, or delete {path} now and rerun"
+            + (" (with --resume to keep what is in predictions/)" if segment else ""))
     return LeaseHeld(
-        f"OUTPUT {storage.redact(output)} is in use by another segpipe run: "
-        f"{describe(holder, now)}. Two runs must not write one OUTPUT; wait for it to finish. "
-        f"If it was killed, its lease goes stale {left} s from now (or at once once its "
-        f"process is gone, on the same host); then rerun with --resume. The lease is "
-        f"{LEASE_NAME} in OUTPUT")
+        f"{what} {storage.redact(output)} is in use by another segpipe command: "
+        f"{describe(holder, now)}. Two commands must not write one folder; wait for it to "
+        f"finish. If it was killed, its lease goes stale {left} s from now (or at once once "
+        f"its process is gone, on the same host); then rerun"
+        + (" with --resume" if segment else "") + f". The lease is {LEASE_NAME} in {what}")

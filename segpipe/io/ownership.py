@@ -9,7 +9,10 @@ Proof is a name segpipe gives *and* something segpipe wrote into or about the fi
 * a file a command writes whole (``coco/*.json``, ``run.json``, ``export.json``, ``eval.json``,
   ``render.json``, ``index.html``): listed with its size and modification time in the
   ledger ``.segpipe-files.json`` of its folder, which segpipe updates after writing it;
-* a rendered image: a JPEG under ``images/`` whose comment is ``RENDER_COMMENT``.
+* a rendered image: a JPEG under ``images/`` whose comment is ``RENDER_COMMENT``;
+* one of many small files of a folder (a YOLO dataset's label files): listed with its size
+  and modification time in the folder's stamps table ``.segpipe-stamps.parquet`` (itself in
+  the ledger), read once as Arrow columns however many files it lists (``read_stamps``).
 
 A foreign file where segpipe would write or remove, or a symbolic link on the way (on a local
 disk nothing is followed through a link), is refused before any work: ``ConfigError`` naming
@@ -27,6 +30,7 @@ import stat
 import time
 from typing import Iterable, Optional, Union
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -35,6 +39,7 @@ from segpipe.config import ConfigError
 from segpipe.io import storage
 
 LEDGER_NAME = ".segpipe-files.json"
+STAMPS_NAME = ".segpipe-stamps.parquet"
 LEDGER_KEY = "segpipe_files"
 #: The comment segpipe writes into every JPEG that ``render`` draws.
 RENDER_COMMENT = b"segpipe render"
@@ -184,6 +189,46 @@ def check_replaceable(folder: str, names: Iterable[str],
             foreign.append(path)
     if foreign:
         raise refusal(foreign, folder, "replace")
+
+
+def read_stamps(folder: str) -> pa.Table:
+    """The stamps table of ``folder`` (``name``: a path relative to it, ``size``,
+    ``mtime_ns``); empty when it has none. ``ConfigError`` when a file of its name is there
+    and the ledger does not prove it segpipe's."""
+    fs, root = storage.resolve(folder)
+    path = storage.join(root, STAMPS_NAME)
+    info = _lstat(fs, path)
+    if info is None:
+        return STAMPS_SCHEMA.empty_table()
+    if info.type != pafs.FileType.File or (recorded(folder) or {}).get(STAMPS_NAME) != _stamp(info):
+        raise refusal([path], folder, "read as its record of the files it wrote")
+    with fs.open_input_file(path) as f:
+        return pq.read_table(f, schema=STAMPS_SCHEMA)
+
+
+STAMPS_SCHEMA = pa.schema([pa.field("name", pa.string()), pa.field("size", pa.int64()),
+                           pa.field("mtime_ns", pa.int64())])
+
+
+def write_stamps(folder: str, table: pa.Table) -> None:
+    """Replace the stamps table of ``folder`` with ``table`` (``STAMPS_SCHEMA``) and enter it
+    in the ledger."""
+    fs, root = storage.resolve(folder)
+    with storage.atomic_output(fs, storage.join(root, STAMPS_NAME)) as stream:
+        pq.write_table(table.select(STAMPS_SCHEMA.names).cast(STAMPS_SCHEMA), stream)
+    record_written(folder, [STAMPS_NAME])
+
+
+def local_stamp(path: str) -> Optional[tuple[int, int]]:
+    """``(size, mtime_ns)`` of the local file ``path``, not following a link; None when
+    nothing is there, ``(-1, -1)`` for a link or anything that is not a file."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(found.st_mode):
+        return (-1, -1)
+    return (found.st_size, found.st_mtime_ns)
 
 
 def _lstat(fs: pafs.FileSystem, path: str) -> Optional[pafs.FileInfo]:

@@ -8,6 +8,7 @@ pyarrow, so commands can check OUTPUT before they import torch or start Ray.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from pathlib import Path
@@ -203,6 +204,70 @@ def check_output(output: str, resume: bool = False,
                           "earlier run; pass --resume to finish it, --overwrite to replace it, "
                           "or choose another OUTPUT")
     return old, temporary
+
+
+def _place(uri: str) -> tuple[str, str]:
+    """Where ``uri`` is, to compare folders: its filesystem's kind and its path, normalised
+    (a local path with its links resolved: a link to a folder is that folder)."""
+    head = storage.split_options(uri)[0]
+    if "://" not in head:
+        return "local", os.path.realpath(head)
+    scheme, _, path = head.partition("://")   # as written: resolving a bucket asks the network
+    bucket, _, key = path.partition("/")
+    return scheme.lower(), posixpath.normpath(f"/{bucket.rpartition('@')[2]}/{key}".rstrip("/"))
+
+
+def _within(place: tuple[str, str], folder: tuple[str, str]) -> bool:
+    """Whether ``place`` is ``folder`` or inside it."""
+    return place[0] == folder[0] and (place[1] == folder[1] or
+                                      place[1].startswith(folder[1].rstrip("/") + "/"))
+
+
+def check_target(target: str, what: str, output: Optional[str] = None,
+                 inputs: tuple[Optional[str], ...] = ()) -> None:
+    """Refuse a folder a command would write into (``what``: ``--to``, ``OUTPUT``) that is a
+    run's own: ``output`` itself, or its predictions/, coco/ or logs/ or a folder inside them
+    (writing there would make the run's files look foreign to every later command); or one
+    of ``inputs`` (a run's INPUT, an --image-root): segpipe's ledger marks the folder it
+    writes as an output, which a later ``segment`` of that INPUT leaves out. ``ConfigError``
+    in one line naming the clash."""
+    place = _place(target)
+    if output is not None:
+        if place == _place(output):
+            raise ConfigError(f"{what} {target} is the run's OUTPUT {output}: give a folder of its own "
+                              f"(e.g. {storage.join(output.rstrip('/'), 'labels')})")
+        for own in (PREDICTIONS_DIR, COCO_DIR, LOGS_DIR):
+            folder = storage.join(output.rstrip("/"), own)
+            if _within(place, _place(folder)):
+                raise ConfigError(f"{what} {target} is inside the run's own {own}/ ({folder}), which "
+                                  "holds only what `segpipe segment` writes: give another folder")
+    for given in inputs:
+        if given and place == _place(given):
+            raise ConfigError(f"{what} {target} is the folder of the images ({given}): segpipe "
+                              "would mark it as an output folder, and a later `segpipe segment` of "
+                              "it would find no image; give another folder")
+
+
+def run_input(output: str) -> Optional[str]:
+    """The INPUT the run in ``output`` segmented (its run.json), when that can be read."""
+    fs, root = storage.resolve(output)
+    try:
+        value = json.loads(storage.read_bytes(fs, storage.join(root, RUN_JSON)))["config"]["input"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def retire_finished_run(output: str) -> None:
+    """Remove what marks the run in ``output`` as finished, segpipe's own files only
+    (``ownership.remove_recorded``): run.json and coco/'s files. A run does this before it
+    changes predictions/, so that a run killed on the way (a SIGKILL of an --overwrite) never
+    leaves an earlier run's coco/ and run.json beside predictions/ they no longer describe;
+    the run writes them again when it finishes."""
+    ownership.remove_recorded(output, [RUN_JSON])
+    coco = coco_dir(output)
+    ownership.remove_recorded(coco, [name for name in ownership.recorded(coco) or {}
+                                     if COCO_NAME.fullmatch(name)])
 
 
 def create_folder(folder: str, what: str) -> None:

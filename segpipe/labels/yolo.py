@@ -155,6 +155,12 @@ def label_name(name: str) -> str:
     return "labels/" + name.rsplit(".", 1)[0] + ".txt"
 
 
+def label_names(names: pa.Array) -> pa.Array:
+    """``label_name`` of each of ``names`` (Arrow: no Python object per image)."""
+    stems = pc.replace_substring_regex(names, r"\.[^.]*$", "")
+    return pc.binary_join_element_wise("labels/", stems, ".txt", "")
+
+
 def data_yaml(root: str, names: list[str]) -> str:
     """``data.yaml``: the dataset's folder, its lists and class names in index order."""
     import json
@@ -198,12 +204,14 @@ class YoloTarget:
 
 @dataclass
 class YoloPart:
-    """What ``write_label_part`` wrote: counts, and its images' lines of train.txt and val.txt."""
+    """What ``write_label_part`` wrote: counts, its images' lines of train.txt and val.txt,
+    and the stamp (``ownership.STAMPS_SCHEMA`` columns) of each label file it wrote."""
 
     counts: ExportCounts = field(default_factory=ExportCounts)
     yolo: YoloCounts = field(default_factory=YoloCounts)
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
+    written: dict[str, list] = field(default_factory=lambda: {"name": [], "size": [], "mtime_ns": []})
 
 
 def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings: schema.RunSettings,
@@ -224,10 +232,14 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
     yolo.renamed = int(pc.sum(pc.not_equal(names, ok.column("file_name"))).as_py() or 0)
     keep = _first_of_each_label(names)
     yolo.duplicate_names = int(len(keep) - pc.sum(keep).as_py()) if len(keep) else 0
+    stamps = ownership.read_stamps(to)
+    known = stamps.take(pc.index_in(label_names(names), value_set=stamps.column("name")))
     calls = [(predictions_dir, files, ok.slice(start, PART_IMAGES), names.slice(start, PART_IMAGES),
-              keep.slice(start, PART_IMAGES), options, settings, target)
+              keep.slice(start, PART_IMAGES), options, settings, target,
+              known.slice(start, PART_IMAGES))
              for start in range(0, ok.num_rows, PART_IMAGES)]
     fs, root = storage.resolve(target.to)
+    written = []
     with storage.atomic_output(fs, storage.join(root, "train.txt")) as train, \
             storage.atomic_output(fs, storage.join(root, "val.txt")) as val:
         for part in run_calls(write_label_part, calls, parallel):
@@ -236,6 +248,11 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
                 setattr(yolo, name, getattr(yolo, name) + getattr(part.yolo, name))
             train.write("".join(part.train).encode("utf-8", "surrogateescape"))
             val.write("".join(part.val).encode("utf-8", "surrogateescape"))
+            written.append(pa.table(part.written, schema=ownership.STAMPS_SCHEMA))
+    # the label files written now, and those of earlier exports not written again
+    fresh = pa.concat_tables(written) if written else ownership.STAMPS_SCHEMA.empty_table()
+    ownership.write_stamps(to, pa.concat_tables([stamps.filter(pc.invert(pc.is_in(
+        stamps.column("name"), value_set=fresh.column("name")))), fresh]))
     _write_text(os.path.join(target.to, "data.yaml"), data_yaml(target.to, yolo.classes))
     ownership.record_written(to, YOLO_FILES)
     return counts, yolo
@@ -258,15 +275,20 @@ def _first_of_each_label(names: pa.Array) -> pa.Array:
 
 def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, names: pa.Array,
                      keep: pa.Array, options: ExportOptions, settings: schema.RunSettings,
-                     target: YoloTarget) -> YoloPart:
+                     target: YoloTarget, stamps: pa.Table) -> YoloPart:
     """The label files and image links of ``images`` (``ok_image_table`` rows; ``names``
-    their dataset names, ``keep`` false for those left out), and their list lines."""
+    their dataset names, ``keep`` false for those left out), and their list lines. A label
+    file already there is replaced only if ``stamps`` (the stamp segpipe recorded for each
+    image's label file, null where none) shows it unchanged since segpipe wrote it."""
     from pycocotools import mask as mask_utils
 
     part = YoloPart()
     chosen = images.filter(keep)
-    for (row, kept), name in zip(selected_images(predictions_dir, files, chosen, options, settings, part.counts),
-                                 _strings(names.filter(keep))):
+    known = stamps.filter(keep)
+    recorded = zip(_strings(known.column("size")), _strings(known.column("mtime_ns")))
+    for (row, kept), name, stamp in zip(selected_images(predictions_dir, files, chosen, options, settings,
+                                                        part.counts),
+                                        _strings(names.filter(keep)), recorded):
         lines, boxes = [], set()
         for det in kept:
             points = (box_points(det["bbox"], row["width"], row["height"])
@@ -277,11 +299,16 @@ def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, n
             lines.append(label_line(index, points))
             boxes.add((index, *np.round(points.min(0), DIGITS).tolist(), *np.round(points.max(0), DIGITS).tolist()))
         part.yolo.same_box_lines += len(lines) - len(boxes)   # Ultralytics reads one line of each
-        label = os.path.join(target.to, label_name(name))
-        if os.path.islink(label) or not _inside(target.to, posixpath.dirname(label)):
-            part.yolo.left_alone += 1   # never written over or through a link
+        relative = label_name(name)
+        label = os.path.join(target.to, relative)
+        there = ownership.local_stamp(label)
+        if (there is not None and there != stamp) or not _inside(target.to, posixpath.dirname(label)):
+            part.yolo.left_alone += 1   # not segpipe's as written, or a link: never written over
         else:
             _write_text(label, "".join(line + "\n" for line in lines))
+            size, mtime_ns = ownership.local_stamp(label) or (-1, -1)
+            for key, value in (("name", relative), ("size", size), ("mtime_ns", mtime_ns)):
+                part.written[key].append(value)
         if target.image_root is not None:
             source = os.path.join(target.image_root, row["file_name"])
             if os.path.isfile(source):
