@@ -149,3 +149,48 @@ def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpo
     cluster_info = json.loads((tmp_path / "cluster_out" / "run.json").read_text())["cluster"]
     assert cluster_info["address"] != "local"
     assert cluster_info["resources"]["CPU"] == 3.0  # both nodes: 1 + 2 CPUs
+
+
+def test_the_reaper_ends_what_it_watches_when_the_driver_dies_and_nothing_else(tmp_path):
+    """A driver that watches a process (as a local Ray's) and is then SIGKILLed: the watched
+    process and its child end; a process it did not name runs on; a driver that ends well
+    leaves its watched process alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    driver_code = (
+        "import subprocess, sys, time\n"
+        "from segpipe.cluster.reaper import watch_local_ray\n"
+        "with watch_local_ray() as watch:\n"
+        "    ray = subprocess.Popen(['sh', '-c', 'sleep 300 & sleep 300'])\n"
+        "    watch.watch([ray.pid])\n"
+        "    print(ray.pid, flush=True)\n"
+        "    time.sleep(float(sys.argv[1]))\n")
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        killed = subprocess.Popen([sys.executable, "-c", driver_code, "300"], stdout=subprocess.PIPE,
+                                  text=True)
+        watched = psutil.Process(int(killed.stdout.readline()))
+        time.sleep(1.5)                                   # the reaper notes the watched children
+        family = [watched, *watched.children(recursive=True)]
+        assert len(family) == 3
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        gone, alive = psutil.wait_procs(family, timeout=15)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert bystander.poll() is None
+        finished = subprocess.Popen([sys.executable, "-c", driver_code, "0.1"], stdout=subprocess.PIPE,
+                                    text=True)
+        kept = psutil.Process(int(finished.stdout.readline()))
+        assert finished.wait(timeout=30) == 0
+        time.sleep(2)
+        assert kept.is_running() and kept.status() != psutil.STATUS_ZOMBIE
+        for p in [kept, *kept.children(recursive=True)]:
+            p.kill()
+    finally:
+        bystander.kill()
+        bystander.wait()

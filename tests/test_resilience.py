@@ -181,3 +181,51 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, checkpoint):
     assert "complete prediction file(s) are kept" in stderr
     resume_line = stderr.split("Finish the run with:\n", 1)[1].splitlines()[0].strip()
     assert resume_line.endswith("--resume") and str(out) in resume_line
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_overwrite_leaves_no_finished_look_and_no_process(tmp_path, checkpoint):
+    """SIGKILL of the driver alone, while it predicts over an earlier run: the earlier coco/
+    and run.json are gone (nothing looks finished), and no process of its local Ray outlives
+    it (Ray's DashboardAgent and RuntimeEnvAgent did, deaf to SIGTERM, for a minute)."""
+    import psutil
+
+    from segpipe.coco.writer import export_coco
+    from segpipe.io import ownership
+    from synthetic import SETTINGS, blob_rows, write_predictions
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    many_photos(inputs, copies=4)
+    write_predictions(out, blob_rows(3, 4, 96, 128, smallest=16, largest=40))   # an earlier run
+    export_coco(str(out / "predictions"), str(out / "coco"), ExportOptions(0.5), SETTINGS)
+    ownership.mark_folder(str(out), "segment")
+    ownership.write_json(str(out), "run.json", {"finished": True})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen([SEGPIPE, "segment", str(inputs), str(out), "--weights", str(checkpoint),
+                                *small_flags(), "--batch-size", "1", "--overwrite"],
+                               env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = psutil.Process(process.pid)
+    deadline = time.time() + 300
+    ray_processes: list = []
+    while time.time() < deadline and not any("PredictStage" in " ".join(p.cmdline())
+                                             for p in ray_processes if p.is_running()):
+        time.sleep(0.2)
+        try:
+            ray_processes = driver.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+    assert process.poll() is None, "the kill should land while it predicts"
+    ray_processes = [p for p in driver.children(recursive=True) if "segpipe.cluster.reaper" not in
+                     " ".join(p.cmdline())]
+    process.kill()    # the driver alone
+    process.wait()
+    assert not (out / "run.json").exists() and not (out / "coco" / "index.json").exists()
+    assert not list((out / "coco").glob("instances*.json"))
+    deadline = time.time() + 30
+    while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                         for p in ray_processes):
+        time.sleep(0.5)
+    left = [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.name() for p in left]

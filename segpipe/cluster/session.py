@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
+from segpipe.cluster.reaper import watch_local_ray
+
 
 @contextlib.contextmanager
 def ray_session(address: Optional[str]) -> Iterator[None]:
@@ -27,13 +29,30 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, log_to_driver=True, job_config=job_config)
-    else:
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    with watch_local_ray() as watch:   # its processes end even if this one is SIGKILLed
         ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  job_config=job_config)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        try:
+            watch.watch(local_ray_processes())
+            yield
+        finally:
+            ray.shutdown()
+
+
+def local_ray_processes() -> list[int]:
+    """The pids of the processes ``ray.init`` started for this process's local Ray (GCS,
+    raylet, dashboard, monitors; the raylet's workers and agents are their children)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    processes = getattr(node, "all_processes", None) or {}
+    return [info.process.pid for infos in processes.values() for info in infos
+            if getattr(info, "process", None) is not None]
 
 
 def package_parent() -> str:
