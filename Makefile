@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-# label-studio-sdk's brush decoder and config validation, for the tests, without its pins
-# (opencv-python-headless<4.13 would clash with opencv-python): the packages those import
-NO_DEPS_TEST_TOOLS := label-studio-sdk lxml xmljson jsf faker rstr ijson pyjwt ujson appdirs nltk
+# label-studio-sdk's brush decoder and config validation, and datumaro's COCO importer, for
+# the tests, without their pins (opencv-python-headless would clash with opencv-python,
+# datumaro pins an older pyarrow): the packages those import
+NO_DEPS_TEST_TOOLS := label-studio-sdk lxml xmljson jsf faker rstr ijson pyjwt ujson appdirs nltk \
+	datumaro cachetools imagesize json-stream json-stream-rs-tokenizer orjson ruamel.yaml
 
 .PHONY: setup sample test test-fast lint
 

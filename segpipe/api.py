@@ -18,20 +18,26 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import logging
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 
 from segpipe import schema
 from segpipe.coco.selection import ExportCounts, ExportOptions
-from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, validate
+from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, check_keys, validate
 from segpipe.io.decode import decode_batch, pixel_column
 from segpipe.model.spec import ModelSpec, TileSettings
 
 ConfigLike = Union[SegmentConfig, Mapping[str, Any], None]
+
+log = logging.getLogger(__name__)
 
 #: Columns Ray's readers give image bytes in (``read_binary_files``; ``read_webdataset``'s
 #: suffixes), tried in this order when ``image_column`` is not one of the batch's columns.
@@ -40,6 +46,38 @@ BYTES_COLUMNS = ("bytes", "jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "g
 NAME_COLUMNS = ("path", "__key__")
 
 
+def python_terms(message: str) -> str:
+    """A message of the command line's checks in the words of the Python API: flags become
+    the parameters and config keys of the same name (``--overwrite`` → ``overwrite=True``,
+    ``--no-soft-masks`` → ``soft_masks=False``, ``--score-floor`` → ``score_floor``)."""
+    def word(match: re.Match) -> str:
+        name = match.group(2).replace("-", "_")
+        if match.group(1):
+            return f"{name}=False"
+        return f"{name}=True" if name in _SWITCHES else name
+
+    return re.sub(r"(?<![\w-])--(no-)?([a-z][a-z0-9-]*)", word, message).replace(
+        "OUTPUT", "output")
+
+
+#: The command line's switches, which are ``True`` keys or parameters in Python.
+_SWITCHES = ("overwrite", "resume", "polygons", "soft_masks", "progress", "tile_full_pass",
+             "tile_join_seams", "crowd_as_objects")
+
+
+def _in_python_terms(function: Callable) -> Callable:
+    """``function`` raising its ``ConfigError`` in ``python_terms``."""
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ConfigError as exc:
+            raise type(exc)(python_terms(str(exc))) from None
+
+    return wrapped
+
+
+@_in_python_terms
 def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
     """``config`` (a ``SegmentConfig``, a dict of YAML keys, or None for the defaults) with
     ``overrides``, validated; ``ConfigError`` says what to fix."""
@@ -47,11 +85,7 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
         result = dataclasses.replace(config, **overrides)
     else:
         values = {**dict(config or {}), **overrides}
-        known = {f.name for f in dataclasses.fields(SegmentConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(unknown)}; valid keys are "
-                              f"{', '.join(sorted(known))}")
+        check_keys(values, "config")
         result = SegmentConfig(**values)
     validate(result, needs_paths=False)
     return result
@@ -62,14 +96,33 @@ def _resolve(config: SegmentConfig):
     from segpipe.model.categories import load_categories
 
     categories = load_categories(config.categories) if config.categories else None
-    return resolve_weights(config.weights, ModelSpec.from_config(config), config.seed,
-                           categories)
+    weights = resolve_weights(config.weights, ModelSpec.from_config(config), config.seed,
+                              categories)
+    for warning in weights.warnings:   # random weights, a half-precision checkpoint...
+        log.warning("%s", warning)
+    return weights
 
 
-def _names(batch: Mapping[str, np.ndarray], rows: int, data: Optional[list] = None) -> list[str]:
+def file_names(paths: list[str], root: Optional[str] = None) -> list[str]:
+    """The ``file_name`` of each of Ray's ``path`` values: relative to ``root`` (the folder
+    or URI that was read, as ``segpipe segment``'s INPUT: the same names and image ids as
+    the command line gives), else the path without its leading ``/``; made safe as every
+    name segpipe writes (``sources.safe_file_name``)."""
+    from segpipe.io.sources import safe_file_name
+
+    prefix = None
+    if root is not None:   # Ray's readers name s3://bucket/key as bucket/key
+        prefix = root.split("://", 1)[1] if "://" in root else os.path.abspath(root)
+        prefix = prefix.split("?", 1)[0].rstrip("/") + "/"
+    return [safe_file_name(path[len(prefix):] if prefix and path.startswith(prefix)
+                           else path.lstrip("/")) for path in paths]
+
+
+def _names(batch: Mapping[str, np.ndarray], rows: int, data: Optional[list] = None,
+           root: Optional[str] = None) -> list[str]:
     for column in NAME_COLUMNS:
         if column in batch:
-            return [str(v) for v in batch[column]]
+            return file_names([str(v) for v in batch[column]], root)
     if data is not None:   # no name: the hash of the bytes, as for Parquet rows without one
         return [f"#{hashlib.blake2b(bytes(d), digest_size=8).hexdigest()}" for d in data]
     return [f"#{k}" for k in range(rows)]
@@ -89,7 +142,8 @@ def _rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image") -> pa.Table:
+def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image",
+                root: Optional[str] = None) -> pa.Table:
     """One batch of a Ray reader's rows (numpy batch format) as segpipe's rows: decoded rows
     (``io.decode``'s) for ``read_images``' pixels, source rows with ``data`` for bytes; a row
     whose image cannot be used becomes an error row, never a failed batch."""
@@ -101,7 +155,7 @@ def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image") ->
         raise ValueError(f"no image column among {sorted(batch)}: name it with image_column")
     values = list(batch[column])
     if values and isinstance(values[0], np.ndarray) and values[0].dtype != object:
-        names = _names(batch, len(values))
+        names = _names(batch, len(values), root=root)
         pixels: list[Optional[np.ndarray]] = []
         statuses: list[str] = []
         errors: list[Optional[str]] = []
@@ -129,7 +183,7 @@ def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image") ->
                          "error": pa.array(errors, pa.string()),
                          schema.PIXELS: pixel_column(pixels)})
     data = [_image_bytes(v) for v in values]
-    names = _names(batch, len(values), [d or b"" for d in data])
+    names = _names(batch, len(values), [d or b"" for d in data], root)
     return pa.table({
         "image_id": pa.array([image_id_for(n) for n in names], pa.int64()),
         "file_name": pa.array(names, pa.string()),
@@ -150,21 +204,26 @@ def _image_bytes(value: Any) -> Optional[bytes]:
     return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
 
 
-def _decoded(batch: Mapping[str, np.ndarray], image_column: str, config: SegmentConfig) -> pa.Table:
+def _decoded(batch: Mapping[str, np.ndarray], image_column: str, config: SegmentConfig,
+             root: Optional[str] = None) -> pa.Table:
     from segpipe.commands.segment import decode_limits
 
-    rows = source_rows(batch, image_column)
+    rows = source_rows(batch, image_column, root)
     if schema.PIXELS in rows.column_names:
         return rows
     return decode_batch(rows, ".", decode_limits(config))
 
 
-def segment(ds, config: ConfigLike = None, image_column: str = "image", **overrides: Any):
+@_in_python_terms
+def segment(ds, config: ConfigLike = None, image_column: str = "image",
+            root: Optional[str] = None, **overrides: Any):
     """``ds`` (rows of a Ray reader) segmented: a lazy ``ray.data.Dataset`` with one row per
     input row in ``schema.PREDICTION_SCHEMA`` (``image_id``, ``file_name``, ``width``,
     ``height``, ``status``, ``error``, ``detections``), made by the same stages as
-    ``segpipe segment``. ``file_name`` is the row's ``path`` (or webdataset ``__key__``).
-    The weights are loaded here, once, and shipped to the predictor actors."""
+    ``segpipe segment``. ``file_name`` is the row's ``path`` relative to ``root`` (the
+    folder or URI read: then names and image ids are the command line's; ``file_names``),
+    or its webdataset ``__key__``. The weights are loaded here, once, and shipped to the
+    predictor actors, whose pool starts at one actor and grows as work queues."""
     import ray
 
     from segpipe.cluster.plan import plan_stages
@@ -176,10 +235,14 @@ def segment(ds, config: ConfigLike = None, image_column: str = "image", **overri
     if not ray.is_initialized():
         ray.init()
     # Ray's readers run tasks of one CPU each; decoding joins them (Ray Data fuses the two),
-    # and the plan leaves that CPU free beside the predictors, or the read would never start
-    plan = plan_stages(config, read_cluster_shape(), read_cpus=1.0)
+    # and the plan leaves that CPU free beside the predictors, or the read would never start.
+    # The dataset's size is not known here: a pool of one actor that Ray Data grows never
+    # loads a model for no batch (and Ray warns of a minimum it cannot fill)
+    plan = dataclasses.replace(plan_stages(config, read_cluster_shape(), read_cpus=1.0),
+                               min_actors=1)
     decoded = ds.map_batches(_decoded, batch_format="numpy", batch_size=images_per_block(config),
-                             fn_kwargs={"image_column": image_column, "config": config},
+                             fn_kwargs={"image_column": image_column, "config": config,
+                                        "root": root},
                              num_cpus=plan.decode_cpus)
     return predict_and_encode(decoded, config, plan, weights.spec, ray.put(weights.state_dict),
                               weights.categories, soft_mask_dtype=config.soft_mask_dtype)
@@ -193,16 +256,20 @@ class Predictor:
 
     It takes the columns Ray's readers make (``image`` pixels from ``read_images``, or image
     bytes: ``bytes``, ``jpg``, ``png``..., or ``image_column``), keeps every input column,
-    and adds ``image_id``, ``file_name``, ``width``, ``height``, ``status``, ``error`` and
+    and adds segpipe's (``schema.PREDICTION_SCHEMA``): ``image_id``, ``file_name`` (relative
+    to ``root``, as ``segment``'s), ``width``, ``height``, ``status``, ``error`` and
     ``detections`` (a list per row of ``{category_id, category_name, score, bbox [x, y, w,
-    h], area, segmentation}`` dicts, COCO RLE masks), exactly as ``segpipe segment`` makes
-    them. Each call is predicted ``batch_size`` images (the config's) per forward pass,
-    whatever batch ``map_batches`` hands it. Weights load in ``__init__``, once per actor (a
-    checkpoint path must be readable where the actors run).
+    h], area, segmentation, box, soft_mask, parts}`` dicts, COCO RLE masks; soft masks as
+    the config keeps them), exactly as ``segpipe segment`` makes them, so that
+    ``write_predictions`` takes its rows as they are. Each call is predicted ``batch_size``
+    images (the config's) per forward pass, whatever batch ``map_batches`` hands it.
+    Weights load in ``__init__``, once per actor (a checkpoint path must be readable where
+    the actors run).
     """
 
+    @_in_python_terms
     def __init__(self, config: ConfigLike = None, image_column: str = "image",
-                 use_gpu: Optional[bool] = None, **overrides: Any):
+                 use_gpu: Optional[bool] = None, root: Optional[str] = None, **overrides: Any):
         import torch
 
         from segpipe.encode.encoder import MaskEncoder
@@ -210,6 +277,7 @@ class Predictor:
 
         self.config = as_config(config, **overrides)
         self.image_column = image_column
+        self.root = root
         weights = _resolve(self.config)
         if use_gpu is None:
             use_gpu = torch.cuda.is_available() and self.config.num_gpus != 0
@@ -218,31 +286,42 @@ class Predictor:
                                      canvas=self.config.batch_canvas,
                                      tiling=TileSettings.from_config(self.config),
                                      chunk=self.config.batch_size)
-        self._encode = MaskEncoder(self.config.mask_threshold, keep_soft_masks=False,
-                                   categories=weights.categories)
+        self._encode = MaskEncoder(self.config.mask_threshold,
+                                   keep_soft_masks=self.config.soft_masks,
+                                   categories=weights.categories,
+                                   soft_mask_dtype=self.config.soft_mask_dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        decoded = _decoded(batch, self.image_column, self.config)
+        decoded = _decoded(batch, self.image_column, self.config, self.root)
         step = self.config.batch_size   # images per forward pass, as in segpipe segment
         rows = pa.concat_tables([self._encode(self._predict(decoded.slice(start, step)))
                                  for start in range(0, max(decoded.num_rows, 1), step)])
         out = dict(batch)
         for name in ("image_id", "file_name", "width", "height", "status", "error"):
             out[name] = rows.column(name).to_numpy(zero_copy_only=False)
-        detections = rows.column("detections").to_pylist()
-        out["detections"] = np.array(
-            [[{k: d[k] for k in ("category_id", "category_name", "score", "bbox", "area",
-                                 "segmentation")} for d in (dets or [])] for dets in detections]
-            + [None], dtype=object)[:-1]
+        detections = [dets or [] for dets in rows.column("detections").to_pylist()]
+        out["detections"] = np.array(detections + [None], dtype=object)[:-1]
         return out
 
 
+def prediction_rows(batch: pa.Table) -> pa.Table:
+    """A batch of ``segment``'s or ``Predictor``'s rows as ``schema.PREDICTION_SCHEMA`` rows:
+    segpipe's columns only (a ``Predictor`` keeps the user's), in their types."""
+    missing = [name for name in schema.PREDICTION_SCHEMA.names if name not in batch.column_names]
+    if missing:
+        raise ValueError(f"rows without segpipe's columns {', '.join(missing)}: write_predictions "
+                         "takes the rows of segpipe.segment or segpipe.Predictor")
+    return batch.select(schema.PREDICTION_SCHEMA.names).cast(schema.PREDICTION_SCHEMA)
+
+
+@_in_python_terms
 def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file: int = 1000,
                       **overrides: Any) -> str:
-    """Write a Dataset made by ``segment`` (with the same ``config``) into ``output`` as a run
-    folder: ``predictions/`` with the run settings in every file and the ledger of what was
-    committed, so that ``export``, ``segpipe eval`` and ``segpipe render`` read it as they
-    read a ``segpipe segment`` OUTPUT. Returns the predictions folder. The rules of OUTPUT
+    """Write a Dataset made by ``segment`` or a ``Predictor`` (with the same ``config``) into
+    ``output`` as a run folder: ``predictions/`` with the run settings in every file and the
+    ledger of what was committed (segpipe's columns only: ``prediction_rows``), so that
+    ``export``, ``segpipe eval`` and ``segpipe render`` read it as they read a ``segpipe
+    segment`` OUTPUT. Returns the predictions folder. The rules of OUTPUT
     hold: a folder holding an earlier run is refused unless ``overwrite=True``."""
     import posixpath
 
@@ -262,8 +341,8 @@ def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file:
         run_folder.retire_finished_run(output)
         ownership.remove(directory, complete + temporary)
         ownership.record_written(directory, [], whole=True)
-        ds.write_datasink(sinks.PredictionSink(directory, rows_per_file, settings, output,
-                                               held.run_id))
+        ds.map_batches(prediction_rows, batch_format="pyarrow", batch_size=None).write_datasink(
+            sinks.PredictionSink(directory, rows_per_file, settings, output, held.run_id))
         ownership.record_written(directory, [posixpath.basename(p) for p in
                                              run_folder.prediction_files(directory)],
                                  whole=True)
@@ -286,6 +365,7 @@ class ExportResult:
     left_out: list[tuple[int, str]] = field(default_factory=list)
 
 
+@_in_python_terms
 def export(output: str, to: str, score_threshold: float = 0.5,
            mask_threshold: Optional[float] = None, classes: Optional[str] = None,
            max_per_image: Optional[int] = None, min_area: int = 1, polygons: bool = False,
@@ -322,6 +402,7 @@ def export(output: str, to: str, score_threshold: float = 0.5,
                         summary["detections_per_s"], counts.left_out())
 
 
+@_in_python_terms
 def to_coco(ds, to: str, config: ConfigLike = None, score_threshold: float = 0.5,
             coco_shard_images: int = DEFAULT_COCO_SHARD_IMAGES, **overrides: Any) -> ExportResult:
     """A Dataset made by ``segment`` as COCO files in ``to``: its predictions are written to
@@ -344,6 +425,7 @@ class LabelsResult:
     summary: dict[str, Any]
 
 
+@_in_python_terms
 def export_labels(output: str, to: str, format: str, image_root: Optional[str] = None,
                   score_threshold: float = 0.5, mask_threshold: Optional[float] = None,
                   classes: Optional[str] = None, max_per_image: Optional[int] = None,
@@ -371,6 +453,7 @@ def export_labels(output: str, to: str, format: str, image_root: Optional[str] =
                         ExportCounts(**summary["counts"]), summary)
 
 
+@_in_python_terms
 def review_queue(output: str, to: str, score_threshold: float = 0.5, margin: float = 0.15,
            top: Optional[int] = None, subset: Optional[str] = None,
            image_root: Optional[str] = None, images: Optional[str] = None) -> dict[str, Any]:

@@ -447,6 +447,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"segpipe export: {c['annotations']} annotations on {c['ok']} images from "
           f"{c['detections']} stored detections in {summary['seconds']} s "
           f"({summary['detections_per_s']} detections/s) → {args.to}")
+    _random_weights_warning(summary["run_settings"].get("random_weights", False))
     for n, reason in counts.left_out():
         print(f"segpipe export:   {n} left out: {reason}")
     _print_damaged("segpipe export", counts.damaged_images, counts.damaged)
@@ -480,6 +481,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _random_weights_warning(random_weights: bool) -> None:
+    """Say that the run's detections come from random weights, where they do."""
+    if random_weights:
+        from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
+
+        print(f"segpipe: WARNING: {RANDOM_WEIGHTS_NOTE}")
+
+
 def _print_damaged(prefix: str, images: int, named: list[str]) -> None:
     """Say which image rows and detections were damaged in predictions/ and left out."""
     if images:
@@ -509,11 +518,16 @@ def _review(args: argparse.Namespace) -> int:
             log.publish()
     else:
         summary = run_review(request, show_progress=args.progress, checked=checked)
+    from segpipe.review.signals import SIGNAL_UNITS
+
     print(f"segpipe review: {summary['images']} images ranked in {summary['seconds']} s → "
           f"{args.to.rstrip('/')}/review.jsonl, review.csv")
+    _random_weights_warning(summary["random_weights"])
+    print("segpipe review:   signals per image (the sum over its detections of each one's 0..1):")
     for name, spread in summary["signals"].items():
-        print(f"segpipe review:   {name}: over 0.05 on {spread['images_over_0.05']} images, "
-              f"mean {spread['mean']}, max {spread['max']}")
+        print(f"segpipe review:   {name} ({SIGNAL_UNITS[name]}): above 0.05 on "
+              f"{spread['images_over_0.05']} of {summary['images']} images; per image mean "
+              f"{spread['mean']}, max {spread['max']}")
     damaged = summary["damaged"]
     if damaged["detections"]:
         print(f"segpipe review:   {damaged['detections']} detection(s) left out: damaged in predictions/")
@@ -542,6 +556,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
     matching = report["matching"]
+    _random_weights_warning(report["random_weights"])
     for key in ("category_message", "crowd_message", "own_export_message"):
         if matching[key]:
             print(f"segpipe eval: NOTE: {matching[key]}")
@@ -585,6 +600,7 @@ def _render(args: argparse.Namespace) -> int:
         log.publish()
     print(f"segpipe render: {summary['rendered']} images drawn, {len(summary['errors'])} failed; "
           f"open {summary['index']}")
+    _random_weights_warning(summary["random_weights"])
     for name, error in summary["errors"].items():
         print(f"  {name}: {error}")
     if summary["damaged"]:

@@ -150,7 +150,8 @@ class SegmentConfig:
                           "otherwise", True)
     fault_kill_after_batches: int = _opt("TESTING ONLY: the first predictor actor kills its own "
                                          "worker process after this many batches (0: never), "
-                                         "to show that Ray restarts it and no image is lost", 0)
+                                         "to show that Ray restarts it and no image is lost", 0,
+                                         testing=True)
 
     def replace(self, **changes: Any) -> "SegmentConfig":
         """Return a copy with ``changes`` applied (``None`` values are ignored)."""
@@ -204,14 +205,28 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values")
-    known = {f.name for f in config_fields()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"config file {path}: unknown key(s) {', '.join(unknown)}; "
-            f"valid keys are {', '.join(sorted(known))}"
-        )
+    check_keys(values, f"config file {path}")
     return values
+
+
+def check_keys(values: dict[str, Any], where: str) -> None:
+    """``ConfigError`` naming the keys of ``values`` that are no ``SegmentConfig`` field, each
+    with the closest key (as misspelled flags get), and the keys a user sets (not the
+    testing-only ones)."""
+    import difflib
+
+    fields = config_fields()
+    known = [f.name for f in fields]
+    unknown = sorted((str(k) for k in set(values) - set(known)), key=str)
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    shown = sorted(f.name for f in fields if not f.metadata.get("testing"))
+    raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; valid keys are "
+                      f"{', '.join(shown)}")
 
 
 def parse_actors(actors: str) -> tuple[int, int] | None:

@@ -116,7 +116,9 @@ class RunSettings:
     ``categories`` is the run's category table (which category each model label is); files
     written before tables were recorded read as COCO's. ``soft_mask_dtype`` is how the soft
     masks are stored (``SOFT_MASK_DTYPE``); files written before it was recorded hold
-    uint8. ``tiles`` is the run's tiling (``--tile``), None untiled.
+    uint8. ``tiles`` is the run's tiling (``--tile``), None untiled. ``random_weights``: the
+    run used ``--weights random`` (``weights.RANDOM_WEIGHTS_NOTE``; files written before it was
+    recorded read as False).
     """
 
     model: ModelSpec
@@ -127,13 +129,15 @@ class RunSettings:
     image_ids: str = IMAGE_IDS
     soft_mask_dtype: str = SOFT_MASK_DTYPE
     tiles: Optional[TileSettings] = None
+    random_weights: bool = False
 
     def to_json(self) -> dict:
         return {"model": asdict(self.model), "weights_sha256": self.weights_sha256,
                 "mask_threshold": self.mask_threshold, "soft_masks": self.soft_masks,
                 "categories": self.categories.to_json(), "image_ids": self.image_ids,
                 "soft_mask_dtype": self.soft_mask_dtype,
-                "tiles": self.tiles.to_json() if self.tiles else None}
+                "tiles": self.tiles.to_json() if self.tiles else None,
+                "random_weights": self.random_weights}
 
     def to_metadata(self) -> dict[bytes, bytes]:
         return {RUN_SETTINGS_KEY: json.dumps(self.to_json(), sort_keys=True).encode()}

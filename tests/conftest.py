@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -161,3 +161,45 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _checkout_state() -> Optional[str]:
+    """``git status --porcelain`` of the checkout (untracked files listed one by one), or None
+    outside a git checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def pytest_sessionstart(session) -> None:
+    if not hasattr(session.config, "workerinput"):   # the controller, with or without xdist
+        session.config.stash[_CHECKOUT] = _checkout_state()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run when a test wrote into the checkout: tests write only in their own temp
+    folders, and nothing a test does may show in ``git status``."""
+    if hasattr(session.config, "workerinput"):
+        return
+    before = session.config.stash.get(_CHECKOUT, None)
+    after = _checkout_state()
+    if before is None or after is None or after == before:
+        return
+    changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line("the test run changed the checkout (git status), which no test may: "
+                            + "; ".join(changed[:10]), red=True)
+    session.exitstatus = 1
+
+
+_CHECKOUT = pytest.StashKey[Optional[str]]()

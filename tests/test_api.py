@@ -7,14 +7,17 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL, small_config
 from images import write_photos
 
 import segpipe
 from segpipe.io.run_folder import prediction_files
+from segpipe.io.sources import image_id_for
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("category_id", "category_name", "score", "bbox", "area", "segmentation")
@@ -35,7 +38,7 @@ def runs(tmp_path_factory, checkpoint, local_ray):
            for r in pq.read_table(p).to_pylist()}
     config = {**SMALL, "weights": str(checkpoint), "batch_size": 1}
     decoded = segpipe.segment(ray.data.read_images(str(photos), include_paths=True),
-                              config).materialize()
+                              config, root=str(photos)).materialize()
     return root, config, cli, decoded
 
 
@@ -47,8 +50,8 @@ def same_detections(a: list, b: list) -> None:
 
 def test_read_images_gives_the_clis_detections_bit_for_bit(runs):
     _, _, cli, decoded = runs
-    rows = {Path(r["file_name"]).name: r for r in decoded.take_all()}
-    assert sorted(rows) == sorted(cli) == ["chelsea.png", "coffee.png"]
+    rows = {r["file_name"]: r for r in decoded.take_all()}
+    assert sorted(rows) == sorted(cli) == ["chelsea.png", "coffee.png"]   # root: the CLI's names
     for name, row in cli.items():
         same_detections(rows[name]["detections"], row["detections"])
         assert (rows[name]["width"], rows[name]["height"]) == (row["width"], row["height"])
@@ -73,6 +76,32 @@ def test_the_predictor_in_a_users_map_batches_on_file_bytes(runs):
     broken = rows["broken.png"]
     assert broken["status"] == "error" and broken["error"].startswith("decode: ")
     assert list(broken["detections"]) == []
+
+
+def test_a_predictors_rows_are_written_and_exported_as_they_are(runs, tmp_path, caplog):
+    """``map_batches(Predictor)`` keeps the user's columns; ``write_predictions`` takes its
+    rows (segpipe's columns), names relative to ``root`` are the CLI's, and the library says
+    through logging what the command line says (random weights)."""
+    import logging
+
+    import ray
+
+    root, config, cli, _ = runs
+    caplog.set_level(logging.DEBUG)
+    ds = ray.data.read_binary_files(str(root / "photos"), include_paths=True).map_batches(
+        segpipe.Predictor, fn_constructor_kwargs={"config": {**config, "weights": "random"},
+                                                  "root": str(root / "photos")},
+        batch_size=2, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    predictions = segpipe.write_predictions(ds, str(tmp_path / "run"), {**config, "weights": "random"})
+    assert "RANDOM WEIGHTS" in caplog.text
+    names = sorted(r["file_name"] for p in prediction_files(predictions)
+                   for r in pq.read_table(p, columns=["file_name"]).to_pylist())
+    assert names == sorted(cli)
+    result = segpipe.export(str(tmp_path / "run"), str(tmp_path / "coco"), score_threshold=0.05)
+    assert result.counts.ok == 2 and result.counts.damaged_images == 0
+    with pytest.raises(segpipe.ConfigError, match=r"resume=True .* overwrite=True") as refused:
+        segpipe.write_predictions(ds, str(tmp_path / "run"), config)
+    assert "--" not in str(refused.value)   # the API's words, not the command line's
 
 
 def test_predictions_written_and_exported_as_dataclasses(runs, tmp_path):
@@ -116,11 +145,15 @@ def test_the_readmes_python_example_runs_as_written(local_ray, tmp_path, monkeyp
     monkeypatch.setenv("SEGPIPE_SAMPLES", str(tmp_path / "photos"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
-    exec(compile(example, "README.md", "exec"), {"__name__": "__main__"})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        exec(compile(example, "README.md", "exec"), {"__name__": "__main__"})
     assert "annotations in" in capsys.readouterr().out
     instances = json.loads((tmp_path / "coco" / "instances.json").read_text())
-    assert [i["file_name"] for i in instances["images"]] == [str(tmp_path / "photos" /
-                                                              "coffee.png")]
+    assert [i["file_name"] for i in instances["images"]] == ["coffee.png"]   # as the CLI names it
+    assert instances["images"][0]["id"] == image_id_for("coffee.png")
+    # Ray warned on every small run of a pool minimum the work could not fill
+    assert not [w for w in seen if "minimum number of concurrent actors" in str(w.message)]
 
 
 def test_rays_columns_become_segpipes_rows_and_bad_values_error_rows():

@@ -47,7 +47,7 @@ def test_flags_override_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("input: a\noutput: b\nscore_treshold: 0.7\n", "unknown key(s) score_treshold"),
+    ("input: a\noutput: b\nscore_treshold: 0.7\n", "unknown key(s) score_treshold (did you mean"),
     ("input: a\noutput: b\nmin_size: big\n", "min_size must be an integer"),
     ("input: a\noutput: b\nmask_threshold: 1.5\n", "mask_threshold must be in [0, 1)"),
     ("input: a\noutput: b\nmin_size: 900\nmax_size: 800\n", "max_size (800) must be >= min_size"),
@@ -143,8 +143,10 @@ def test_unknown_keys_are_listed_with_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     text = str(info.value)
-    assert f"config file {path}: unknown key(s) batchsize, score_treshold; valid keys are " in text
+    assert (f"config file {path}: unknown key(s) batchsize (did you mean batch_size?), "
+            "score_treshold (did you mean score_threshold?); valid keys are ") in text
     assert "actors, address, arch, " in text
+    assert "fault_kill_after_batches" not in text   # a testing-only key is not offered
     assert load_config(None, input="a", output="b").input == "a"
 
 

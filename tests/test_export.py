@@ -168,7 +168,7 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
         # VmHWM is this process's own peak; ru_maxrss would carry pytest's over fork + exec.
         code = ("import re; from segpipe.coco.selection import ExportOptions; "
                 "from segpipe.commands.export import run_export; "
-                f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
+                f"s = run_export({str(output)!r}, {str(output.parent / (output.name + '-coco'))!r}, "
                 "ExportOptions(score_threshold=0.3)); "
                 "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
                 "print(s['counts']['detections'], hwm)")
@@ -211,7 +211,7 @@ def test_export_keeps_no_python_object_per_detection(tmp_path):
         code = ("import tracemalloc; from segpipe.coco.selection import ExportOptions; "
                 "from segpipe.commands.export import run_export; "
                 "tracemalloc.start(); "
-                f"s = run_export({str(output)!r}, {str(output / 'coco')!r}, "
+                f"s = run_export({str(output)!r}, {str(output.parent / (output.name + '-coco'))!r}, "
                 "ExportOptions(score_threshold=0.3)); "
                 "print(s['counts']['detections'], tracemalloc.get_traced_memory()[1])")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -48,6 +48,7 @@ from segpipe.config import DEFAULT_COCO_SHARD_IMAGES
 from segpipe.io import ownership, storage
 from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
 from segpipe.io.run_folder import prediction_files
+from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 from segpipe.progress import Progress
 
 
@@ -95,9 +96,10 @@ def _dumps(value: Any) -> bytes:
 def coco_info(settings: schema.RunSettings, options: ExportOptions) -> dict:
     """The ``info`` of a COCO file: what made it and at which thresholds; no time (the same
     predictions give the same bytes; ``run.json`` and ``export.json`` say when)."""
-    return {"description": "segpipe predictions", "version": __version__,
-            "contributor": "segpipe", "url": "", "arch": settings.model.arch,
-            "weights_sha256": settings.weights_sha256,
+    random = {"random_weights": True} if settings.random_weights else {}
+    return {"description": RANDOM_WEIGHTS_NOTE if random else "segpipe predictions",
+            "version": __version__, "contributor": "segpipe", "url": "", **random,
+            "arch": settings.model.arch, "weights_sha256": settings.weights_sha256,
             "score_threshold": options.score_threshold,
             "mask_threshold": (options.mask_threshold if options.mask_threshold is not None
                                else settings.mask_threshold)}

@@ -75,6 +75,7 @@ def run_eval(output: str, gt_path: str, score_threshold: Optional[float] = None,
         "damaged_detections": counts.damaged_left_out, "damaged": counts.damaged,
     }
     report["iou_types"] = list(iou_types)
+    report["random_weights"] = settings.random_weights
     report["score_threshold"] = threshold
     report["detections"] = len(results)
     report["tables"] = tables

@@ -33,6 +33,7 @@ from segpipe.io import lease, ownership, run_folder, sources, storage
 from segpipe.io.damage import DAMAGED, DAMAGED_KEY, damaged_image_notes, mark_damaged_images
 from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
 from segpipe.io.predictions import checked_rows, predictions_dataset
+from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 from segpipe.progress import Progress
 
 MASK_OPACITY = 0.5
@@ -48,8 +49,15 @@ def instance_colour(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+#: A label's height as a share of the image's longer side: about 11 px in the gallery's
+#: 320-px thumbnails, whatever the image's size.
+LABEL_SHARE = 1 / 30
+
+
 def draw_detections(rgb: np.ndarray, detections: list[dict]) -> Image.Image:
-    """The image with each detection's mask (50% opacity), box and ``name score`` label."""
+    """The image with each detection's mask (50% opacity), box and ``name score`` label, the
+    labels and lines sized to the image so that a thumbnail still shows them."""
+    from PIL import ImageFont
     from pycocotools import mask as mask_utils
 
     canvas = rgb.astype(np.float32)
@@ -61,15 +69,18 @@ def draw_detections(rgb: np.ndarray, detections: list[dict]) -> Image.Image:
         canvas[mask] = canvas[mask] * (1 - MASK_OPACITY) + colour * MASK_OPACITY
     image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
+    longer = max(image.size)
+    font = ImageFont.load_default(size=max(12, round(longer * LABEL_SHARE)))
+    line = max(2, round(longer / 320))
     for i, det in enumerate(detections):
         x, y, w, h = det["bbox"]
         colour = instance_colour(i)
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+        draw.rectangle([x, y, x + w, y + h], outline=colour, width=line)
         label = f"{det['category_name']} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x, y), label)
-        ty = max(0, y - (bottom - top) - 2)
-        draw.rectangle([x, ty, x + (right - left) + 4, ty + (bottom - top) + 2], fill=colour)
-        draw.text((x + 2, ty), label, fill=(0, 0, 0))
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        ty = max(0, y - bottom - 2 * line)
+        draw.rectangle([x, ty, x + right + 2 * line, ty + bottom + line], fill=colour)
+        draw.text((x + line, ty), label, fill=(0, 0, 0), font=font)
     return image
 
 
@@ -269,9 +280,10 @@ def select_rows(predictions_dir: str, limit: int, score_threshold: float,
 
 
 def gallery_html(rows: list[dict], errors: dict[str, str], title: str,
-                 captions: Optional[dict[str, str]] = None) -> str:
-    """``index.html``: per-class counts, a score histogram and every rendered image (in the
-    order of ``rows``, with its caption from ``captions`` under its name)."""
+                 captions: Optional[dict[str, str]] = None, note: Optional[str] = None) -> str:
+    """``index.html``: ``note`` (random weights) as a banner, per-class counts, a score
+    histogram with its axes named, and every rendered image (in the order of ``rows``, linked
+    at full size, with its detections counted and its caption from ``captions``)."""
     per_class: Counter = Counter()
     scores = []
     for row in rows:
@@ -282,9 +294,22 @@ def gallery_html(rows: list[dict], errors: dict[str, str], title: str,
         np.zeros(HISTOGRAM_BINS, int)
     top = max(int(bins.max()), 1)
     bars = "".join(
-        f'<rect x="{i * 20}" y="{100 - 100 * n / top:.1f}" width="18" height="{100 * n / top:.1f}">'
-        f"<title>{i / HISTOGRAM_BINS:.2f}–{(i + 1) / HISTOGRAM_BINS:.2f}: {n}</title></rect>"
+        f'<rect x="{40 + i * 20}" y="{10 + 100 - 100 * n / top:.1f}" width="18" '
+        f'height="{100 * n / top:.1f}"><title>scores {i / HISTOGRAM_BINS:.2f}–'
+        f"{(i + 1) / HISTOGRAM_BINS:.2f}: {n} detections</title></rect>"
         for i, n in enumerate(bins.tolist()))
+    width = 40 + 20 * HISTOGRAM_BINS
+    axes = (f'<line x1="38" y1="110" x2="{width}" y2="110" stroke="#333"/>'
+            '<line x1="38" y1="10" x2="38" y2="110" stroke="#333"/>'
+            f'<text x="34" y="16" font-size="10" text-anchor="end">{top}</text>'
+            '<text x="34" y="112" font-size="10" text-anchor="end">0</text>'
+            '<text x="40" y="124" font-size="10">0</text>'
+            f'<text x="{40 + 10 * HISTOGRAM_BINS}" y="124" font-size="10" text-anchor="middle">0.5</text>'
+            f'<text x="{width}" y="124" font-size="10" text-anchor="end">1</text>'
+            f'<text x="{40 + 10 * HISTOGRAM_BINS}" y="140" font-size="11" text-anchor="middle">'
+            "detection score</text>"
+            '<text x="10" y="60" font-size="11" text-anchor="middle" transform="rotate(-90 10 60)">'
+            "detections</text>")
     class_rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{n}</td></tr>"
                          for name, n in per_class.most_common())
     tiles = []
@@ -298,21 +323,24 @@ def gallery_html(rows: list[dict], errors: dict[str, str], title: str,
             tiles.append(f'<figure class="err"><figcaption>{html.escape(name)}: '
                          f"{html.escape(errors[name])}</figcaption></figure>")
         else:
-            tiles.append(f'<figure><a href="{href}"><img src="{href}" loading="lazy"></a>'
-                         f"<figcaption>{html.escape(name)} ({count}){extra}</figcaption></figure>")
+            tiles.append(f'<figure><a href="{href}" title="open at full size"><img src="{href}" '
+                         f'loading="lazy"></a><figcaption>{html.escape(name)} · '
+                         f"{count} detection{'s' if count != 1 else ''} drawn · "
+                         f'<a href="{href}">full size</a>{extra}</figcaption></figure>')
+    banner = f'<p class="note">{html.escape(note)}</p>' if note else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;margin:4px;width:320px;
 vertical-align:top}} img{{max-width:320px;max-height:320px}} figcaption{{font-size:12px;
-word-break:break-all}} .err{{color:#b00}} svg rect{{fill:#4a7}} table{{border-collapse:collapse}}
+overflow-wrap:anywhere}} .err{{color:#b00}} .note{{background:#b00;color:#fff;padding:.5em 1em;
+font-weight:bold}} svg rect{{fill:#4a7}} table{{border-collapse:collapse}}
 td{{padding:0 1em 0 0}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{len(rows)} images, {len(scores)} instances drawn.</p>
+{banner}
+<p>{len(rows)} images, {len(scores)} instances drawn (score at least the threshold asked).</p>
 <h2>Instances per class</h2><table>{class_rows}</table>
 <h2>Score histogram</h2>
-<svg width="{20 * HISTOGRAM_BINS}" height="115" viewBox="0 0 {20 * HISTOGRAM_BINS} 115">{bars}
-<text x="0" y="112" font-size="10">0</text><text x="{20 * HISTOGRAM_BINS - 12}" y="112"
-font-size="10">1</text></svg>
+<svg width="{width + 10}" height="145" viewBox="0 0 {width + 10} 145">{axes}{bars}</svg>
 <h2>Images</h2>
 {"".join(tiles)}
 </body></html>
@@ -345,6 +373,7 @@ class CheckedRender:
     name_column: Optional[str] = None
     images: Optional[sources.InputFiles] = None   # the files of --images, listed once
     damaged: list[str] = field(default_factory=list)   # left out as damaged (select_rows)
+    random_weights: bool = False                        # the run used --weights random
 
 
 def check_render(request: RenderRequest) -> CheckedRender:
@@ -377,7 +406,7 @@ def check_render(request: RenderRequest) -> CheckedRender:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
     check_render_target(request.to, rows.column("rendered_name").to_pylist())
     return CheckedRender(predictions_dir, rows, request.title or f"segpipe: {request.output}", input_format,
-                         *_table_columns(request.output), found, damaged)
+                         *_table_columns(request.output), found, damaged, settings.random_weights)
 
 
 RENDER_FILES = ("index.html", "render.json")
@@ -461,9 +490,11 @@ def _render(request: RenderRequest, checked: CheckedRender, show_progress: bool)
     rows = table.to_pylist()
     fs, root = storage.resolve(to.rstrip("/"))
     storage.write_bytes_atomic(fs, storage.join(root, RENDER_FILES[0]),
-                               gallery_html(rows, errors, checked.title, request.captions).encode())
+                               gallery_html(rows, errors, checked.title, request.captions,
+                                            RANDOM_WEIGHTS_NOTE if checked.random_weights else None).encode())
     ownership.record_written(to, [RENDER_FILES[0]])
     summary = {"rendered": len(rows) - len(errors), "errors": errors,
-               "damaged": checked.damaged, "index": storage.join(root, RENDER_FILES[0])}
+               "damaged": checked.damaged, "random_weights": checked.random_weights,
+               "index": storage.join(root, RENDER_FILES[0])}
     ownership.write_json(to, RENDER_FILES[1], summary)
     return summary

@@ -150,6 +150,16 @@ class RunReport:
             "images_per_s": self.images_per_second,
         }
 
+    def speed_line(self) -> str:
+        """How fast this run segmented, or that it had nothing left to segment."""
+        rate = self.images_per_second
+        if not self.processed or rate["pipeline"] is None:
+            done = f"all {self.resumed_from} images were in predictions/ already" \
+                if self.resumed_from else "no image was left to segment"
+            return f"segpipe: {done}; coco/ and run.json written in {self.timings.get('total')} s"
+        return (f"segpipe: {self.processed} images segmented at {rate['pipeline']} images/s in the "
+                f"pipeline, {rate['total']} images/s overall ({self.timings.get('total')} s)")
+
     def summary_lines(self) -> list[str]:
         c = self.counts
         lines = [
@@ -157,8 +167,7 @@ class RunReport:
             f">= score floor, {c.annotations} written to coco/ (score >= "
             f"{self.config.score_threshold})",
             *(f"segpipe:   {n} left out: {reason}" for n, reason in c.left_out()),
-            f"segpipe: {self.images_per_second['pipeline']} images/s in the pipeline, "
-            f"{self.images_per_second['total']} images/s overall ({self.timings.get('total')} s)",
+            self.speed_line(),
         ]
         for warning in self.weights.get("warnings", []):
             lines.append(f"segpipe: WARNING: {warning}")

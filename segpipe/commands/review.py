@@ -111,7 +111,7 @@ def _review(request: ReviewRequest, predictions_dir: str, settings, show_progres
         "segpipe": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": request.output, "asked": asdict(request),
-        "images": ranked.num_rows,
+        "images": ranked.num_rows, "random_weights": settings.random_weights,
         "signals": {name: _described(ranked, name) for name in signals.SIGNALS},
         "damaged": {"images": scored.counts.damaged_images,
                     "detections": scored.counts.damaged_left_out, "named": scored.counts.damaged},

@@ -82,6 +82,8 @@ def prepare_output(config: SegmentConfig,
         earlier, done = run_folder.read_written(predictions_dir)
         if earlier is not None and earlier.soft_mask_dtype == schema.SOFT_MASK_DTYPE_BEFORE:
             settings = replace(settings, soft_mask_dtype=earlier.soft_mask_dtype)
+        if earlier is not None:   # recorded since; the weights themselves are compared by sha
+            settings = replace(settings, random_weights=earlier.random_weights)
         differences = settings.differences(earlier) if earlier is not None else []
         if differences:
             raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
@@ -202,7 +204,8 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
     return RunSettings(model=weights.spec, weights_sha256=weights.sha256,
                        mask_threshold=config.mask_threshold, soft_masks=config.soft_masks,
                        categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype,
-                       tiles=TileSettings.from_config(config))
+                       tiles=TileSettings.from_config(config),
+                       random_weights=weights.kind == "random")
 
 
 def stage_before_first_image(started: int, actors: int) -> str:

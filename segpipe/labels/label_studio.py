@@ -37,6 +37,7 @@ from segpipe.io import ownership, storage
 from segpipe.labels.brush import brush_rle
 from segpipe.labels.rows import add_counts, ok_image_table, selected_images
 from segpipe.model.categories import CategoryTable
+from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 
 #: Tasks per file: Label Studio reads an uploaded file whole, in one request.
 TASKS_PER_FILE = 10_000
@@ -57,10 +58,14 @@ def region_kind(settings: schema.RunSettings, options: ExportOptions) -> str:
     return "polygon" if options.polygons else "brush"
 
 
-def label_config(categories: CategoryTable, kind: str, classes: Optional[frozenset[int]] = None) -> str:
+def label_config(categories: CategoryTable, kind: str, classes: Optional[frozenset[int]] = None,
+                 note: Optional[str] = None) -> str:
     """The labelling config XML for tasks of ``kind`` regions with these categories (those in
-    ``classes`` when given), in the run's order."""
+    ``classes`` when given), in the run's order; ``note`` (random weights) stands above the
+    image of every task as a ``Header``."""
     view = ET.Element("View")
+    if note:
+        ET.SubElement(view, "Header", value=note, style="color: #b00")
     ET.SubElement(view, "Image", name=TO_NAME, value="$" + TO_NAME, zoom="true", zoomControl="true")
     control = ET.SubElement(view, CONTROL_TAGS[kind], name=FROM_NAME, toName=TO_NAME)
     for category in categories.categories:
@@ -112,8 +117,10 @@ def regions(detections: list[dict], width: int, height: int, kind: str) -> list[
 
 
 def model_version(settings: schema.RunSettings) -> str:
-    """What made the predictions, as Label Studio groups them: architecture and weights."""
-    return f"segpipe {settings.model.arch} {settings.weights_sha256[:12]}"
+    """What made the predictions, as Label Studio groups them: architecture and weights
+    (``RANDOM WEIGHTS`` said where they were)."""
+    random = " RANDOM WEIGHTS" if settings.random_weights else ""
+    return f"segpipe {settings.model.arch} {settings.weights_sha256[:12]}{random}"
 
 
 def make_task(row: dict, detections: list[dict], image_root: str, kind: str, version: str,
@@ -178,7 +185,8 @@ def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
         add_counts(counts, part)
     kind = region_kind(settings, options)
     storage.write_bytes_atomic(fs, storage.join(root, "label_config.xml"),
-                               label_config(settings.categories, kind, options.classes).encode())
+                               label_config(settings.categories, kind, options.classes,
+                                            RANDOM_WEIGHTS_NOTE if settings.random_weights else None).encode())
     ownership.record_written(to, [*names, "label_config.xml"])
     earlier = ownership.recorded(to) or {}   # an earlier export's other task files
     ownership.remove_recorded(to, [name for name in earlier

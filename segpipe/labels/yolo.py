@@ -46,6 +46,7 @@ from segpipe.coco.fanout import run_calls
 from segpipe.coco.selection import ExportCounts, ExportOptions
 from segpipe.io import ownership, storage
 from segpipe.labels.rows import add_counts, ok_image_table, selected_images
+from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 
 YOLO_FILES = ("data.yaml", "train.txt", "val.txt")
 YOLO_DIRS = ("images", "labels")
@@ -161,11 +162,13 @@ def label_names(names: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise("labels/", stems, ".txt", "")
 
 
-def data_yaml(root: str, names: list[str]) -> str:
-    """``data.yaml``: the dataset's folder, its lists and class names in index order."""
+def data_yaml(root: str, names: list[str], note: Optional[str] = None) -> str:
+    """``data.yaml``: the dataset's folder, its lists and class names in index order
+    (``note``, random weights: a comment at its top)."""
     import json
 
-    lines = ["# Ultralytics YOLO segmentation dataset written by segpipe",
+    lines = ([f"# {note}"] if note else []) + [
+             "# Ultralytics YOLO segmentation dataset written by segpipe",
              f"path: {json.dumps(root)}", "train: train.txt", "val: val.txt", "names:"]
     lines += [f"  {k}: {json.dumps(name, ensure_ascii=False)}" for k, name in enumerate(names)]
     return "\n".join(lines) + "\n"
@@ -253,7 +256,8 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
     fresh = pa.concat_tables(written) if written else ownership.STAMPS_SCHEMA.empty_table()
     ownership.write_stamps(to, pa.concat_tables([stamps.filter(pc.invert(pc.is_in(
         stamps.column("name"), value_set=fresh.column("name")))), fresh]))
-    _write_text(os.path.join(target.to, "data.yaml"), data_yaml(target.to, yolo.classes))
+    _write_text(os.path.join(target.to, "data.yaml"),
+                data_yaml(target.to, yolo.classes, RANDOM_WEIGHTS_NOTE if settings.random_weights else None))
     ownership.record_written(to, YOLO_FILES)
     return counts, yolo
 

@@ -32,7 +32,7 @@ from segpipe.model.categories import (
     unnamed_classes_warning,
 )
 from segpipe.model.spec import ModelSpec
-from segpipe.model.weights import WeightsSource, check_hash, fetch, weights_source
+from segpipe.model.weights import RANDOM_WEIGHTS_NOTE, WeightsSource, check_hash, fetch, weights_source
 
 _BUILDERS: dict[str, Callable[..., GeneralizedRCNN]] = {
     arch: getattr(detection, arch) for arch in ARCHITECTURES}
@@ -41,8 +41,7 @@ _BUILDERS: dict[str, Callable[..., GeneralizedRCNN]] = {
 CLASS_ROWS_KEY = "roi_heads.box_predictor.cls_score.weight"
 MASK_ROWS_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
 
-RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run used seeded random-initialised weights; its "
-                          "detections are meaningless and only exercise the pipeline")
+RANDOM_WEIGHTS_WARNING = RANDOM_WEIGHTS_NOTE
 
 
 def build_model(spec: ModelSpec) -> GeneralizedRCNN:

@@ -33,6 +33,10 @@ from typing import Optional
 from segpipe.config import ConfigError
 from segpipe.progress import Progress
 
+#: What a run made with ``--weights random`` says, and every output of it, to whoever reads it.
+RANDOM_WEIGHTS_NOTE = ("RANDOM WEIGHTS: this run used seeded random-initialised weights; its "
+                       "detections are meaningless and only exercise the pipeline")
+
 #: torchvision's COCO weights per architecture: (weights enum member, URL). Checked against
 #: torchvision's own enums by tests/test_weights.py.
 PRETRAINED: dict[str, tuple[str, str]] = {

@@ -34,6 +34,14 @@ SIGNALS = ("borderline", "mask_uncertainty", "threshold_sensitivity", "rare_clas
 UNSURE_LOW, UNSURE_HIGH = 0.25, 0.75
 LOW_MASK, HIGH_MASK = 0.3, 0.7
 DEFAULT_MARGIN = 0.15
+#: What one detection's value of each signal measures, in words (each is 0..1; an image's is
+#: the sum over its detections).
+SIGNAL_UNITS = {
+    "borderline": "closeness of a score to the threshold (1 at it, 0 at the margin)",
+    "mask_uncertainty": f"share of a kept mask's box with probability {UNSURE_LOW:g}-{UNSURE_HIGH:g}",
+    "threshold_sensitivity": f"1 - IoU of a kept mask at mask thresholds {LOW_MASK:g} and {HIGH_MASK:g}",
+    "rare_class": "rarity of a kept detection's class in the run (0: the commonest)",
+}
 
 
 @dataclass(frozen=True)
