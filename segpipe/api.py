@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, TypeVar, Union, cast
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +65,10 @@ _SWITCHES = ("overwrite", "resume", "polygons", "soft_masks", "progress", "tile_
              "tile_join_seams", "crowd_as_objects")
 
 
-def _in_python_terms(function: Callable) -> Callable:
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def _in_python_terms(function: _Function) -> _Function:
     """``function`` raising its ``ConfigError`` in ``python_terms``."""
     @functools.wraps(function)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -74,7 +77,7 @@ def _in_python_terms(function: Callable) -> Callable:
         except ConfigError as exc:
             raise type(exc)(python_terms(str(exc))) from None
 
-    return wrapped
+    return cast(_Function, wrapped)
 
 
 @_in_python_terms
