@@ -13,11 +13,8 @@ import math
 from typing import Any, Optional
 
 from segpipe.coco.shards import load_instances
-from segpipe.config import ConfigError
+from segpipe.config import MAX_PIXEL_LIMIT, ConfigError
 from segpipe.io.damage import rle_ones
-
-#: The largest side an image of ground truth may claim (as ``io.damage.MAX_SIDE``).
-MAX_SIDE = 1 << 20
 
 
 def load_ground_truth(path: str) -> dict[str, Any]:
@@ -54,7 +51,8 @@ def ground_truth_problem(data: Any) -> Optional[str]:
         if not _integer(image.get("id")) or not isinstance(image.get("file_name"), str):
             return f"{where} has no integer id or no file_name"
         width, height = image.get("width"), image.get("height")
-        if not (_integer(width) and _integer(height) and 0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
+        if not (_integer(width) and _integer(height) and width > 0 and height > 0
+                and width * height <= MAX_PIXEL_LIMIT):
             return f"{where} ({image['file_name']!r}) has no width and height of an image"
         if image["id"] in sizes:
             return f"{where}: image id {image['id']} is used twice"

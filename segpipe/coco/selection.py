@@ -66,7 +66,7 @@ class ExportCounts:
             self.damaged_images += len(lines)
         else:
             self.damaged_left_out += len(lines)
-        self.damaged = (self.damaged + lines)[:NAMED]
+        self.damaged = (self.damaged + [line for line in lines if line])[:NAMED]
 
     def left_out(self) -> list[tuple[int, str]]:
         """``(count, reason)`` for every reason that left detections out, in selection order."""

@@ -260,7 +260,7 @@ def select_rows(predictions_dir: str, limit: int, score_threshold: float,
     table = table.filter(pc.invert(pc.starts_with(pc.fill_null(marked.column("error"), ""), DAMAGED)))
     rows = []
     for row in checked_rows(table, settings):
-        damaged += row.get(DAMAGED_KEY, [])
+        damaged += [line or "(another damaged detection)" for line in row.get(DAMAGED_KEY, [])]
         dets = [{k: d[k] for k in ("category_id", "category_name", "score", "bbox", "segmentation")}
                 for d in row["detections"] or []
                 if d["score"] >= score_threshold and (d["area"] is None or d["area"] > 0)

@@ -6,14 +6,16 @@ value segpipe never writes must not crash a command, make it spin or allocate wi
 or reach a file people open. So:
 
 * an ok image row (``mark_damaged_images``, Arrow compute over the image table) must carry a
-  ``file_name`` that segpipe writes (``sources.is_safe_file_name``: relative, no ``..``, no
-  control characters) and a width and height in 1..``MAX_SIDE`` of at most
-  ``config.MAX_PIXEL_LIMIT`` pixels; otherwise it becomes an error row, ``DAMAGED`` and why;
-* a detection (``detection_damage``) must have a score in [0, 1], finite boxes, a
-  segmentation of the image's size whose counts are a COCO RLE covering exactly its pixels
-  (``rle_ones``, compiled: pycocotools trusts counts and loops over them) with the area of
-  that mask, soft masks of M×M values of the run's kind, tile windows inside the image, and
-  the category name the run's table gives its id; otherwise it is left out.
+  ``file_name`` that segpipe writes (``sources.UNSAFE_FILE_NAME_RE2`` finds none: relative,
+  no ``..`` or empty segment, no control characters) and a width and height of at least 1
+  and at most ``config.MAX_PIXEL_LIMIT`` pixels together; otherwise it becomes an error row,
+  ``DAMAGED`` and why;
+* a detection (``detection_codes``, Arrow and compiled code over a chunk of rows) must have a
+  score in [0, 1], finite boxes, a segmentation of the image's size whose counts are a COCO
+  RLE covering exactly its pixels (``_rle_ones``: pycocotools trusts counts and loops over
+  them) with the area of that mask, soft masks of M×M values of the run's kind, all of one
+  size in an image, tile windows inside the image, and the category name the run's table
+  gives its id; otherwise the reader takes it out (``damaged_detections_removed``).
 
 Both are counted and the first few (``NAMED``) named by the command that met them.
 """
@@ -33,8 +35,6 @@ from segpipe.model.categories import UNKNOWN_NAME
 
 #: The error of an image row that predictions/ holds damaged.
 DAMAGED = "damaged in predictions/"
-#: The largest width or height an image row may claim (COCO RLE counts pixels in 32 bits).
-MAX_SIDE = 1 << 20
 #: The largest side of a stored soft mask (R-CNN's are 28).
 MAX_SOFT_MASK_SIDE = 2048
 #: How many damaged images or detections a command names.
@@ -52,10 +52,9 @@ def mark_damaged_images(table: pa.Table) -> pa.Table:
     bad_name = pc.match_substring_regex(table.column("file_name"), UNSAFE_FILE_NAME_RE2)
     width = table.column("width").cast(pa.int64())
     height = table.column("height").cast(pa.int64())
-    bad_side = pc.or_kleene(pc.or_kleene(pc.less(width, 1), pc.less(height, 1)),
-                            pc.or_kleene(pc.greater(width, MAX_SIDE), pc.greater(height, MAX_SIDE)))
-    bad_size = pc.fill_null(pc.or_kleene(bad_side, pc.greater(pc.multiply(width, height),
-                                                               MAX_PIXEL_LIMIT)), True)
+    bad_size = pc.fill_null(pc.or_kleene(pc.or_kleene(pc.less(width, 1), pc.less(height, 1)),
+                                         pc.greater(pc.multiply(width, height), MAX_PIXEL_LIMIT)),
+                            True)
     damaged = pc.and_(ok, pc.or_(pc.fill_null(bad_name, True), bad_size))
     if not pc.any(damaged).as_py():
         return table
@@ -157,8 +156,13 @@ def _reason(code: int, values: pa.StructArray, k: int) -> str:
     holder = values.field("segmentation") if name == "size" else values
     value = holder.field(name)[k].as_py() if holder[k].is_valid else None
     return text.format(repr(value)[:80])
+
+
 #: The key of a row (``damaged_detections_removed``) that names its damaged detections.
 DAMAGED_KEY = "damaged"
+#: What stands in that list for a damaged detection past the first ``NAMED`` of a chunk: it
+#: is counted, not named (a file of garbage costs no line per detection).
+UNNAMED = ""
 
 
 def _boxes(array: pa.Array) -> np.ndarray:
@@ -307,7 +311,7 @@ def _damaged_parts(parts: list[dict], height: int, width: int, itemsize: int) ->
 def damaged_detections_removed(table: pa.Table, settings: schema.RunSettings) -> tuple[pa.Table, list[list[str]]]:
     """``table`` (rows with ``file_name``, ``width``, ``height``, ``detections``) with every
     damaged detection (``detection_codes``) taken out of its row's list, and per row a line
-    naming each one taken out (most rows: none)."""
+    naming each one taken out (most rows: none; past the first ``NAMED``, ``UNNAMED``)."""
     lists, codes = detection_codes(table, settings)
     lines: list[list[str]] = [[] for _ in range(table.num_rows)]
     damaged = np.flatnonzero(codes)
@@ -318,10 +322,10 @@ def damaged_detections_removed(table: pa.Table, settings: schema.RunSettings) ->
     parents = np.asarray(pc.list_parent_indices(lists).to_numpy(), np.int64)
     names = table.column("file_name")
     values = lists.flatten()
-    for k in damaged:
+    for n, k in enumerate(damaged):
         row = int(parents[k])
-        lines[row].append(f"{names[row].as_py()!r} detection {int(k - starts[row])}: "
-                          + _reason(int(codes[k]), values, int(k)))
+        lines[row].append(UNNAMED if n >= NAMED else f"{names[row].as_py()!r} detection "
+                          f"{int(k - starts[row])}: {_reason(int(codes[k]), values, int(k))}")
     keep = codes == 0
     kept = np.zeros(table.num_rows + 1, np.int64)
     np.add.at(kept, parents[keep] + 1, 1)
