@@ -296,13 +296,13 @@ def test_yolo_leaves_links_it_did_not_make_alone(blob_run, tmp_path):
 def test_yolo_names_and_split_are_stable():
     import pyarrow as pa
 
-    from segpipe.labels.yolo import YoloSplit, dataset_names, label_name
+    from segpipe.labels.yolo import YoloSplit, dataset_names, label_names
 
     names = dataset_names(pa.chunked_array([["a.jpg", "a.png", "images/x.JPG", "b/images/c.webp",
                                              "noext", "d.tar.gz"]])).to_pylist()
     assert names == ["a.jpg.jpg", "a.png.png", "images_/x.JPG", "b/images_/c.webp", "noext.jpg",
                      "d.tar.gz.jpg"]
-    assert [label_name(n) for n in names[:2]] == ["labels/a.jpg.txt", "labels/a.png.txt"]
+    assert label_names(pa.array(names[:2])).to_pylist() == ["labels/a.jpg.txt", "labels/a.png.txt"]
     split = YoloSplit(0.2, seed=1)
     picks = [split.is_val(f"img_{k}.jpg") for k in range(2000)]
     assert 0.17 < sum(picks) / 2000 < 0.23

@@ -151,13 +151,9 @@ def dataset_names(file_names: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pc.if_else(twice, pc.binary_join_element_wise(names, suffixes, ""), names)
 
 
-def label_name(name: str) -> str:
-    """``labels/<stem>.txt`` of the dataset image ``images/<name>``."""
-    return "labels/" + name.rsplit(".", 1)[0] + ".txt"
-
-
 def label_names(names: pa.Array) -> pa.Array:
-    """``label_name`` of each of ``names`` (Arrow: no Python object per image)."""
+    """``labels/<stem>.txt`` of each dataset image ``images/<name>`` (Arrow: no Python
+    object per image)."""
     stems = pc.replace_substring_regex(names, r"\.[^.]*$", "")
     return pc.binary_join_element_wise("labels/", stems, ".txt", "")
 
@@ -236,10 +232,12 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
     keep = _first_of_each_label(names)
     yolo.duplicate_names = int(len(keep) - pc.sum(keep).as_py()) if len(keep) else 0
     stamps = ownership.read_stamps(to)
-    known = stamps.take(pc.index_in(label_names(names), value_set=stamps.column("name")))
-    calls = [(predictions_dir, files, ok.slice(start, PART_IMAGES), names.slice(start, PART_IMAGES),
-              keep.slice(start, PART_IMAGES), options, settings, target,
-              known.slice(start, PART_IMAGES))
+    labels = label_names(names)
+    known = stamps.take(pc.index_in(labels, value_set=stamps.column("name")))
+    entries = pa.table({"name": names, "label": labels, "keep": keep,
+                        "size": known.column("size"), "mtime_ns": known.column("mtime_ns")})
+    calls = [(predictions_dir, files, ok.slice(start, PART_IMAGES), entries.slice(start, PART_IMAGES),
+              options, settings, target)
              for start in range(0, ok.num_rows, PART_IMAGES)]
     fs, root = storage.resolve(target.to)
     written = []
@@ -277,22 +275,22 @@ def _first_of_each_label(names: pa.Array) -> pa.Array:
     return pa.array(keep)
 
 
-def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, names: pa.Array,
-                     keep: pa.Array, options: ExportOptions, settings: schema.RunSettings,
-                     target: YoloTarget, stamps: pa.Table) -> YoloPart:
-    """The label files and image links of ``images`` (``ok_image_table`` rows; ``names``
-    their dataset names, ``keep`` false for those left out), and their list lines. A label
-    file already there is replaced only if ``stamps`` (the stamp segpipe recorded for each
-    image's label file, null where none) shows it unchanged since segpipe wrote it."""
+def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, entries: pa.Table,
+                     options: ExportOptions, settings: schema.RunSettings,
+                     target: YoloTarget) -> YoloPart:
+    """The label files and image links of ``images`` (``ok_image_table`` rows), and their
+    list lines. ``entries`` holds per image its dataset ``name``, its ``label`` file, whether
+    to ``keep`` it (false: its label name is another's) and the ``size`` and ``mtime_ns``
+    segpipe recorded when it last wrote that label file (null: never): a label file already
+    there is replaced only if it still has them."""
     from pycocotools import mask as mask_utils
 
     part = YoloPart()
-    chosen = images.filter(keep)
-    known = stamps.filter(keep)
-    recorded = zip(_strings(known.column("size")), _strings(known.column("mtime_ns")))
-    for (row, kept), name, stamp in zip(selected_images(predictions_dir, files, chosen, options, settings,
-                                                        part.counts),
-                                        _strings(names.filter(keep)), recorded):
+    keep = entries.column("keep")
+    chosen, entries = images.filter(keep), entries.filter(keep)
+    for (row, kept), name, relative, size, mtime_ns in zip(
+            selected_images(predictions_dir, files, chosen, options, settings, part.counts),
+            *(_strings(entries.column(c)) for c in ("name", "label", "size", "mtime_ns"))):
         lines, boxes = [], set()
         for det in kept:
             points = (box_points(det["bbox"], row["width"], row["height"])
@@ -303,10 +301,10 @@ def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, n
             lines.append(label_line(index, points))
             boxes.add((index, *np.round(points.min(0), DIGITS).tolist(), *np.round(points.max(0), DIGITS).tolist()))
         part.yolo.same_box_lines += len(lines) - len(boxes)   # Ultralytics reads one line of each
-        relative = label_name(name)
         label = os.path.join(target.to, relative)
         there = ownership.local_stamp(label)
-        if (there is not None and there != stamp) or not _inside(target.to, posixpath.dirname(label)):
+        if (there is not None and there != (size, mtime_ns)) or \
+                not _inside(target.to, posixpath.dirname(label)):
             part.yolo.left_alone += 1   # not segpipe's as written, or a link: never written over
         else:
             _write_text(label, "".join(line + "\n" for line in lines))
