@@ -85,7 +85,10 @@ class RedactedStream(io.TextIOBase):
         self.stream.flush()
 
     def isatty(self) -> bool:
-        return self.stream.isatty()
+        try:   # a library may ask long after (Ray's colorama, at exit), the stream closed
+            return self.stream.isatty()
+        except ValueError:
+            return False
 
     def fileno(self) -> int:
         return self.stream.fileno()

@@ -210,3 +210,23 @@ def test_malformed_ground_truth_is_one_line_naming_file_and_entry(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(gt) in err and "Traceback" not in err
     assert ground_truth_problem(GOOD_GT) is None
+
+
+@pytest.mark.ray
+def test_render_draws_what_is_intact_and_names_what_is_not(tmp_path, capsys):
+    """A mask of another size than its image failed the whole render (a Ray traceback, no
+    index.html): now the damaged detections are left out and named, the rest drawn."""
+    from PIL import Image
+
+    run = run_with(tmp_path, *TAMPERED)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ["good0.jpg", "good1.jpg", *(name for name, _ in TAMPERED)]:
+        Image.new("RGB", (64, 48)).save(images / name)
+    code = cli.main(["render", str(run), "--images", str(images), "--to", str(tmp_path / "g"),
+                     "--score-threshold", "0.5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "g" / "index.html").exists()
+    assert f"{2 + len(TAMPERED)} images drawn, 0 failed" in out
+    assert f"{len(TAMPERED)} image(s) or detection(s) left out: damaged in predictions/" in out
+    assert "\x1b" not in out
