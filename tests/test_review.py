@@ -123,8 +123,8 @@ def test_review_gallery_shows_the_queue_in_order(review_run, tmp_path):
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (to / "review.jsonl").read_text().splitlines()]
     page = (to / "gallery" / "index.html").read_text()
-    positions = [page.index(f">{r['file_name']} (") for r in records[:3]]
+    positions = [page.index(f">{r['file_name']} · ") for r in records[:3]]
     assert positions == sorted(positions)
-    assert f">{records[3]['file_name']} (" not in page
+    assert f">{records[3]['file_name']} · " not in page
     assert "#1 priority" in page
     assert len(list((to / "gallery" / "images" / "blobs").iterdir())) == 3
