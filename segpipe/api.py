@@ -229,7 +229,7 @@ def segment(ds, config: ConfigLike = None, image_column: str = "image",
     predictor actors, whose pool starts at one actor and grows as work queues."""
     import ray
 
-    from segpipe.cluster.plan import plan_stages
+    from segpipe.cluster.plan import fit_pool_to_unknown_work, plan_stages
     from segpipe.cluster.shape import read_cluster_shape
     from segpipe.commands.segment import images_per_block, predict_and_encode
 
@@ -238,11 +238,8 @@ def segment(ds, config: ConfigLike = None, image_column: str = "image",
     if not ray.is_initialized():
         ray.init()
     # Ray's readers run tasks of one CPU each; decoding joins them (Ray Data fuses the two),
-    # and the plan leaves that CPU free beside the predictors, or the read would never start.
-    # The dataset's size is not known here: a pool of one actor that Ray Data grows never
-    # loads a model for no batch (and Ray warns of a minimum it cannot fill)
-    plan = dataclasses.replace(plan_stages(config, read_cluster_shape(), read_cpus=1.0),
-                               min_actors=1)
+    # and the plan leaves that CPU free beside the predictors, or the read would never start
+    plan = fit_pool_to_unknown_work(plan_stages(config, read_cluster_shape(), read_cpus=1.0))
     decoded = ds.map_batches(_decoded, batch_format="numpy", batch_size=images_per_block(config),
                              fn_kwargs={"image_column": image_column, "config": config,
                                         "root": root},

@@ -104,9 +104,11 @@ def make_checkpoint(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
-    """A local Ray for in-process pipeline runs, started once per test module."""
+    """A local Ray for in-process pipeline runs, started once for the whole run (each start
+    and stop costs about 5 s) and stopped at its end; tests that need a Ray of their own
+    start it in a subprocess (the CLI), which starts its own."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)

@@ -246,6 +246,10 @@ def test_a_small_run_starts_no_actor_it_has_no_batch_for():
     assert (fit_pool_to_work(plan, 9, config).min_actors,
             fit_pool_to_work(plan, 9, config).max_actors) == (2, 3)
     assert fit_pool_to_work(plan, 1000, config) == plan
+    # tar shards, tables, an API dataset: images unknown until read; Ray Data grows the pool
+    from segpipe.cluster.plan import fit_pool_to_unknown_work
+
+    assert (fit_pool_to_unknown_work(plan).min_actors, fit_pool_to_unknown_work(plan).max_actors) == (1, 4)
 
 
 def test_a_ctrl_c_a_library_swallows_is_still_seen():

@@ -197,6 +197,15 @@ def fit_pool_to_work(plan: StagePlan, images: int, config: SegmentConfig) -> Sta
                    max_actors=min(plan.max_actors, batches))
 
 
+def fit_pool_to_unknown_work(plan: StagePlan) -> StagePlan:
+    """``plan`` for work whose images are known only as they are read (tar shards, Parquet
+    tables, a Ray Dataset handed to the API): the pool starts at one actor, which Ray Data
+    grows to the maximum as blocks queue, so that none loads the model for no batch (Ray
+    warns of a minimum it cannot fill: small blocks are bundled, so even the shard count is
+    no floor)."""
+    return replace(plan, min_actors=1)
+
+
 def gpu_encoders(gpus: float, encode_cpus: float, spare_cpus: float) -> int:
     """The most encode actors beside predictors on ``gpus`` GPUs: enough that encoding never
     caps a node below its GPUs' rate, and no more (the CPUs left are decode's).

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import ray
 
 from segpipe import schema
-from segpipe.cluster.plan import DECODE_BATCH, StagePlan, fit_pool_to_work, plan_stages
+from segpipe.cluster.plan import DECODE_BATCH, StagePlan, fit_pool_to_unknown_work, fit_pool_to_work, plan_stages
 from segpipe.cluster.session import ray_session
 from segpipe.cluster.shape import ClusterWatch, read_cluster_shape
 from segpipe.coco.selection import ExportCounts, ExportOptions
@@ -337,6 +337,8 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
             plan = plan_stages(config, shape)
             if todo is not None:   # no more actors than the work has batches for
                 plan = fit_pool_to_work(plan, todo.num_rows, config)
+            else:
+                plan = fit_pool_to_unknown_work(plan)
             for note in plan.notes:
                 log.info("%s", note)
             monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
