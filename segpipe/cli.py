@@ -489,8 +489,11 @@ def _random_weights_warning(random_weights: bool) -> None:
         print(f"segpipe: WARNING: {RANDOM_WEIGHTS_NOTE}")
 
 
-def _print_damaged(prefix: str, images: int, named: list[str]) -> None:
-    """Say which image rows and detections were damaged in predictions/ and left out."""
+def _print_damaged(prefix: str, images: int, named: list[str], detections: int = 0) -> None:
+    """Say how many image rows and ``detections`` were damaged in predictions/ and left out,
+    and name the first of them."""
+    if detections:
+        print(f"{prefix}:   {detections} detection(s) left out: damaged in predictions/")
     if images:
         print(f"{prefix}:   {images} image row(s) damaged in predictions/, left out as errors")
     if named:
@@ -529,9 +532,7 @@ def _review(args: argparse.Namespace) -> int:
               f"{spread['images_over_0.05']} of {summary['images']} images; per image mean "
               f"{spread['mean']}, max {spread['max']}")
     damaged = summary["damaged"]
-    if damaged["detections"]:
-        print(f"segpipe review:   {damaged['detections']} detection(s) left out: damaged in predictions/")
-    _print_damaged("segpipe review", damaged["images"], damaged["named"])
+    _print_damaged("segpipe review", damaged["images"], damaged["named"], damaged["detections"])
     for record in summary["first"][:5]:
         print(f"  #{record['rank']} {record['file_name']} ({record['priority']}): "
               + "; ".join(record["reasons"][:2]))
@@ -566,10 +567,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"segpipe eval: {matching['images_evaluated']} of {matching['ground_truth_images']} "
           f"ground-truth images evaluated, {report['detections']} detections "
           f"(score >= {report['score_threshold']})")
-    if matching["damaged_detections"]:
-        print(f"segpipe eval: {matching['damaged_detections']} detection(s) left out: damaged in "
-              "predictions/")
-        _print_damaged("segpipe eval", 0, matching["damaged"])
+    _print_damaged("segpipe eval", 0, matching["damaged"], matching["damaged_detections"])
     for key in ("not_predicted", "failed", "size_mismatch"):
         if matching[key]:
             print(f"segpipe eval: {len(matching[key])} ground-truth image(s) {key.replace('_', ' ')}:")
@@ -606,8 +604,7 @@ def _render(args: argparse.Namespace) -> int:
     if summary["damaged"]:
         print(f"segpipe render: {len(summary['damaged'])} image(s) or detection(s) left out: "
               "damaged in predictions/")
-        for line in summary["damaged"][:5]:
-            print(f"  {line}")
+        _print_damaged("segpipe render", 0, summary["damaged"][:5])
     if summary["rendered"] == 0:
         print("segpipe render: no image could be drawn (are --images the INPUT the run "
               "segmented?)", file=sys.stderr)
