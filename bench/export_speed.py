@@ -1,13 +1,15 @@
 """Speed and peak memory of ``segpipe export`` on a large synthetic predictions/ folder.
 
     python bench/export_speed.py [--images 10000] [--per-image 100] [--mask-threshold X]
-        [--format coco|label-studio|yolo] [--no-record]
+        [--format coco|label-studio|yolo] [--again] [--no-record]
 
 Writes ``images × per-image`` detections (random boxes on 64×64 images, with soft masks) through
 segpipe's own sink, then times ``run_export`` in a fresh process and reports detections/s and
 that process's peak RSS (VmHWM: its own peak, not one inherited from the parent). With
 ``--mask-threshold`` every mask is re-pasted from its soft mask. ``--format`` times that
 export format instead of COCO (Label Studio: brush masks; YOLO: without image links).
+``--again`` exports a second time into the same folder and reports that export too: every
+file is then replaced, each proven segpipe's first (YOLO: one stamp per label file).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main() -> int:
     parser.add_argument("--format", default="coco", choices=("coco", "label-studio", "yolo"))
     parser.add_argument("--address", default=None,
                         help="Ray to export on (local: start one; its start-up is timed too)")
+    parser.add_argument("--again", action="store_true",
+                        help="export twice into one folder: the second replaces the first's files")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -59,6 +63,10 @@ def main() -> int:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
+        if args.again:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True)
+            result["again"] = json.loads(out.stdout.strip().splitlines()[-1])
         result["format"] = args.format
         result["written_mb"] = round(sum(f.stat().st_size for f in (work / "export").rglob("*")
                                          if f.is_file()) / 2**20, 1)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -112,10 +113,14 @@ def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpo
              "--batch-size", "1"]
     # Two 1-CPU predictors: the 1-CPU head holds one at most, so the second node runs one.
     sizing = ["--actors", "2", "--cpus-per-actor", "1"]
-    submitted = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--", sys.executable, "jobs/segment.py", str(inputs), str(tmp_path / "cluster_out"),
-         *flags, *sizing], capture_output=True, text=True, env=env, timeout=600)
+    for _ in range(30):   # the head's job agent may not be up yet right after `ray start`
+        submitted = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--", sys.executable, "jobs/segment.py", str(inputs), str(tmp_path / "cluster_out"),
+             *flags, *sizing], capture_output=True, text=True, env=env, timeout=600)
+        if "No available agent to submit job" not in submitted.stderr:
+            break
+        time.sleep(2)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
     assert "1 failed" in submitted.stdout
