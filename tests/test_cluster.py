@@ -170,7 +170,7 @@ def test_the_reaper_ends_what_it_watches_when_the_driver_dies_and_nothing_else(t
     driver_code = (
         "import subprocess, sys, time\n"
         "from segpipe.cluster.reaper import watch_local_ray\n"
-        "with watch_local_ray() as watch:\n"
+        f"with watch_local_ray({str(ROOT)!r}) as watch:\n"
         "    ray = subprocess.Popen(['sh', '-c', 'sleep 300 & sleep 300'])\n"
         "    watch.watch([ray.pid])\n"
         "    print(ray.pid, flush=True)\n"

@@ -119,17 +119,19 @@ class LocalRayWatch:
 
 
 @contextlib.contextmanager
-def watch_local_ray() -> Iterator[LocalRayWatch]:
+def watch_local_ray(package_parent: str) -> Iterator[LocalRayWatch]:
     """While the block runs, a reaper process ends the processes it is told to ``watch`` (a
     local Ray of this process's own) should this process die without shutting them down.
-    It is told ``done`` when the block ends, however it ends."""
+    It is told ``done`` when the block ends, however it ends. ``package_parent``: the folder
+    holding the segpipe package the reaper runs from (first on its import path)."""
     if not os.path.isdir("/proc/self"):
         yield LocalRayWatch(None)
         return
+    path = os.pathsep.join([package_parent, *filter(None, [os.environ.get("PYTHONPATH")])])
     reaper = subprocess.Popen([sys.executable, "-m", "segpipe.cluster.reaper"],
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True,
-                              env={**os.environ, "PYTHONPATH": _package_path()})
+                              env={**os.environ, "PYTHONPATH": path})
     watch = LocalRayWatch(reaper)
     try:
         yield watch
@@ -140,13 +142,6 @@ def watch_local_ray() -> Iterator[LocalRayWatch]:
             reaper.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             reaper.wait(timeout=5)
-
-
-def _package_path() -> str:
-    """The import path with the folder holding this segpipe first (the reaper imports it)."""
-    from segpipe.cluster.session import package_parent
-
-    return os.pathsep.join([package_parent(), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
         finally:
             ray.shutdown()
         return
-    with watch_local_ray() as watch:   # its processes end even if this one is SIGKILLed
+    with watch_local_ray(package_parent()) as watch:   # its processes end even if this one is SIGKILLed
         ray.init(address="local", include_dashboard=False, log_to_driver=True,
                  job_config=job_config)
         try:
