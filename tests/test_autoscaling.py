@@ -23,7 +23,7 @@ import yaml
 from images import write_photos
 from segpipe.io.run_folder import prediction_files
 from test_cli import run_cli, small_flags
-from test_cluster import free_port, own_ray_processes, ray_cli, stop_processes
+from test_cluster import agent_ports, free_port, own_ray_processes, ray_cli, stop_processes
 
 TESTS = Path(__file__).resolve().parent
 
@@ -76,7 +76,7 @@ def autoscaling_cluster():
                        f"--num-cpus={HEAD_CPUS}", "--include-dashboard=false",
                        f"--ray-client-server-port={client}", f"--autoscaling-config={config}",
                        "--object-store-memory=300000000", "--disable-usage-stats",
-                       f"--temp-dir={temp}", env=env)
+                       f"--temp-dir={temp}", *agent_ports(), env=env)
         assert head.returncode == 0, head.stderr[-2000:]
         yield f"127.0.0.1:{port}", env
     finally:

@@ -32,6 +32,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_ports() -> list[str]:
+    """``ray start`` flags giving a node's agents ports of their own: by default every node on
+    a machine takes the same ones (the dashboard agent 52365), so a node started beside
+    another Ray (the suite's own local Ray, a user's) would have no agent, and no job could
+    be submitted to it."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
 def ray_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -86,11 +95,12 @@ def cluster():
                        "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                        f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
                        "--object-store-memory=300000000", "--disable-usage-stats",
-                       f"--temp-dir={temp}", env=env)
+                       f"--temp-dir={temp}", *agent_ports(), env=env)
         assert head.returncode == 0, head.stderr[-2000:]
         worker = ray_cli("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                          "--num-cpus=2", '--resources={"second_node": 1}',
-                         "--object-store-memory=300000000", f"--temp-dir={temp}", env=env)
+                         "--object-store-memory=300000000", f"--temp-dir={temp}", *agent_ports(),
+                         env=env)
         assert worker.returncode == 0, worker.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
@@ -113,14 +123,14 @@ def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpo
              "--batch-size", "1"]
     # Two 1-CPU predictors: the 1-CPU head holds one at most, so the second node runs one.
     sizing = ["--actors", "2", "--cpus-per-actor", "1"]
-    for _ in range(30):   # the head's job agent may not be up yet right after `ray start`
+    for _ in range(10):   # the head's job agent may not be up yet right after `ray start`
         submitted = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
              "--", sys.executable, "jobs/segment.py", str(inputs), str(tmp_path / "cluster_out"),
              *flags, *sizing], capture_output=True, text=True, env=env, timeout=600)
         if "No available agent to submit job" not in submitted.stderr:
             break
-        time.sleep(2)
+        time.sleep(1)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
     assert "1 failed" in submitted.stdout
