@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TIMED = """
 import json, sys, time
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.coco.writer import export_coco
-from segpipe.io.run_folder import read_run_settings
+from segpipe.output.run_folder import read_run_settings
 predictions, to, way, shard_images, cpus = sys.argv[1:6]
 settings = read_run_settings(predictions)
 options = ExportOptions(score_threshold=0.0)

@@ -35,8 +35,9 @@ STEPS = """
 import json, resource, sys, time
 from segpipe.commands import report
 from segpipe.commands.segment import remaining
-from segpipe.io import run_folder, sources
-from segpipe.io.predictions import read_image_table
+from segpipe.io import sources
+from segpipe.output import run_folder
+from segpipe.output.predictions import read_image_table
 
 folder, predictions = sys.argv[1:3]
 figures = {}
@@ -64,8 +65,9 @@ def make_inputs(work: Path, count: int) -> tuple[Path, Path]:
     import pyarrow as pa
 
     from segpipe import schema
-    from segpipe.io import ownership, run_folder
-    from segpipe.io.sinks import write_prediction_file
+    from segpipe.io import ownership
+    from segpipe.output import run_folder
+    from segpipe.output.sinks import write_prediction_file
     from segpipe.io.sources import image_id_for
     from tests.synthetic import SETTINGS
 

@@ -43,7 +43,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     from segpipe.encode.encoder import encode_detections
-    from segpipe.encode.detections import ImageDetections
+    from segpipe.model.detections import ImageDetections
     from synthetic import blob_detections
 
     images = []

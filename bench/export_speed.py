@@ -49,7 +49,7 @@ def main() -> int:
     total = large_predictions(work, args.images, args.per_image)
     print(f"wrote {total} detections in {time.time() - start:.0f} s", flush=True)
     image_root = "https://host/images/" if args.format == "label-studio" else None
-    code = ("import json, re; from segpipe.coco.selection import ExportOptions; "
+    code = ("import json, re; from segpipe.annotations.selection import ExportOptions; "
             "from segpipe.commands.export import ExportFormat, run_export; "
             f"s = run_export({str(work)!r}, {str(work / 'export')!r}, ExportOptions("
             f"score_threshold=0.05, mask_threshold={args.mask_threshold!r}), address={args.address!r}, "

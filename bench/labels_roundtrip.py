@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from synthetic import blob_rows, write_predictions
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import ExportFormat, run_export
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from segpipe import schema
-from segpipe.encode.detections import ImageDetections, pack_detections
+from segpipe.model.detections import ImageDetections, pack_detections
 
 LABEL = "replayed detections"
 

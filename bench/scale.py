@@ -96,7 +96,7 @@ def main() -> int:
 
     from segpipe.config import SegmentConfig
     from segpipe.commands.segment import run_segment
-    from segpipe.io.run_folder import prediction_files
+    from segpipe.output.run_folder import prediction_files
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-scale-"))
     start = time.time()
@@ -213,11 +213,12 @@ def replay_child(work: Path, args) -> dict:
     import ray
 
     from bench import replay
+    from segpipe import pipeline
     from segpipe.commands import segment
 
     replay.ReplayedDetections.recorded = pickle.loads((work / "recorded.pkl").read_bytes())
     ray.cloudpickle.register_pickle_by_value(replay)
-    segment.PredictStage = replay.ReplayedDetections   # the instrument, in this process only
+    pipeline.PredictStage = replay.ReplayedDetections   # the instrument, in this process only
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     spilled = [0.0]
     done = threading.Event()
@@ -262,7 +263,7 @@ def replay_main() -> int:
     import pyarrow.parquet as pq
 
     from bench.replay import LABEL, record_detections
-    from segpipe.io.run_folder import prediction_files
+    from segpipe.output.run_folder import prediction_files
 
     work = args.work or Path(tempfile.mkdtemp(prefix="segpipe-scale-"))
     start = time.time()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from segpipe.version import __version__
 
 #: The public API: name -> the module that defines it.
 _PUBLIC = {
@@ -24,7 +24,7 @@ _PUBLIC = {
     "review_queue": "segpipe.api",
     "SegmentConfig": "segpipe.config", "ConfigError": "segpipe.config",
     "load_config": "segpipe.config",
-    "ExportCounts": "segpipe.coco.selection",
+    "ExportCounts": "segpipe.annotations.selection",
     "run_segment": "segpipe.commands.segment", "RunReport": "segpipe.commands.report",
     "PREDICTION_SCHEMA": "segpipe.schema",
 }
@@ -32,6 +32,7 @@ _PUBLIC = {
 __all__ = ["__version__", *_PUBLIC]
 
 if TYPE_CHECKING:
+    from segpipe.annotations.selection import ExportCounts
     from segpipe.api import (
         ExportResult,
         LabelsResult,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
         to_coco,
         write_predictions,
     )
-    from segpipe.coco.selection import ExportCounts
     from segpipe.commands.report import RunReport
     from segpipe.commands.segment import run_segment
     from segpipe.config import ConfigError, SegmentConfig, load_config

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from segpipe import schema
-from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, check_keys, validate
 from segpipe.io.decode import decode_batch, pixel_column
 from segpipe.model.spec import ModelSpec, TileSettings
@@ -209,7 +209,7 @@ def _image_bytes(value: Any) -> Optional[bytes]:
 
 def _decoded(batch: Mapping[str, np.ndarray], image_column: str, config: SegmentConfig,
              root: Optional[str] = None) -> pa.Table:
-    from segpipe.commands.segment import decode_limits
+    from segpipe.pipeline import decode_limits
 
     rows = source_rows(batch, image_column, root)
     if schema.PIXELS in rows.column_names:
@@ -231,7 +231,7 @@ def segment(ds, config: ConfigLike = None, image_column: str = "image",
 
     from segpipe.cluster.plan import fit_pool_to_unknown_work, plan_stages
     from segpipe.cluster.shape import read_cluster_shape
-    from segpipe.commands.segment import images_per_block, predict_and_encode
+    from segpipe.pipeline import images_per_block, predict_and_encode
 
     config = as_config(config, **overrides)
     weights = _resolve(config)
@@ -325,8 +325,9 @@ def write_predictions(ds, output: str, config: ConfigLike = None, rows_per_file:
     hold: a folder holding an earlier run is refused unless ``overwrite=True``."""
     import posixpath
 
-    from segpipe.commands.segment import run_settings
-    from segpipe.io import lease, ownership, run_folder, sinks, storage
+    from segpipe.io import lease, ownership, storage
+    from segpipe.output import run_folder, sinks
+    from segpipe.pipeline import run_settings
 
     config = as_config(config, **overrides)
     output = storage.absolute(output)

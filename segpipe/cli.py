@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from segpipe import console
+from segpipe.annotations.formats import FORMATS
 from segpipe.config import (
     ARCHITECTURES,
     DEFAULT_COCO_SHARD_IMAGES,
@@ -24,8 +25,8 @@ from segpipe.config import (
     config_fields,
     load_config,
 )
-from segpipe.io.run_folder import prediction_files, predictions_dir
 from segpipe.io.storage import redact
+from segpipe.output.run_folder import prediction_files, predictions_dir
 
 DESCRIPTION = """\
 Segment large image datasets with torchvision's Mask R-CNN (or box-only Faster R-CNN) on a
@@ -154,7 +155,7 @@ def build_parser() -> SegpipeParser:
     export.add_argument("output", metavar="OUTPUT", help="the OUTPUT folder of a segment run")
     export.add_argument("--to", required=True, metavar="DIR",
                         help="folder to write the files (and export.json) to")
-    export.add_argument("--format", choices=("coco", "label-studio", "yolo"), default="coco",
+    export.add_argument("--format", choices=tuple(FORMATS), default="coco",
                         help="coco: COCO instances and results files; label-studio: tasks with "
                              "pre-annotations (brush masks, exact; --polygons: polygon regions) "
                              "and the labelling config; yolo: an Ultralytics segmentation "
@@ -360,7 +361,7 @@ def _segment(args: argparse.Namespace) -> int:
 def _coco_written(output: str) -> str:
     """What coco/ holds, in words: its two files, or how many shards."""
     from segpipe.coco.shards import read_index
-    from segpipe.io.run_folder import coco_dir
+    from segpipe.output.run_folder import coco_dir
 
     shards = (read_index(coco_dir(output)) or {"shards": [None]})["shards"]
     if len(shards) == 1:
@@ -408,7 +409,8 @@ def _failed(config, log, exc: Exception) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from segpipe.coco.selection import ExportOptions
+    from segpipe.annotations.formats import writer
+    from segpipe.annotations.selection import ExportOptions
     from segpipe.commands.export import ExportFormat, check_export, check_export_target, run_export
 
     try:
@@ -440,7 +442,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         summary = run_export(args.output, args.to, options, args.progress, checked=checked,
                              shard_images=args.coco_shard_images, export_format=export_format)
-    from segpipe.coco.selection import ExportCounts
+    from segpipe.annotations.selection import ExportCounts
 
     c = summary["counts"]
     counts = ExportCounts(**c)
@@ -454,28 +456,8 @@ def _export(args: argparse.Namespace) -> int:
     if counts.masks_with_holes:
         print(f"segpipe export:   {counts.masks_with_holes} masks have holes: their polygons "
               "reach each hole along a zero-width cut (keyhole polygons), which keeps the holes")
-    if args.format == "label-studio":
-        print(f"segpipe export:   tasks: {', '.join(summary['task_files'])}; paste "
-              f"{args.to.rstrip('/')}/label_config.xml into the project's Labeling Interface")
-    if args.format == "yolo":
-        print(f"segpipe export:   {summary['train']} train and {summary['val']} val images, "
-              f"{len(summary['classes'])} classes; train with data={args.to.rstrip('/')}/data.yaml")
-        if not args.image_root:
-            print("segpipe export:   no --image-root: put (or link) each image at "
-                  "DIR/images/<name> as train.txt and val.txt list them")
-        if summary["missing_images"]:
-            print(f"segpipe export:   {summary['missing_images']} image(s) not found under "
-                  f"{args.image_root}: not linked (is it the folder the run read?)")
-        if summary["left_alone"]:
-            print(f"segpipe export:   {summary['left_alone']} label file(s) or image link(s) not "
-                  "written: another file or link is there, or a folder on the way links out of "
-                  "DIR (segpipe replaces only what it wrote)")
-        if summary["same_box_lines"]:
-            print(f"segpipe export:   {summary['same_box_lines']} label line(s) repeat another "
-                  "detection's class and box (tiny masks): Ultralytics reads one of each")
-        if summary["duplicate_names"]:
-            print(f"segpipe export:   {summary['duplicate_names']} image(s) left out: their label "
-                  "file name is another image's")
+    for note in writer(args.format).notes(summary, args.to):
+        print(f"segpipe export:   {note}")
     for name, n in sorted(c["per_category"].items(), key=lambda kv: (-kv[1], kv[0]))[:10]:
         print(f"  {n:>8}  {name}")
     return 0
@@ -587,7 +569,6 @@ def _render(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error(exc)
 
-    from segpipe import console
     from segpipe.commands.render import run_render
 
     log = console.RunLog(args.to, "render")

@@ -27,8 +27,8 @@ from typing import Iterator, TextIO
 import pyarrow.fs as pafs
 
 from segpipe.io import storage
-from segpipe.io.run_folder import LOGS_DIR
 from segpipe.names import printable
+from segpipe.output.run_folder import LOGS_DIR
 
 #: Things Ray logs that change what a user should do, and what segpipe says about them.
 TRANSLATIONS: tuple[tuple[re.Pattern, str], ...] = (

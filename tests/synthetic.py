@@ -11,11 +11,12 @@ from pycocotools import mask as mask_utils
 from segpipe import schema
 from segpipe.model.spec import ModelSpec
 from segpipe.model.categories import COCO_TABLE
-from segpipe.io.run_folder import predictions_dir
-from segpipe.io.sinks import write_prediction_file
+from segpipe.output.run_folder import predictions_dir
+from segpipe.output.sinks import write_prediction_file
 from segpipe.io.sources import image_id_for
+from segpipe.model.settings import RunSettings
 
-SETTINGS = schema.RunSettings(
+SETTINGS = RunSettings(
     model=ModelSpec(arch="maskrcnn_resnet50_fpn", min_size=800, max_size=1333, score_floor=0.05,
                     nms_threshold=0.5, detections_per_image=100, proposals_per_image=1000),
     weights_sha256="0" * 64, mask_threshold=0.5, soft_masks=True)
@@ -42,7 +43,7 @@ def image_row(file_name: str, width: int, height: int, detections: list[dict]) -
 
 
 def write_predictions(output: Path, rows: list[dict], rows_per_file: int = 1000,
-                      settings: schema.RunSettings = SETTINGS) -> None:
+                      settings: RunSettings = SETTINGS) -> None:
     directory = predictions_dir(str(output))
     for start in range(0, len(rows), rows_per_file):
         table = pa.Table.from_pylist(rows[start:start + rows_per_file],
@@ -108,7 +109,7 @@ def blob_rows(images: int, per_image: int, height: int, width: int, seed: int = 
               smallest: int = 16, largest: int = 120) -> list[dict]:
     """Rows of trained-like detections (``blob_detections``) encoded as the run's encode
     stage encodes them: masks pasted and binarised at 0.5, soft masks stored."""
-    from segpipe.encode.detections import ImageDetections
+    from segpipe.model.detections import ImageDetections
     from segpipe.encode.encoder import encode_detections
 
     rng = np.random.default_rng(seed)
@@ -139,7 +140,7 @@ def simulated_review_set(images: int, height: int = 96, width: int = 128, seed: 
     is drawn higher); a quarter of the images get a low-scored false positive. A plumbing
     check of the review signals against errors, not a claim about real models."""
     from segpipe.encode.encoder import encode_masks
-    from segpipe.encode.detections import ImageDetections
+    from segpipe.model.detections import ImageDetections
     from segpipe.encode.encoder import encode_detections
 
     rng = np.random.default_rng(seed)

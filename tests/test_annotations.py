@@ -15,10 +15,11 @@ from conftest import small_config
 from images import write_photos
 from segpipe.config import ConfigError
 from segpipe.commands.evaluate import run_eval
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import run_export
 from segpipe.commands.segment import run_segment
-from segpipe.schema import IMAGE_IDS_BEFORE, RunSettings
+from segpipe.model.settings import RunSettings
+from segpipe.schema import IMAGE_IDS_BEFORE
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 from test_polygons import rasterise
 

@@ -16,7 +16,7 @@ from conftest import SMALL, small_config
 from images import write_photos
 
 import segpipe
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from segpipe.io.sources import image_id_for
 
 ROOT = Path(__file__).resolve().parent.parent

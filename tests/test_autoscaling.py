@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from images import write_photos
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from test_cli import run_cli, small_flags
 from test_cluster import agent_ports, free_port, own_ray_processes, ray_cli, stop_processes
 

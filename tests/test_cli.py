@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SMALL, serve_folder, served_checkpoint
 from images import AWKWARD_EXPECTED, write_awkward_inputs, write_photos
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
 

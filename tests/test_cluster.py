@@ -19,7 +19,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from images import write_photos
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from test_cli import run_cli, small_flags
 
 BIN = Path(sys.executable).parent

@@ -18,7 +18,7 @@ from images import write_photos
 from parity import compare_with_torchvision
 from segpipe.model.categories import CategoryError, parse_categories
 from segpipe.commands.evaluate import run_eval
-from segpipe.io.run_folder import predictions_dir, prediction_files, read_run_settings
+from segpipe.output.run_folder import predictions_dir, prediction_files, read_run_settings
 from segpipe.model.build import build_model
 from segpipe.commands.segment import run_segment
 from segpipe.commands.render import RenderRequest, run_render

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.coco.writer import export_coco
 from synthetic import SETTINGS, blob_rows, write_predictions
 

@@ -15,7 +15,7 @@ from segpipe.model.categories import COCO_CATEGORIES
 from segpipe.config import ConfigError
 from segpipe.coco.evaluate import STAT_NAMES
 from segpipe.commands.evaluate import run_eval
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import run_export
 from segpipe.commands.segment import run_segment
 from synthetic import box_detection, image_row, write_predictions

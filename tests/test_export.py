@@ -18,9 +18,9 @@ from conftest import small_config
 from images import write_photos
 from segpipe.model.categories import COCO_TABLE
 from segpipe.config import ConfigError
-from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.commands.export import run_export
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from segpipe.commands.segment import run_segment
 from synthetic import large_predictions
 
@@ -166,7 +166,7 @@ def test_export_memory_stays_flat_as_detections_grow(tmp_path):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
         # VmHWM is this process's own peak; ru_maxrss would carry pytest's over fork + exec.
-        code = ("import re; from segpipe.coco.selection import ExportOptions; "
+        code = ("import re; from segpipe.annotations.selection import ExportOptions; "
                 "from segpipe.commands.export import run_export; "
                 f"s = run_export({str(output)!r}, {str(output.parent / (output.name + '-coco'))!r}, "
                 "ExportOptions(score_threshold=0.3)); "
@@ -208,7 +208,7 @@ def test_export_keeps_no_python_object_per_detection(tmp_path):
     for images in (400, 3200):
         output = tmp_path / f"p{images}"
         large_predictions(output, images, per_image=50, rows_per_file=200)
-        code = ("import tracemalloc; from segpipe.coco.selection import ExportOptions; "
+        code = ("import tracemalloc; from segpipe.annotations.selection import ExportOptions; "
                 "from segpipe.commands.export import run_export; "
                 "tracemalloc.start(); "
                 f"s = run_export({str(output)!r}, {str(output.parent / (output.name + '-coco'))!r}, "

@@ -11,7 +11,7 @@ import yaml
 
 from segpipe import cli
 from segpipe.api import file_names, python_terms
-from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.commands.export import ExportFormat, run_export
 from segpipe.commands.render import draw_detections, gallery_html
 from segpipe.commands.report import Accounting, RunReport

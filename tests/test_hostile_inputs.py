@@ -14,7 +14,7 @@ import pytest
 from conftest import small_config
 from images import write_photos
 from segpipe.io import ownership, sources
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from segpipe.commands.segment import run_segment
 from segpipe.commands.render import RenderRequest, run_render
 from segpipe.io.sources import safe_file_name

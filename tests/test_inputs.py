@@ -14,7 +14,7 @@ from conftest import small_config
 from images import write_photos
 from segpipe.config import ConfigError
 from segpipe.commands.segment import run_segment
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 
 
 def rows(out) -> dict[str, dict]:

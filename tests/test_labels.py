@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from synthetic import SETTINGS, blob_rows, box_detection, image_row, write_predictions
 from test_cli import run_cli
 
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import ExportFormat, run_export
 from segpipe.labels.brush import brush_rle
 
@@ -354,7 +354,7 @@ def test_ray_tasks_write_the_same_label_files_as_one_process(blob_run, tmp_path,
     those this process writes."""
     import segpipe.labels.label_studio as label_studio
     import segpipe.labels.yolo as yolo
-    from segpipe.io.run_folder import predictions_dir, read_run_settings
+    from segpipe.output.run_folder import predictions_dir, read_run_settings
 
     monkeypatch.setattr(label_studio, "TASKS_PER_FILE", 5)
     monkeypatch.setattr(yolo, "PART_IMAGES", 5)

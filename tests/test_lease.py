@@ -19,10 +19,10 @@ import pytest
 from images import write_photos
 from synthetic import SETTINGS, image_row
 from segpipe.io import lease as lease_module
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from segpipe.io.lease import LEASE_NAME, LeaseHeld, LeaseLost, acquire, check_free, check_holder
 from segpipe import schema
-from segpipe.io.sinks import write_prediction_file
+from segpipe.output.sinks import write_prediction_file
 from test_cli import small_flags
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")

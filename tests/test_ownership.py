@@ -17,13 +17,13 @@ from images import write_photos
 from PIL import Image
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import check_export_target, run_export
 from segpipe.commands.render import RenderRequest, _draw, check_render
 from segpipe.commands.segment import prepare_output
 from segpipe.config import ConfigError
 from segpipe.io import ownership, sources, storage
-from segpipe.io.run_folder import check_output, predictions_dir
+from segpipe.output.run_folder import check_output, predictions_dir
 
 
 def a_run(output: Path) -> Path:

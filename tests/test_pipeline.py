@@ -19,7 +19,7 @@ from images import photo, write_photos
 from parity import compare_with_torchvision, get_prediction
 from segpipe import schema
 from segpipe.model.categories import COCO_TABLE
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from segpipe.model.build import build_model
 from segpipe.commands.segment import run_segment
 
@@ -147,7 +147,7 @@ def test_a_tiled_run_keeps_one_row_per_image_and_re_exports_from_its_parts(tmp_p
     pass), one that fits a tile (whole), one that does not decode; one row each. The tiled
     image's detections keep their parts, and re-pasting them gives back the stored masks."""
     from segpipe.encode.encoder import rethreshold
-    from segpipe.coco.selection import ExportOptions
+    from segpipe.annotations.selection import ExportOptions
     from segpipe.commands.export import run_export
 
     images = tmp_path / "images"

@@ -9,7 +9,7 @@ from segpipe.io import sources
 from segpipe.cluster.shape import ClusterShape
 from segpipe.config import ConfigError
 from segpipe.cluster.plan import CPU_ACTOR_MEMORY, plan_stages
-from segpipe.commands.segment import build_dataset
+from segpipe.pipeline import build_dataset
 
 GIB = 1 << 30
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from segpipe.encode.encoder import encode_masks
-from segpipe.coco.polygons import keyhole_ring, mask_polygons
+from segpipe.annotations.polygons import keyhole_ring, mask_polygons
 
 
 def rle_of(mask: np.ndarray) -> dict:

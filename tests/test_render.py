@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from conftest import small_config
 from images import write_photos
 from segpipe.model.categories import COCO_TABLE
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 from segpipe.commands.segment import run_segment
 from segpipe.commands.render import RenderRequest, rendered_names, run_render
 from test_cli import run_cli

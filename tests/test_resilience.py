@@ -24,11 +24,12 @@ from segpipe import schema
 from segpipe.model.build import resolve_weights
 from segpipe.commands.segment import run_segment
 from segpipe.model.stage import PredictStage
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import run_export
-from segpipe.io.run_folder import prediction_files
-from segpipe.io.sinks import write_prediction_file
+from segpipe.output.run_folder import prediction_files
+from segpipe.output.sinks import write_prediction_file
 from segpipe.io.sources import list_images
+from segpipe.model.settings import RunSettings
 from test_cli import run_cli, small_flags
 
 SEGPIPE = str(Path(sys.executable).parent / "segpipe")
@@ -108,7 +109,7 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
     again = tmp_path / "again"
     write_prediction_file(rows.take(np.arange(rows.num_rows)[::-1]),
                           str(again / "predictions"),
-                          schema.RunSettings.from_metadata(pq.read_schema(
+                          RunSettings.from_metadata(pq.read_schema(
                               prediction_files(str(out / "predictions"))[0]).metadata))
     options = ExportOptions(score_threshold=0.5)
     run_export(str(again), str(tmp_path / "coco"), options, shard_images=6)

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from segpipe import progress
 from segpipe.config import SegmentConfig
 from segpipe.commands.segment import run_segment
-from segpipe.io.run_folder import prediction_files
+from segpipe.output.run_folder import prediction_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from scale import make_images  # noqa: E402

@@ -18,7 +18,7 @@ from segpipe.model.categories import (
 )
 from segpipe.config import ConfigError
 from segpipe.coco.evaluate import crowd_regions, match_categories, match_images
-from segpipe.coco.selection import (
+from segpipe.annotations.selection import (
     ExportCounts,
     ExportOptions,
     box_area,
@@ -26,7 +26,7 @@ from segpipe.coco.selection import (
     select_detections,
 )
 from segpipe.coco.writer import coco_result
-from segpipe.schema import RunSettings
+from segpipe.model.settings import RunSettings
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 
 H = W = 50
@@ -351,7 +351,8 @@ def test_runs_stored_with_uint8_soft_masks_still_export_at_a_new_threshold(tmp_p
 
     from segpipe.encode.encoder import dequantise_soft_masks, encode_masks, quantise_soft_masks
     from segpipe.commands.export import run_export
-    from segpipe.schema import RUN_SETTINGS_KEY, RunSettings
+    from segpipe.model.settings import RunSettings
+    from segpipe.schema import RUN_SETTINGS_KEY
     from synthetic import blob_detections
 
     soft, boxes = blob_detections(6, H, W, seed=4, smallest=4, largest=20)

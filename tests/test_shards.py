@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.coco.shards import instances_files, load_instances, read_index
 from segpipe.coco.writer import export_coco
 from segpipe.commands.export import check_export, check_export_target, run_export
 from segpipe.config import ConfigError
-from segpipe.io.run_folder import predictions_dir
+from segpipe.output.run_folder import predictions_dir
 from synthetic import SETTINGS, box_detection, image_row, write_predictions
 from test_cli import run_cli
 

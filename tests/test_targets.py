@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from segpipe import cli
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import ExportFormat, run_export
 from segpipe.config import ConfigError
 from segpipe.io import lease, ownership

@@ -14,11 +14,11 @@ from conftest import CHECKPOINT_SEED, small_spec
 from images import photo
 from synthetic import blob_detections
 from segpipe.config import ConfigError, SegmentConfig, tile_overlap_pixels, validate
-from segpipe.encode.detections import ImageDetections
+from segpipe.model.detections import ImageDetections
 from segpipe.encode.encoder import encode_detections, rethreshold
 from segpipe.model.build import build_model
 from segpipe.model.stage import PredictStage
-from segpipe.schema import RunSettings
+from segpipe.model.settings import RunSettings
 from segpipe.model.tiles import (
     TileSettings,
     View,

@@ -18,9 +18,9 @@ from pycocotools import mask as mask_utils
 
 from segpipe import cli
 from segpipe.coco.ground_truth import ground_truth_problem
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import ExportFormat, run_export
-from segpipe.io.damage import rle_ones
+from segpipe.output.damage import rle_ones
 from synthetic import box_detection, image_row, write_predictions
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from segpipe import cli
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import ExportFormat, run_export
 from segpipe.model.categories import Category, CategoryTable
 from synthetic import SETTINGS, box_detection, image_row, write_predictions

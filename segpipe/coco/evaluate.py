@@ -12,11 +12,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segpipe import schema
-from segpipe.coco.selection import ExportCounts, ExportOptions, select_detections
+from segpipe.annotations.selection import ExportCounts, ExportOptions, select_detections
 from segpipe.coco.writer import coco_result
 from segpipe.config import ConfigError
-from segpipe.io.predictions import iter_ok_rows, read_image_table
 from segpipe.model.categories import CategoryTable
+from segpipe.model.settings import RunSettings
+from segpipe.output.predictions import iter_ok_rows, read_image_table
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 IOU_TYPES = ("segm", "bbox")
@@ -92,7 +93,7 @@ def match_images(gt_images: list[dict], predictions_dir: str) -> ImageMatch:
 
 
 def collect_results(predictions_dir: str, images: ImageMatch, categories: CategoryMatch,
-                    score_threshold: float, settings: schema.RunSettings,
+                    score_threshold: float, settings: RunSettings,
                     counts: Optional[ExportCounts] = None) -> list[dict]:
     """COCO results for the matched images, with ground-truth image and category ids.
 
@@ -131,7 +132,7 @@ def evaluate(gt: COCO, results: list[dict], image_ids: list[int], iou_type: str)
     return stats, "\n".join(l for l in table.getvalue().splitlines() if "Average" in l) + "\n"
 
 
-def own_export(gt_json: dict, settings: schema.RunSettings) -> Optional[str]:
+def own_export(gt_json: dict, settings: RunSettings) -> Optional[str]:
     """What to tell a user evaluating a run against segpipe's own COCO export of the same
     weights (``None`` when the ground truth is something else)."""
     info = gt_json.get("info")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from segpipe.coco.shards import load_instances
 from segpipe.config import MAX_PIXEL_LIMIT, ConfigError
-from segpipe.io.damage import rle_ones
+from segpipe.output.damage import rle_ones
 
 
 def load_ground_truth(path: str) -> dict[str, Any]:

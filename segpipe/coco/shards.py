@@ -20,7 +20,6 @@ A run of at most ``shard_images`` images (or ``shard_images`` 0) keeps the singl
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,11 +27,10 @@ import pyarrow as pa
 
 from segpipe.config import ConfigError
 from segpipe.io import storage
+from segpipe.output.run_folder import COCO_NAME
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "segpipe-coco-shards"
-#: Every name a COCO export writes in its folder (``ownership`` checks them before replacing).
-COCO_NAME = re.compile(r"(?:(?:instances|results)(?:-\d{5,}-of-\d{5,})?|index)\.json")
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,19 @@ depends on time, the order of prediction files or the number of writers.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import IO, Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segpipe import __version__, schema
-from segpipe.coco.fanout import run_calls
-from segpipe.coco.selection import (
+from segpipe import schema
+from segpipe.annotations.fanout import run_calls
+from segpipe.annotations.formats import ExportFormat
+from segpipe.annotations.jsonstream import ENCODER, JsonArrayWriter, dumps
+from segpipe.annotations.selection import (
     ExportCounts,
     ExportOptions,
     image_counts,
@@ -37,63 +38,24 @@ from segpipe.coco.selection import (
     select_detections,
 )
 from segpipe.coco.shards import (
-    COCO_NAME,
     INDEX_NAME,
     Shard,
     index_entry,
     make_index,
     plan_shards,
+    read_index,
 )
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES
 from segpipe.io import ownership, storage
-from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
-from segpipe.io.run_folder import prediction_files
+from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
+from segpipe.output.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
+from segpipe.output.run_folder import COCO_FILES, COCO_NAME, prediction_files
 from segpipe.progress import Progress
+from segpipe.version import __version__
 
 
-class JsonArrayWriter:
-    """Write the items of one JSON array to a stream as they come, a few at a time (``flush``
-    writes what is held: the caller flushes before the array's end)."""
-
-    #: Items held before they are written whatever the caller does.
-    HOLD = 1000
-
-    def __init__(self, stream: IO[bytes]):
-        self.stream = stream
-        self.count = 0
-        self._held: list[bytes] = []
-
-    def write(self, item: Any) -> None:
-        self.write_encoded(_ENCODER.encode(item).encode("utf-8"))
-
-    def write_json(self, text: str) -> None:
-        """Write one item given as JSON text."""
-        self.write_encoded(text.encode("utf-8"))
-
-    def write_encoded(self, item: bytes) -> None:
-        """Write one item given as UTF-8 JSON."""
-        self._held.append(item)
-        self.count += 1
-        if len(self._held) >= self.HOLD:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._held:
-            first = self.count == len(self._held)
-            self.stream.write((b"\n" if first else b",\n") + b",\n".join(self._held))
-            self._held = []
-
-
-#: One encoder for every item (``json.dumps`` with options builds a new one per call).
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def _dumps(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode("utf-8")
-
-
-def coco_info(settings: schema.RunSettings, options: ExportOptions) -> dict:
+def coco_info(settings: RunSettings, options: ExportOptions) -> dict:
     """The ``info`` of a COCO file: what made it and at which thresholds; no time (the same
     predictions give the same bytes; ``run.json`` and ``export.json`` say when)."""
     random = {"random_weights": True} if settings.random_weights else {}
@@ -133,7 +95,7 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def write_shard_entries(predictions_dir: str, files: list[str], shard: Shard,
-                        options: ExportOptions, settings: schema.RunSettings,
+                        options: ExportOptions, settings: RunSettings,
                         coco_dir: str) -> ShardEntries:
     """Step 1 for ``shard``: its results file, and its annotations in a temporary file."""
     fs, root = storage.resolve(coco_dir)
@@ -210,7 +172,7 @@ def _lines(stream, block: int = 1 << 18) -> Iterator[bytes]:
 
 
 def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
-                settings: schema.RunSettings, images: Optional[pa.Table] = None,
+                settings: RunSettings, images: Optional[pa.Table] = None,
                 files: Optional[list[str]] = None, show_progress: bool = False,
                 parallel: bool = False,
                 shard_images: int = DEFAULT_COCO_SHARD_IMAGES) -> ExportCounts:
@@ -235,8 +197,8 @@ def export_coco(predictions_dir: str, coco_dir: str, options: ExportOptions,
     fs.create_dir(root, recursive=True)
     ownership.remove(coco_dir, ownership.stale_temporaries(coco_dir, [COCO_NAME]))
     ownership.remove_recorded(coco_dir, [INDEX_NAME])   # until every shard is written again
-    header = (b'{"info":' + storage.redact(_dumps(coco_info(settings, options)).decode()).encode()
-              + b',"licenses":[],"categories":' + _dumps(settings.categories.coco_json()))
+    header = (b'{"info":' + storage.redact(dumps(coco_info(settings, options)).decode()).encode()
+              + b',"licenses":[],"categories":' + dumps(settings.categories.coco_json()))
     def run(function: Callable, calls: list[tuple]) -> Iterator[Any]:
         return run_calls(function, calls, parallel)
 
@@ -281,7 +243,7 @@ class ExportPart:
 
 
 def rows_part(rows: Iterable[dict], options: ExportOptions,
-              settings: schema.RunSettings) -> ExportPart:
+              settings: RunSettings) -> ExportPart:
     """Select, re-paste (at a new mask threshold) and write as JSON the detections of ok
     ``rows``."""
     part = ExportPart()
@@ -331,5 +293,35 @@ def _segmentation_json(segmentation: Any) -> str:
     if isinstance(segmentation, dict):
         height, width = segmentation["size"]
         return (f'{{"size":[{height},{width}],"counts":'
-                f'{_ENCODER.encode(segmentation["counts"])}}}')
-    return _ENCODER.encode(segmentation)
+                f'{ENCODER.encode(segmentation["counts"])}}}')
+    return ENCODER.encode(segmentation)
+
+
+# The COCO export format (``annotations.formats``).
+
+WRITES = "instances.json, results.json (or their shards), index.json"
+
+
+def check_request(request: ExportFormat) -> None:
+    """COCO asks nothing beyond the detections."""
+
+
+def check_target(to: str) -> None:
+    """Refuse to replace COCO files in ``to`` that segpipe did not write (its shards too)."""
+    ownership.check_replaceable(to, COCO_FILES, matching=COCO_NAME)
+
+
+def write(predictions_dir: str, to: str, options: ExportOptions, settings: RunSettings,
+          request: ExportFormat, parallel: bool, show_progress: bool) -> tuple[ExportCounts, dict]:
+    """The COCO files of the run in ``to`` (in shards of ``request.shard_images`` images); what
+    export.json says of them: the shard size and how many shards."""
+    counts = export_coco(predictions_dir, to, options, settings, show_progress=show_progress,
+                         parallel=parallel, shard_images=request.shard_images)
+    return counts, {"coco_shard_images": request.shard_images,
+                    "shards": len((read_index(to) or {"shards": []})["shards"])}
+
+
+def notes(summary: dict, to: str) -> list[str]:
+    """How many shards were written, when there are several."""
+    shards = summary.get("shards", 1)
+    return [f"{shards} shards, listed by {to.rstrip('/')}/index.json"] if shards > 1 else []

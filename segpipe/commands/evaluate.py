@@ -8,6 +8,7 @@ from typing import Optional
 
 from pycocotools.coco import COCO
 
+from segpipe.annotations.selection import ExportCounts
 from segpipe.coco.evaluate import (
     IOU_TYPES,
     collect_results,
@@ -18,10 +19,10 @@ from segpipe.coco.evaluate import (
     own_export,
 )
 from segpipe.coco.ground_truth import load_ground_truth
-from segpipe.coco.selection import ExportCounts
 from segpipe.config import ConfigError
-from segpipe.io import ownership, run_folder
-from segpipe.io.run_folder import existing_predictions, read_run_settings
+from segpipe.io import ownership
+from segpipe.output import run_folder
+from segpipe.output.run_folder import existing_predictions, read_run_settings
 
 EVAL_JSON = "eval.json"
 

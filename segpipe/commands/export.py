@@ -1,27 +1,21 @@
 """``segpipe export``: check the request against the stored predictions, then write the files
-of the asked format into ``--to`` and ``export.json``: COCO (``coco.writer``), Label Studio
-tasks (``labels.label_studio``) or an Ultralytics YOLO dataset (``labels.yolo``)."""
+of the asked format (``annotations.formats``: COCO, Label Studio tasks, an Ultralytics YOLO
+dataset) into ``--to``, and ``export.json``."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-import pyarrow.fs as pafs
-
-from segpipe import __version__, schema
-from segpipe.coco.selection import ExportOptions
-from segpipe.coco.shards import COCO_NAME, read_index
-from segpipe.coco.writer import export_coco
+from segpipe.annotations.formats import ExportFormat, writer
+from segpipe.annotations.selection import ExportOptions
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError
-from segpipe.io import lease, ownership, storage
-from segpipe.io.run_folder import (
-    COCO_FILES,
+from segpipe.io import lease, ownership
+from segpipe.model.settings import RunSettings
+from segpipe.output.run_folder import (
     LOGS_DIR,
     check_folder_target,
     check_target,
@@ -29,42 +23,15 @@ from segpipe.io.run_folder import (
     read_run_settings,
     run_input,
 )
+from segpipe.version import __version__
 
 EXPORT_JSON = "export.json"
-FORMATS = ("coco", "label-studio", "yolo")
-
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """What ``--format`` asks beyond the detections: where the images are for tools that show
-    them (Label Studio's URLs, YOLO's links), and YOLO's train/val split."""
-
-    name: str = "coco"
-    image_root: Optional[str] = None
-    val_fraction: float = 0.1
-    split_seed: int = 0
-
-    def check(self) -> None:
-        """``ConfigError`` for a format request that cannot be written."""
-        if self.name not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.name!r}")
-        if self.name == "label-studio" and not self.image_root:
-            raise ConfigError("--format label-studio needs --image-root: where Label Studio finds "
-                              "the images, e.g. /data/local-files/?d=photos/ or s3://bucket/photos/")
-        if self.name == "yolo":
-            if not 0.0 <= self.val_fraction <= 1.0:
-                raise ConfigError(f"--val-fraction must be in [0, 1], got {self.val_fraction}")
-            if self.image_root and not os.path.isdir(self.image_root):
-                raise ConfigError(f"--image-root {self.image_root} is not a local folder: a YOLO "
-                                  "dataset links its images from the folder the run read")
-
-
 @dataclass(frozen=True)
 class CheckedExport:
     """What ``check_export`` found: the run's predictions, their settings, the options."""
 
     predictions_dir: str
-    settings: schema.RunSettings
+    settings: RunSettings
     options: ExportOptions
 
 
@@ -111,40 +78,23 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     (0: single files, which merges a sharded run), with ``index.json``; with a Ray
     ``address`` the parts (COCO shards, Label Studio task files, YOLO parts of
     ``labels.yolo.PART_IMAGES`` images) are written in Ray tasks on that cluster."""
-    export_format = export_format or ExportFormat()
+    export_format = replace(export_format or ExportFormat(), shard_images=shard_images)
     if checked is None:
         export_format.check()
         checked = check_export(output, options, class_names)
         check_export_target(to, export_format.name, output, export_format.image_root)
     predictions_dir, settings, options = checked.predictions_dir, checked.settings, checked.options
     ownership.mark_folder(to, "export")
+    fmt = writer(export_format.name)
     with lease.holding(to, "--to"):   # one writer at a time, as for segment
         start = time.perf_counter()
-        written: dict = {}
         with contextlib.ExitStack() as stack:
             if address:
                 from segpipe.cluster.session import ray_session
 
                 stack.enter_context(ray_session(address))
-            if export_format.name == "label-studio":
-                from segpipe.labels.label_studio import export_label_studio
-
-                counts, names = export_label_studio(predictions_dir, to, options, settings,
-                                                    export_format.image_root or "", parallel=bool(address))
-                written = {"task_files": names, "label_config": "label_config.xml"}
-            elif export_format.name == "yolo":
-                from segpipe.labels.yolo import YoloSplit, export_yolo
-
-                counts, yolo = export_yolo(predictions_dir, to, options, settings,
-                                           YoloSplit(export_format.val_fraction, export_format.split_seed),
-                                           export_format.image_root, parallel=bool(address))
-                written = {"data_yaml": "data.yaml", **asdict(yolo)}
-            else:
-                counts = export_coco(predictions_dir, to, options, settings,
-                                     show_progress=show_progress, parallel=bool(address),
-                                     shard_images=shard_images)
-                written = {"coco_shard_images": shard_images,
-                           "shards": len((read_index(to) or {"shards": []})["shards"])}
+            counts, written = fmt.write(predictions_dir, to, options, settings, export_format,
+                                        parallel=bool(address), show_progress=show_progress)
         seconds = time.perf_counter() - start
         summary = {
             "segpipe": __version__,
@@ -168,33 +118,14 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
 def check_export_target(to: str, format_name: str = "coco", output: Optional[str] = None,
                         image_root: Optional[str] = None) -> None:
     """Refuse a ``--to`` folder export cannot write (a file, no permission), a link on the
-    way, files there that export would replace and segpipe did not write, or (given the
-    run's ``output`` and ``image_root``) one of the run's own folders or its images'
-    (``run_folder.check_target``)."""
+    way, files there that export would replace and segpipe did not write (the format's own
+    ``check_target``), a folder another command is writing, or (given the run's ``output``
+    and ``image_root``) one of the run's own folders or its images' (``run_folder.check_target``)."""
     if output is not None:   # a YOLO --image-root is the folder of the images
         check_target(to, "--to", output, (run_input(output), image_root if format_name == "yolo" else None))
-    from segpipe.labels.label_studio import TASK_FILE_NAME
-    from segpipe.labels.yolo import YOLO_DIRS, YOLO_FILES
-
-    writes = {"coco": "instances.json, results.json (or their shards), index.json",
-              "label-studio": "tasks.json (or its parts) and label_config.xml",
-              "yolo": "data.yaml, train.txt, val.txt, labels/ and images/"}[format_name]
-    check_folder_target(to, "--to", f" (export writes {writes} and export.json into it)")
+    fmt = writer(format_name)
+    check_folder_target(to, "--to", f" (export writes {fmt.WRITES} and export.json into it)")
     ownership.refuse_links(to, [LOGS_DIR], "export writes its log there")
     lease.check_free(to, what="--to")
-    if format_name == "coco":
-        ownership.check_replaceable(to, (*COCO_FILES, EXPORT_JSON), matching=COCO_NAME)
-    elif format_name == "label-studio":
-        ownership.check_replaceable(to, ("label_config.xml", EXPORT_JSON),
-                                    matching=re.compile(TASK_FILE_NAME))
-    else:
-        fs, root = storage.resolve(to)
-        if not isinstance(fs, pafs.LocalFileSystem):
-            raise ConfigError(f"--format yolo writes a local folder (Ultralytics reads one), not {to}")
-        ownership.refuse_links(to, YOLO_DIRS, "export writes YOLO labels there")
-        ownership.check_replaceable(to, (*YOLO_FILES, EXPORT_JSON))
-        ownership.read_stamps(to)   # its record of the label files it wrote, if any, is its own
-        ours = "data.yaml" in (ownership.recorded(to) or {})
-        there = [storage.join(root, d) for d in YOLO_DIRS if storage.exists(fs, storage.join(root, d))]
-        if there and not ours:
-            raise ownership.refusal(there, to, "write into")
+    ownership.check_replaceable(to, [EXPORT_JSON])
+    fmt.check_target(to)

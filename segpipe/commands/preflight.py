@@ -16,10 +16,11 @@ from typing import Optional
 import pyarrow as pa
 
 from segpipe.config import SegmentConfig, validate
-from segpipe.io import run_folder, sources
+from segpipe.io import sources
 from segpipe.io.lease import check_free as check_lease
 from segpipe.model.categories import Category, load_categories
 from segpipe.model.weights import WeightsSource, weights_source
+from segpipe.output import run_folder
 
 
 @dataclass

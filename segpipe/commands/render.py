@@ -29,11 +29,13 @@ from PIL import Image, ImageDraw
 
 from segpipe import schema
 from segpipe.config import ConfigError
-from segpipe.io import lease, ownership, run_folder, sources, storage
-from segpipe.io.damage import DAMAGED, DAMAGED_KEY, damaged_image_notes, mark_damaged_images
+from segpipe.io import lease, ownership, sources, storage
 from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
-from segpipe.io.predictions import checked_rows, predictions_dataset
+from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
+from segpipe.output import run_folder
+from segpipe.output.damage import DAMAGED, DAMAGED_KEY, damaged_image_notes, mark_damaged_images
+from segpipe.output.predictions import checked_rows, predictions_dataset
 from segpipe.progress import Progress
 
 MASK_OPACITY = 0.5
@@ -241,7 +243,7 @@ def source_blocks(rows: pa.Table, found: sources.InputFiles,
 
 
 def select_rows(predictions_dir: str, limit: int, score_threshold: float,
-                classes: Optional[frozenset[int]], settings: schema.RunSettings,
+                classes: Optional[frozenset[int]], settings: RunSettings,
                 file_names: Optional[list[str]] = None) -> tuple[pa.Table, list[str]]:
     """The first ``limit`` ok images by file_name (or the ok ones of ``file_names``, in that
     order), with the detections to draw as JSON and the name each is rendered under; and a

@@ -14,10 +14,11 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segpipe import __version__, schema
-from segpipe.coco.selection import ExportCounts
+from segpipe import schema
+from segpipe.annotations.selection import ExportCounts
 from segpipe.config import SegmentConfig
 from segpipe.io import ownership
+from segpipe.version import __version__
 
 _VERSIONED = ("torch", "torchvision", "ray", "pyarrow", "numpy", "pillow", "pycocotools")
 

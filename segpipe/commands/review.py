@@ -10,11 +10,10 @@ from typing import Optional
 
 import pyarrow as pa
 
-from segpipe import __version__
-from segpipe.coco.selection import ExportOptions
+from segpipe.annotations.selection import ExportOptions
 from segpipe.config import ConfigError
 from segpipe.io import lease, ownership, storage
-from segpipe.io.run_folder import (
+from segpipe.output.run_folder import (
     LOGS_DIR,
     check_folder_target,
     check_target,
@@ -23,6 +22,7 @@ from segpipe.io.run_folder import (
     run_input,
 )
 from segpipe.review import signals
+from segpipe.version import __version__
 
 REVIEW_FILES = ("review.jsonl", "review.csv", "review.json")
 SUBSET_DIR = "top"

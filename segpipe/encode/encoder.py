@@ -25,9 +25,9 @@ import pyarrow as pa
 from pycocotools import mask as mask_utils
 
 from segpipe import schema
-from segpipe.encode.detections import ImageDetections, group_bounds, unpack_detections
 from segpipe.encode.paste import paste_runs
 from segpipe.model.categories import COCO_TABLE, CategoryTable
+from segpipe.model.detections import ImageDetections, group_bounds, unpack_detections
 from segpipe.model.tiles import image_boxes
 
 #: The full scale of each way soft masks are stored as integers (``float32`` keeps them as

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from segpipe import __version__
 from segpipe.config import ConfigError
 from segpipe.io import storage
+from segpipe.version import __version__
 
 LEDGER_NAME = ".segpipe-files.json"
 STAMPS_NAME = ".segpipe-stamps.parquet"

@@ -30,13 +30,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pyarrow as pa
 
-from segpipe import schema
-from segpipe.coco.polygons import mask_polygons
-from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.annotations.formats import ExportFormat
+from segpipe.annotations.jsonstream import JsonArrayWriter
+from segpipe.annotations.polygons import mask_polygons
+from segpipe.annotations.rows import add_counts, ok_image_table, selected_images
+from segpipe.annotations.selection import ExportCounts, ExportOptions
+from segpipe.config import ConfigError
 from segpipe.io import ownership, storage
 from segpipe.labels.brush import brush_rle
-from segpipe.labels.rows import add_counts, ok_image_table, selected_images
 from segpipe.model.categories import CategoryTable
+from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 
 #: Tasks per file: Label Studio reads an uploaded file whole, in one request.
@@ -51,7 +54,7 @@ STORAGE_SCHEMES = ("s3://", "gs://", "azure-blob://")
 TASK_FILE_NAME = r"tasks(?:-\d{5,}-of-\d{5,})?\.json"
 
 
-def region_kind(settings: schema.RunSettings, options: ExportOptions) -> str:
+def region_kind(settings: RunSettings, options: ExportOptions) -> str:
     """``brush``, ``polygon`` or ``rectangle``: how this run's detections become regions."""
     if not settings.model.has_masks:
         return "rectangle"
@@ -116,7 +119,7 @@ def regions(detections: list[dict], width: int, height: int, kind: str) -> list[
     return out
 
 
-def model_version(settings: schema.RunSettings) -> str:
+def model_version(settings: RunSettings) -> str:
     """What made the predictions, as Label Studio groups them: architecture and weights
     (``RANDOM WEIGHTS`` said where they were)."""
     random = " RANDOM WEIGHTS" if settings.random_weights else ""
@@ -144,12 +147,10 @@ def task_file_names(images: int) -> list[str]:
 
 
 def write_task_file(predictions_dir: str, files: list[str], images: pa.Table, path: str,
-                    options: ExportOptions, settings: schema.RunSettings, image_root: str,
+                    options: ExportOptions, settings: RunSettings, image_root: str,
                     extra: Optional[Callable[[dict], dict]] = None) -> ExportCounts:
     """Write the tasks of ``images`` (``ok_image_table`` rows, in their order) to the task
     file ``path``, atomically; returns its detection counts."""
-    from segpipe.coco.writer import JsonArrayWriter
-
     kind = region_kind(settings, options)
     version = model_version(settings)
     counts = ExportCounts()
@@ -165,7 +166,7 @@ def write_task_file(predictions_dir: str, files: list[str], images: pa.Table, pa
 
 
 def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
-                        settings: schema.RunSettings, image_root: str,
+                        settings: RunSettings, image_root: str,
                         images: Optional[pa.Table] = None,
                         extra: Optional[Callable[[dict], dict]] = None,
                         parallel: bool = False) -> tuple[ExportCounts, list[str]]:
@@ -173,7 +174,7 @@ def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
     run or part of it, in its order; default all, by name) and ``label_config.xml`` into
     ``to``; ``extra(row)`` adds task data. With ``parallel`` (Ray initialised, no ``extra``)
     each task file is written by a Ray task. Returns the counts and the task files."""
-    from segpipe.coco.fanout import run_calls
+    from segpipe.annotations.fanout import run_calls
 
     files, ok, counts = ok_image_table(predictions_dir, images)
     names = task_file_names(ok.num_rows)
@@ -192,3 +193,34 @@ def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
     ownership.remove_recorded(to, [name for name in earlier
                                    if re.fullmatch(TASK_FILE_NAME, name) and name not in names])
     return counts, names
+
+
+# The Label Studio export format (``annotations.formats``).
+
+WRITES = "tasks.json (or its parts) and label_config.xml"
+
+
+def check_request(request: ExportFormat) -> None:
+    """Label Studio needs the images' URL prefix."""
+    if not request.image_root:
+        raise ConfigError("--format label-studio needs --image-root: where Label Studio finds "
+                          "the images, e.g. /data/local-files/?d=photos/ or s3://bucket/photos/")
+
+
+def check_target(to: str) -> None:
+    """Refuse to replace task files or a labelling config in ``to`` that segpipe did not write."""
+    ownership.check_replaceable(to, ("label_config.xml",), matching=re.compile(TASK_FILE_NAME))
+
+
+def write(predictions_dir: str, to: str, options: ExportOptions, settings: RunSettings,
+          request: ExportFormat, parallel: bool, show_progress: bool) -> tuple[ExportCounts, dict]:
+    """The tasks and labelling config in ``to``; what export.json says of them: the files."""
+    counts, names = export_label_studio(predictions_dir, to, options, settings,
+                                        request.image_root or "", parallel=parallel)
+    return counts, {"task_files": names, "label_config": "label_config.xml"}
+
+
+def notes(summary: dict, to: str) -> list[str]:
+    """The task files, and where the labelling config goes."""
+    return [f"tasks: {', '.join(summary['task_files'])}; paste {to.rstrip('/')}/label_config.xml "
+            "into the project's Labeling Interface"]

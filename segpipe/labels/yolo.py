@@ -34,18 +34,21 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
-from segpipe import schema
-from segpipe.coco.fanout import run_calls
-from segpipe.coco.selection import ExportCounts, ExportOptions
+from segpipe.annotations.fanout import run_calls
+from segpipe.annotations.formats import ExportFormat
+from segpipe.annotations.rows import add_counts, ok_image_table, selected_images
+from segpipe.annotations.selection import ExportCounts, ExportOptions
+from segpipe.config import ConfigError
 from segpipe.io import ownership, storage
-from segpipe.labels.rows import add_counts, ok_image_table, selected_images
+from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 
 YOLO_FILES = ("data.yaml", "train.txt", "val.txt")
@@ -213,7 +216,7 @@ class YoloPart:
     written: dict[str, list] = field(default_factory=lambda: {"name": [], "size": [], "mtime_ns": []})
 
 
-def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings: schema.RunSettings,
+def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings: RunSettings,
                 split: YoloSplit, image_root: Optional[str] = None,
                 images: Optional[pa.Table] = None, parallel: bool = False) -> tuple[ExportCounts, YoloCounts]:
     """Write the YOLO dataset of the run's ok images (of ``images``, default all) into the
@@ -276,7 +279,7 @@ def _first_of_each_label(names: pa.Array) -> pa.Array:
 
 
 def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, entries: pa.Table,
-                     options: ExportOptions, settings: schema.RunSettings,
+                     options: ExportOptions, settings: RunSettings,
                      target: YoloTarget) -> YoloPart:
     """The label files and image links of ``images`` (``ok_image_table`` rows), and their
     list lines. ``entries`` holds per image its dataset ``name``, its ``label`` file, whether
@@ -355,3 +358,66 @@ def _link(folder: str, path: str, target: str) -> int:
         return int(os.path.islink(path) and os.readlink(path) == target)
     os.symlink(target, path)
     return 1
+
+
+# The Ultralytics YOLO export format (``annotations.formats``).
+
+WRITES = "data.yaml, train.txt, val.txt, labels/ and images/"
+
+
+def check_request(request: ExportFormat) -> None:
+    """A share of validation images, and a local folder of images to link from (if any)."""
+    if not 0.0 <= request.val_fraction <= 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1], got {request.val_fraction}")
+    if request.image_root and not os.path.isdir(request.image_root):
+        raise ConfigError(f"--image-root {request.image_root} is not a local folder: a YOLO "
+                          "dataset links its images from the folder the run read")
+
+
+def check_target(to: str) -> None:
+    """Refuse a folder Ultralytics cannot read (not local), links where the dataset's labels
+    and images go, dataset files or a stamps table segpipe did not write, and ``labels/`` or
+    ``images/`` of a folder that is no YOLO dataset of segpipe's."""
+    fs, root = storage.resolve(to)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise ConfigError(f"--format yolo writes a local folder (Ultralytics reads one), not {to}")
+    ownership.refuse_links(to, YOLO_DIRS, "export writes YOLO labels there")
+    ownership.check_replaceable(to, YOLO_FILES)
+    ownership.read_stamps(to)   # its record of the label files it wrote, if any, is its own
+    ours = "data.yaml" in (ownership.recorded(to) or {})
+    there = [storage.join(root, d) for d in YOLO_DIRS if storage.exists(fs, storage.join(root, d))]
+    if there and not ours:
+        raise ownership.refusal(there, to, "write into")
+
+
+def write(predictions_dir: str, to: str, options: ExportOptions, settings: RunSettings,
+          request: ExportFormat, parallel: bool, show_progress: bool) -> tuple[ExportCounts, dict]:
+    """The dataset in ``to``; what export.json says of it: ``YoloCounts``."""
+    counts, yolo = export_yolo(predictions_dir, to, options, settings,
+                               YoloSplit(request.val_fraction, request.split_seed),
+                               request.image_root, parallel=parallel)
+    return counts, {"data_yaml": "data.yaml", **asdict(yolo)}
+
+
+def notes(summary: dict, to: str) -> list[str]:
+    """The split and how to train, where the images are, and what was not written."""
+    image_root = summary["asked"].get("image_root")
+    said = [f"{summary['train']} train and {summary['val']} val images, {len(summary['classes'])} "
+            f"classes; train with data={to.rstrip('/')}/data.yaml"]
+    if not image_root:
+        said.append("no --image-root: put (or link) each image at DIR/images/<name> as train.txt "
+                    "and val.txt list them")
+    if summary["missing_images"]:
+        said.append(f"{summary['missing_images']} image(s) not found under {image_root}: not "
+                    "linked (is it the folder the run read?)")
+    if summary["left_alone"]:
+        said.append(f"{summary['left_alone']} label file(s) or image link(s) not written: another "
+                    "file or link is there, or one segpipe wrote was edited since, or a folder on "
+                    "the way links out of DIR (segpipe replaces only what it wrote, as it wrote it)")
+    if summary["same_box_lines"]:
+        said.append(f"{summary['same_box_lines']} label line(s) repeat another detection's class "
+                    "and box (tiny masks): Ultralytics reads one of each")
+    if summary["duplicate_names"]:
+        said.append(f"{summary['duplicate_names']} image(s) left out: their label file name is "
+                    "another image's")
+    return said

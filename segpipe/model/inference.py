@@ -12,7 +12,7 @@ import torch
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 
-from segpipe.encode.detections import ImageDetections
+from segpipe.model.detections import ImageDetections
 from segpipe.model.precision import run_network, uses_channels_last
 
 

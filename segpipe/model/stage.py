@@ -14,9 +14,9 @@ import pyarrow as pa
 import torch
 
 from segpipe import schema
-from segpipe.encode.detections import ImageDetections, pack_detections
 from segpipe.io.decode import pixel_arrays
 from segpipe.model.build import ModelSpec, build_model
+from segpipe.model.detections import ImageDetections, pack_detections
 from segpipe.model.devices import actor_identity, describe_device, end_actor, is_fatal_device_error, select_device
 from segpipe.model.faults import FaultInjection
 from segpipe.model.inference import image_tensor, predict_images

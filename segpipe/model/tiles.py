@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from segpipe.encode.detections import ImageDetections
+from segpipe.model.detections import ImageDetections
 from segpipe.model.spec import TileSettings
 
 __all__ = ["View", "tile_windows", "image_views", "merge_views", "greedy_merge",

@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from segpipe import schema
-from segpipe.coco.selection import ExportCounts, image_counts
+from segpipe.annotations.selection import ExportCounts, image_counts
 from segpipe.encode.encoder import dequantise_soft_masks
 from segpipe.io import storage
-from segpipe.io.damage import DAMAGED_KEY
-from segpipe.io.predictions import read_image_table, rows_in_order
-from segpipe.io.run_folder import prediction_files
+from segpipe.model.settings import RunSettings
+from segpipe.output.damage import DAMAGED_KEY
+from segpipe.output.predictions import read_image_table, rows_in_order
+from segpipe.output.run_folder import prediction_files
 from segpipe.review.signals import (
     HIGH_MASK,
     LOW_MASK,
@@ -101,7 +102,7 @@ class ScoredImages:
     counts: ExportCounts   # images, and what was damaged in predictions/ (left out, named)
 
 
-def score_images(predictions_dir: str, settings: schema.RunSettings,
+def score_images(predictions_dir: str, settings: RunSettings,
                  signal_settings: Optional[SignalSettings] = None) -> ScoredImages:
     """Score every ok image of the run (``signals``), reading ``predictions/`` once."""
     signal_settings = signal_settings or SignalSettings()
@@ -199,7 +200,7 @@ def reasons(row: dict, names: dict[int, str], signal_settings: SignalSettings,
 RECORD_COLUMNS = ("rank", "image_id", "file_name", "priority", *SIGNALS)
 
 
-def ranked_records(ranked: pa.Table, settings: schema.RunSettings, signal_settings: SignalSettings,
+def ranked_records(ranked: pa.Table, settings: RunSettings, signal_settings: SignalSettings,
                    kept_per_category: dict[int, int], chunk: int = 4096) -> Iterator[dict]:
     """One record per ranked image (``RECORD_COLUMNS``, ``kept`` and its ``reasons``), a
     chunk of rows converted at a time."""
@@ -226,7 +227,7 @@ def spreadsheet_cell(value: object) -> object:
     return value
 
 
-def write_ranking(to: str, ranked: pa.Table, settings: schema.RunSettings,
+def write_ranking(to: str, ranked: pa.Table, settings: RunSettings,
                   signal_settings: SignalSettings, kept_per_category: dict[int, int]) -> list[str]:
     """``review.jsonl`` and ``review.csv`` in ``to``, atomically; returns their names."""
     fs, root = storage.resolve(to)

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe import schema
-from segpipe.coco.selection import ExportCounts, ExportOptions, image_counts, select_detections
-from segpipe.io.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
-from segpipe.io.run_folder import prediction_files
+from segpipe.annotations.selection import ExportCounts, ExportOptions, image_counts, select_detections
+from segpipe.model.settings import RunSettings
+from segpipe.output.predictions import LOCATION_COLUMNS, read_image_table, rows_in_order
+from segpipe.output.run_folder import prediction_files
 
 
 def ok_image_table(predictions_dir: str,
@@ -27,7 +28,7 @@ def ok_image_table(predictions_dir: str,
 
 
 def selected_images(predictions_dir: str, files: list[str], ok: pa.Table, options: ExportOptions,
-                    settings: schema.RunSettings, counts: ExportCounts) -> Iterator[tuple[dict, list[dict]]]:
+                    settings: RunSettings, counts: ExportCounts) -> Iterator[tuple[dict, list[dict]]]:
     """``(row, detections)`` for each image of ``ok`` (``ok_image_table`` rows, in their
     order); ``detections`` are those ``select_detections`` keeps, masks as COCO RLE whatever
     ``options.polygons`` says. ``counts`` gets every detection's fate and the annotations

@@ -18,10 +18,11 @@ from ray.data.block import Block, BlockAccessor
 from segpipe import schema
 from segpipe.io import storage
 from segpipe.io.lease import check_holder
-from segpipe.io.run_folder import PART_PREFIX, PART_SUFFIX
+from segpipe.model.settings import RunSettings
+from segpipe.output.run_folder import PART_PREFIX, PART_SUFFIX
 
 
-def write_prediction_file(table: pa.Table, directory: str, settings: schema.RunSettings,
+def write_prediction_file(table: pa.Table, directory: str, settings: RunSettings,
                           fence: Optional[Callable[[], None]] = None) -> str:
     """Write ``table`` as one new Parquet file in ``directory``; return its path.
 
@@ -41,7 +42,7 @@ class PredictionSink(Datasink[list]):
     each committed only while OUTPUT's lease names this run (``lease.check_holder``), when
     ``output`` and ``run_id`` are given."""
 
-    def __init__(self, directory: str, rows_per_file: int, settings: schema.RunSettings,
+    def __init__(self, directory: str, rows_per_file: int, settings: RunSettings,
                  output: Optional[str] = None, run_id: Optional[str] = None):
         self.directory = directory
         self.rows_per_file = rows_per_file

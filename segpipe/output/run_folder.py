@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from pathlib import Path
 from typing import Optional
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from segpipe import schema
-from segpipe.coco.shards import COCO_NAME
 from segpipe.config import ConfigError
 from segpipe.io import ownership, storage
+from segpipe.model.settings import RunSettings
 
 PREDICTIONS_DIR = "predictions"
 COCO_DIR = "coco"
@@ -33,6 +33,10 @@ RUN_JSON = "run.json"
 
 
 COCO_FILES = ("instances.json", "results.json")
+#: Every name a COCO export writes in its folder: the files above, their shards
+#: (``instances-00000-of-00012.json``...) and ``index.json`` (``ownership`` checks them before
+#: replacing; ``coco.shards`` names them).
+COCO_NAME = re.compile(r"(?:(?:instances|results)(?:-\d{5,}-of-\d{5,})?|index)\.json")
 
 
 def predictions_dir(output: str) -> str:
@@ -139,7 +143,7 @@ def _files_sharing_images(fs: pafs.FileSystem, paths: list[str]) -> list[str]:
     return [paths[k] for k in sorted(set(holders.to_pylist()))]
 
 
-def read_written(directory: str) -> tuple[Optional[schema.RunSettings], set[int]]:
+def read_written(directory: str) -> tuple[Optional[RunSettings], set[int]]:
     """The settings recorded in the complete prediction files of ``directory`` and the
     ``image_id`` of every row in them (what ``--resume`` needs), after ``verify_predictions``.
 
@@ -147,30 +151,30 @@ def read_written(directory: str) -> tuple[Optional[schema.RunSettings], set[int]
     """
     verify_predictions(directory, resuming=True)
     fs, _ = storage.resolve(directory)
-    found: set[schema.RunSettings] = set()
+    found: set[RunSettings] = set()
     ids: set[int] = set()
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
             table = pq.read_table(f, columns=["image_id"])
-        found.add(schema.RunSettings.from_metadata(table.schema.metadata))
+        found.add(RunSettings.from_metadata(table.schema.metadata))
         ids.update(table.column("image_id").to_pylist())
     return _one_settings(directory, found), ids
 
 
-def read_run_settings(directory: str) -> Optional[schema.RunSettings]:
+def read_run_settings(directory: str) -> Optional[RunSettings]:
     """The settings recorded in the prediction files of ``directory``.
 
     Raises ``ConfigError`` when files disagree (predictions of different runs mixed).
     """
     fs, _ = storage.resolve(directory)
-    found: set[schema.RunSettings] = set()
+    found: set[RunSettings] = set()
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
-            found.add(schema.RunSettings.from_metadata(pq.read_schema(f).metadata))
+            found.add(RunSettings.from_metadata(pq.read_schema(f).metadata))
     return _one_settings(directory, found)
 
 
-def _one_settings(directory: str, found: set) -> Optional[schema.RunSettings]:
+def _one_settings(directory: str, found: set) -> Optional[RunSettings]:
     if len(found) > 1:
         raise ConfigError(f"{directory} mixes predictions made with different settings; keep "
                           "the files of one run only")

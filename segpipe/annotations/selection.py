@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from segpipe import schema
-from segpipe.coco.polygons import mask_polygons
-from segpipe.io.damage import DAMAGED_KEY, NAMED, damaged_image_notes
+from segpipe.annotations.polygons import mask_polygons
+from segpipe.model.settings import RunSettings
+from segpipe.output.damage import DAMAGED_KEY, NAMED, damaged_image_notes
 
 
 @dataclass
@@ -27,7 +28,7 @@ class ExportOptions:
                                              # written mask, as COCO ground truth has it) or
                                              # "model" (the predicted box)
 
-    def repastes_masks(self, settings: schema.RunSettings) -> bool:
+    def repastes_masks(self, settings: RunSettings) -> bool:
         """Whether masks are made anew from the stored soft masks (a new mask threshold)."""
         return self.mask_threshold is not None and self.mask_threshold != settings.mask_threshold
 
@@ -99,7 +100,7 @@ def image_counts(images: pa.Table) -> ExportCounts:
     return counts
 
 
-def select_detections(row: dict, options: ExportOptions, settings: schema.RunSettings,
+def select_detections(row: dict, options: ExportOptions, settings: RunSettings,
                       counts: ExportCounts) -> list[dict]:
     """The detections of one ok row that go into the COCO files, with their final masks.
 

@@ -32,6 +32,7 @@ from numba import njit
 from segpipe import schema
 from segpipe.config import MAX_PIXEL_LIMIT
 from segpipe.model.categories import UNKNOWN_NAME
+from segpipe.model.settings import RunSettings
 
 #: The error of an image row that predictions/ holds damaged.
 DAMAGED = "damaged in predictions/"
@@ -223,7 +224,7 @@ def _soft_sides(array: pa.Array, itemsize: int) -> tuple[np.ndarray, np.ndarray]
     return np.where(bad | (lengths == 0), 0, sides), bad | (np.asarray(array.is_valid()) & (lengths == 0))
 
 
-def detection_codes(table: pa.Table, settings: schema.RunSettings) -> tuple[pa.ListArray, np.ndarray]:
+def detection_codes(table: pa.Table, settings: RunSettings) -> tuple[pa.ListArray, np.ndarray]:
     """The detections of ``table``'s rows (``width``, ``height``, ``detections``) as one list
     array, and per detection (flattened, in row order) why it is damaged: an index into
     ``REASONS``, 0 when intact (module docstring). Arrow and compiled code: no Python object
@@ -308,7 +309,7 @@ def _damaged_parts(parts: list[dict], height: int, width: int, itemsize: int) ->
     return False
 
 
-def damaged_detections_removed(table: pa.Table, settings: schema.RunSettings) -> tuple[pa.Table, list[list[str]]]:
+def damaged_detections_removed(table: pa.Table, settings: RunSettings) -> tuple[pa.Table, list[list[str]]]:
     """``table`` (rows with ``file_name``, ``width``, ``height``, ``detections``) with every
     damaged detection (``detection_codes``) taken out of its row's list, and per row a line
     naming each one taken out (most rows: none; past the first ``NAMED``, ``UNNAMED``)."""

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 
 from segpipe import schema
 from segpipe.io import storage
-from segpipe.io.damage import DAMAGED_KEY, damaged_detections_removed, mark_damaged_images
-from segpipe.io.run_folder import (
+from segpipe.model.settings import RunSettings
+from segpipe.output.damage import DAMAGED_KEY, damaged_detections_removed, mark_damaged_images
+from segpipe.output.run_folder import (
     prediction_files,
 )
 
@@ -55,7 +56,7 @@ def read_image_table(predictions_dir: str, files: Optional[list[str]] = None) ->
                                                                  ("row_index", "ascending")]))
 
 
-def iter_ok_rows(predictions_dir: str, settings: schema.RunSettings, batch_rows: int = 256,
+def iter_ok_rows(predictions_dir: str, settings: RunSettings, batch_rows: int = 256,
                  soft_masks: bool = True) -> Iterator[dict]:
     """Yield every ok row (``image_id``, ``file_name``, size, ``detections``), streaming;
     damaged detections are taken out and named under ``damage.DAMAGED_KEY``
@@ -77,7 +78,7 @@ def iter_ok_rows(predictions_dir: str, settings: schema.RunSettings, batch_rows:
                 yield from checked_rows(pa.Table.from_batches([batch]), settings)
 
 
-def checked_rows(table: pa.Table, settings: schema.RunSettings) -> Iterator[dict]:
+def checked_rows(table: pa.Table, settings: RunSettings) -> Iterator[dict]:
     """The rows of ``table`` as dicts, their damaged detections taken out
     (``damage.damaged_detections_removed``) and named in a list under ``DAMAGED_KEY`` of the
     rows that had any."""
@@ -104,7 +105,7 @@ def without_soft_masks(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def rows_in_order(predictions_dir: str, files: list[str], located: pa.Table,
-                  settings: schema.RunSettings, soft_masks: bool = True, chunk_rows: int = 64,
+                  settings: RunSettings, soft_masks: bool = True, chunk_rows: int = 64,
                   cached_files: int = 8) -> Iterator[dict]:
     """Yield the rows (``ROW_COLUMNS``) that ``located`` points at (its ``LOCATION_COLUMNS``,
     into ``files``), in ``located``'s order, a chunk of ``chunk_rows`` at a time; damaged
