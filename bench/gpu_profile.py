@@ -24,7 +24,7 @@ from torchvision.models.detection.image_list import ImageList  # noqa: E402
 
 from bench.gpu_smoke import model_for, photos  # noqa: E402
 from segpipe.model.spec import ModelSpec
-from segpipe.model.build import resolve_weights
+from segpipe.model.resolved import resolve_weights
 from segpipe.model.precision import autocast, uses_channels_last
 from segpipe.model.inference import (
     canvas_shape,
@@ -89,7 +89,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     spec = ModelSpec("maskrcnn_resnet50_fpn", 800, 1333, 0.05, 0.5, 100, 1000)
-    model = model_for(spec, resolve_weights("random", spec, seed=0).state_dict, device,
+    model = model_for(spec, resolve_weights("random", spec, seed=0).payload, device,
                       args.precision)
     arrays = photos(args.batch, args.width, args.height)
     for _ in range(2):

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from segpipe.model.spec import ModelSpec
-from segpipe.model.build import build_model, resolve_weights
+from segpipe.model.build import build_model
+from segpipe.model.resolved import resolve_weights
 from segpipe.model.precision import prepare_model, remove_fp32_islands
 from bench.precision_stages import scale_to_trained_outputs, stage_agreement, summarise
 from segpipe.model.devices import cuda_facts
@@ -227,7 +228,7 @@ def oom_recovery(spec: ModelSpec, state_dict: dict, arrays: list[np.ndarray],
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    predict_images(actor.model, [image_tensor(arrays[0], device)], precision, "fixed")
+    predict_images(actor.detector.model, [image_tensor(arrays[0], device)], precision, "fixed")
     one = torch.cuda.max_memory_allocated() - base
     total = torch.cuda.get_device_properties(device).total_memory
     cap = base + 2.5 * one
@@ -283,7 +284,7 @@ def main() -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     spec = ModelSpec("maskrcnn_resnet50_fpn", args.min_size, args.max_size, 0.05, 0.5,
                      args.detections, args.proposals)
-    state_dict = resolve_weights("random", spec, seed=0).state_dict
+    state_dict = resolve_weights("random", spec, seed=0).payload
     report: dict = {"environment": environment(device), "settings": vars(args)}
     print(json.dumps(report["environment"]), flush=True)
     arrays = photos(args.images, args.width, args.height)

@@ -24,12 +24,12 @@ LABEL = "replayed detections"
 def record_detections(images: list[np.ndarray], config) -> list[ImageDetections]:
     """The real model's detections of ``images`` (HxWx3 uint8), with ``config``'s model
     settings and seeded random weights, one forward pass per image."""
-    from segpipe.model.build import resolve_weights
+    from segpipe.model.resolved import resolve_weights
     from segpipe.model.spec import ModelSpec
     from segpipe.model.stage import PredictStage
 
     weights = resolve_weights("random", ModelSpec.from_config(config), config.seed)
-    stage = PredictStage(weights.spec, weights.state_dict, use_gpu=False, torch_threads=2)
+    stage = PredictStage(weights.spec, weights.payload, use_gpu=False, torch_threads=2)
     recorded = []
     for image in images:
         outcome = stage._predict_isolated([(image, True)])[0]

@@ -170,7 +170,8 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
     from PIL import Image
 
     from segpipe.io.decode import DecodeLimits, decode_image
-    from segpipe.model.build import ModelSpec, build_model, resolve_weights
+    from segpipe.model.build import ModelSpec, build_model
+    from segpipe.model.resolved import resolve_weights
 
     spec = ModelSpec(args.arch, args.min_size, args.max_size, args.score_floor, 0.5,
                      args.detections, 1000)
@@ -200,7 +201,7 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
 
         out = Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
         weights_file = out / "weights.pth"
-        torch.save(weights.state_dict, weights_file)
+        torch.save(weights.payload, weights_file)
         config = SegmentConfig(
             input=str(paths[0].parent), output=str(out / "run"), arch=args.arch,
             weights=str(weights_file), min_size=args.min_size, max_size=args.max_size,
@@ -217,7 +218,7 @@ def run_mode(mode: str, args: argparse.Namespace, paths: list[Path], barrier=Non
                 "actor_peak_rss_mb": actors.peak_mb}
 
     model = build_model(spec)
-    model.load_state_dict(weights.state_dict)
+    model.load_state_dict(weights.payload)
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -33,6 +33,7 @@ from segpipe import schema
 from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, check_keys, validate
 from segpipe.io.decode import decode_batch, pixel_column
+from segpipe.model.families import family_of
 from segpipe.model.spec import ModelSpec, TileSettings
 
 ConfigLike = Union[SegmentConfig, Mapping[str, Any], None]
@@ -91,12 +92,13 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
         check_keys(values, "config")
         result = SegmentConfig(**values)
     validate(result, needs_paths=False)
+    family_of(result.arch)   # ConfigError naming the architectures there are
     return result
 
 
 def _resolve(config: SegmentConfig):
-    from segpipe.model.build import resolve_weights
     from segpipe.model.categories import load_categories
+    from segpipe.model.resolved import resolve_weights
 
     categories = load_categories(config.categories) if config.categories else None
     weights = resolve_weights(config.weights, ModelSpec.from_config(config), config.seed,
@@ -244,7 +246,7 @@ def segment(ds, config: ConfigLike = None, image_column: str = "image",
                              fn_kwargs={"image_column": image_column, "config": config,
                                         "root": root},
                              num_cpus=plan.decode_cpus)
-    return predict_and_encode(decoded, config, plan, weights.spec, ray.put(weights.state_dict),
+    return predict_and_encode(decoded, config, plan, weights.spec, ray.put(weights.payload),
                               weights.categories, soft_mask_dtype=config.soft_mask_dtype)
 
 
@@ -281,7 +283,7 @@ class Predictor:
         weights = _resolve(self.config)
         if use_gpu is None:
             use_gpu = torch.cuda.is_available() and self.config.num_gpus != 0
-        self._predict = PredictStage(weights.spec, weights.state_dict, use_gpu,
+        self._predict = PredictStage(weights.spec, weights.payload, use_gpu,
                                      self.config.precision, self.config.torch_threads,
                                      canvas=self.config.batch_canvas,
                                      tiling=TileSettings.from_config(self.config),

@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 from segpipe import console
 from segpipe.annotations.formats import FORMATS
 from segpipe.config import (
-    ARCHITECTURES,
     DEFAULT_COCO_SHARD_IMAGES,
     ConfigError,
     SegmentConfig,
@@ -26,6 +25,7 @@ from segpipe.config import (
     load_config,
 )
 from segpipe.io.storage import redact
+from segpipe.model.families import ARCHITECTURES, family_of
 from segpipe.output.run_folder import prediction_files, predictions_dir
 
 DESCRIPTION = """\
@@ -47,7 +47,7 @@ Exit status: 0 done; 1 the run could not account for every image, or nothing cou
 
 #: Sections of ``segment --help``: config fields by what they are about.
 SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
-    "model and weights": ("arch", "weights", "categories", "seed", "min_size", "max_size",
+    "model and weights": ("arch", "weights", "categories", "seed", "min_size", "max_size", "image_size",
                           "nms_threshold", "detections_per_image", "proposals_per_image",
                           "precision", "batch_canvas"),
     "what is kept": ("score_floor", "score_threshold", "mask_threshold", "soft_masks",
@@ -93,6 +93,8 @@ class SegpipeParser(argparse.ArgumentParser):
 
 def _help(f) -> str:
     text = f.metadata["help"]
+    if f.name == "arch":
+        text += f"; one of {', '.join(ARCHITECTURES)}"
     if f.default is not None and not f.metadata.get("positional"):
         default = f.default if not isinstance(f.default, bool) else \
             ("on" if f.default else "off")
@@ -282,8 +284,9 @@ def build_parser() -> SegpipeParser:
                     "architecture and the URL they come from; exit 0 when the file is there, "
                     "1 when it is missing. --download fetches it (for container images and "
                     "machines that prepare offline nodes).")
-    weights.add_argument("--arch", choices=ARCHITECTURES, default=ARCHITECTURES[0],
-                         help=f"architecture (default: {ARCHITECTURES[0]})")
+    pretrained = family_of(ARCHITECTURES[0]).arches   # torchvision's, with COCO weights
+    weights.add_argument("--arch", choices=pretrained, default=pretrained[0],
+                         help=f"architecture (default: {pretrained[0]})")
     weights.add_argument("--download", action="store_true",
                          help="download the file into the cache if it is missing")
     return parser

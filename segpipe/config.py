@@ -15,11 +15,6 @@ from typing import Any, Optional
 
 import yaml
 
-#: Detectors that predict masks, and box-only detectors (their detections have no segmentation).
-MASK_ARCHITECTURES = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")
-BOX_ARCHITECTURES = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
-                     "fasterrcnn_mobilenet_v3_large_fpn")
-ARCHITECTURES = MASK_ARCHITECTURES + BOX_ARCHITECTURES
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCH_CANVASES = ("exact", "fixed")
 #: How soft masks can be stored (``encode.quantise_soft_masks``), the default first.
@@ -56,9 +51,10 @@ class SegmentConfig:
     image_column: str = _opt("parquet input: the column holding encoded image bytes", "image")
     name_column: Optional[str] = _opt("parquet input: a column naming each image (file_name); "
                                       "unset: <table>#<hash of the bytes>", None)
-    arch: str = _opt("torchvision detector: " + " | ".join(ARCHITECTURES) + " (the "
-                     "fasterrcnn ones find boxes only, no masks)", "maskrcnn_resnet50_fpn",
-                     choices=ARCHITECTURES, metavar="ARCH")
+    arch: str = _opt("the model: a torchvision R-CNN architecture (the fasterrcnn ones find "
+                     "boxes only, no masks), ultralytics (an Ultralytics YOLO .pt, detect or "
+                     "segment) or transformers (a Hugging Face model folder); docs/models.md",
+                     "maskrcnn_resnet50_fpn", metavar="ARCH")
     weights: str = _opt("pretrained (torchvision's COCO weights, from torch's cache or "
                         "downloaded into it: $TORCH_HOME/hub/checkpoints) | PATH of a state_dict "
                         "checkpoint (any number of classes) | an http(s) URL of one | random "
@@ -70,8 +66,12 @@ class SegmentConfig:
                                      "category. unset: COCO's table for 91-class models, "
                                      "class_1..class_K-1 otherwise", None, metavar="FILE")
     seed: int = _opt("seed for --weights random", 0)
-    min_size: int = _opt("shorter image side after the model's resize", 800)
-    max_size: int = _opt("longer image side limit after the model's resize", 1333)
+    min_size: int = _opt("shorter image side after the model's resize (torchvision's R-CNN)", 800)
+    max_size: int = _opt("longer image side limit after the model's resize (torchvision's R-CNN)",
+                         1333)
+    image_size: Optional[int] = _opt("the input size of models that take one (Ultralytics' imgsz); "
+                                     "unset: the model's own (YOLO: the size it was trained at)",
+                                     None, metavar="PIXELS")
     score_floor: float = _opt("lowest detection score kept in predictions/ (model box_score_thresh)",
                               0.05)
     score_threshold: float = _opt("lowest detection score written to coco/", 0.5)
@@ -265,8 +265,6 @@ def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
     if config.input_format not in ("auto", "files", "tar", "parquet"):
         raise ConfigError(f"input_format must be auto, files, tar or parquet, "
                           f"got {config.input_format!r}")
-    if config.arch not in ARCHITECTURES:
-        raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {config.arch!r}")
     if config.soft_mask_dtype not in SOFT_MASK_DTYPES:
         raise ConfigError(f"soft_mask_dtype must be {' or '.join(SOFT_MASK_DTYPES)}, "
                           f"got {config.soft_mask_dtype!r}")
@@ -291,6 +289,8 @@ def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
         )
     if config.tile < 0:
         raise ConfigError(f"tile must be 0 (off) or a size in pixels, got {config.tile}")
+    if config.image_size is not None and config.image_size < 32:
+        raise ConfigError(f"image_size must be at least 32 pixels, got {config.image_size}")
     positive = ("min_size", "max_size", "detections_per_image", "proposals_per_image",
                 "batch_size", "predictor_threads", "max_image_pixels", "max_image_bytes", "rows_per_file")
     for name in positive:

@@ -15,9 +15,9 @@ from segpipe.config import SegmentConfig
 from segpipe.encode.encoder import MaskEncoder
 from segpipe.io import storage
 from segpipe.io.decode import DecodeLimits, decode_batch
-from segpipe.model.build import ResolvedWeights
 from segpipe.model.categories import COCO_TABLE, CategoryTable
 from segpipe.model.faults import FaultInjection
+from segpipe.model.resolved import ResolvedWeights
 from segpipe.model.settings import RunSettings
 from segpipe.model.spec import ModelSpec, TileSettings
 from segpipe.model.stage import PredictStage

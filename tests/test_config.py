@@ -52,7 +52,6 @@ def test_flags_override_yaml(tmp_path):
     ("input: a\noutput: b\nmask_threshold: 1.5\n", "mask_threshold must be in [0, 1)"),
     ("input: a\noutput: b\nmin_size: 900\nmax_size: 800\n", "max_size (800) must be >= min_size"),
     ("input: a\noutput: b\nactors: 3-2\n", "need 1 <= MIN <= MAX"),
-    ("input: a\noutput: b\narch: resnet\n", "arch must be one of"),
     ("output: b\n", "INPUT is missing"),
     ("- a list\n", "must be a mapping"),
 ])
@@ -62,6 +61,21 @@ def test_mistakes_say_what_to_fix(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert message in str(info.value)
+
+
+def test_an_unknown_architecture_is_refused_before_any_work_with_the_closest_name(tmp_path):
+    """The model families' registry, not config, knows the architectures: the checks before
+    any work (``preflight``, the API's ``as_config``) ask it."""
+    import segpipe
+    from segpipe.commands.preflight import check_segment
+
+    (tmp_path / "in").mkdir()
+    config = load_config(None, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                         arch="maskrcnn_resnet50_fnp")
+    with pytest.raises(ConfigError, match="did you mean maskrcnn_resnet50_fpn"):
+        check_segment(config)
+    with pytest.raises(ConfigError, match="arch must be one of"):
+        segpipe.as_config({"arch": "resnet"})
 
 
 def test_actor_ranges():
@@ -106,7 +120,6 @@ def test_values_on_the_allowed_side_of_every_limit_pass(changes):
     ({"resume": True, "overwrite": True}, "resume and overwrite exclude each other"),
     ({"input_format": "zip"}, "input_format must be auto, files, tar or parquet"),
     ({"precision": "fp8"}, "precision must be one of fp32, fp16, bf16"),
-    ({"arch": "yolo"}, "arch must be one of maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2, "),
     ({"fault_kill_after_batches": -1}, "fault_kill_after_batches must be >= 0"),
     ({"output": None}, "OUTPUT is missing"),
 ])

@@ -13,9 +13,11 @@ import torch
 import torchvision
 
 from conftest import small_config, small_spec
+from segpipe.model import rcnn as family_module
 from segpipe.model import stage as predictor_module
 from segpipe import schema
-from segpipe.model.build import build_model, resolve_weights
+from segpipe.model.build import build_model
+from segpipe.model.resolved import resolve_weights
 from segpipe.model.devices import DeviceError, is_fatal_device_error, select_device
 from segpipe.model.stage import PredictStage
 from segpipe.model.inference import canvas_shape, image_tensor, predict_images
@@ -31,7 +33,7 @@ def rows_of(sizes: list[tuple[int, int]]) -> pa.Table:
 @pytest.fixture(scope="module")
 def actor() -> PredictStage:
     spec = small_spec()
-    return PredictStage(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
+    return PredictStage(spec, resolve_weights("random", spec).payload, use_gpu=False)
 
 
 class _Attempts:
@@ -55,7 +57,7 @@ class _Attempts:
 
 def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(actor, monkeypatch):
     fake = _Attempts(predict_images, lambda: torch.cuda.OutOfMemoryError("CUDA out of memory."))
-    monkeypatch.setattr(predictor_module, "predict_images", fake)
+    monkeypatch.setattr(family_module, "predict_images", fake)
     out = actor(rows_of([(40, 60)] * 4)).to_pylist()
     assert [r["status"] for r in out] == ["ok"] * 4
     assert fake.calls == 3                       # 4 -> 2 + 2
@@ -70,7 +72,7 @@ def test_an_ordinary_error_is_isolated_to_its_image(actor, monkeypatch):
             raise ValueError("degenerate image")
         return real(model, images, *args)
 
-    monkeypatch.setattr(predictor_module, "predict_images", fails_on_width_61)
+    monkeypatch.setattr(family_module, "predict_images", fails_on_width_61)
     out = actor(rows_of([(40, 60), (40, 61), (40, 60)])).to_pylist()
     assert [r["status"] for r in out] == ["ok", "error", "ok"]
     assert out[1]["error"] == "predict: ValueError: degenerate image"
@@ -90,7 +92,7 @@ def test_a_dead_cuda_context_ends_the_actor_instead_of_failing_every_image(actor
     def end_actor(reason):
         raise Ended(reason)
 
-    monkeypatch.setattr(predictor_module, "predict_images", _Attempts(predict_images, lambda: error))
+    monkeypatch.setattr(family_module, "predict_images", _Attempts(predict_images, lambda: error))
     monkeypatch.setattr(predictor_module, "end_actor", end_actor)
     with pytest.raises(Ended, match="CUDA error"):
         actor(rows_of([(40, 60)] * 2))

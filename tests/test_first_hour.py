@@ -112,7 +112,7 @@ def test_help_is_a_manual(no_torch_no_ray):
     (["segmnet", "a", "b"], "did you mean 'segment'?"),
     (["segment", "a", "b", "--score-treshold", "0.5"], "--score-treshold: did you mean --score-threshold?"),
     (["export", "out", "--to", "x", "--polygns"], "did you mean --polygons?"),
-    (["segment", "a", "b", "--arch", "maskrcnn_resnet50"], "did you mean 'maskrcnn_resnet50_fpn'?"),
+    (["segment", "a", "b", "--arch", "maskrcnn_resnet50"], "did you mean maskrcnn_resnet50_fpn?"),
 ])
 def test_misspellings_get_a_did_you_mean(args, hint, no_torch_no_ray):
     result = run_cli(*args, env_extra=no_torch_no_ray)

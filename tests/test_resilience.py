@@ -19,9 +19,9 @@ import torch
 
 from conftest import small_config, small_spec
 from images import write_photos
-from segpipe.model import stage as predictor_module
+from segpipe.model import rcnn as family_module
 from segpipe import schema
-from segpipe.model.build import resolve_weights
+from segpipe.model.resolved import resolve_weights
 from segpipe.commands.segment import run_segment
 from segpipe.model.stage import PredictStage
 from segpipe.annotations.selection import ExportOptions
@@ -147,15 +147,15 @@ class _OutOfMemory:
 
 def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
     spec = small_spec()
-    actor = PredictStage(spec, resolve_weights("random", spec).state_dict, use_gpu=False)
+    actor = PredictStage(spec, resolve_weights("random", spec).payload, use_gpu=False)
     sizes = [(40, 60), (40, 60), (40, 61), (40, 60)]
     rows = [{"image_id": i, "file_name": f"{i}.png", "width": w, "height": h, "status": "ok",
              "error": None, schema.PIXELS: np.full((h, w, 3), 100, np.uint8).tobytes()}
             for i, (h, w) in enumerate(sizes)]
     rows.append({"image_id": 9, "file_name": "bad.png", "width": None, "height": None,
                  "status": "error", "error": "decode: empty file (0 bytes)", schema.PIXELS: b""})
-    fake = _OutOfMemory(predictor_module.predict_images, poison_width=61)
-    monkeypatch.setattr(predictor_module, "predict_images", fake)
+    fake = _OutOfMemory(family_module.predict_images, poison_width=61)
+    monkeypatch.setattr(family_module, "predict_images", fake)
     out = actor(pa.Table.from_pylist(rows)).to_pylist()
     assert [r["status"] for r in out] == ["ok", "ok", "error", "ok", "error"]
     assert out[2]["error"].startswith("predict: OutOfMemoryError: CUDA out of memory")

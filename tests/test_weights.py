@@ -15,12 +15,10 @@ import torchvision
 from conftest import served_checkpoint, small_spec
 from segpipe.model import weights as weights_module
 from segpipe.model.categories import COCO_TABLE, Category
-from segpipe.config import ARCHITECTURES, ConfigError
-from segpipe.model.build import (
-    checkpoint_architectures,
-    resolve_weights,
-    state_dict_sha256,
-)
+from segpipe.config import ConfigError
+from segpipe.model.build import checkpoint_architectures, state_dict_sha256
+from segpipe.model.families import ARCHITECTURES, family_of
+from segpipe.model.resolved import resolve_weights
 from segpipe.model.weights import WeightsError, download_checkpoint, hash_prefix, weights_source
 
 
@@ -33,7 +31,7 @@ def test_file_weights_load_and_identify(checkpoint):
     assert resolved.kind == "file"
     assert resolved.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     reference = torch.load(checkpoint, weights_only=True)
-    assert state_dict_sha256(resolved.state_dict) == state_dict_sha256(reference)
+    assert state_dict_sha256(resolved.payload) == state_dict_sha256(reference)
     assert resolved.spec.num_classes == 91 and resolved.categories == COCO_TABLE
     assert resolved.warnings == []
 
@@ -44,7 +42,7 @@ def test_training_checkpoints_and_data_parallel_prefixes_are_accepted(tmp_path, 
     path = tmp_path / "train.pth"
     torch.save({wrap: {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
     resolved = resolve_weights(str(path), small_spec())
-    assert state_dict_sha256(resolved.state_dict) == state_dict_sha256(state)
+    assert state_dict_sha256(resolved.payload) == state_dict_sha256(state)
 
 
 def test_pickled_objects_are_refused(tmp_path):
@@ -151,7 +149,7 @@ def test_pretrained_table_is_torchvisions():
     for arch, (member, url) in weights_module.PRETRAINED.items():
         enum = torchvision.models.get_model_weights(arch).COCO_V1
         assert (f"{type(enum).__name__}.{enum.name}", enum.url) == (member, url)
-    assert set(weights_module.PRETRAINED) == set(ARCHITECTURES)
+    assert set(weights_module.PRETRAINED) == set(family_of(ARCHITECTURES[0]).arches)
     assert hash_prefix("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth") == "bf2d0c1e"
     assert hash_prefix("model_final.pth") is None
 
@@ -257,7 +255,7 @@ def test_two_urls_with_one_file_name_are_two_checkpoints(monkeypatch, tmp_path, 
     assert first.sha256 == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert second.sha256 == hashlib.sha256(other.read_bytes()).hexdigest()
     assert second.spec.num_classes == 5 and first.spec.num_classes == 91
-    assert state_dict_sha256(second.state_dict) == state_dict_sha256(torch.load(other))
+    assert state_dict_sha256(second.payload) == state_dict_sha256(torch.load(other))
     # a signed URL signed anew finds the same file; a cached file changed since is refused
     signed = weights_module.cached_path(f"{base}/a/model.pth?sig=ONE&se=1")
     assert signed == weights_module.cached_path(f"{base}/a/model.pth?sig=TWO&se=1")

@@ -34,7 +34,7 @@ from segpipe.console import interrupt_flag
 from segpipe.io import ownership, sources
 from segpipe.io.lease import Lease
 from segpipe.io.lease import acquire as acquire_lease
-from segpipe.model.build import ResolvedWeights, resolve_weights
+from segpipe.model.resolved import ResolvedWeights, resolve_weights
 from segpipe.model.settings import RunSettings
 from segpipe.model.spec import ModelSpec
 from segpipe.output import run_folder, sinks
@@ -264,7 +264,7 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
             growth = ClusterWatch()
             with timer("pipeline"), watching(monitor if config.progress else None, progress,
                                              actors=plan.min_actors), growth.running():
-                weights_ref = ray.put(weights.state_dict)
+                weights_ref = ray.put(weights.payload)
                 source = source_dataset(config, prepared.checked, todo, frozenset(done),
                                         plan.decode_cpus, monitor)
                 dataset = build_dataset(source, config, plan, weights.spec, weights_ref,

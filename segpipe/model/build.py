@@ -1,4 +1,5 @@
-"""Build torchvision's detectors and load the weights a run names, with the classes they predict.
+"""Build torchvision's detectors (the R-CNN family, ``rcnn``) and read their checkpoints: the
+architecture their keys say and the classes they predict.
 
 Weights are resolved once, in the driver, before any image is read: a pretrained file missing
 from torch's cache is downloaded or the run fails at once (``segpipe.weights``); a checkpoint
@@ -11,38 +12,28 @@ store, so cluster nodes need no cache.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import io
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torchvision.models import detection
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
-from segpipe.config import ARCHITECTURES, ConfigError
-from segpipe.model.categories import (
-    Category,
-    CategoryError,
-    CategoryTable,
-    table_for,
-    unnamed_classes_warning,
-)
+from segpipe.config import ConfigError
+from segpipe.model.families import family_of
 from segpipe.model.spec import ModelSpec
-from segpipe.model.weights import RANDOM_WEIGHTS_NOTE, WeightsSource, check_hash, fetch, weights_source
 
+#: torchvision's constructor of each architecture of the family.
+ARCHES: tuple[str, ...] = family_of("maskrcnn_resnet50_fpn").arches
 _BUILDERS: dict[str, Callable[..., GeneralizedRCNN]] = {
-    arch: getattr(detection, arch) for arch in ARCHITECTURES}
+    arch: getattr(detection, arch) for arch in ARCHES}
 
 #: Keys whose rows are the classes: (box classifier, mask classifier).
 CLASS_ROWS_KEY = "roi_heads.box_predictor.cls_score.weight"
 MASK_ROWS_KEY = "roi_heads.mask_predictor.mask_fcn_logits.weight"
-
-RANDOM_WEIGHTS_WARNING = RANDOM_WEIGHTS_NOTE
-
 
 def build_model(spec: ModelSpec) -> GeneralizedRCNN:
     """Build the architecture with no weights loaded (randomly initialised), in eval mode."""
@@ -58,68 +49,6 @@ def build_model(spec: ModelSpec) -> GeneralizedRCNN:
         rpn_post_nms_top_n_test=spec.proposals_per_image,
     )
     return model.eval()
-
-
-@dataclass
-class ResolvedWeights:
-    """A state dict, the model spec it fits (``num_classes`` from the checkpoint), the category
-    table of its classes, and what identifies it in the manifest."""
-
-    kind: str                      # "pretrained" | "url" | "file" | "random"
-    name: str                      # weights enum member, URL, file path, or "random(seed=N)"
-    sha256: str
-    state_dict: dict[str, torch.Tensor]
-    spec: ModelSpec
-    categories: CategoryTable
-    warnings: list[str] = field(default_factory=list)
-
-    def identity(self) -> dict:
-        return {"kind": self.kind, "name": self.name, "sha256": self.sha256,
-                "num_classes": self.spec.num_classes, "categories": self.categories.origin,
-                "warnings": self.warnings}
-
-
-def resolve_weights(weights: Union[str, WeightsSource], spec: ModelSpec, seed: int = 0,
-                    categories: Optional[tuple[Category, ...]] = None,
-                    show_progress: bool = False) -> ResolvedWeights:
-    """Turn the ``weights`` setting into a state dict, the spec it fits and its categories.
-
-    Raises ``ConfigError`` when a file is missing, unreadable, of another architecture, or has
-    another number of classes than ``categories`` names; when pretrained weights are neither
-    cached nor downloadable.
-    """
-    source = weights if isinstance(weights, WeightsSource) else \
-        weights_source(weights, spec.arch, seed)
-    if source.kind == "random":
-        num_classes = len(categories) + 1 if categories is not None else spec.num_classes
-        spec = dataclasses.replace(spec, num_classes=num_classes)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            state = build_model(spec).state_dict()
-        sha256 = state_dict_sha256(state)
-    else:
-        fetch(source, show_progress=show_progress)
-        data = read_checkpoint_bytes(source.path)   # hashed and loaded from the same bytes
-        sha256 = hashlib.sha256(data).hexdigest()
-        if source.url is not None:
-            check_hash(source.path, sha256)
-        state = load_checkpoint(source.path, data)
-        spec = dataclasses.replace(spec, num_classes=checkpoint_classes(state, spec.arch, source.name))
-        check_fits(state, spec, source.name)
-    try:
-        table = table_for(spec.num_classes, categories)
-    except CategoryError as exc:
-        raise ConfigError(f"{exc} (weights {source.name})") from None
-    warnings = [RANDOM_WEIGHTS_WARNING] if source.kind == "random" else []
-    stored = sorted({str(v.dtype).replace("torch.", "") for v in state.values()
-                     if v.is_floating_point() and v.dtype != torch.float32})
-    if stored:
-        warnings.append(f"the checkpoint stores its weights as {', '.join(stored)}: they are "
-                        "widened to float32 for the model, and what was lost when they were "
-                        "saved stays lost (predictions may differ from the float32 original)")
-    if unnamed_classes_warning(table):
-        warnings.append(unnamed_classes_warning(table))
-    return ResolvedWeights(source.kind, source.name, sha256, state, spec, table, warnings)
 
 
 def read_checkpoint_bytes(path: Path) -> bytes:
@@ -171,7 +100,7 @@ def architecture_keys(arch: str) -> frozenset[str]:
 def checkpoint_architectures(state_dict: dict) -> list[str]:
     """The architectures whose keys are exactly the checkpoint's."""
     keys = _normal_keys(state_dict)
-    return [arch for arch in ARCHITECTURES if architecture_keys(arch) == keys]
+    return [arch for arch in ARCHES if architecture_keys(arch) == keys]
 
 
 def checkpoint_classes(state_dict: dict, arch: str, source: str) -> int:

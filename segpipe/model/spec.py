@@ -7,7 +7,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from segpipe.config import MASK_ARCHITECTURES, SegmentConfig, tile_overlap_pixels
+from segpipe.config import SegmentConfig, tile_overlap_pixels
+from segpipe.model.families import family_of
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,9 @@ class ModelSpec:
     """The model settings that change predictions (everything but the weights).
 
     ``num_classes`` is the classifier's outputs, background included (91 for COCO); it comes
-    from the checkpoint, not from the config.
+    from the checkpoint, not from the config, as does ``masks`` for families whose weights say
+    whether they predict masks (None: the architecture says). ``image_size``: the input size
+    of families that take one (``config.image_size``; None: the model's own).
     """
 
     arch: str
@@ -26,21 +29,23 @@ class ModelSpec:
     detections_per_image: int
     proposals_per_image: int
     num_classes: int = 91
+    masks: Optional[bool] = None
+    image_size: Optional[int] = None
 
     @property
     def has_masks(self) -> bool:
-        return has_masks(self.arch)
+        return self.masks if self.masks is not None else has_masks(self.arch)
 
     @classmethod
     def from_config(cls, config: SegmentConfig, num_classes: int = 91) -> "ModelSpec":
         return cls(config.arch, config.min_size, config.max_size, config.score_floor,
                    config.nms_threshold, config.detections_per_image, config.proposals_per_image,
-                   num_classes)
+                   num_classes, image_size=config.image_size)
 
 
 def has_masks(arch: str) -> bool:
-    """True for the detectors that predict instance masks (Mask R-CNN)."""
-    return arch in MASK_ARCHITECTURES
+    """True for the architectures that always predict instance masks (Mask R-CNN)."""
+    return arch in family_of(arch).masked
 
 
 @dataclass(frozen=True)

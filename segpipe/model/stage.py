@@ -15,20 +15,20 @@ import torch
 
 from segpipe import schema
 from segpipe.io.decode import pixel_arrays
-from segpipe.model.build import ModelSpec, build_model
 from segpipe.model.detections import ImageDetections, pack_detections
 from segpipe.model.devices import actor_identity, describe_device, end_actor, is_fatal_device_error, select_device
+from segpipe.model.families import implementation
 from segpipe.model.faults import FaultInjection
-from segpipe.model.inference import image_tensor, predict_images
-from segpipe.model.precision import prepare_model
-from segpipe.model.spec import TileSettings
+from segpipe.model.inference import image_tensor
+from segpipe.model.spec import ModelSpec, TileSettings
 from segpipe.model.tiles import View, image_views, merge_views
 
 
 class PredictStage:
     """Ray Data actor: decoded rows in, rows with packed detection arrays out.
 
-    Loads the model once per actor. With ``tiling``, an image larger than a tile is
+    Loads the model once per actor: its family's ``Detector`` (``families``), from the
+    ``weights`` payload the driver resolved. With ``tiling``, an image larger than a tile is
     predicted as its tiles (``tiles.py``), ``chunk`` views per forward pass (0: the whole
     batch at once), and its detections merged; it is ok only when every one of its views
     is. A batch that runs out of GPU memory is split in halves and retried down to single
@@ -44,19 +44,17 @@ class PredictStage:
                  tiling: Optional[TileSettings] = None, chunk: int = 0):
         if torch_threads > 0:
             torch.set_num_threads(torch_threads)
-        state_dict = weights
-        if not isinstance(weights, dict):  # the driver's ray.put of the state dict
+        payload = weights
+        if isinstance(weights, ray_object_ref()):  # the driver's ray.put of the payload
             import ray
 
-            state_dict = ray.get(weights)
+            payload = ray.get(weights)
         self.device = select_device(use_gpu)
         self.precision = precision
-        self.canvas = canvas
         self.tiling = tiling
         self.chunk = chunk
-        self.model = build_model(spec)
-        self.model.load_state_dict(state_dict)
-        prepare_model(self.model, self.device, precision)
+        self.detector = implementation(spec.arch).Detector(spec, payload, self.device, precision,
+                                                            canvas)
         self.fault = fault
         self.batches = 0
         self._streams = threading.local()
@@ -114,8 +112,7 @@ class PredictStage:
             return []
         try:
             tensors = [image_tensor(a, self.device) for a, _ in arrays]
-            return list(predict_images(self.model, tensors, self.precision, self.canvas,
-                                       [scaled for _, scaled in arrays]))
+            return list(self.detector.predict(tensors, [scaled for _, scaled in arrays]))
         except Exception as exc:  # noqa: BLE001 - every failure is reported per image
             failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
             if is_fatal_device_error(exc):
@@ -131,6 +128,16 @@ class PredictStage:
             return [item for array in arrays for item in self._predict_isolated([array])]
         half = len(arrays) // 2
         return self._predict_isolated(arrays[:half]) + self._predict_isolated(arrays[half:])
+
+
+def ray_object_ref() -> type:
+    """Ray's ``ObjectRef`` type (the payload comes as one from the driver's ``ray.put``; a
+    ``Predictor`` in a user's ``map_batches`` gets the payload itself)."""
+    try:
+        from ray import ObjectRef
+    except ImportError:   # no Ray: a payload is never a reference
+        return type(None)
+    return ObjectRef
 
 
 def describe_failure(views: list[View], failed: list[tuple[int, str]]) -> str:

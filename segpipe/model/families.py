@@ -1,0 +1,78 @@
+"""The model families segpipe runs, and the one seam each plugs into.
+
+A family is one module and one line of ``FAMILIES``. Its module defines
+
+* ``resolve(source, spec, seed, categories, show_progress) -> resolved.ResolvedWeights``: in the
+  driver, before any image is read: read and check the weights (``weights.WeightsSource``),
+  the classes they predict and the run's category table; ``ConfigError`` for anything that
+  cannot run;
+* ``Detector(spec, payload, device, precision, canvas)``: built once in each predictor actor
+  from the ``payload`` ``resolve`` made; ``predict(images, resize)`` takes ``3×H×W`` float
+  images in [0, 1] on the device (``resize[k]`` false: a tile, predicted at its own
+  resolution) and returns one ``detections.ImageDetections`` per image: boxes in image pixels,
+  labels (1.. for the run's categories), scores, and soft masks (``MASK_FRAME``: ``None``,
+  the box-relative M×M masks R-CNN's head gives; or the name of a frame of
+  ``encode.grids``, masks over the image at the model's mask resolution).
+
+Everything after the seam (paste and RLE, predictions/, COCO, the label formats, review,
+tiles, the actor pool, the API's ``Predictor``) is the same for every family. A family's
+module is imported only when a run uses it: its library (an optional extra) loads only then.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Optional
+
+from segpipe.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family: its name, the module that runs it, the ``--arch`` names it answers to (those of
+    ``masked`` always predict masks; for the others the weights say), and the pip extra its
+    library comes with (None: segpipe's own dependencies)."""
+
+    name: str
+    module: str
+    arches: tuple[str, ...]
+    masked: tuple[str, ...] = ()
+    extra: Optional[str] = None
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("torchvision", "segpipe.model.rcnn",
+           ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn",
+            "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"),
+           masked=("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")),
+)
+
+#: Every ``--arch`` name, the default (torchvision's Mask R-CNN) first.
+ARCHITECTURES: tuple[str, ...] = tuple(arch for family in FAMILIES for arch in family.arches)
+
+
+def family_of(arch: str) -> Family:
+    """The family ``arch`` belongs to; ``ConfigError`` (with the closest name) for none."""
+    for family in FAMILIES:
+        if arch in family.arches:
+            return family
+    close = difflib.get_close_matches(arch, ARCHITECTURES, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}{hint}")
+
+
+def implementation(arch: str) -> ModuleType:
+    """The module of ``arch``'s family; ``ConfigError`` in one line when its library (an
+    optional extra) is not installed."""
+    family = family_of(arch)
+    try:
+        return importlib.import_module(family.module)
+    except ImportError as exc:
+        if family.extra is None:
+            raise
+        raise ConfigError(f"--arch {arch} needs the {family.extra} library, which is not "
+                          f"installed ({exc.name or exc}): pip install 'segpipe[{family.extra}]'"
+                          ) from None
