@@ -7,9 +7,9 @@ A family is one module and one line of ``FAMILIES``. Its module defines
   the classes they predict and the run's category table; ``ConfigError`` for anything that
   cannot run;
 * ``Detector(spec, payload, device, precision, canvas)``: built once in each predictor actor
-  from the ``payload`` ``resolve`` made; ``predict(images, resize)`` takes ``3×H×W`` float
-  images in [0, 1] on the device (``resize[k]`` false: a tile, predicted at its own
-  resolution) and returns one ``detections.ImageDetections`` per image: boxes in image pixels,
+  from the ``payload`` ``resolve`` made; ``predict(images, resize)`` takes ``H×W×3`` uint8
+  RGB images (decoded as ``io.decode`` decodes them; ``resize[k]`` false: a tile, predicted
+  at its own resolution) and returns one ``detections.ImageDetections`` per image: boxes in image pixels,
   labels (1.. for the run's categories), scores, and soft masks (``MASK_FRAME``: ``None``,
   the box-relative M×M masks R-CNN's head gives; or the name of a frame of
   ``encode.grids``, masks over the image at the model's mask resolution).

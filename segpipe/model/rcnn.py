@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 from typing import Optional
 
+import numpy as np
 import torch
 
 from segpipe.config import ConfigError
@@ -26,7 +27,7 @@ from segpipe.model.build import (
 )
 from segpipe.model.categories import Category, CategoryError, table_for, unnamed_classes_warning
 from segpipe.model.detections import ImageDetections
-from segpipe.model.inference import predict_images
+from segpipe.model.inference import image_tensor, predict_images
 from segpipe.model.precision import prepare_model
 from segpipe.model.resolved import ResolvedWeights
 from segpipe.model.spec import ModelSpec
@@ -88,7 +89,10 @@ class Detector:
         self.model = build_model(spec)
         self.model.load_state_dict(payload)
         prepare_model(self.model, device, precision)
-        self.precision, self.canvas = precision, canvas
+        self.device, self.precision, self.canvas = device, precision, canvas
 
-    def predict(self, images: list[torch.Tensor], resize: list[bool]) -> list[ImageDetections]:
-        return predict_images(self.model, images, self.precision, self.canvas, resize)
+    def predict(self, images: list[np.ndarray], resize: list[bool]) -> list[ImageDetections]:
+        """The detections of ``H×W×3`` uint8 RGB ``images`` (``resize[k]`` false: a tile, at
+        its own resolution)."""
+        tensors = [image_tensor(image, self.device) for image in images]
+        return predict_images(self.model, tensors, self.precision, self.canvas, resize)

@@ -19,7 +19,6 @@ from segpipe.model.detections import ImageDetections, pack_detections
 from segpipe.model.devices import actor_identity, describe_device, end_actor, is_fatal_device_error, select_device
 from segpipe.model.families import implementation
 from segpipe.model.faults import FaultInjection
-from segpipe.model.inference import image_tensor
 from segpipe.model.spec import ModelSpec, TileSettings
 from segpipe.model.tiles import View, image_views, merge_views
 
@@ -111,8 +110,7 @@ class PredictStage:
         if not arrays:
             return []
         try:
-            tensors = [image_tensor(a, self.device) for a, _ in arrays]
-            return list(self.detector.predict(tensors, [scaled for _, scaled in arrays]))
+            return list(self.detector.predict([a for a, _ in arrays], [scaled for _, scaled in arrays]))
         except Exception as exc:  # noqa: BLE001 - every failure is reported per image
             failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
             if is_fatal_device_error(exc):
