@@ -33,7 +33,7 @@ from segpipe import schema
 from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, check_keys, validate
 from segpipe.io.decode import decode_batch, pixel_column
-from segpipe.model.families import family_of
+from segpipe.model.families import check_installed
 from segpipe.model.spec import ModelSpec, TileSettings
 
 ConfigLike = Union[SegmentConfig, Mapping[str, Any], None]
@@ -92,7 +92,7 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
         check_keys(values, "config")
         result = SegmentConfig(**values)
     validate(result, needs_paths=False)
-    family_of(result.arch)   # ConfigError naming the architectures there are
+    check_installed(result.arch)   # ConfigError naming the architectures there are, or the extra
     return result
 
 
@@ -102,7 +102,7 @@ def _resolve(config: SegmentConfig):
 
     categories = load_categories(config.categories) if config.categories else None
     weights = resolve_weights(config.weights, ModelSpec.from_config(config), config.seed,
-                              categories)
+                              categories, tiled=bool(config.tile))
     for warning in weights.warnings:   # random weights, a half-precision checkpoint...
         log.warning("%s", warning)
     return weights
@@ -291,7 +291,8 @@ class Predictor:
         self._encode = MaskEncoder(self.config.mask_threshold,
                                    keep_soft_masks=self.config.soft_masks,
                                    categories=weights.categories,
-                                   soft_mask_dtype=self.config.soft_mask_dtype)
+                                   soft_mask_dtype=self.config.soft_mask_dtype,
+                                   mask_frame=weights.spec.mask_frame)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         decoded = _decoded(batch, self.image_column, self.config, self.root)

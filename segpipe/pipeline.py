@@ -88,7 +88,8 @@ def predict_and_encode(decoded: ray.data.Dataset, config: SegmentConfig, plan: S
         fn_constructor_kwargs={"mask_threshold": config.mask_threshold,
                                "keep_soft_masks": config.soft_masks,
                                "categories": categories, "monitor": monitor,
-                               "soft_mask_dtype": soft_mask_dtype},
+                               "soft_mask_dtype": soft_mask_dtype,
+                               "mask_frame": spec.mask_frame},
         batch_size=images_per_block(config), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_encoders),
         num_cpus=plan.encode_cpus)

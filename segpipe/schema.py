@@ -53,11 +53,18 @@ DETECTION = pa.struct([
                                                 # RunSettings.soft_mask_dtype: uint16 (p·65535,
                                                 # rounded), float32, or (runs before) uint8
                                                 # (p·255); null with --no-soft-masks
-                                                # and for tiled images (see parts)
+                                                # and for tiled images (see parts);
+                                                # with mask_grid: the grid crop's mask
+                                                # logits, float16 (uint16's bytes) or float32
     pa.field("parts", pa.list_(DETECTION_PART)),  # tiled images only (--tile): what was
                                                 # merged into this detection, best first;
                                                 # its mask is the union of the parts'
                                                 # (soft masks null with --no-soft-masks)
+    pa.field("mask_grid", pa.list_(pa.int32(), 6)),  # families whose masks are over the image
+                                                # (ModelSpec.mask_frame, encode.grids):
+                                                # grid_h grid_w x0 y0 x1 y1, the cells of the
+                                                # model's mask map that soft_mask holds;
+                                                # null for box-relative masks (R-CNN's M×M)
 ])
 
 PREDICTION_SCHEMA = pa.schema([
@@ -98,8 +105,10 @@ NUM_DETECTIONS = "num_detections"
 LABELS = "labels"          # int32[N]
 SCORES = "scores"          # float32[N]
 BOXES = "boxes"            # float32[N, 4], x1 y1 x2 y2 in original image pixels
-SOFT_MASKS = "soft_masks"  # float32[N, M, M], the mask head's probabilities for the label
-MASK_SIZE = "mask_size"    # M
+SOFT_MASKS = "soft_masks"  # float32[N, M, M], the mask head's probabilities for the label;
+                           # with MASK_GRIDS, each detection's crop of the mask logits
+MASK_SIZE = "mask_size"    # M (0 with MASK_GRIDS)
+MASK_GRIDS = "mask_grids"  # int32[N, 6] grid_h grid_w x0 y0 x1 y1 (encode.grids), or empty
 TILED = "tiled"            # bool: the rows below are parts of merged detections (tiles.py)
 WINDOWS = "windows"        # int32[N, 4], each part's view x0 y0 x1 y1 (tiled images)
 GROUPS = "groups"          # int32[N], the merged detection of each part (tiled images)

@@ -184,11 +184,24 @@ def _checkout_state() -> Optional[str]:
 def pytest_sessionstart(session) -> None:
     if not hasattr(session.config, "workerinput"):   # the controller, with or without xdist
         session.config.stash[_CHECKOUT] = _checkout_state()
+    # Ultralytics writes its settings file on import: into the run's own folder, for this
+    # process and the Ray workers it starts (they inherit the environment), not the home's
+    import tempfile
+
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="segpipe-tests-ultralytics-")
+        session.config.stash[_YOLO_CONFIG] = os.environ["YOLO_CONFIG_DIR"]
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run when a test wrote into the checkout: tests write only in their own temp
     folders, and nothing a test does may show in ``git status``."""
+    folder = session.config.stash.get(_YOLO_CONFIG, None)
+    if folder is not None:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("YOLO_CONFIG_DIR", None)
     if hasattr(session.config, "workerinput"):
         return
     before = session.config.stash.get(_CHECKOUT, None)
@@ -205,3 +218,4 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 
 _CHECKOUT = pytest.StashKey[Optional[str]]()
+_YOLO_CONFIG = pytest.StashKey[str]()

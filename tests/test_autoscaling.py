@@ -31,10 +31,16 @@ TESTS = Path(__file__).resolve().parent
 HEAD_CPUS = 1
 WORKER = {"CPU": 2}
 MAX_WORKERS = 2
-#: Copies of the four test photos: work for about 40 s on one 1-thread predictor at
-#: min_size 320, long enough for Ray Data to ask for a node and start actors on it (measured:
-#: the node joined after 6 s, its actors started after 28 s).
-COPIES = 8
+#: Copies of the four test photos: work for about 55 s on one 1-thread predictor at
+#: min_size 320, long enough for Ray Data to ask for a node and start actors on it. Measured
+#: quiet: the node joined after 6 s, its actors started after 28 s; on a loaded CI machine a run
+#: of 8 copies (about 28 s of work) ended before the second actor had started.
+COPIES = 12
+#: Ray Data asks for a node once the cluster's use, averaged over 10 s, stays high, and at most
+#: every 10 s (Ray's defaults for long jobs): the test's short run asks over 2 s, every 2 s.
+#: Measured with the defaults: the node joined after 6 s in one run and after 24 s in another.
+QUICK_NODE_REQUESTS = {"RAY_DATA_CLUSTER_UTIL_AVG_WINDOW_S": "2",
+                       "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2"}
 
 
 def autoscaler_config(gcs_port: int) -> dict:
@@ -96,7 +102,7 @@ def test_pool_grows_with_an_autoscaling_cluster_and_every_image_comes_out_once(
     result = run_cli("segment", str(inputs), str(out), *small_flags(), "--weights",
                      str(checkpoint), "--address", address, "--actors", "1-3",
                      "--batch-size", "1", "--min-size", "320", "--max-size", "480",
-                     env_extra={"RAY_AUTH_MODE": "disabled"})
+                     env_extra={"RAY_AUTH_MODE": "disabled", **QUICK_NODE_REQUESTS})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # the plan saw the node types and sized the pool for the grown cluster
     assert "can grow from 1 CPUs and 0 GPUs to 5 CPUs" in result.stdout, result.stdout

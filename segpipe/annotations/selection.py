@@ -133,7 +133,8 @@ def select_detections(row: dict, options: ExportOptions, settings: RunSettings,
 
         with_masks = [k for k, det in enumerate(kept) if det["segmentation"] is not None]
         new_masks = rethreshold([kept[k] for k in with_masks], row["height"], row["width"],
-                                options.mask_threshold, settings.soft_mask_dtype)
+                                options.mask_threshold, settings.soft_mask_dtype,
+                                settings.model.mask_frame)
         for k, (area, segmentation) in zip(with_masks, new_masks):
             kept[k] = {**kept[k], "area": area, "segmentation": segmentation}
     chosen = []

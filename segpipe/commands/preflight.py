@@ -19,7 +19,7 @@ from segpipe.config import SegmentConfig, validate
 from segpipe.io import sources
 from segpipe.io.lease import check_free as check_lease
 from segpipe.model.categories import Category, load_categories
-from segpipe.model.families import family_of
+from segpipe.model.families import check_installed
 from segpipe.model.weights import WeightsSource, weights_source
 from segpipe.output import run_folder
 
@@ -42,7 +42,7 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     """Check ``config`` and the files it names; raise ``ConfigError`` on the first mistake."""
     start = time.perf_counter()
     validate(config)
-    family_of(config.arch)   # ConfigError naming the architectures there are
+    check_installed(config.arch)   # ConfigError naming the architectures there are, or the extra
     categories = load_categories(config.categories) if config.categories else None
     weights = weights_source(config.weights, config.arch, config.seed)
     run_folder.check_target(config.output, "OUTPUT", inputs=(config.input,))

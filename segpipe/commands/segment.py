@@ -190,7 +190,8 @@ def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> 
     timer.seconds["checks"] = checked.seconds
     with timer("weights"):
         weights = resolve_weights(checked.weights, ModelSpec.from_config(config), config.seed,
-                                  checked.categories, show_progress=config.progress)
+                                  checked.categories, show_progress=config.progress,
+                                  tiled=bool(config.tile))
     settings = run_settings(config, weights)
     run_folder.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
     ownership.mark_folder(config.output, "segment")

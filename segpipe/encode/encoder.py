@@ -7,6 +7,11 @@ pass per image (``paste.py``), never an ``H×W`` array per detection. ``encode_b
 stage; ``MaskEncoder`` runs it in Ray Data actors. Each detection's label becomes the run's
 category (``CategoryTable``); box-only detections get no mask, area or segmentation.
 
+Families whose masks are over the whole image (YOLO's prototypes, Mask2Former's queries) hand
+each detection's crop of their mask logits instead (``ImageDetections.mask_grids``);
+``grids.py`` makes their final masks as the family's library does (``ModelSpec.mask_frame``),
+and predictions/ keeps the crops as logits (``GRID_DTYPES``).
+
 Soft masks are kept in predictions/ so that ``segpipe export`` can binarise them at a new
 threshold. How is a measured trade (``bench/soft_mask_storage.py``, docs/benchmarks.md),
 ``soft_mask_dtype`` in the config: uint16 (``round(p * 65535)``, the default) re-binarises
@@ -28,11 +33,18 @@ from segpipe import schema
 from segpipe.encode.paste import paste_runs
 from segpipe.model.categories import COCO_TABLE, CategoryTable
 from segpipe.model.detections import ImageDetections, group_bounds, unpack_detections
+from segpipe.model.grids import grid_masks, split_crops
 from segpipe.model.tiles import image_boxes
 
 #: The full scale of each way soft masks are stored as integers (``float32`` keeps them as
 #: the model gave them).
 SOFT_MASK_SCALES = {"uint8": 255, "uint16": 65535}
+#: How grid crops (mask logits, ``grids``) are stored for each ``soft_mask_dtype``: float16
+#: in the bytes of uint16 (3 significant digits: a logit near 10 moves by 0.004), float32 as
+#: computed.
+GRID_DTYPES = {"uint16": "float16", "float32": "float32"}
+#: The largest logit magnitude a grid crop stores (float16's range ends at 65504).
+GRID_LOGIT_LIMIT = 60000.0
 
 
 def encode_masks(soft_masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
@@ -85,12 +97,31 @@ def dequantise_soft_masks(stored: Sequence[bytes], dtype: str) -> np.ndarray:
     return (q.astype(np.float32) / np.float32(SOFT_MASK_SCALES[dtype])).reshape(-1, m, m)
 
 
+def quantise_logits(logits: np.ndarray, dtype: str = schema.SOFT_MASK_DTYPE) -> np.ndarray:
+    """A grid crop's logits as stored for ``soft_mask_dtype`` ``dtype`` (``GRID_DTYPES``)."""
+    return np.clip(logits, -GRID_LOGIT_LIMIT, GRID_LOGIT_LIMIT).astype(GRID_DTYPES[dtype])
+
+
+def dequantise_crops(stored: Sequence[bytes], grids: np.ndarray, dtype: str) -> list[np.ndarray]:
+    """Inverse of ``quantise_logits`` for stored grid crops (``grids``: each one's
+    ``mask_grid``): ``float32[rows, columns]`` logits each."""
+    values = np.frombuffer(b"".join(stored), GRID_DTYPES[dtype]).astype(np.float32)
+    return split_crops(values, grids)
+
+
 def rethreshold(detections: Sequence[dict], height: int, width: int, mask_threshold: float,
-                dtype: str) -> list[tuple[int, dict]]:
+                dtype: str, mask_frame: Optional[str] = None) -> list[tuple[int, dict]]:
     """``(area, segmentation)`` of stored detections binarised at a new mask threshold; a
-    tiled image's detection is the union of its ``parts``, each pasted in its window."""
+    tiled image's detection is the union of its ``parts``, each pasted in its window; with a
+    ``mask_frame``, each detection's grid crop made into its mask (``grids``)."""
     if not detections:
         return []
+    if mask_frame is not None:
+        grids = np.asarray([det["mask_grid"] for det in detections], np.int64)
+        boxes = np.asarray([det["box"] for det in detections], np.float32)
+        crops = dequantise_crops([det["soft_mask"] for det in detections], grids, dtype)
+        rles, areas = grid_masks(crops, grids, boxes, height, width, mask_threshold, mask_frame)
+        return [(int(area), rle) for area, rle in zip(areas, rles)]
     whole = [0, 0, width, height]
     parts = [(d, part) for d, det in enumerate(detections) for part in (det.get("parts") or [det])]
     soft = dequantise_soft_masks([part["soft_mask"] for _, part in parts], dtype)
@@ -110,10 +141,15 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 
 def encode_detections(det: ImageDetections, height: int, width: int, mask_threshold: float,
                       keep_soft_masks: bool = True, categories: CategoryTable = COCO_TABLE,
-                      soft_mask_dtype: str = schema.SOFT_MASK_DTYPE) -> list[dict]:
+                      soft_mask_dtype: str = schema.SOFT_MASK_DTYPE,
+                      mask_frame: Optional[str] = None) -> list[dict]:
     """The ``detections`` list of one output row (``schema.DETECTION`` dicts); a tiled
-    image's parts become one detection per group, with its ``parts``."""
+    image's parts become one detection per group, with its ``parts``; grid crops
+    (``det.mask_grids``) made into masks by ``mask_frame`` (``grids.FRAMES``)."""
     count = len(det.boxes)
+    if det.mask_grids is not None:
+        return _encode_grid_detections(det, height, width, mask_threshold, keep_soft_masks,
+                                       categories, soft_mask_dtype, mask_frame)
     stored: Sequence[Optional[bytes]] = [None] * count
     if det.has_masks and keep_soft_masks:
         stored = [q.tobytes() for q in quantise_soft_masks(det.soft_masks, soft_mask_dtype)]
@@ -142,13 +178,39 @@ def encode_detections(det: ImageDetections, height: int, width: int, mask_thresh
         category_id, name = categories.category_of(int(det.labels[first]))
         rows.append({"category_id": category_id, "category_name": name,
                      "score": float(det.scores[first]), "bbox": bbox, "area": area,
-                     "segmentation": rle, "box": box, "soft_mask": soft, "parts": part})
+                     "segmentation": rle, "box": box, "soft_mask": soft, "parts": part,
+                     "mask_grid": None})
+    return rows
+
+
+def _encode_grid_detections(det: ImageDetections, height: int, width: int,
+                            mask_threshold: float, keep_soft_masks: bool,
+                            categories: CategoryTable, soft_mask_dtype: str,
+                            mask_frame: Optional[str]) -> list[dict]:
+    """``encode_detections`` of an untiled image whose masks are grid crops."""
+    if mask_frame is None:
+        raise ValueError("grid soft masks need the family's mask frame")
+    assert det.mask_grids is not None
+    crops = split_crops(det.soft_masks, det.mask_grids)
+    rles, areas = grid_masks(crops, det.mask_grids, det.boxes, height, width, mask_threshold,
+                             mask_frame)
+    rows = []
+    for k, (bbox, box, crop) in enumerate(zip(xyxy_to_xywh(det.boxes).tolist(), det.boxes.tolist(),
+                                              crops)):
+        category_id, name = categories.category_of(int(det.labels[k]))
+        rows.append({"category_id": category_id, "category_name": name,
+                     "score": float(det.scores[k]), "bbox": bbox, "area": int(areas[k]),
+                     "segmentation": rles[k], "box": box, "parts": None,
+                     "soft_mask": quantise_logits(crop, soft_mask_dtype).tobytes()
+                     if keep_soft_masks else None,
+                     "mask_grid": det.mask_grids[k].tolist()})
     return rows
 
 
 def encode_batch(batch: pa.Table, mask_threshold: float, keep_soft_masks: bool = True,
                  categories: CategoryTable = COCO_TABLE,
-                 soft_mask_dtype: str = schema.SOFT_MASK_DTYPE) -> pa.Table:
+                 soft_mask_dtype: str = schema.SOFT_MASK_DTYPE,
+                 mask_frame: Optional[str] = None) -> pa.Table:
     """Ray Data stage: predictor rows → rows of ``schema.PREDICTION_SCHEMA``.
 
     An image whose encoding fails becomes an error row; the others are unaffected.
@@ -161,7 +223,7 @@ def encode_batch(batch: pa.Table, mask_threshold: float, keep_soft_masks: bool =
             try:
                 encoded = encode_detections(unpack_detections(row), row["height"], row["width"],
                                             mask_threshold, keep_soft_masks, categories,
-                                            soft_mask_dtype)
+                                            soft_mask_dtype, mask_frame)
             except Exception as exc:
                 status, error = schema.STATUS_ERROR, f"encode: {type(exc).__name__}: {exc}"
         statuses.append(status)
@@ -183,21 +245,23 @@ class MaskEncoder:
     import stole ~2.5 s from the predictors every time). An actor pays it once.
 
     ``monitor`` (a ``progress.RunMonitor`` actor, optional) is told how many images each
-    batch finished, for the driver's progress line.
+    batch finished, for the driver's progress line. ``mask_frame``: the family's
+    (``ModelSpec.mask_frame``).
     """
 
     def __init__(self, mask_threshold: float, keep_soft_masks: bool = True,
                  categories: CategoryTable = COCO_TABLE, monitor: Optional[Any] = None,
-                 soft_mask_dtype: str = schema.SOFT_MASK_DTYPE):
+                 soft_mask_dtype: str = schema.SOFT_MASK_DTYPE, mask_frame: Optional[str] = None):
         self.mask_threshold = mask_threshold
         self.keep_soft_masks = keep_soft_masks
         self.categories = categories
         self.monitor = monitor
         self.soft_mask_dtype = soft_mask_dtype
+        self.mask_frame = mask_frame
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         encoded = encode_batch(batch, self.mask_threshold, self.keep_soft_masks, self.categories,
-                               self.soft_mask_dtype)
+                               self.soft_mask_dtype, self.mask_frame)
         if self.monitor is not None:
             failed = encoded.column("status").to_pylist().count(schema.STATUS_ERROR)
             self.monitor.add.remote(encoded.num_rows - failed, failed)

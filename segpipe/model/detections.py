@@ -20,7 +20,9 @@ from segpipe import schema
 class ImageDetections:
     """The detections of one image, on the host.
 
-    Untiled, each row is a detection in original image pixels. A tiled image's rows are the
+    Untiled, each row is a detection in original image pixels. Its soft mask is box-relative
+    (R-CNN's M×M over its box) or, with ``mask_grids``, a crop of the model's mask map over
+    the whole image (``encode.grids``). A tiled image's rows are the
     *parts* of its merged detections (``tiles.merge_views``): ``boxes`` in the pixels of the
     part's view, ``windows`` the view's ``x0 y0 x1 y1`` in the image, ``groups`` the merged
     detection each part belongs to (non-decreasing; each detection's best part first).
@@ -30,13 +32,17 @@ class ImageDetections:
     scores: np.ndarray      # float32[N]
     boxes: np.ndarray       # float32[N, 4], x1 y1 x2 y2
     soft_masks: np.ndarray  # float32[N, M, M], mask probabilities for the predicted label;
-                            # float32[N, 0, 0] for box-only detectors
+                            # float32[N, 0, 0] for box-only detectors; with mask_grids,
+                            # float32[sum of crop cells]: each detection's crop of the mask
+                            # logits, end to end
     windows: Optional[np.ndarray] = None  # int32[N, 4] for tiled images
     groups: Optional[np.ndarray] = None   # int32[N] for tiled images
+    mask_grids: Optional[np.ndarray] = None  # int32[N, 6] for masks over the image
+                                             # (encode.grids: grid_h grid_w x0 y0 x1 y1)
 
     @property
     def has_masks(self) -> bool:
-        return self.soft_masks.shape[-1] > 0
+        return self.mask_grids is not None or self.soft_masks.shape[-1] > 0
 
     @property
     def tiled(self) -> bool:
@@ -60,8 +66,8 @@ def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[
         **schema.image_columns(batch, statuses, errors),
         schema.NUM_DETECTIONS: pa.array([len(r.scores) if r is not None else 0 for r in results],
                                         pa.int32()),
-        schema.MASK_SIZE: pa.array([r.soft_masks.shape[-1] if r is not None else 0
-                                    for r in results], pa.int32()),
+        schema.MASK_SIZE: pa.array([r.soft_masks.shape[-1] if r is not None and r.mask_grids
+                                    is None else 0 for r in results], pa.int32()),
         schema.LABELS: packed("labels"),
         schema.SCORES: packed("scores"),
         schema.BOXES: packed("boxes"),
@@ -69,6 +75,7 @@ def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[
         schema.TILED: pa.array([r is not None and r.tiled for r in results], pa.bool_()),
         schema.WINDOWS: packed("windows"),
         schema.GROUPS: packed("groups"),
+        schema.MASK_GRIDS: packed("mask_grids"),
     })
 
 
@@ -76,11 +83,14 @@ def unpack_detections(row: dict) -> ImageDetections:
     """Inverse of ``pack_detections`` for one row (a dict of column values)."""
     n, m = row[schema.NUM_DETECTIONS], row[schema.MASK_SIZE]
     tiled = row.get(schema.TILED)
+    grids = row.get(schema.MASK_GRIDS)
+    soft = np.frombuffer(row[schema.SOFT_MASKS], np.float32)
     return ImageDetections(
         labels=np.frombuffer(row[schema.LABELS], np.int32),
         scores=np.frombuffer(row[schema.SCORES], np.float32),
         boxes=np.frombuffer(row[schema.BOXES], np.float32).reshape(n, 4),
-        soft_masks=np.frombuffer(row[schema.SOFT_MASKS], np.float32).reshape(n, m, m),
+        soft_masks=soft if grids else soft.reshape(n, m, m),
         windows=np.frombuffer(row[schema.WINDOWS], np.int32).reshape(n, 4) if tiled else None,
         groups=np.frombuffer(row[schema.GROUPS], np.int32) if tiled else None,
+        mask_grids=np.frombuffer(grids, np.int32).reshape(n, 6) if grids else None,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
@@ -34,13 +35,14 @@ from segpipe.config import ConfigError
 class Family:
     """A family: its name, the module that runs it, the ``--arch`` names it answers to (those of
     ``masked`` always predict masks; for the others the weights say), and the pip extra its
-    library comes with (None: segpipe's own dependencies)."""
+    library (the module ``library``) comes with (None: segpipe's own dependencies)."""
 
     name: str
     module: str
     arches: tuple[str, ...]
     masked: tuple[str, ...] = ()
     extra: Optional[str] = None
+    library: Optional[str] = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -48,6 +50,8 @@ FAMILIES: tuple[Family, ...] = (
            ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn",
             "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"),
            masked=("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")),
+    Family("ultralytics", "segpipe.model.yolo", ("ultralytics",), extra="ultralytics",
+           library="ultralytics"),
 )
 
 #: Every ``--arch`` name, the default (torchvision's Mask R-CNN) first.
@@ -62,6 +66,15 @@ def family_of(arch: str) -> Family:
     close = difflib.get_close_matches(arch, ARCHITECTURES, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     raise ConfigError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}{hint}")
+
+
+def check_installed(arch: str) -> None:
+    """``ConfigError`` in one line when the library of ``arch``'s family (an optional extra)
+    is not installed; imports nothing."""
+    family = family_of(arch)
+    if family.library is not None and importlib.util.find_spec(family.library) is None:
+        raise ConfigError(f"--arch {arch} needs the {family.library} library, which is not "
+                          f"installed: pip install 'segpipe[{family.extra}]'")
 
 
 def implementation(arch: str) -> ModuleType:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from segpipe.config import ConfigError
 from segpipe.model.categories import Category, CategoryTable
 from segpipe.model.families import implementation
 from segpipe.model.spec import ModelSpec
@@ -34,11 +35,17 @@ class ResolvedWeights:
 
 def resolve_weights(weights: Any, spec: ModelSpec, seed: int = 0,
                     categories: Optional[tuple[Category, ...]] = None,
-                    show_progress: bool = False) -> ResolvedWeights:
+                    show_progress: bool = False, tiled: bool = False) -> ResolvedWeights:
     """Turn the ``weights`` setting (or a ``weights.WeightsSource``) into what the family of
-    ``spec.arch`` runs (its ``resolve``); ``ConfigError`` for anything that cannot run."""
+    ``spec.arch`` runs (its ``resolve``); ``ConfigError`` for anything that cannot run, a
+    ``tiled`` run (``--tile``) of masks over the whole image included."""
     from segpipe.model.weights import WeightsSource, weights_source  # the network, on use
 
     source = weights if isinstance(weights, WeightsSource) else \
         weights_source(weights, spec.arch, seed)
-    return implementation(spec.arch).resolve(source, spec, seed, categories, show_progress)
+    resolved = implementation(spec.arch).resolve(source, spec, seed, categories, show_progress)
+    if tiled and resolved.spec.has_masks and resolved.spec.mask_frame is not None:
+        raise ConfigError(f"--tile cannot slice the masks of --arch {spec.arch} (weights "
+                          f"{source.name}): they are made over the whole image; run without "
+                          "--tile, or with a box-only model")
+    return resolved

@@ -18,7 +18,9 @@ class ModelSpec:
     ``num_classes`` is the classifier's outputs, background included (91 for COCO); it comes
     from the checkpoint, not from the config, as does ``masks`` for families whose weights say
     whether they predict masks (None: the architecture says). ``image_size``: the input size
-    of families that take one (``config.image_size``; None: the model's own).
+    of families that take one (``config.image_size``; None: the model's own). ``mask_frame``:
+    how the family's masks are made from its soft masks (``encode.grids.FRAMES``; None:
+    R-CNN's box-relative M×M masks, ``encode.paste``), the family's ``MASK_FRAME``.
     """
 
     arch: str
@@ -31,6 +33,7 @@ class ModelSpec:
     num_classes: int = 91
     masks: Optional[bool] = None
     image_size: Optional[int] = None
+    mask_frame: Optional[str] = None
 
     @property
     def has_masks(self) -> bool:

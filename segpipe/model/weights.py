@@ -166,6 +166,9 @@ class WeightsSource:
 def weights_source(weights: str, arch: str, seed: int = 0) -> WeightsSource:
     """Resolve the ``--weights`` setting; ``WeightsError`` when a named file does not exist."""
     if weights == "pretrained":
+        if arch not in PRETRAINED:
+            raise WeightsError(f"--arch {arch} has no pretrained weights segpipe fetches: pass "
+                               "--weights PATH (or an http(s) URL) of its checkpoint")
         member, url = PRETRAINED[arch]
         return WeightsSource("pretrained", member, cached_path(url), url)
     if weights == "random":

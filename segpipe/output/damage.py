@@ -14,7 +14,8 @@ or reach a file people open. So:
   score in [0, 1], finite boxes, a segmentation of the image's size whose counts are a COCO
   RLE covering exactly its pixels (``_rle_ones``: pycocotools trusts counts and loops over
   them) with the area of that mask, soft masks of M×M values of the run's kind, all of one
-  size in an image, tile windows inside the image, and the category name the run's table
+  size in an image (families with masks over the image: a ``mask_grid`` crop of a grid and
+  its values), tile windows inside the image, and the category name the run's table
   gives its id; otherwise the reader takes it out (``damaged_detections_removed``).
 
 Both are counted and the first few (``NAMED``) named by the command that met them.
@@ -146,6 +147,7 @@ REASONS = (
     ("its soft mask is not M×M values of the run's kind", ""),
     ("its soft mask is not the size of the image's others (masks are re-pasted together)", ""),
     ("a tile part's window, box or soft mask is not one of the image", ""),
+    ("its mask grid {} is not a crop of a grid, or its soft mask not that crop's values", "mask_grid"),
 )
 
 
@@ -224,6 +226,30 @@ def _soft_sides(array: pa.Array, itemsize: int) -> tuple[np.ndarray, np.ndarray]
     return np.where(bad | (lengths == 0), 0, sides), bad | (np.asarray(array.is_valid()) & (lengths == 0))
 
 
+def _bad_grid_crops(values: pa.StructArray, itemsize: int) -> np.ndarray:
+    """Per detection of a family with masks over the image (``mask_grid``), whether its grid is
+    not ``grid_h grid_w x0 y0 x1 y1`` of a crop (sides up to ``MAX_SOFT_MASK_SIDE``), or its
+    stored soft mask not the crop's values of the run's kind; a detection without a mask has
+    neither."""
+    n = len(values)
+    soft = values.field("soft_mask")
+    lengths = np.asarray(pc.fill_null(pc.binary_length(soft), -1).to_numpy(), np.int64)
+    if "mask_grid" not in values.type.names:
+        return np.asarray(values.field("segmentation").is_valid()) & (lengths >= 0)
+    grids = values.field("mask_grid")
+    present = np.asarray(grids.is_valid())
+    cells = np.zeros((n, 6), np.int64)
+    if present.any():
+        cells[present] = np.asarray(pc.fill_null(pc.list_flatten(grids), -1).to_numpy(),
+                                    np.int64).reshape(-1, 6)
+    gh, gw, x0, y0, x1, y1 = cells.T
+    sane = (gh >= 1) & (gw >= 1) & (gh <= MAX_SOFT_MASK_SIDE) & (gw <= MAX_SOFT_MASK_SIDE) & \
+        (x0 >= 0) & (x0 < x1) & (x1 <= gw) & (y0 >= 0) & (y0 < y1) & (y1 <= gh)
+    fits = (lengths < 0) | (lengths == (x1 - x0) * (y1 - y0) * itemsize)
+    has_mask = np.asarray(values.field("segmentation").is_valid())
+    return np.where(present, ~(sane & fits), has_mask)
+
+
 def detection_codes(table: pa.Table, settings: RunSettings) -> tuple[pa.ListArray, np.ndarray]:
     """The detections of ``table``'s rows (``width``, ``height``, ``detections``) as one list
     array, and per detection (flattened, in row order) why it is damaged: an index into
@@ -279,6 +305,9 @@ def detection_codes(table: pa.Table, settings: RunSettings) -> tuple[pa.ListArra
         area = np.asarray(pc.fill_null(values.field("area"), -1).to_numpy(), np.int64)
         mark(check & (ones >= 0) & (area != ones), 7)
     itemsize = np.dtype(settings.soft_mask_dtype).itemsize
+    if settings.model.mask_frame is not None:   # grid crops: no tiles, no common side
+        mark(_bad_grid_crops(values, itemsize), 11)
+        return lists, codes
     sides, bad_soft = _soft_sides(values.field("soft_mask"), itemsize)
     mark(bad_soft, 8)
     parts = values.field("parts")

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from segpipe import schema
 from segpipe.annotations.selection import ExportCounts, image_counts
-from segpipe.encode.encoder import dequantise_soft_masks
+from segpipe.encode.encoder import dequantise_crops, dequantise_soft_masks
 from segpipe.io import storage
 from segpipe.model.settings import RunSettings
 from segpipe.output.damage import DAMAGED_KEY
@@ -79,8 +79,10 @@ class _Accumulator:
             self.values[name] = np.full(self.size, -1, np.int32)
 
 
-def _soft_masks(detections: list[dict], dtype: str) -> Optional[np.ndarray]:
-    """The soft masks of ``detections`` (a tiled one's best part's), or None if any is missing."""
+def _soft_masks(detections: list[dict], settings: RunSettings) -> Optional[list[np.ndarray]]:
+    """The soft masks of ``detections`` (a tiled one's best part's) as stacks of one shape
+    (``[N, M, M]``: one stack; grid crops, ``encode.grids``: one ``[1, h, w]`` each), or None
+    if any is missing."""
     stored = []
     for det in detections:
         soft = det.get("soft_mask")
@@ -89,7 +91,13 @@ def _soft_masks(detections: list[dict], dtype: str) -> Optional[np.ndarray]:
         if soft is None:
             return None
         stored.append(soft)
-    return dequantise_soft_masks(stored, dtype) if stored else np.zeros((0, 1, 1), np.float32)
+    if not stored:
+        return []
+    if settings.model.mask_frame is not None:
+        grids = np.asarray([det["mask_grid"] for det in detections], np.int64)
+        return [1.0 / (1.0 + np.exp(-crop[None].astype(np.float64)))   # logits → probabilities
+                for crop in dequantise_crops(stored, grids, settings.soft_mask_dtype)]
+    return [dequantise_soft_masks(stored, settings.soft_mask_dtype)]
 
 
 @dataclass
@@ -134,13 +142,14 @@ def score_images(predictions_dir: str, settings: RunSettings,
         if kept.size == 0:
             continue
         acc.add_kept(position, categories[kept])
-        soft = _soft_masks([dets[k] for k in kept], settings.soft_mask_dtype) \
+        soft = _soft_masks([dets[k] for k in kept], settings) \
             if settings.model.has_masks and settings.soft_masks else None
-        if soft is not None and len(soft):
+        if soft:
             for name, found, where, most in (
-                    ("mask_uncertainty", mask_uncertainty(soft), "unsure_category", "most_unsure"),
-                    ("threshold_sensitivity", threshold_sensitivity(soft), "sensitive_category",
-                     "most_sensitive")):
+                    ("mask_uncertainty", np.concatenate([mask_uncertainty(s) for s in soft]),
+                     "unsure_category", "most_unsure"),
+                    ("threshold_sensitivity", np.concatenate([threshold_sensitivity(s) for s in soft]),
+                     "sensitive_category", "most_sensitive")):
                 best = int(np.argmax(found))
                 v[name][position] = found.sum()
                 v[where][position] = categories[kept[best]]
