@@ -57,7 +57,8 @@ class SegmentConfig:
                      "maskrcnn_resnet50_fpn", metavar="ARCH")
     weights: str = _opt("pretrained (torchvision's COCO weights, from torch's cache or "
                         "downloaded into it: $TORCH_HOME/hub/checkpoints) | PATH of a state_dict "
-                        "checkpoint (any number of classes) | an http(s) URL of one | random "
+                        "checkpoint (any number of classes; ultralytics: its .pt; transformers: "
+                        "the save_pretrained folder) | an http(s) URL of one | random "
                         "(seeded, smoke runs only)", "pretrained",
                        metavar="pretrained|PATH|URL|random")
     categories: Optional[str] = _opt("names the classes of a checkpoint: a COCO JSON (a dataset "
@@ -69,8 +70,9 @@ class SegmentConfig:
     min_size: int = _opt("shorter image side after the model's resize (torchvision's R-CNN)", 800)
     max_size: int = _opt("longer image side limit after the model's resize (torchvision's R-CNN)",
                          1333)
-    image_size: Optional[int] = _opt("the input size of models that take one (Ultralytics' imgsz); "
-                                     "unset: the model's own (YOLO: the size it was trained at)",
+    image_size: Optional[int] = _opt("the input size of models that take one (Ultralytics' imgsz; "
+                                     "transformers: the processor's shortest side); unset: the "
+                                     "model's own (YOLO: the size it was trained at)",
                                      None, metavar="PIXELS")
     score_floor: float = _opt("lowest detection score kept in predictions/ (model box_score_thresh)",
                               0.05)

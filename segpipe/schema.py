@@ -61,7 +61,7 @@ DETECTION = pa.struct([
                                                 # its mask is the union of the parts'
                                                 # (soft masks null with --no-soft-masks)
     pa.field("mask_grid", pa.list_(pa.int32(), 6)),  # families whose masks are over the image
-                                                # (ModelSpec.mask_frame, encode.grids):
+                                                # (ModelSpec.mask_frame, model.grids):
                                                 # grid_h grid_w x0 y0 x1 y1, the cells of the
                                                 # model's mask map that soft_mask holds;
                                                 # null for box-relative masks (R-CNN's M×M)
@@ -108,7 +108,7 @@ BOXES = "boxes"            # float32[N, 4], x1 y1 x2 y2 in original image pixels
 SOFT_MASKS = "soft_masks"  # float32[N, M, M], the mask head's probabilities for the label;
                            # with MASK_GRIDS, each detection's crop of the mask logits
 MASK_SIZE = "mask_size"    # M (0 with MASK_GRIDS)
-MASK_GRIDS = "mask_grids"  # int32[N, 6] grid_h grid_w x0 y0 x1 y1 (encode.grids), or empty
+MASK_GRIDS = "mask_grids"  # int32[N, 6] grid_h grid_w x0 y0 x1 y1 (model.grids), or empty
 TILED = "tiled"            # bool: the rows below are parts of merged detections (tiles.py)
 WINDOWS = "windows"        # int32[N, 4], each part's view x0 y0 x1 y1 (tiled images)
 GROUPS = "groups"          # int32[N], the merged detection of each part (tiled images)

@@ -10,6 +10,7 @@ carries (predictions/, coco/, export, eval, render), and is recorded with the ru
 * A fine-tuned checkpoint with ``K`` outputs predicts labels ``1..K-1``; label ``k`` is the
   ``k``-th category of the user's categories file, in file order, with that file's id and name
   (``custom_table``). Without a file the categories are ``class_1`` .. ``class_{K-1}``.
+* A model that names its classes (Ultralytics, Hugging Face): ``named_classes_table``.
 
 This module imports neither torch nor Ray: the CLI reads categories files before starting them.
 """
@@ -186,6 +187,26 @@ def custom_table(categories: Iterable[Category], num_classes: int) -> CategoryTa
             f"{num_classes} classes (background + {num_classes - 1}): give exactly "
             f"{num_classes - 1} categories, label 1 first{hint}")
     return CategoryTable(categories, tuple(range(1, num_classes)), num_classes, "file")
+
+
+def named_classes_table(names: dict[int, str],
+                        categories: Optional[tuple[Category, ...]] = None) -> CategoryTable:
+    """The table of a model that names its classes (Ultralytics' ``names``, a Hugging Face
+    config's ``id2label``): class ``k`` is label ``k + 1``. The user's categories (one per
+    class up to the highest) when given; else COCO's ids when the names are COCO's 80 (whether
+    the classes count 0..79, as Ultralytics' and Mask2Former's, or use COCO's ids with ``N/A``
+    in the gaps, as DETR's); else the model's own names with ids ``k + 1``."""
+    classes = max(names) + 1 if names else 0
+    if categories is not None:
+        return custom_table(categories, classes + 1)
+    named = {k: v for k, v in names.items() if v not in (UNKNOWN_NAME, "")}
+    key_of = {name: k for k, name in sorted(named.items(), reverse=True)}
+    if len(named) == len(COCO_CATEGORIES) and set(key_of) == {c.name for c in COCO_CATEGORIES}:
+        labels = tuple(key_of[c.name] + 1 for c in COCO_CATEGORIES)
+        return CategoryTable(COCO_CATEGORIES, labels, classes + 1, "coco")
+    own = tuple(Category(k + 1, name) for k, name in sorted(named.items()))
+    check_names(own, "the model's class names")
+    return CategoryTable(own, tuple(c.id for c in own), classes + 1, "model")
 
 
 def generated_table(num_classes: int) -> CategoryTable:

@@ -22,7 +22,7 @@ class ImageDetections:
 
     Untiled, each row is a detection in original image pixels. Its soft mask is box-relative
     (R-CNN's M×M over its box) or, with ``mask_grids``, a crop of the model's mask map over
-    the whole image (``encode.grids``). A tiled image's rows are the
+    the whole image (``model.grids``). A tiled image's rows are the
     *parts* of its merged detections (``tiles.merge_views``): ``boxes`` in the pixels of the
     part's view, ``windows`` the view's ``x0 y0 x1 y1`` in the image, ``groups`` the merged
     detection each part belongs to (non-decreasing; each detection's best part first).
@@ -38,7 +38,7 @@ class ImageDetections:
     windows: Optional[np.ndarray] = None  # int32[N, 4] for tiled images
     groups: Optional[np.ndarray] = None   # int32[N] for tiled images
     mask_grids: Optional[np.ndarray] = None  # int32[N, 6] for masks over the image
-                                             # (encode.grids: grid_h grid_w x0 y0 x1 y1)
+                                             # (model.grids: grid_h grid_w x0 y0 x1 y1)
 
     @property
     def has_masks(self) -> bool:

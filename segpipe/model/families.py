@@ -12,7 +12,7 @@ A family is one module and one line of ``FAMILIES``. Its module defines
   at its own resolution) and returns one ``detections.ImageDetections`` per image: boxes in image pixels,
   labels (1.. for the run's categories), scores, and soft masks (``MASK_FRAME``: ``None``,
   the box-relative M×M masks R-CNN's head gives; or the name of a frame of
-  ``encode.grids``, masks over the image at the model's mask resolution).
+  ``model.grids``, masks over the image at the model's mask resolution).
 
 Everything after the seam (paste and RLE, predictions/, COCO, the label formats, review,
 tiles, the actor pool, the API's ``Predictor``) is the same for every family. A family's
@@ -35,7 +35,8 @@ from segpipe.config import ConfigError
 class Family:
     """A family: its name, the module that runs it, the ``--arch`` names it answers to (those of
     ``masked`` always predict masks; for the others the weights say), and the pip extra its
-    library (the module ``library``) comes with (None: segpipe's own dependencies)."""
+    library (the module ``library``) comes with (None: segpipe's own dependencies);
+    ``weights_folder``: its ``--weights`` is a folder (else a file)."""
 
     name: str
     module: str
@@ -43,6 +44,7 @@ class Family:
     masked: tuple[str, ...] = ()
     extra: Optional[str] = None
     library: Optional[str] = None
+    weights_folder: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -52,6 +54,8 @@ FAMILIES: tuple[Family, ...] = (
            masked=("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")),
     Family("ultralytics", "segpipe.model.yolo", ("ultralytics",), extra="ultralytics",
            library="ultralytics"),
+    Family("transformers", "segpipe.model.huggingface", ("transformers",), extra="transformers",
+           library="transformers", weights_folder=True),
 )
 
 #: Every ``--arch`` name, the default (torchvision's Mask R-CNN) first.
@@ -84,8 +88,9 @@ def implementation(arch: str) -> ModuleType:
     try:
         return importlib.import_module(family.module)
     except ImportError as exc:
-        if family.extra is None:
-            raise
+        missing = (exc.name or "").split(".")[0]
+        if family.extra is None or missing != family.library:
+            raise   # not the extra's library: a real error, shown as it is
         raise ConfigError(f"--arch {arch} needs the {family.extra} library, which is not "
                           f"installed ({exc.name or exc}): pip install 'segpipe[{family.extra}]'"
                           ) from None

@@ -36,6 +36,9 @@ import numpy as np
 GRID_MARGIN = 2
 #: The size Mask2Former's instance post-processing resizes every mask to before thresholding.
 MASK2FORMER_SIDE = 384
+#: A crop of a mask over the whole image (Mask2Former's) reaches every cell above this
+#: probability, and two cells more: its masks are exact at any mask threshold from here up.
+GRID_FLOOR = 0.01
 
 
 def bilinear_weights(in_size: int, out_size: int, scale: Optional[float] = None) -> np.ndarray:
@@ -104,10 +107,17 @@ def ultralytics_mask(logits: np.ndarray, grid: np.ndarray, box: np.ndarray, heig
 
 def mask2former_mask(logits: np.ndarray, grid: np.ndarray, box: np.ndarray, height: int, width: int,
                      threshold: float) -> tuple[int, int, np.ndarray]:
-    """The final mask of one Mask2Former detection (its crop's ``logits``), over the image: ``(0, 0, mask)``."""
+    """The final mask of one Mask2Former detection (its crop's ``logits``), over the image:
+    ``(0, 0, mask)``. A pixel of the square that reads a cell past the crop is off: the
+    crop's last ``GRID_MARGIN`` cells, and all past them, are below ``GRID_FLOOR``."""
     grid_h, grid_w, gx0, gy0, gx1, gy1 = (int(v) for v in grid)
     weights_y, weights_x = _axes(("mask2former", grid_h, grid_w, MASK2FORMER_SIDE, MASK2FORMER_SIDE))
+
+    def within(weights: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return ~np.any(weights[:, :start] != 0, axis=1) & ~np.any(weights[:, stop:] != 0, axis=1)
+
     square = (weights_y[:, gy0:gy1] @ logits.astype(np.float64) @ weights_x[:, gx0:gx1].T) > logit(threshold)
+    square &= within(weights_y, gy0, gy1)[:, None] & within(weights_x, gx0, gx1)[None, :]
     return 0, 0, square[nearest_index(MASK2FORMER_SIDE, height)][:, nearest_index(MASK2FORMER_SIDE, width)]
 
 

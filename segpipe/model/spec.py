@@ -19,7 +19,7 @@ class ModelSpec:
     from the checkpoint, not from the config, as does ``masks`` for families whose weights say
     whether they predict masks (None: the architecture says). ``image_size``: the input size
     of families that take one (``config.image_size``; None: the model's own). ``mask_frame``:
-    how the family's masks are made from its soft masks (``encode.grids.FRAMES``; None:
+    how the family's masks are made from its soft masks (``model.grids.FRAMES``; None:
     R-CNN's box-relative M×M masks, ``encode.paste``), the family's ``MASK_FRAME``.
     """
 

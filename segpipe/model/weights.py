@@ -153,7 +153,7 @@ def pretrained_file(arch: str) -> Path:
 class WeightsSource:
     """What ``--weights`` names, resolved to a file (to download first when ``url`` is set)."""
 
-    kind: str                   # "pretrained" | "url" | "file" | "random"
+    kind: str                   # "pretrained" | "url" | "file" | "folder" | "random"
     name: str                   # weights enum member, URL, path, or "random(seed=N)"
     path: Optional[Path] = None  # the checkpoint file (None for random)
     url: Optional[str] = None    # where to download ``path`` from when it is missing
@@ -179,11 +179,22 @@ def weights_source(weights: str, arch: str, seed: int = 0) -> WeightsSource:
         raise WeightsError(f"--weights {weights}: only local files and http(s) URLs can be "
                            "loaded; copy the checkpoint to a local path first")
     path = Path(weights).expanduser()
+    if path.is_dir() and _takes_folders(arch):
+        return WeightsSource("folder", str(path), path)
     if not path.is_file():
         what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
         raise WeightsError(f"weights file {weights} {what} (--weights takes pretrained, random, "
                            "an http(s) URL, or the path of a state_dict checkpoint)")
     return WeightsSource("file", str(path), path)
+
+
+def _takes_folders(arch: str) -> bool:
+    from segpipe.model.families import family_of
+
+    try:
+        return family_of(arch).weights_folder
+    except ConfigError:
+        return False
 
 
 def fetch(source: WeightsSource, timeout: float = DOWNLOAD_TIMEOUT_S,

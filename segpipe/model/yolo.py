@@ -37,15 +37,7 @@ import numpy as np
 import torch
 
 from segpipe.config import ConfigError
-from segpipe.model.categories import (
-    COCO_CATEGORIES,
-    COCO_TABLE,
-    Category,
-    CategoryError,
-    CategoryTable,
-    check_names,
-    custom_table,
-)
+from segpipe.model.categories import Category, CategoryError, named_classes_table
 from segpipe.model.detections import ImageDetections
 from segpipe.model.grids import ultralytics_window
 from segpipe.model.precision import autocast
@@ -89,25 +81,12 @@ def resolve(source: WeightsSource, spec: ModelSpec, seed: int = 0,
     spec = dataclasses.replace(spec, num_classes=len(names) + 1, masks=task == "segment",
                                image_size=image_size, mask_frame=MASK_FRAME)
     try:
-        table = model_table(names, categories)
+        table = named_classes_table(dict(enumerate(names)), categories)
     except CategoryError as exc:
         raise ConfigError(f"{exc} (weights {source.name})") from None
     warnings = [RANDOM_WEIGHTS_NOTE] if source.kind == "random" else []
     sha256 = hashlib.sha256(data).hexdigest()
     return ResolvedWeights(source.kind, source.name, sha256, data, spec, table, warnings)
-
-
-def model_table(names: list[str], categories: Optional[tuple[Category, ...]]) -> CategoryTable:
-    """The run's categories: the user's (as many as the model's classes), else the model's own
-    names with ids 1..K; a model of COCO's 80 names in Ultralytics' order gets COCO's ids, as
-    Ultralytics' COCO evaluation maps them. Label ``k + 1`` is class ``k``."""
-    if categories is not None:
-        return custom_table(categories, len(names) + 1)
-    if names == [c.name for c in COCO_CATEGORIES]:
-        return COCO_TABLE
-    own = tuple(Category(k + 1, name) for k, name in enumerate(names))
-    check_names(own, "the model's class names")
-    return CategoryTable(own, tuple(range(1, len(names) + 1)), len(names) + 1, "model")
 
 
 def _input_size(size: int, stride: int) -> int:

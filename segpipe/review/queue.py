@@ -81,7 +81,7 @@ class _Accumulator:
 
 def _soft_masks(detections: list[dict], settings: RunSettings) -> Optional[list[np.ndarray]]:
     """The soft masks of ``detections`` (a tiled one's best part's) as stacks of one shape
-    (``[N, M, M]``: one stack; grid crops, ``encode.grids``: one ``[1, h, w]`` each), or None
+    (``[N, M, M]``: one stack; grid crops, ``model.grids``: one ``[1, h, w]`` each), or None
     if any is missing."""
     stored = []
     for det in detections:
