@@ -264,9 +264,6 @@ def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
         raise ConfigError("INPUT is missing: give the image folder or URI to segment")
     if needs_paths and not config.output:
         raise ConfigError("OUTPUT is missing: give the folder or URI to write results to")
-    if config.input_format not in ("auto", "files", "tar", "parquet"):
-        raise ConfigError(f"input_format must be auto, files, tar or parquet, "
-                          f"got {config.input_format!r}")
     if config.soft_mask_dtype not in SOFT_MASK_DTYPES:
         raise ConfigError(f"soft_mask_dtype must be {' or '.join(SOFT_MASK_DTYPES)}, "
                           f"got {config.soft_mask_dtype!r}")

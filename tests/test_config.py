@@ -118,7 +118,6 @@ def test_values_on_the_allowed_side_of_every_limit_pass(changes):
     ({"cpus_per_actor": 0.0}, "cpus_per_actor must be > 0"),
     ({"torch_threads": -1}, "torch_threads must be >= 0"),
     ({"resume": True, "overwrite": True}, "resume and overwrite exclude each other"),
-    ({"input_format": "zip"}, "input_format must be auto, files, tar or parquet"),
     ({"precision": "fp8"}, "precision must be one of fp32, fp16, bf16"),
     ({"fault_kill_after_batches": -1}, "fault_kill_after_batches must be >= 0"),
     ({"output": None}, "OUTPUT is missing"),

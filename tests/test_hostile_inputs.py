@@ -13,7 +13,7 @@ import pytest
 
 from conftest import small_config
 from images import write_photos
-from segpipe.io import ownership, sources
+from segpipe.io import formats, image_tables, ownership, sources, tar_shards
 from segpipe.output.run_folder import prediction_files
 from segpipe.commands.segment import run_segment
 from segpipe.commands.render import RenderRequest, run_render
@@ -49,7 +49,7 @@ def test_a_symlink_loop_and_links_to_listed_files_count_once(tmp_path):
     write_photos(root / "sub", names=("chelsea", "coffee"))
     os.symlink("..", root / "sub" / "loop")                      # sub/loop -> in/
     os.symlink(root / "sub" / "chelsea.png", root / "again.png")  # the same file twice
-    found = sources.list_inputs(str(root), "auto")
+    found = formats.list_inputs(str(root), "auto")
     assert found.listing.column("file_name").to_pylist() == ["again.png", "sub/coffee.png"]
     assert found.skipped == {
         sources.SKIPPED_LINKED_FOLDERS: ["sub/loop"],
@@ -67,7 +67,7 @@ def test_segpipe_output_folders_inside_input_are_not_inputs(tmp_path):
     ownership.mark_folder(str(root / "gallery"), "render")
     (root / "new-out" / "predictions").mkdir(parents=True)        # an OUTPUT without run.json yet
     (root / "new-out" / "predictions" / "x.parquet").write_bytes(b"PAR1")
-    found = sources.list_inputs(str(root), "auto", exclude=(str(root / "new-out"),))
+    found = formats.list_inputs(str(root), "auto", exclude=(str(root / "new-out"),))
     assert found.input_format == "files"   # not "mixes files, parquet inputs"
     assert found.listing.column("file_name").to_pylist() == ["chelsea.png", "coffee.png"]
     assert found.skipped[sources.SKIPPED_OUTPUT_FOLDERS] == ["gallery", "new-out", "out"]
@@ -127,8 +127,8 @@ def shard_bytes(members: list[tuple[str, bytes]]) -> tuple[bytes, list[tarfile.T
 
 def read_shards(folder, names) -> dict[str, dict]:
 
-    table = sources.read_tar_shards(pa.table({"path": [str(folder / n) for n in names]}),
-                                    str(folder), str(folder), frozenset())
+    table = tar_shards.read_tar_shards(pa.table({"path": [str(folder / n) for n in names]}),
+                                       sources.ReadOptions(str(folder), str(folder)), frozenset())
     return {r["file_name"]: r for r in table.to_pylist()}
 
 
@@ -219,10 +219,10 @@ def test_a_damaged_table_costs_no_other_table_a_row(tmp_path, three_photos):
     whole = (tmp_path / "good.parquet").read_bytes()
     (tmp_path / "cut.parquet").write_bytes(whole[:len(whole) // 2])
     pq.write_table(pa.table({"other": [b"x"]}), tmp_path / "nocolumn.parquet")
-    table = sources.read_image_tables(
+    table = image_tables.read_image_tables(
         pa.table({"path": [str(tmp_path / n) for n in ("good.parquet", "numbers.parquet",
                                                         "cut.parquet", "nocolumn.parquet")]}),
-        str(tmp_path), str(tmp_path), "image", "name", frozenset())
+        sources.ReadOptions(str(tmp_path), str(tmp_path), "image", "name"), frozenset())
     rows = {r["file_name"]: r for r in table.to_pylist()}
     assert rows["a.png"]["data"] == three_photos[0] and rows["a.png"]["source_error"] is None
     assert rows["%2E%2E/b.png"]["data"] == three_photos[1]
@@ -245,7 +245,7 @@ def test_every_entry_is_a_row_or_a_counted_skip(tmp_path):
     os.symlink(root / "gone.jpg", root / "broken.jpg")
     os.mkfifo(root / "pipe.jpg")
     (root / "README.txt").write_text("about these photos")
-    found = sources.list_inputs(str(root), "auto")     # returns: the FIFO was not opened
+    found = formats.list_inputs(str(root), "auto")     # returns: the FIFO was not opened
     listing = found.listing
     assert listing.column("file_name").to_pylist() == ["caf%E9%25.png", "chelsea.png"]
     assert listing.column("source_error").to_pylist() == [sources.UNDECODABLE_NAME, None]

@@ -56,3 +56,19 @@ def test_the_export_formats_are_one_module_each():
         module = writer(name)
         for attribute in ("WRITES", "check_request", "check_target", "write", "notes"):
             assert hasattr(module, attribute), (name, attribute)
+
+
+def test_the_input_formats_are_a_registry_and_a_wrong_name_is_one_line(tmp_path):
+    import pytest
+
+    from segpipe.config import ConfigError
+    from segpipe.io.formats import INPUT_FORMATS, list_inputs
+
+    for name, entry in INPUT_FORMATS.items():
+        containers = entry.suffix is not None
+        assert entry.name == name and (entry.read is not None) == containers
+        assert (entry.images is not None) == containers and (entry.container != "") == containers
+    with pytest.raises(ConfigError, match=r"input_format must be auto, files, tar, parquet, got 'tars'; "
+                                          r"did you mean tar\?") as refused:
+        list_inputs(str(tmp_path / "nowhere"), "tars")
+    assert "\n" not in str(refused.value)

@@ -22,7 +22,7 @@ from segpipe.commands.export import check_export_target, run_export
 from segpipe.commands.render import RenderRequest, _draw, check_render
 from segpipe.commands.segment import prepare_output
 from segpipe.config import ConfigError
-from segpipe.io import ownership, sources, storage
+from segpipe.io import formats, ownership, sources, storage
 from segpipe.output.run_folder import check_output, predictions_dir
 
 
@@ -166,7 +166,7 @@ def test_output_folders_are_known_by_segpipes_ledger_not_by_file_names(tmp_path)
     ownership.mark_folder(str(root / "seg-out"), "render")
     write_photos(root / "fake", names=("rocket",))
     (root / "fake" / ownership.LEDGER_NAME).write_text("[]")          # not segpipe's ledger
-    found = sources.list_inputs(str(root), "auto")
+    found = formats.list_inputs(str(root), "auto")
     assert found.listing.column("file_name").to_pylist() == \
         ["dataset/chelsea.png", "fake/rocket.png"]
     assert found.skipped[sources.SKIPPED_OUTPUT_FOLDERS] == ["seg-out"]

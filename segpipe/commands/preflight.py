@@ -16,7 +16,7 @@ from typing import Optional
 import pyarrow as pa
 
 from segpipe.config import SegmentConfig, validate
-from segpipe.io import sources
+from segpipe.io import formats
 from segpipe.io.lease import check_free as check_lease
 from segpipe.model.categories import Category, load_categories
 from segpipe.model.families import check_installed
@@ -48,7 +48,7 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     run_folder.check_target(config.output, "OUTPUT", inputs=(config.input,))
     run_folder.check_output(config.output, config.resume, config.overwrite)
     check_lease(config.output)   # another live run writing OUTPUT: say so before any work
-    found = sources.list_inputs(config.input, config.input_format, config.image_column,
+    found = formats.list_inputs(config.input, config.input_format, config.image_column,
                                 config.name_column, exclude=(config.output,))
     return CheckedRun(found.input_format, found.listing, weights, categories,
                       round(time.perf_counter() - start, 3), found.skipped, found.root,

@@ -3,7 +3,7 @@
 Draws what the classic tutorial draws: each instance's mask in its own colour at 50% opacity,
 its box, and its class name with score (box-only runs: boxes and labels). Drawing runs in Ray
 Data tasks, reading the images the way the run read them (image files by name; tar shards and
-Parquet tables through ``sources.tar_images``/``table_images``, one task per shard or table)
+Parquet tables through their format's reader (``formats.INPUT_FORMATS``), one task per shard or table)
 and decoding them like the segment job, EXIF included;
 ``index.html`` shows every rendered image with per-class counts and a score histogram.
 Rendered images are JPEGs named like their inputs with a ``.jpg`` extension, always inside the
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from segpipe import schema
 from segpipe.config import ConfigError
-from segpipe.io import lease, ownership, sources, storage
+from segpipe.io import formats, lease, ownership, sources, storage
 from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
 from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
@@ -191,22 +191,22 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
 def render_from_sources(batch: pa.Table, images_uri: str, to: str, input_format: str,
                         image_column: str, name_column: Optional[str]) -> pa.Table:
     """Ray Data stage for a run of tar shards or Parquet tables: read the shards or tables
-    named in ``sources`` (the ``sources.tar_images``/``table_images`` the run read them with)
+    named in ``sources`` (with their format's reader, as the run read them)
     and draw the rows whose images they hold."""
     import tarfile
 
     fs, root = storage.resolve(images_uri)
     out_fs, out_root = storage.resolve(to)
+    reader = formats.input_format(input_format).images
+    assert reader is not None
+    options = sources.ReadOptions(images_uri, root, image_column, name_column)
     wanted = {row["file_name"]: row for row in batch.to_pylist()}
     errors: dict[str, Optional[str]] = {}
     failures: list[str] = []
     for path in json.loads(batch.column("sources")[0].as_py()):
         label = sources.safe_file_name(sources.relative_name(path, root))
         try:
-            images = (sources.tar_images(fs, path, label) if input_format == "tar" else
-                      ((n, d) for n, d, _ in sources.table_images(fs, path, label, image_column,
-                                                                   name_column)))
-            for name, data in images:
+            for name, data in reader(fs, path, label, options):
                 if name in wanted and name not in errors:
                     errors[name] = _draw(wanted[name], data, out_fs, out_root)
                 if len(errors) == len(wanted):
@@ -226,13 +226,14 @@ def source_blocks(rows: pa.Table, found: sources.InputFiles,
     a ``sources`` column (JSON list of the paths to read): a tar member's shard is in its name,
     a table row's too when it is named ``<table>#<hash>``; rows named by a name column may be
     in any table, so their block reads all of them."""
-    suffix = ".tar" if input_format == "tar" else ".parquet"
+    chosen = formats.input_format(input_format)
+    assert chosen.suffix is not None
     paths = {sources.safe_file_name(sources.relative_name(f.path, found.root)): f.path
-             for f in found.files if f.path.lower().endswith(suffix)}
+             for f in found.files if f.path.lower().endswith(chosen.suffix)}
     groups: dict[str, list[int]] = {}
     for index, name in enumerate(rows.column("file_name").to_pylist()):
         holder = next((label for label in sorted(paths, key=len, reverse=True)
-                       if name.startswith(label + ("/" if input_format == "tar" else "#"))), None)
+                       if name.startswith(label + chosen.separator)), None)
         groups.setdefault(holder or "", []).append(index)
     blocks = []
     for holder, indices in groups.items():
@@ -398,7 +399,7 @@ def check_render(request: RenderRequest) -> CheckedRender:
         raise ConfigError(f"--images {request.images_uri} does not exist (give the INPUT the "
                           "run segmented)")
     found = sources.input_files(request.images_uri)
-    input_format = sources.detect_input_format(request.images_uri, found)
+    input_format = formats.detect_input_format(request.images_uri, found)
     run_folder.check_folder_target(request.to, "--to")
     run_folder.check_target(request.to, "--to", request.output,
                             (run_folder.run_input(request.output), request.images_uri))

@@ -31,7 +31,7 @@ from segpipe.commands import report
 from segpipe.commands.preflight import CheckedRun, check_segment
 from segpipe.config import ConfigError, SegmentConfig
 from segpipe.console import interrupt_flag
-from segpipe.io import ownership, sources
+from segpipe.io import formats, ownership, sources
 from segpipe.io.lease import Lease
 from segpipe.io.lease import acquire as acquire_lease
 from segpipe.model.resolved import ResolvedWeights, resolve_weights
@@ -100,22 +100,16 @@ def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional
 
     Reading shards or tables runs in tasks of ``cpus`` CPUs each, the decode stage's share:
     Ray's default of one CPU may not be free while the predictors hold the rest. Tar shards
-    are read by segpipe's own stage (``sources.read_tar_shards``) so that a damaged shard
+    are read by segpipe's own stages (``formats.INPUT_FORMATS``) so that a damaged shard
     costs only its own unreadable part; ``monitor`` counts the members it skips.
     """
-    if checked.input_format == "files":
+    chosen = formats.input_format(checked.input_format)
+    if chosen.read is None:
         return ray.data.from_arrow(sources.split_listing(listing))
     paths = ray.data.from_arrow([pa.table({"path": [path]}) for path in checked.tables])
-    if checked.input_format == "tar":
-        return paths.map_batches(sources.read_tar_shards, batch_size=1,
-                                 fn_kwargs={"input_uri": config.input, "root": checked.root,
-                                            "done": done, "monitor": monitor},
-                                 batch_format="pyarrow", num_cpus=cpus)
-    return paths.map_batches(sources.read_image_tables, batch_size=1,
-                             fn_kwargs={"input_uri": config.input, "root": checked.root,
-                                        "image_column": config.image_column,
-                                        "name_column": config.name_column, "done": done},
-                             batch_format="pyarrow", num_cpus=cpus)
+    options = sources.ReadOptions(config.input, checked.root, config.image_column, config.name_column)
+    return paths.map_batches(chosen.read, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
+                             fn_kwargs={"options": options, "done": done, "monitor": monitor})
 
 
 def remaining(listing: pa.Table, done: set[int]) -> pa.Table:

@@ -20,7 +20,7 @@ import posixpath
 import re
 import stat
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -277,8 +277,6 @@ def split_listing(listing: pa.Table, target_blocks: int = 64, max_rows: int = 10
     return [listing.slice(start, rows) for start in range(0, listing.num_rows, rows)]
 
 
-INPUT_FORMATS = ("auto", "files", "tar", "parquet")
-
 #: Rows from every source into decode: ``path`` (read by decode) or ``data`` (bytes already read).
 #: ``source_error``: why a reader could not give this row's bytes (decode makes it an error row).
 SOURCE_SCHEMA = pa.schema([
@@ -291,26 +289,15 @@ SOURCE_SCHEMA = pa.schema([
 ])
 
 
-def detect_input_format(input_uri: str, found: Optional[InputFiles] = None) -> str:
-    """``files``, ``tar`` or ``parquet``, from the kinds of files under ``input_uri``."""
-    found = found or input_files(input_uri)
-    names = [i.path for i in found.files]
-    kinds = {"files" if is_image_name(n) else "tar" if n.lower().endswith(".tar")
-             else "parquet" if n.lower().endswith(".parquet") else None for n in names} - {None}
-    if len(kinds) > 1:
-        raise ConfigError(f"INPUT {input_uri} mixes {', '.join(sorted(kinds))} inputs; choose one "
-                          "with --input-format")
-    if not kinds:
-        raise ConfigError(f"INPUT {input_uri} holds no image file, .tar shard or .parquet table")
-    return kinds.pop()
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a reader of shards or tables needs besides their paths: INPUT, its folder
+    (``root``: names are relative to it) and the table columns to read."""
 
-
-def list_tables(found: InputFiles, suffix: str, input_uri: str) -> list[str]:
-    """The sorted paths of the ``suffix`` files among ``found`` (``input_uri``'s files)."""
-    paths = [i.path for i in found.files if i.path.lower().endswith(suffix)]
-    if not paths:
-        raise ConfigError(f"INPUT {input_uri} holds no {suffix} file")
-    return paths
+    input_uri: str
+    root: str
+    image_column: str = "image"
+    name_column: Optional[str] = None
 
 
 def relative_name(path: str, root: str) -> str:
@@ -318,7 +305,7 @@ def relative_name(path: str, root: str) -> str:
     return path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
 
 
-def _source_table(names: list[str], datas: list[Optional[bytes]], done: frozenset[int],
+def source_table(names: list[str], datas: list[Optional[bytes]], done: frozenset[int],
                   source_errors: Optional[list[Optional[str]]] = None) -> pa.Table:
     """Source rows; ``names`` are safe already (``safe_file_name``)."""
     source_errors = source_errors or [None] * len(names)
@@ -332,220 +319,3 @@ def _source_table(names: list[str], datas: list[Optional[bytes]], done: frozense
 
 #: In the error row of a shard or table that could not be read to its end (``report.cut_short``).
 READ_CUT = "could not be read to its end"
-
-
-class _TailKeepingReader:
-    """A file object that remembers the last bytes read through it, so that after Python's
-    ``tarfile`` stops, the end-of-archive marker (two zero blocks) can be checked: ``tarfile``
-    ends silently at a file cut between or inside headers."""
-
-    KEEP = 1 << 16
-
-    def __init__(self, stream):
-        self.stream, self.consumed, self.tail = stream, 0, b""
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
-        self.consumed += len(data)
-        self.tail = (self.tail + data)[-self.KEEP:]
-        return data
-
-    def has_end_marker(self, offset: int) -> bool:
-        """True when two zero blocks follow the last member (which ends at ``offset``).
-        ``tarfile`` reads in records of 10,240 bytes and stops at the first zero block: when
-        that block ends a record, the second is not read yet, so it is read here."""
-        missing = offset + 1024 - self.consumed
-        if missing > 0:
-            self.read(missing)
-        start = offset - (self.consumed - len(self.tail))
-        return 0 <= start and len(self.tail) >= start + 1024 and \
-            not any(self.tail[start:start + 1024])
-
-
-def tar_images(fs: pafs.FileSystem, path: str,
-               shard: str) -> Iterator[tuple[Optional[str], Optional[bytes]]]:
-    """Stream the tar shard at ``path`` (named ``shard`` in file names): ``(name, bytes)`` for
-    each image member, ``(None, None)`` for each other file member; raises where the shard is
-    damaged (``tarfile.TarError``, ``OSError``...), after what came before it."""
-    import tarfile
-
-    with fs.open_input_stream(path) as raw:
-        reader = _TailKeepingReader(raw)
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if not is_image_name(member.name):
-                    yield None, None
-                    continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError("unexpected end of data")
-                yield f"{shard}/{safe_file_name(member.name)}", data
-            if not reader.has_end_marker(tar.offset):
-                raise tarfile.ReadError("no end-of-archive marker: the file ends early")
-
-
-def read_tar_shards(batch: pa.Table, input_uri: str, root: str, done: frozenset[int],
-                    monitor: Optional[object] = None) -> pa.Table:
-    """Ray Data stage: each row names a tar shard (``path``); read it with Python's ``tarfile``
-    as a stream (``tar_images``) and return one row per image member, named
-    ``<shard>/<member>``.
-
-    A shard that cannot be read to its end (truncated in a member or a header, cut at a member
-    boundary without the end-of-archive marker, not a tar at all) keeps the rows of every
-    member read before the damage and adds one error row named after the shard, saying where
-    it stopped; other shards are not affected. Members without an image extension (captions,
-    JSON, class files) are counted, through ``monitor``, as skipped.
-    """
-    import tarfile
-
-    fs, _ = storage.resolve(input_uri)
-    names: list[str] = []
-    datas: list[Optional[bytes]] = []
-    errors: list[Optional[str]] = []
-    skipped = 0
-    for path in batch.column("path").to_pylist():
-        shard = safe_file_name(relative_name(path, root))
-        members = 0
-        try:
-            for name, data in tar_images(fs, path, shard):
-                members += 1
-                if name is None:
-                    skipped += 1
-                    continue
-                names.append(name)
-                datas.append(data)
-                errors.append(None)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            names.append(shard)
-            datas.append(None)
-            errors.append(f"shard {READ_CUT}: {str(exc) or type(exc).__name__} (after {members} "
-                          "members; the members after that are not in the run)")
-    if monitor is not None and skipped:
-        monitor.add_skipped.remote("tar members without an image extension", skipped)
-    return _source_table(names, datas, done, errors)
-
-
-def image_bytes(value: object) -> bytes:
-    """The encoded image in an image-column value: bytes, or a Hugging Face ``Image`` struct
-    (``{"bytes": ..., "path": ...}``); ``ValueError`` for anything else (a number, a text)."""
-    if isinstance(value, dict):
-        value = value.get("bytes")
-    if value is None:
-        return b""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    raise ValueError(f"the image column holds a {type(value).__name__}, not image bytes")
-
-
-def table_images(fs: pafs.FileSystem, path: str, table: str, image_column: str,
-                 name_column: Optional[str]
-                 ) -> Iterator[tuple[str, Optional[bytes], Optional[str]]]:
-    """Read the Parquet table at ``path`` (named ``table`` in file names) row group by row
-    group: ``(name, bytes, None)`` per row, or ``(name, None, reason)`` for a value that is not
-    image bytes. The name is ``name_column``'s value, or ``<table>#<BLAKE2b of the bytes>``.
-    Raises where the table cannot be read (``OSError``, ``pa.ArrowException``, ``ValueError``
-    for a missing column), after the rows that came before."""
-    import pyarrow.parquet as pq
-
-    columns = [image_column] + ([name_column] if name_column else [])
-    with fs.open_input_file(path) as f:
-        parquet = pq.ParquetFile(f)
-        missing = [c for c in columns if c not in parquet.schema_arrow.names]
-        if missing:
-            raise ValueError(f"no column {', '.join(map(repr, missing))}")
-        rows = 0
-        for group in range(parquet.num_row_groups):
-            part = parquet.read_row_group(group, columns=columns)
-            given = (part.column(name_column).to_pylist() if name_column
-                     else [None] * part.num_rows)
-            for value, name in zip(part.column(image_column).to_pylist(), given):
-                try:
-                    data, error = image_bytes(value), None
-                except ValueError as exc:
-                    data, error = None, str(exc)
-                if name is not None:
-                    name = safe_file_name(str(name))
-                elif data is not None:
-                    name = f"{table}#{hashlib.blake2b(data, digest_size=8).hexdigest()}"
-                else:
-                    name = f"{table}#row{rows}"
-                rows += 1
-                yield name, data, error
-
-
-def read_image_tables(batch: pa.Table, input_uri: str, root: str, image_column: str,
-                      name_column: Optional[str], done: frozenset[int]) -> pa.Table:
-    """Ray Data stage: each row names a Parquet table (``path``); return one row per table
-    row (``table_images``).
-
-    A value of the image column that is not image bytes becomes that row's error. A table that
-    cannot be read to its end (not Parquet, corrupt, without the named columns) keeps the rows
-    of the row groups read before and adds one error row named after the table; other tables
-    are not affected.
-    """
-    fs, _ = storage.resolve(input_uri)
-    names: list[str] = []
-    datas: list[Optional[bytes]] = []
-    errors: list[Optional[str]] = []
-    for path in batch.column("path").to_pylist():
-        table = safe_file_name(relative_name(path, root))
-        rows = 0
-        try:
-            for name, data, error in table_images(fs, path, table, image_column, name_column):
-                names.append(name)
-                datas.append(data)
-                errors.append(error)
-                rows += 1
-        except (OSError, pa.ArrowException, ValueError) as exc:
-            names.append(table)
-            datas.append(None)
-            errors.append(f"table {READ_CUT}: {exc} (after {rows} rows; the rows after that "
-                          "are not in the run)")
-    return _source_table(names, datas, done, errors)
-
-
-@dataclass
-class InputListing:
-    """What ``list_inputs`` found: the format, the images (files inputs) and what was left out."""
-
-    input_format: str
-    listing: Optional[pa.Table]            # files inputs: every image
-    skipped: dict[str, list[str]]
-    root: str = ""                         # INPUT's folder
-    tables: list[str] = field(default_factory=list)   # tar and parquet inputs: their paths
-
-
-def list_inputs(input_uri: str, input_format: str, image_column: str = "image",
-                name_column: Optional[str] = None, exclude: Sequence[str] = ()) -> InputListing:
-    """The input format (``auto`` resolved) and, for image files, the listing of every image.
-
-    Shards and tables are checked to exist (and tables to have the named columns); their
-    images are only known as they are read, so they have no listing. ``exclude``: folders
-    to leave out (the run's OUTPUT); see ``input_files``.
-    """
-    found = input_files(input_uri, exclude)
-    if input_format == "auto":
-        input_format = detect_input_format(input_uri, found)
-    if input_format == "files":
-        return InputListing(input_format, image_listing(found, input_uri), found.skipped,
-                            found.root)
-    paths = list_tables(found, ".tar" if input_format == "tar" else ".parquet", input_uri)
-    if input_format == "parquet":
-        check_parquet_columns(paths, input_uri, image_column, name_column)
-    return InputListing(input_format, None, found.skipped, found.root, paths)
-
-
-def check_parquet_columns(paths: list[str], input_uri: str, image_column: str,
-                          name_column: str | None) -> None:
-    """Fail before any work when the tables lack the named columns."""
-    import pyarrow.parquet as pq
-
-    fs, _ = storage.resolve(input_uri)
-    with fs.open_input_file(paths[0]) as f:
-        names = pq.read_schema(f).names
-    for flag, column in (("--image-column", image_column), ("--name-column", name_column)):
-        if column and column not in names:
-            raise ConfigError(f"{flag} {column!r} is not a column of {paths[0]} "
-                              f"(columns: {', '.join(names)})")
