@@ -209,6 +209,22 @@ def test_review_ranks_a_yolo_run(segment_run, tmp_path):
     assert any(u > 0 for u in uncertainty) and all(np.isfinite(uncertainty))
 
 
+def test_the_python_api_gives_the_runs_detections(segment_run, checkpoints):
+    """``segpipe.segment`` on ``ray.data.read_images``: the same stages behind the seam, the
+    command's detections."""
+    import ray
+
+    root, rows = segment_run
+    ds = ray.data.read_images(str(root / "photos"), include_paths=True)
+    config = {"weights": str(checkpoints["segment"]), "batch_size": 1, "torch_threads": 2, **FLAGS}
+    got = {r["file_name"]: r for r in segpipe.segment(ds, config, root=str(root / "photos")).take_all()}
+    assert sorted(got) == sorted(rows)
+    for name, row in rows.items():
+        ours = [(d["category_id"], d["score"], d["segmentation"]["counts"]) for d in got[name]["detections"]]
+        assert ours == [(d["category_id"], d["score"], d["segmentation"]["counts"])
+                        for d in row["detections"]] and ours
+
+
 def test_a_detect_model_matches_predict_and_runs_in_bf16(checkpoints):
     from segpipe.model import yolo
 
