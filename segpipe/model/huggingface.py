@@ -225,9 +225,10 @@ class Detector:
         cols, col_at = np.unique(nearest_index(MASK2FORMER_SIDE, width), return_inverse=True)
         sampled = inside[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)].bool().cpu().numpy()
         on_rows, on_cols = sampled.any(2)[:, row_at], sampled.any(1)[:, col_at]
+        score_values = scores.cpu().numpy().astype(np.float64)   # to the host once; compared as .item()
         kept = [j for j in range(queries)
-                if scores[j].item() >= self.spec.score_floor and sampled[j].any()]
-        kept.sort(key=lambda j: -scores[j].item())
+                if score_values[j] >= self.spec.score_floor and sampled[j].any()]
+        kept.sort(key=lambda j: -score_values[j])
         kept = kept[:self.spec.detections_per_image]
         boxes = np.zeros((len(kept), 4), np.float32)
         for n, j in enumerate(kept):
