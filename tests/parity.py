@@ -1,4 +1,5 @@
-"""Compare a run's Parquet rows with torchvision's own model called image by image."""
+"""Compare a run's Parquet rows with a library's own predictions (torchvision's model called
+image by image; boxes and masks of any family)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def box_agreement(a, b) -> float:
     if np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() <= 0.01:
         return 1.0
     return box_iou(a, b)
+
+
+def decoded(rle: dict) -> np.ndarray:
+    """The boolean mask of a stored RLE (``counts`` as str)."""
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
 
 
 def mask_iou(a, b) -> float:

@@ -15,7 +15,7 @@ import torch
 from conftest import small_config
 from family_checkpoints import detr_folder, mask2former_folder
 from images import photo, write_photos
-from pycocotools import mask as mask_utils
+from parity import decoded, mask_iou
 
 import segpipe
 from segpipe.config import ConfigError
@@ -32,15 +32,6 @@ def hf_spec(**changes) -> ModelSpec:
     values = {**dict(arch="transformers", min_size=800, max_size=1333, score_floor=SCORE_FLOOR,
                      nms_threshold=0.5, detections_per_image=100, proposals_per_image=1000), **changes}
     return ModelSpec(**values)
-
-
-def decoded(rle: dict) -> np.ndarray:
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 def processor_instances(folder: Path, image: np.ndarray) -> list[dict]:
@@ -92,7 +83,7 @@ def test_a_mask2former_run_gives_the_processors_instances(mask2former_run, folde
             worst["score"] = max(worst["score"], abs(det["score"] - ref["score"]))
             assert det["category_name"] == ("cat", "dog", "car")[ref["label"]]
             mask = decoded(det["segmentation"])
-            worst["iou"] = min(worst["iou"], iou(mask, ref["mask"]))
+            worst["iou"] = min(worst["iou"], mask_iou(mask, ref["mask"]))
             ys, xs = np.nonzero(mask)   # the box is the mask's tight box
             assert det["box"] == pytest.approx([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], abs=1)
             compared += 1
@@ -123,7 +114,7 @@ def test_re_export_of_mask2former_masks_is_a_fresh_run_at_the_threshold(mask2for
         got = sorted((r for r in results if images[r["image_id"]] == f"{name}.png"), key=lambda r: -r["score"])
         assert len(got) == len(fresh) > 0
         for a, b, c in zip(got, fresh, at_half):
-            worst = min(worst, iou(decoded(a["segmentation"]), decoded(b["segmentation"])))
+            worst = min(worst, mask_iou(decoded(a["segmentation"]), decoded(b["segmentation"])))
             grown += int(decoded(a["segmentation"]).sum() > decoded(c["segmentation"]).sum())
     assert worst >= 0.99 and grown > 0, (worst, grown)
 

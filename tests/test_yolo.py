@@ -15,7 +15,7 @@ import torch
 from conftest import small_config
 from family_checkpoints import yolo_checkpoint
 from images import photo, write_photos
-from pycocotools import mask as mask_utils
+from parity import box_iou, decoded, mask_iou
 
 import segpipe
 from segpipe.config import ConfigError
@@ -37,15 +37,6 @@ def yolo_spec(**changes) -> ModelSpec:
                      nms_threshold=0.7, detections_per_image=300, proposals_per_image=1000,
                      image_size=320), **changes}
     return ModelSpec(**values)
-
-
-def decoded(rle: dict) -> np.ndarray:
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 def ultralytics_predictions(weights: Path, image: np.ndarray, **kwargs):
@@ -102,7 +93,7 @@ def test_masks_are_process_mask_natives_for_any_letterbox():
         cells = np.column_stack([np.full(6, grid_h), np.full(6, grid_w), windows])
         rles, areas = grids.grid_masks(crops, cells, boxes, height, width, 0.5, "ultralytics")
         for k, rle in enumerate(rles):
-            assert iou(decoded(rle), expected[k].astype(bool)) >= 0.999, (trial, k)
+            assert mask_iou(decoded(rle), expected[k].astype(bool)) >= 0.999, (trial, k)
             assert areas[k] == decoded(rle).sum()
         # the crop is all the mask reads: cells past it change nothing
         assert all(c.size < grid_h * grid_w for c in crops)
@@ -122,7 +113,7 @@ def test_a_segment_run_gives_ultralytics_predictions(segment_run, checkpoints):
             worst["box"] = max(worst["box"], float(np.abs(np.array(det["box"]) - theirs.boxes.xyxy[k].numpy()).max()))
             worst["score"] = max(worst["score"], abs(det["score"] - float(theirs.boxes.conf[k])))
             assert det["category_name"] == theirs.names[int(theirs.boxes.cls[k])]
-            worst["iou"] = min(worst["iou"], iou(decoded(det["segmentation"]),
+            worst["iou"] = min(worst["iou"], mask_iou(decoded(det["segmentation"]),
                                                  theirs.masks.data[k].numpy().astype(bool)))
             compared += 1
     assert compared > 50, compared
@@ -157,7 +148,7 @@ def test_re_export_at_another_mask_threshold_is_a_fresh_run_at_it(segment_run, c
         assert len(got) == len(expected) > 0
         for a, b in zip(got, expected):
             assert a["score"] == pytest.approx(b["score"], abs=1e-4)
-            worst = min(worst, iou(decoded(a["segmentation"]), decoded(b["segmentation"])))
+            worst = min(worst, mask_iou(decoded(a["segmentation"]), decoded(b["segmentation"])))
     assert worst >= 0.99, worst
     default = json.loads(json.dumps(results))
     run_export(str(root / "out"), str(tmp_path / "coco5"), ExportOptions(0.25), shard_images=0)
@@ -250,15 +241,9 @@ def test_a_detect_model_matches_predict_and_runs_in_bf16(checkpoints):
         # bf16: the best detections found again (a box of IoU >= 0.8 among its best 50)
         for box in ours.boxes[:5]:
             total += 1
-            agreeing += bool(len(low.boxes)) and box_iou(low.boxes[:50], box).max() >= 0.8
+            agreeing += max((box_iou(other, box) for other in low.boxes[:50]), default=0.0) >= 0.8
     assert agreeing >= 0.8 * total, (agreeing, total)
 
-
-def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    lo, hi = np.maximum(boxes[:, :2], box[:2]), np.minimum(boxes[:, 2:], box[2:])
-    inter = np.clip(hi - lo, 0, None).prod(1)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / (area(boxes) + area(box) - inter)
 
 
 def test_the_checkpoint_runs_no_code_and_mistakes_are_one_line(tmp_path, checkpoints):

@@ -7,8 +7,9 @@ predictor's output rows (raw array bytes per image, ``schema``'s inter-stage col
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,20 @@ class ImageDetections:
     @property
     def tiled(self) -> bool:
         return self.groups is not None
+
+
+def per_shape(images: Sequence[np.ndarray],
+              predict: Callable[[list[np.ndarray]], list[ImageDetections]]) -> list[ImageDetections]:
+    """``predict`` called once for the images of each shape (a batch a model takes whole,
+    unpadded), its detections returned in ``images``' order."""
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for k, image in enumerate(images):
+        by_shape[image.shape].append(k)
+    out: list[Optional[ImageDetections]] = [None] * len(images)
+    for indices in by_shape.values():
+        for k, found in zip(indices, predict([images[k] for k in indices])):
+            out[k] = found
+    return out  # type: ignore[return-value]
 
 
 def group_bounds(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -77,8 +77,7 @@ def check_installed(arch: str) -> None:
     is not installed; imports nothing."""
     family = family_of(arch)
     if family.library is not None and importlib.util.find_spec(family.library) is None:
-        raise ConfigError(f"--arch {arch} needs the {family.library} library, which is not "
-                          f"installed: pip install 'segpipe[{family.extra}]'")
+        raise _missing_extra(arch, family)
 
 
 def implementation(arch: str) -> ModuleType:
@@ -91,6 +90,9 @@ def implementation(arch: str) -> ModuleType:
         missing = (exc.name or "").split(".")[0]
         if family.extra is None or missing != family.library:
             raise   # not the extra's library: a real error, shown as it is
-        raise ConfigError(f"--arch {arch} needs the {family.extra} library, which is not "
-                          f"installed ({exc.name or exc}): pip install 'segpipe[{family.extra}]'"
-                          ) from None
+        raise _missing_extra(arch, family) from None
+
+
+def _missing_extra(arch: str, family: Family) -> ConfigError:
+    return ConfigError(f"--arch {arch} needs the {family.library} library, which is not "
+                       f"installed: pip install 'segpipe[{family.extra}]'")

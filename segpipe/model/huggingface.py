@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +39,7 @@ import torch
 
 from segpipe.config import ConfigError
 from segpipe.model.categories import Category, CategoryError, named_classes_table
-from segpipe.model.detections import ImageDetections
+from segpipe.model.detections import ImageDetections, per_shape
 from segpipe.model.grids import GRID_FLOOR, GRID_MARGIN, MASK2FORMER_SIDE, logit, nearest_index
 from segpipe.model.precision import autocast
 from segpipe.model.resolved import ResolvedWeights
@@ -171,14 +170,7 @@ class Detector:
 
     def predict(self, images: list[np.ndarray], resize: list[bool]) -> list[ImageDetections]:
         """The detections of ``H×W×3`` uint8 RGB ``images``, those of one shape in one batch."""
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for k, image in enumerate(images):
-            by_shape[image.shape].append(k)
-        out: list[Optional[ImageDetections]] = [None] * len(images)
-        for indices in by_shape.values():
-            for k, found in zip(indices, self._predict_same_shape([images[k] for k in indices])):
-                out[k] = found
-        return out  # type: ignore[return-value]
+        return per_shape(images, self._predict_same_shape)
 
     def _predict_same_shape(self, images: list[np.ndarray]) -> list[ImageDetections]:
         inputs = self.processor(images=[np.array(image) for image in images], return_tensors="pt")

@@ -22,6 +22,7 @@ How far low precision lands from fp32, stage by stage, is measured by
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -46,16 +47,17 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def _as_fp32(value):
+def as_fp32(value: Any) -> Any:
+    """``value`` with every floating tensor in it (nested in lists and tuples) as float32."""
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
     if isinstance(value, (list, tuple)):
-        return type(value)(_as_fp32(v) for v in value)
+        return type(value)(as_fp32(v) for v in value)
     return value
 
 
 def _fp32_outputs(module, inputs, output):
-    return _as_fp32(output)
+    return as_fp32(output)
 
 
 def _fp32_feature_shapes(module, args):

@@ -19,8 +19,8 @@ class ResolvedWeights:
     masks from the weights), the category table of its classes, and what identifies it in the
     manifest."""
 
-    kind: str                      # "pretrained" | "url" | "file" | "random"
-    name: str                      # weights enum member, URL, file path, or "random(seed=N)"
+    kind: str                      # "pretrained" | "url" | "file" | "folder" | "random"
+    name: str                      # weights enum member, URL, path, or "random(seed=N)"
     sha256: str
     payload: Any
     spec: ModelSpec

@@ -29,18 +29,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import tempfile
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from segpipe.config import ConfigError
 from segpipe.model.categories import Category, CategoryError, named_classes_table
-from segpipe.model.detections import ImageDetections
+from segpipe.model.detections import ImageDetections, per_shape
 from segpipe.model.grids import ultralytics_window
-from segpipe.model.precision import autocast
+from segpipe.model.precision import as_fp32, autocast
 from segpipe.model.resolved import ResolvedWeights
 from segpipe.model.spec import ModelSpec
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE, WeightsSource, fetch
@@ -172,14 +171,7 @@ class Detector:
 
     def predict(self, images: list[np.ndarray], resize: list[bool]) -> list[ImageDetections]:
         """The detections of ``H×W×3`` uint8 RGB ``images``, those of one shape in one batch."""
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for k, image in enumerate(images):
-            by_shape[image.shape].append(k)
-        out: list[Optional[ImageDetections]] = [None] * len(images)
-        for indices in by_shape.values():
-            for k, found in zip(indices, self._predict_same_shape([images[k] for k in indices])):
-                out[k] = found
-        return out  # type: ignore[return-value]
+        return per_shape(images, self._predict_same_shape)
 
     def _predict_same_shape(self, images: list[np.ndarray]) -> list[ImageDetections]:
         from ultralytics.data.augment import LetterBox
@@ -198,7 +190,7 @@ class Detector:
                 protos = raw[0][1] if isinstance(raw[0], tuple) else raw[1]
                 raw = raw[0]
             kept = nms.non_max_suppression(
-                _as_fp32(raw), self.spec.score_floor, self.spec.nms_threshold, None, False,
+                as_fp32(raw), self.spec.score_floor, self.spec.nms_threshold, None, False,
                 max_det=self.spec.detections_per_image, nc=self.classes if self.masks else 0,
                 end2end=self.end2end, max_time_img=float("inf"))
             results = []
@@ -229,14 +221,6 @@ class Detector:
         return ImageDetections(labels, scores, boxes, soft, mask_grids=grids)
 
 
-def _as_fp32(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_fp32(v) for v in value)
-    return value
-
-
 def _keep_decode_in_fp32(model: torch.nn.Module) -> None:
     """Under bf16 autocast, run the detection head's box decode (anchors, distances, strides)
     in fp32: in bf16 a coordinate past 256 px moves in steps of 2 px or more."""
@@ -248,6 +232,6 @@ def _keep_decode_in_fp32(model: torch.nn.Module) -> None:
     def fp32_inference(x: dict) -> torch.Tensor:
         device_type = next(iter(v for v in x.values() if isinstance(v, torch.Tensor))).device.type
         with torch.autocast(device_type, enabled=False):
-            return inference({k: _as_fp32(v) for k, v in x.items()})
+            return inference({k: as_fp32(v) for k, v in x.items()})
 
     head._inference = fp32_inference
