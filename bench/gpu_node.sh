@@ -13,7 +13,8 @@
 #   1. `segpipe segment` end to end with the recipes' settings (conf/kuberay-rayjob.yaml: one
 #      actor per GPU, batch 16, fp16; random weights: no network) while nvidia-smi samples GPU
 #      utilisation every 0.5 s;
-#   2. bench/gpu_smoke.py: the predictor alone at the same batch and precision;
+#   2. bench/gpu_smoke.py: the predictor alone at the same batch and precision, with the batched
+#      post-processing (what the pipeline's predictor runs on GPUs) and with torchvision's;
 # and prints one JSON: pipeline images/s beside predictor-only images/s, their ratio, GPU
 # utilisation (mean and p50 while the pipeline ran), and the stage that limits (Ray Data's
 # per-operator wall times from the run's log). Record its figures in docs/benchmarks.md.
@@ -105,7 +106,10 @@ work, start, end = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 run = json.loads((work / "out" / "run.json").read_text())
 smoke = json.loads((work / "smoke.json").read_text()) if (work / "smoke.json").exists() else {}
 speeds = [s for s in smoke.get("speed", []) if s.get("batch") == 16 and s.get("precision") == "fp16"]
-predictor = max((s.get("images_per_s", 0) for s in speeds), default=None)
+predictor = max((s.get("images_per_s", 0) for s in speeds if s.get("postprocess") == "batched"),
+                default=None)
+per_image = max((s.get("images_per_s", 0) for s in speeds if s.get("postprocess") == "per-image"),
+                default=None)
 busy = [float(v) for v in (work / "utilisation.txt").read_text().split() if v.strip()]
 pipeline = run["images_per_second"]["pipeline"]
 stages = {}
@@ -115,6 +119,7 @@ for log in (work / "out" / "logs").glob("*.log"):
 print(json.dumps({
     "images": run["counts"]["images"], "pipeline_images_per_s": pipeline,
     "predictor_only_images_per_s": predictor,
+    "predictor_only_per_image_postprocess_images_per_s": per_image,
     "pipeline_over_predictor": round(pipeline / predictor, 3) if predictor else None,
     "gpu_utilisation_mean": round(statistics.mean(busy), 1) if busy else None,
     "gpu_utilisation_p50": statistics.median(busy) if busy else None,

@@ -44,6 +44,7 @@ from segpipe.model.resolved import resolve_weights
 from segpipe.model.precision import prepare_model, remove_fp32_islands
 from bench.precision_stages import scale_to_trained_outputs, stage_agreement, summarise
 from segpipe.model.devices import cuda_facts
+from segpipe.model import batched_postprocess
 from segpipe.model.inference import image_tensor, predict_images
 
 
@@ -89,10 +90,14 @@ def sync(device: torch.device) -> None:
 
 
 def model_for(spec: ModelSpec, state_dict: dict, device: torch.device, precision: str,
-              channels_last: bool = True) -> torch.nn.Module:
+              channels_last: bool = True, postprocess: str = "batched") -> torch.nn.Module:
+    """The predictor's model; ``postprocess``: ``batched`` (``model.batched_postprocess``, what
+    segpipe's predictor runs on GPUs) or ``per-image`` (torchvision's own)."""
     model = build_model(spec)
     model.load_state_dict(state_dict)
     prepare_model(model, device, precision)
+    if postprocess == "batched":
+        batched_postprocess.install(model)
     if not channels_last:
         model.backbone.to(memory_format=torch.contiguous_format)
     return model
@@ -275,6 +280,9 @@ def main() -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="let cuDNN pick convolution algorithms by timing them "
                              "(torch.backends.cudnn.benchmark)")
+    parser.add_argument("--postprocess", choices=("batched", "per-image", "both"),
+                        default="both", help="post-processing of the speed rows (the other "
+                        "rows: batched)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -308,11 +316,14 @@ def main() -> int:
     del model
 
     report["speed"] = []
+    modes = ("per-image", "batched") if args.postprocess == "both" else (args.postprocess,)
     for precision in precisions:
-        model = model_for(spec, state_dict, device, precision)
-        for batch in batch_sizes:
-            report["speed"].append(time_predictor(model, arrays, batch, precision, device))
-            print(json.dumps(report["speed"][-1]), flush=True)
+        for mode in modes:
+            model = model_for(spec, state_dict, device, precision, postprocess=mode)
+            for batch in batch_sizes:
+                report["speed"].append({**time_predictor(model, arrays, batch, precision,
+                                                         device), "postprocess": mode})
+                print(json.dumps(report["speed"][-1]), flush=True)
         batch = max(batch_sizes)
         if precision != "fp32":
             report["speed"].append(time_predictor(model, arrays, batch, precision, device,
