@@ -7,7 +7,8 @@ top-k, each a few kernel launches and host synchronisations, so on a GPU a batch
 more time launching them than computing. Here every step runs once on the whole batch:
 boxes are clipped to their own image's size by one clamp, filtered by one mask, and suppressed
 by one ``grouped_nms`` whose groups are (image, level) in the RPN and (image, class) in the box
-head, the way ``batched_nms`` groups by level or class within one image.
+head, the way ``batched_nms`` groups by level or class within one image, on each image's best
+candidates only, as many as decide its kept boxes (``_kept_top``).
 
 Exactness: the same arithmetic as torchvision's per-image code, so in fp32 the detections are
 the same bit for bit (``tests/test_batched_postprocess.py``). ``grouped_nms`` computes each IoU
@@ -135,15 +136,39 @@ def _nms_boxes(boxes: torch.Tensor, classes: torch.Tensor, images: torch.Tensor,
     return torch.where(tricked[:, None], boxes + offsets[:, None], boxes)
 
 
-def _top_per_image(kept: torch.Tensor, scores: torch.Tensor, images: torch.Tensor,
-                   num_images: int, top: int) -> list[torch.Tensor]:
-    """Per image, the indices of its kept boxes by decreasing score (equal scores by index),
-    the first ``top`` of them."""
-    index = torch.nonzero(kept)[:, 0]
-    index = index[torch.sort(scores[index], descending=True, stable=True).indices]
-    index = index[torch.sort(images[index], stable=True).indices]
-    counts = torch.bincount(images[index], minlength=num_images).tolist()
-    return [part[:top] for part in index.split(counts)]
+def _image_order(scores: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Indices ordered by image, then by decreasing score, equal scores by index."""
+    index = torch.sort(scores, descending=True, stable=True).indices
+    return index[torch.sort(images[index], stable=True).indices]
+
+
+def _kept_top(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+              images: torch.Tensor, num_images: int, iou_threshold: float,
+              top: int) -> list[torch.Tensor]:
+    """Per image, the first ``top`` boxes that ``grouped_nms`` keeps, by decreasing score.
+
+    Greedy NMS decides a box by the higher-scoring boxes alone, so an image's first K
+    candidates decide their own fate: NMS runs on each image's best ``2 * top`` candidates,
+    and again on twice as many for the images where fewer than ``top`` survived, until each
+    image has ``top`` kept boxes or no candidate left (the same boxes as NMS on all of them)."""
+    order = _image_order(scores, images)
+    counts = torch.bincount(images, minlength=num_images)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - starts[images[order]]
+    kept = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+    pending = counts > 0
+    first = max(2 * top, 64)
+    while bool(pending.any()):
+        chosen = torch.nonzero((rank < first) & pending[images])[:, 0]
+        found = grouped_nms(boxes[chosen], scores[chosen], groups[chosen], iou_threshold)
+        kept[chosen] = found
+        survivors = torch.bincount(images[chosen[found]], minlength=num_images)
+        pending &= (survivors < top) & (counts > first)
+        first *= 2
+    index = order[kept[order]]
+    return [part[:top] for part in index.split(torch.bincount(
+        images[index], minlength=num_images).tolist())]
 
 
 def _clip(boxes: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
@@ -181,10 +206,9 @@ def filter_proposals(rpn: RegionProposalNetwork, proposals: torch.Tensor,
                  & (scores >= rpn.score_thresh))
     images = batch.expand_as(scores)[candidate]
     boxes, scores, levels = boxes[candidate], scores[candidate], levels[candidate]
-    nms_boxes = _nms_boxes(boxes, levels, images, num_images)
-    kept = grouped_nms(nms_boxes, scores, images * len(num_anchors_per_level) + levels,
-                       rpn.nms_thresh)
-    picks = _top_per_image(kept, scores, images, num_images, rpn.post_nms_top_n())
+    picks = _kept_top(_nms_boxes(boxes, levels, images, num_images), scores,
+                      images * len(num_anchors_per_level) + levels, images, num_images,
+                      rpn.nms_thresh, rpn.post_nms_top_n())
     return [boxes[p] for p in picks], [scores[p] for p in picks]
 
 
@@ -209,9 +233,9 @@ def postprocess_detections(roi_heads: RoIHeads, class_logits: torch.Tensor,
                  & (boxes[:, 2] - boxes[:, 0] >= 1e-2) & (boxes[:, 3] - boxes[:, 1] >= 1e-2))
     boxes, scores, labels, images = (boxes[candidate], scores[candidate], labels[candidate],
                                      images[candidate])
-    nms_boxes = _nms_boxes(boxes, labels, images, num_images)
-    kept = grouped_nms(nms_boxes, scores, images * num_classes + labels, roi_heads.nms_thresh)
-    picks = _top_per_image(kept, scores, images, num_images, roi_heads.detections_per_img)
+    picks = _kept_top(_nms_boxes(boxes, labels, images, num_images), scores,
+                      images * num_classes + labels, images, num_images, roi_heads.nms_thresh,
+                      roi_heads.detections_per_img)
     return [boxes[p] for p in picks], [scores[p] for p in picks], [labels[p] for p in picks]
 
 
