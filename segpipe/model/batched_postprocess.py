@@ -1,14 +1,15 @@
 """torchvision's R-CNN post-processing for a whole batch at once: the RPN's proposal filter and
-the box head's detection filter, each with one non-maximum suppression for all images.
+the box head's detection filter, each suppressing the boxes of all images together.
 
 torchvision post-processes a batch image by image (``RegionProposalNetwork.filter_proposals``,
 ``RoIHeads.postprocess_detections``): per image a clip, two filters, ``batched_nms`` and a
-top-k, each a few kernel launches and host synchronisations, so on a GPU a batch of 16 spends
-more time launching them than computing. Here every step runs once on the whole batch:
-boxes are clipped to their own image's size by one clamp, filtered by one mask, and suppressed
-by one ``grouped_nms`` whose groups are (image, level) in the RPN and (image, class) in the box
-head, the way ``batched_nms`` groups by level or class within one image, on each image's best
-candidates only, as many as decide its kept boxes (``_kept_top``).
+top-k, each a few kernel launches and host synchronisations: on a GPU they hold a batch up
+(NMS took 40 of 119 ms a batch of 16 in the H100 profile, docs/benchmarks.md). Here every step
+runs once on the whole batch: boxes are clipped to their own image's size by one clamp,
+filtered by one mask, and suppressed by ``grouped_nms`` whose groups are (image, level) in the
+RPN and (image, class) in the box head, the way ``batched_nms`` groups by level or class
+within one image, on each image's best candidates only, as many as decide its kept boxes
+(``_kept_top``).
 
 Exactness: the same arithmetic as torchvision's per-image code, so in fp32 the detections are
 the same bit for bit (``tests/test_batched_postprocess.py``). ``grouped_nms`` computes each IoU
@@ -21,7 +22,8 @@ overlaps. One difference is by design: boxes of exactly equal score are taken in
 their index (torchvision's order for equal scores is whatever its unstable sort gives).
 
 ``install(model)`` puts both on a model instance (its class and every other model stay as
-they are); ``predict`` installs them where they pay: on CUDA devices.
+they are); ``rcnn.Detector`` installs them where they pay, on CUDA devices (on a CPU the dense
+IoU matrices cost more than the loops they replace: docs/benchmarks.md).
 """
 
 from __future__ import annotations
