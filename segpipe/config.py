@@ -133,9 +133,11 @@ class SegmentConfig:
                                        "one object (SAHI's greedy NMM, IOS)", 0.5)
     tile_join_seams: bool = _opt("with --tile, also join the pieces of an object cut by a tile "
                                  "edge inside the image when their boxes agree (IoU >= "
-                                 "tile_merge_threshold) where both tiles see them; off: SAHI's "
-                                 "merge exactly, which can leave an object larger than the "
-                                 "overlap in pieces", True)
+                                 "tile_merge_threshold) where both tiles see them, and never "
+                                 "merge two detections of one tile (its model kept them apart); "
+                                 "off: SAHI's merge exactly, which can leave an object larger "
+                                 "than the overlap in pieces and glue nested objects of one "
+                                 "class", True)
     max_image_bytes: int = _opt("files larger than this many bytes become error rows", 256 << 20)
     rows_per_file: int = _opt("most rows (images) in one predictions/*.parquet file", 1000)
     coco_shard_images: int = _opt("images per COCO shard in coco/ (each a complete COCO "

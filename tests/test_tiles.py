@@ -98,6 +98,19 @@ def test_greedy_merge_is_sahis_greedy_nmm():
     assert best == sorted(best, reverse=True)
 
 
+def test_detections_one_view_kept_apart_are_never_merged():
+    """A ring around a triangle of the same class in one tile stay two (the tile's model
+    kept both); the same pair from two views is one object seen twice."""
+    boxes = np.array([[10, 10, 110, 110], [40, 40, 70, 70], [12, 11, 109, 112.]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    labels = np.ones(3, np.int32)
+    assert greedy_merge(boxes, scores, labels, 0.5).tolist() == [0, 0, 0]     # SAHI's merge
+    one_tile = greedy_merge(boxes, scores, labels, 0.5, np.array([0, 0, 1]))
+    assert one_tile.tolist() == [0, 1, 0]    # the third, from another tile, joins the first
+    two_tiles = greedy_merge(boxes, scores, labels, 0.5, np.array([0, 1, 1]))
+    assert two_tiles.tolist() == [0, 0, 1]   # one of view 1 joins; the other stays its own
+
+
 def test_an_object_on_a_seam_is_one_detection_with_the_union_of_its_masks():
     """A blob seen whole by one tile and cut by the edge of the other: one detection whose
     box is the union and whose RLE is, pixel for pixel, the union of each part pasted by

@@ -19,8 +19,11 @@ actors so that it scales with the cluster:
   the merged detection's box is the union of the boxes, its score the highest, its mask
   the union of the masks. An object no larger than the overlap is seen whole by some tile,
   and its cut pieces in the neighbouring tiles lie inside that whole box (IOS 1), so it
-  becomes one detection. One difference from SAHI, deliberately: a detection that SAHI's
-  re-check refuses is kept as a detection of its own, where SAHI drops it;
+  becomes one detection. Differences from SAHI, deliberately: a detection that SAHI's
+  re-check refuses is kept as a detection of its own, where SAHI drops it; and (with
+  ``join_seams``, the default) two detections of one view are never merged: that view's
+  model kept them apart, and in crowded scenes IOS would glue nested objects of one class
+  (a ring around a triangle, a cross over an ellipse) into one (docs/benchmarks.md);
 * **seams** (``join_seams``, on unless ``join_seams=False``): an object larger than the
   overlap can be cut by every tile it touches, and its pieces overlap too little to merge
   by IOS (SAHI leaves them apart). Pieces cut by a tile edge inside the image are joined
@@ -116,7 +119,9 @@ def merge_views(views: list[View], results: list[ImageDetections],
     from_tile = np.concatenate([np.full(len(r.scores), not v.resize)
                                 for v, r in zip(views, results)]).astype(bool)
     full = image_boxes(boxes, windows)
-    groups = greedy_merge(full, scores, labels, tiling.merge_threshold)
+    view_of = np.concatenate([np.full(len(r.scores), k) for k, r in enumerate(results)]
+                             ).astype(np.int64) if tiling.join_seams else None
+    groups = greedy_merge(full, scores, labels, tiling.merge_threshold, view_of)
     if tiling.join_seams:
         size = (max(v.window[3] for v in views), max(v.window[2] for v in views))
         groups = join_seams(groups, full, scores, labels, windows, from_tile, size,
@@ -136,10 +141,11 @@ def score_order(boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                 threshold: float) -> np.ndarray:
+                 threshold: float, views: Optional[np.ndarray] = None) -> np.ndarray:
     """SAHI's class-aware greedy NMM with IOS over full-image ``boxes``: for each detection,
     the number of the merged detection it is part of (merged detections numbered in order of
-    their best score)."""
+    their best score). With ``views`` (each detection's view), a merged detection takes at
+    most one detection of each view: two that one view's model kept apart are two objects."""
     n = len(scores)
     groups = np.full(n, -1, np.int64)
     keeper_rank = np.zeros(n, np.int64)
@@ -161,12 +167,19 @@ def greedy_merge(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                 continue
             # SAHI compares its metric matrix in float32
             ios = intersection_over_smaller(boxes[idx], boxes[members[rest]]).astype(np.float32)
-            matched = rest[ios >= threshold]
+            close = ios >= threshold
+            if views is not None:
+                close &= views[members[rest]] != views[idx]
+            matched = rest[close]
             taken[matched] = True
             merged = boxes[idx].copy()
+            seen = {views[idx]} if views is not None else set()
             for j in members[matched]:
                 # SAHI's re-check, on the grown box
-                if intersection_over_smaller(merged, boxes[j:j + 1])[0] >= threshold:
+                if intersection_over_smaller(merged, boxes[j:j + 1])[0] >= threshold and \
+                        (views is None or views[j] not in seen):
+                    if views is not None:
+                        seen.add(views[j])
                     groups[j] = idx
                     merged = np.concatenate([np.minimum(merged[:2], boxes[j, :2]),
                                              np.maximum(merged[2:], boxes[j, 2:])])
