@@ -192,13 +192,10 @@ def pipeline_child(folder: Path, out: Path, recorded_path: Path) -> dict:
     import ray
 
     from bench import replay
-    from segpipe import pipeline
     from segpipe.commands import segment
     from segpipe.config import SegmentConfig
 
-    replay.ReplayedDetections.recorded = pickle.loads(recorded_path.read_bytes())
-    ray.cloudpickle.register_pickle_by_value(replay)
-    pipeline.PredictStage = replay.ReplayedDetections   # the instrument, in this process only
+    replay.swap_in(pickle.loads(recorded_path.read_bytes()))
     started = time.perf_counter()
     cpu = ProcessTreeCpu()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)

@@ -39,6 +39,21 @@ def record_detections(images: list[np.ndarray], config) -> list[ImageDetections]
     return recorded
 
 
+def swap_in(recorded: list[ImageDetections]) -> None:
+    """Make this process's pipeline use ``ReplayedDetections`` replaying ``recorded`` (the
+    class is pickled by value for Ray's workers). Only bench scripts call this, in a process
+    of their own."""
+    import sys
+
+    import ray
+
+    from segpipe import pipeline
+
+    ReplayedDetections.recorded = recorded
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    pipeline.PredictStage = ReplayedDetections   # type: ignore[misc]
+
+
 class ReplayedDetections:
     """Stands in for ``PredictStage`` (same constructor keywords, all ignored): each ok image
     of a batch gets the next recorded image's detections (``recorded``, a class attribute

@@ -213,12 +213,9 @@ def replay_child(work: Path, args) -> dict:
     import ray
 
     from bench import replay
-    from segpipe import pipeline
     from segpipe.commands import segment
 
-    replay.ReplayedDetections.recorded = pickle.loads((work / "recorded.pkl").read_bytes())
-    ray.cloudpickle.register_pickle_by_value(replay)
-    pipeline.PredictStage = replay.ReplayedDetections   # the instrument, in this process only
+    replay.swap_in(pickle.loads((work / "recorded.pkl").read_bytes()))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     spilled = [0.0]
     done = threading.Event()

@@ -82,9 +82,7 @@ def _polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
 def _ellipse_points(cx: float, cy: float, rx: float, ry: float, angle: float,
                     n: int = 96) -> np.ndarray:
     t = np.linspace(0, 2 * math.pi, n, endpoint=False)
-    x, y = rx * np.cos(t), ry * np.sin(t)
-    c, s = math.cos(angle), math.sin(angle)
-    return np.stack([cx + c * x - s * y, cy + s * x + c * y], 1)
+    return _rotated(np.stack([rx * np.cos(t), ry * np.sin(t)], 1), cx, cy, angle)
 
 
 def _rotated(points: np.ndarray, cx: float, cy: float, angle: float) -> np.ndarray:

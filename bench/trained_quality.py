@@ -14,7 +14,8 @@ ground truth). Every run goes through segpipe's own CLI on a local Ray (``segmen
 * ``ap``: ``segpipe eval``'s mask and box AP, and faster-coco-eval's on the same results when
   it is installed;
 * ``review``: the share of images with a real mistake (a missed object, a false detection, a
-  wrong class, a mask IoU < 0.8 with its match; detections scoring >= 0.5) in the first 20%
+  wrong class, a mask IoU < 0.8 with its match; detections scoring >= 0.5; counted by
+  ``tests/synthetic.image_errors``) in the first 20%
   of ``segpipe review``'s queue, and the share of all such mistakes those images hold,
   against the whole set and 20% (a random order's expectations),
   lowest mean score first (how Label Studio and Labelbox sort by prediction score) and most
@@ -52,9 +53,11 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
+from parity import box_iou, decoded, mask_iou  # noqa: E402
 from segpipe.review.signals import SIGNALS  # noqa: E402
+from synthetic import image_errors  # noqa: E402
 
-SIZE = ["--min-size", "320", "--max-size", "432"]
+SIZE = ("--min-size", "320", "--max-size", "432")
 THRESHOLD = 0.5     # the review's and the exports' default score threshold
 MASK_OK = 0.8       # below this mask IoU with its match, a detection is a mistake
 
@@ -68,10 +71,12 @@ def segpipe(*args: str) -> str:
     return done.stdout
 
 
-def segment(images: Path, out: Path, weights: Path, *extra: str) -> Path:
+def segment(images: Path, out: Path, weights: Path, *extra: str,
+            size: tuple[str, ...] = SIZE) -> Path:
+    """``segpipe segment`` with the trained checkpoint, unless ``out`` holds a finished run."""
     if not (out / "run.json").exists():
         segpipe("segment", str(images), str(out), "--weights", str(weights), "--categories",
-                str(weights.parent / "shapes-categories.json"), *SIZE, *extra)
+                str(weights.parent / "shapes-categories.json"), *size, *extra)
     return out
 
 
@@ -83,16 +88,6 @@ def detections(run: Path) -> dict[str, list[dict]]:
                                                     table.column("detections").to_pylist())}
 
 
-def decode(segmentation: dict) -> np.ndarray:
-    return mask_utils.decode({"size": segmentation["size"],
-                              "counts": segmentation["counts"].encode()}).astype(bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
-
-
 def ground_truth(data: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
     coco = json.loads((data / "val" / "instances.json").read_text())
     names = {image["id"]: image["file_name"] for image in coco["images"]}
@@ -101,24 +96,6 @@ def ground_truth(data: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
         truth[names[ann["image_id"]]].append((ann["category_id"], mask_utils.decode(
             ann["segmentation"]).astype(bool)))
     return truth
-
-
-def mistakes(dets: list[dict], truth: list[tuple[int, np.ndarray]]) -> int:
-    """Missed objects, false or misclassified detections and masks with IoU < ``MASK_OK``
-    among the detections scoring >= ``THRESHOLD``; greedy matching by score."""
-    kept = sorted((d for d in dets if d["score"] >= THRESHOLD), key=lambda d: -d["score"])
-    unmatched = list(range(len(truth)))
-    found = 0
-    for det in kept:
-        mask = decode(det["segmentation"])
-        scored = [(iou(mask, truth[k][1]), k) for k in unmatched]
-        best_iou, best = max(scored, default=(0.0, None))
-        if best is None or best_iou < 0.5 or truth[best][0] != det["category_id"]:
-            found += 1
-            continue
-        unmatched.remove(best)
-        found += best_iou < MASK_OK
-    return found + len(unmatched)
 
 
 def ap_figures(run: Path, data: Path) -> dict:
@@ -153,7 +130,8 @@ def review_figures(run: Path, data: Path, work: Path) -> dict:
     records = [json.loads(line) for line in (to / "review.jsonl").read_text().splitlines()]
     queue = [r["file_name"] for r in records]
     dets, truth = detections(run), ground_truth(data)
-    found = {name: mistakes(dets[name], truth[name]) for name in dets}
+    found = {name: int(image_errors({"detections": dets[name]}, truth[name], THRESHOLD, MASK_OK))
+             for name in dets}
     wrong = {name: found[name] > 0 for name in dets}
     k = max(1, round(0.2 * len(queue)))
     total = sum(found.values())
@@ -187,7 +165,6 @@ def review_figures(run: Path, data: Path, work: Path) -> dict:
 
 def matched_pairs(a: dict[str, list[dict]], b: dict[str, list[dict]]):
     """Per detection of ``a`` scoring >= THRESHOLD: its best same-class box match in ``b``."""
-    from parity import box_iou
     for name, dets in a.items():
         for det in dets:
             if det["score"] < THRESHOLD:
@@ -215,7 +192,7 @@ def precision_figures(fp32: Path, images: Path, weights: Path, work: Path) -> di
             unmatched += 1
             continue
         shifts.append(float(np.abs(np.array(det["box"]) - np.array(other["box"])).max()))
-        ious.append(iou(decode(det["segmentation"]), decode(other["segmentation"])))
+        ious.append(mask_iou(decoded(det["segmentation"]), decoded(other["segmentation"])))
     return {"bf16_vs_fp32": {"box_shift_px": percentiles(shifts), "mask_iou": percentiles(ious),
                              "fp32_detections_without_match": unmatched},
             "fp16": "CUDA only: not measurable on this machine"}
@@ -240,9 +217,7 @@ def soft_mask_figures(fp32: Path, images: Path, weights: Path, work: Path) -> di
                 ann = by_key.get((name, det["category_id"], round(det["score"], 7)))
                 if ann is None or "segmentation" not in ann:
                     continue
-                seg = ann["segmentation"]
-                ious.append(iou(decode(det["segmentation"]), mask_utils.decode(
-                    {"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)))
+                ious.append(mask_iou(decoded(det["segmentation"]), decoded(ann["segmentation"])))
         figures[str(threshold)] = {**percentiles(ious), "identical": round(
             float(np.mean(np.array(ious) == 1.0)), 4) if ious else None}
     return figures
@@ -259,15 +234,9 @@ def tile_figures(data: Path, weights: Path, work: Path) -> dict:
             part = Image.open(path).convert("RGB").resize((320, 240), Image.BILINEAR)
             mosaic.paste(part, ((k % 4) * 320, (k // 4) * 240))
         mosaic.save(folder / f"mosaic-{m}.png")
-    native = ["--min-size", "960", "--max-size", "1280"]
-    whole = work / "mosaic-whole"
-    if not (whole / "run.json").exists():
-        segpipe("segment", str(folder), str(whole), "--weights", str(weights), "--categories",
-                str(weights.parent / "shapes-categories.json"), *native)
-    tiled = work / "mosaic-tiled"
-    if not (tiled / "run.json").exists():
-        segpipe("segment", str(folder), str(tiled), "--weights", str(weights), "--categories",
-                str(weights.parent / "shapes-categories.json"), *native, "--tile", "320")
+    native = ("--min-size", "960", "--max-size", "1280")
+    whole = segment(folder, work / "mosaic-whole", weights, size=native)
+    tiled = segment(folder, work / "mosaic-tiled", weights, "--tile", "320", size=native)
     found: dict[str, list[float]] = {"inside": [], "seam": []}
     missed = {"inside": 0, "seam": 0}
     nested = {"inside": 0, "seam": 0}
@@ -281,10 +250,10 @@ def tile_figures(data: Path, weights: Path, work: Path) -> dict:
             crosses = any(x < e < x + w for e in range(320, 1280, step)) or \
                 any(y < e < y + h for e in range(320, 960, step))
             where = "seam" if crosses else "inside"
-            mask = decode(det["segmentation"])
+            mask = decoded(det["segmentation"])
             same = [o for o in tiled_dets[name]
                     if o["category_id"] == det["category_id"] and o["score"] >= 0.3]
-            best = max((iou(mask, decode(o["segmentation"])) for o in same), default=0.0)
+            best = max((mask_iou(mask, decoded(o["segmentation"])) for o in same), default=0.0)
             if best >= 0.5:
                 found[where].append(best)
                 continue
