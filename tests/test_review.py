@@ -82,6 +82,17 @@ def test_review_writes_the_ranking_and_subsets(review_run, tmp_path):
     assert any(r["reasons"] for r in records)
     flat = list(csv.DictReader((to / "review.csv").open()))
     assert [row["file_name"] for row in flat] == [r["file_name"] for r in records]
+    # what docs/labelling.md promises: duckdb and polars read it with its types
+    import duckdb
+    import polars as pl
+
+    by_polars = pl.read_csv(to / "review.csv")
+    by_duckdb = duckdb.read_csv(str(to / "review.csv"))
+    assert by_polars.columns == by_duckdb.columns == list(flat[0])
+    assert by_polars["priority"].dtype == pl.Float64 and by_polars["rank"].dtype == pl.Int64
+    assert by_polars.select("file_name", "priority").rows() == \
+        by_duckdb.select("file_name, priority").fetchall() == \
+        [(r["file_name"], pytest.approx(r["priority"], abs=1e-6)) for r in records]
     coco = COCO(str(to / "top" / "instances.json"))
     assert sorted(im["file_name"] for im in coco.dataset["images"]) == \
         sorted(r["file_name"] for r in records[:5])
