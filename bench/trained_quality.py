@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/train_shapes.py          # prints the checkpoint and its sha256
     .venv/bin/python bench/trained_quality.py --weights CKPT --data DATA [--work DIR]
-        [--only ap,review,precision,soft,tiles] [--json OUT.json]
+        [--only ap,review,precision,islands,soft,tiles,gallery] [--json OUT.json]
 
 ``DATA`` is the dataset folder the training used (``DATA/val``: held-out images and exact
 ground truth). Every run goes through segpipe's own CLI on a local Ray (``segment``,
@@ -22,6 +22,11 @@ ground truth). Every run goes through segpipe's own CLI on a local Ray (``segmen
   detections first; and each of the queue's signals alone;
 * ``precision``: a bf16 run against the fp32 run, detection by detection (same class, best
   box IoU): box corner shift in pixels and mask IoU (median, 5th percentile, min);
+* ``islands``: where bf16 loses against fp32, in one process (segpipe's predictor code,
+  ``model.inference.predict_images``, the first ``--islands-images`` held-out images, batch
+  2): segpipe's bf16 against bf16 with more of the network kept in fp32 (the RPN head and
+  the RoI heads; then the FPN as well), each against fp32, matched as in ``precision``, with
+  the seconds each took;
 * ``soft``: ``export --mask-threshold T`` from the stored uint16 soft masks against a fresh
   ``segment --mask-threshold T``, T in 0.3 and 0.7: mask IoU per detection, share identical;
 * ``gallery``: ``segpipe render`` and ``segpipe review --images`` of the held-out run, six
@@ -198,6 +203,91 @@ def precision_figures(fp32: Path, images: Path, weights: Path, work: Path) -> di
             "fp16": "CUDA only: not measurable on this machine"}
 
 
+#: bf16 with more of the network in fp32 than segpipe's islands (``model.precision``): the
+#: modules run in fp32 on fp32 inputs, the rest under bf16 autocast.
+ISLAND_VARIANTS = {"bf16 (segpipe's)": (),
+                   "bf16, RPN head and RoI heads in fp32": ("rpn.head", "roi_heads"),
+                   "bf16, FPN, RPN head and RoI heads in fp32": ("backbone.fpn", "rpn.head",
+                                                                 "roi_heads")}
+
+
+#: COCO's object sizes by mask area in pixels (small < 32², medium < 96²).
+AREA_RANGES = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, float("inf"))}
+
+
+def _as_fp32(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _as_fp32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_fp32(v) for v in value)
+    return value
+
+
+def _in_fp32(module) -> None:
+    import torch
+
+    forward = module.forward
+
+    def fp32_forward(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return forward(*_as_fp32(args), **_as_fp32(kwargs))
+    module.forward = fp32_forward
+
+
+def islands_figures(images: Path, weights: Path, count: int) -> dict:
+    import time
+
+    import torch
+    from PIL import Image
+
+    from segpipe.encode.encoder import encode_detections
+    from segpipe.model.build import build_model, load_checkpoint
+    from segpipe.model.inference import image_tensor, predict_images
+    from segpipe.model.precision import prepare_model
+    from segpipe.model.spec import ModelSpec
+
+    torch.set_num_threads(2)
+    spec = ModelSpec("maskrcnn_resnet50_fpn", int(SIZE[1]), int(SIZE[3]), 0.05, 0.5, 100, 1000,
+                     num_classes=5)
+    state = load_checkpoint(weights)
+    files = sorted(images.iterdir())[:count]
+    pixels = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+
+    def run(precision: str, fp32_parts: tuple[str, ...]) -> tuple[dict, float]:
+        model = build_model(spec)
+        model.load_state_dict(state)
+        prepare_model(model.eval(), torch.device("cpu"), precision)
+        for name in fp32_parts:
+            _in_fp32(model.get_submodule(name))
+        found, start = [], time.perf_counter()
+        for at in range(0, len(pixels), 2):
+            batch = [image_tensor(p, torch.device("cpu")) for p in pixels[at:at + 2]]
+            found += predict_images(model, batch, precision)
+        seconds = time.perf_counter() - start
+        return {f.name: encode_detections(det, *p.shape[:2], 0.5, keep_soft_masks=False)
+                for f, p, det in zip(files, pixels, found)}, seconds
+
+    reference, fp32_seconds = run("fp32", ())
+    figures: dict = {"images": len(files), "fp32_seconds": round(fp32_seconds, 1)}
+    for name, parts in ISLAND_VARIANTS.items():
+        low, seconds = run("bf16", parts)
+        shifts, ious, areas = [], [], []
+        for det, other in matched_pairs(reference, low):
+            if other is not None:
+                shifts.append(float(np.abs(np.array(det["box"]) - np.array(other["box"])).max()))
+                ious.append(mask_iou(decoded(det["segmentation"]), decoded(other["segmentation"])))
+                areas.append(det["area"])
+        by_area = {size: percentiles([iou for iou, area in zip(ious, areas) if low_ <= area < high])
+                   for size, (low_, high) in AREA_RANGES.items()}
+        figures[name] = {"seconds": round(seconds, 1), "box_shift_px": percentiles(shifts),
+                         "mask_iou": percentiles(ious), "mask_iou_by_area": by_area}
+    return figures
+
+
 def soft_mask_figures(fp32: Path, images: Path, weights: Path, work: Path) -> dict:
     figures = {}
     for threshold in (0.3, 0.7):
@@ -319,7 +409,8 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path)
-    parser.add_argument("--only", default="ap,review,precision,soft,tiles,gallery")
+    parser.add_argument("--only", default="ap,review,precision,islands,soft,tiles,gallery")
+    parser.add_argument("--islands-images", type=int, default=40)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "images",
                         help="where the gallery pictures go")
     parser.add_argument("--json", type=Path)
@@ -331,8 +422,11 @@ def main() -> int:
     result: dict = {"weights": args.weights.name,
                     "sha256": hashlib.sha256(args.weights.read_bytes()).hexdigest(),
                     "work": str(work)}
-    fp32 = segment(images, work / "fp32", args.weights)
     wanted = args.only.split(",")
+    if "islands" in wanted:
+        result["islands"] = islands_figures(images, args.weights, args.islands_images)
+    if set(wanted) - {"islands"}:
+        fp32 = segment(images, work / "fp32", args.weights)
     if "ap" in wanted:
         result["ap"] = ap_figures(fp32, args.data)
     if "review" in wanted:
