@@ -59,12 +59,12 @@ def test_a_symlink_loop_and_links_to_listed_files_count_once(tmp_path):
 def test_segpipe_output_folders_inside_input_are_not_inputs(tmp_path):
     root = tmp_path / "in"
     write_photos(root, names=("chelsea", "coffee"))
+    ownership.mark_folder(str(root / "out"), "segment")   # segpipe's marker, not run.json
     (root / "out" / "predictions").mkdir(parents=True)
     (root / "out" / "predictions" / "part-00000.parquet").write_bytes(b"PAR1")
-    ownership.mark_folder(str(root / "out"), "segment")   # segpipe's marker, not run.json
+    ownership.mark_folder(str(root / "gallery"), "render")
     (root / "gallery" / "images").mkdir(parents=True)
     (root / "gallery" / "images" / "chelsea.jpg").write_bytes(b"\xff\xd8")
-    ownership.mark_folder(str(root / "gallery"), "render")
     (root / "new-out" / "predictions").mkdir(parents=True)        # an OUTPUT without run.json yet
     (root / "new-out" / "predictions" / "x.parquet").write_bytes(b"PAR1")
     found = formats.list_inputs(str(root), "auto", exclude=(str(root / "new-out"),))

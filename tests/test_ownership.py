@@ -162,14 +162,37 @@ def test_output_folders_are_known_by_segpipes_ledger_not_by_file_names(tmp_path)
     write_photos(root / "dataset", names=("chelsea",))
     (root / "dataset" / "run.json").write_text('{"tool": "another"}')   # another tool's
     (root / "dataset" / "export.json").write_text("{}")
-    write_photos(root / "seg-out" / "images", names=("coffee",))
     ownership.mark_folder(str(root / "seg-out"), "render")
+    write_photos(root / "seg-out" / "images", names=("coffee",))     # what render drew there
     write_photos(root / "fake", names=("rocket",))
     (root / "fake" / ownership.LEDGER_NAME).write_text("[]")          # not segpipe's ledger
     found = formats.list_inputs(str(root), "auto")
     assert found.listing.column("file_name").to_pylist() == \
         ["dataset/chelsea.png", "fake/rocket.png"]
     assert found.skipped[sources.SKIPPED_OUTPUT_FOLDERS] == ["seg-out"]
+
+
+def test_a_to_folder_above_the_users_images_leaves_them_input(tmp_path):
+    """``export/render --to`` a folder that holds the user's images (INPUT's parent): a later
+    ``segment`` of that folder leaves out what segpipe wrote there and keeps the rest."""
+    root = tmp_path / "photos"
+    write_photos(root / "holiday", names=("chelsea",))
+    write_photos(root, names=("astronaut",))
+    ownership.mark_folder(str(root), "render")                       # render --to photos
+    write_photos(root / "images", names=("coffee",))                 # what it drew there
+    write_photos(root, names=("rocket",))                            # the user's, added later
+    ownership.record_written(str(root), ["rocket.png"])              # ... or segpipe's
+    assert ownership.found_before(*storage.resolve(str(root))) == \
+        {"holiday", "astronaut.png"}
+    found = formats.list_inputs(str(root), "auto")
+    assert found.listing.column("file_name").to_pylist() == ["astronaut.png", "holiday/chelsea.png"]
+    assert found.skipped[sources.SKIPPED_OUTPUT_FOLDERS] == ["images", "rocket.png"]
+    # a folder segpipe made holds nothing of the user's: all of it is left out
+    ownership.mark_folder(str(tmp_path / "made"), "export")
+    write_photos(tmp_path / "made", names=("coffee",))
+    assert ownership.found_before(*storage.resolve(str(tmp_path / "made"))) == frozenset()
+    assert formats.list_inputs(str(tmp_path), "auto").skipped[sources.SKIPPED_OUTPUT_FOLDERS] \
+        == ["made", "photos/images", "photos/rocket.png"]
 
 
 def test_a_foreign_ledger_is_not_overwritten(tmp_path):

@@ -17,7 +17,9 @@ Proof is a name segpipe gives *and* something segpipe wrote into or about the fi
 A foreign file where segpipe would write or remove, or a symbolic link on the way (on a local
 disk nothing is followed through a link), is refused before any work: ``ConfigError`` naming
 the paths. The ledger also marks a folder as a segpipe output (``is_output_folder``), which
-is how ``sources`` leaves such folders out of an INPUT.
+is how ``sources`` leaves such folders out of an INPUT: all of it, but for what the folder
+held before segpipe first wrote into it (``found_before``: the user's own entries, such as
+the images of an INPUT below a ``--to`` folder).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from segpipe.version import __version__
 LEDGER_NAME = ".segpipe-files.json"
 STAMPS_NAME = ".segpipe-stamps.parquet"
 LEDGER_KEY = "segpipe_files"
+#: The files by which segpipe keeps account of a folder's files.
+BOOKKEEPING_NAMES = (LEDGER_NAME, STAMPS_NAME)
 #: The comment segpipe writes into every JPEG that ``render`` draws.
 RENDER_COMMENT = b"segpipe render"
 #: A temporary file untouched this long belongs to a writer that is gone.
@@ -52,6 +56,10 @@ TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)-(?P<host>[0-9a-f]{
 
 #: How many foreign paths a refusal names.
 SHOWN = 5
+#: The ledger's list of the entries a folder held before segpipe first wrote into it.
+FOUND_KEY = "found_before"
+#: The most entries ``FOUND_KEY`` lists; a folder holding more is left out of an INPUT whole.
+FOUND_LIMIT = 10_000
 
 
 def _is_local(fs: pafs.FileSystem) -> bool:
@@ -118,11 +126,27 @@ def _write_ledger(fs: pafs.FileSystem, root: str, ledger: dict) -> None:
 
 def mark_folder(folder: str, kind: str) -> None:
     """Make ``folder`` a segpipe output of ``kind`` (segment, export, render): create it and
-    its ledger unless it has one."""
+    its ledger unless it has one. The ledger lists what the folder held already (up to
+    ``FOUND_LIMIT`` entries, ``FOUND_KEY``): the user's, which a later INPUT listing keeps."""
     fs, root = storage.resolve(folder)
     fs.create_dir(root, recursive=True)
     if not _ledger(fs, root):
-        _write_ledger(fs, root, {"kind": kind, LEDGER_KEY: {}})
+        found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)))
+        ledger: dict = {"kind": kind, LEDGER_KEY: {}}
+        if found and len(found) <= FOUND_LIMIT:
+            ledger[FOUND_KEY] = found
+        _write_ledger(fs, root, ledger)
+
+
+def found_before(fs: pafs.FileSystem, root: str) -> frozenset[str]:
+    """The entries the output folder ``root`` held before segpipe first wrote into it (its
+    ledger's ``FOUND_KEY``; none for a folder segpipe made, or whose ledger is older)."""
+    try:
+        found = _ledger(fs, root).get(FOUND_KEY)
+    except ConfigError:
+        return frozenset()
+    return frozenset(name for name in found if isinstance(name, str)) \
+        if isinstance(found, list) else frozenset()
 
 
 def record_written(folder: str, names: Iterable[str], whole: bool = False) -> None:

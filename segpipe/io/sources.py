@@ -117,7 +117,7 @@ def is_image_name(name: str) -> bool:
 
 SKIPPED_LINKED_FOLDERS = "symbolic links to folders (not followed)"
 SKIPPED_SAME_FILE = "links to a file listed already under another name"
-SKIPPED_OUTPUT_FOLDERS = "segpipe output folders (OUTPUT, or an export/render/eval --to)"
+SKIPPED_OUTPUT_FOLDERS = "segpipe outputs (an OUTPUT, or what an export/render/review/eval --to wrote)"
 
 
 SKIPPED_BROKEN_LINKS = "broken symbolic links"
@@ -147,8 +147,10 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
       would loop), and a file reached twice (a link to a file listed already, a hard link) is
       listed once; links to files are followed;
     * folders segpipe wrote (holding segpipe's ledger, ``ownership.is_output_folder``: not
-      any file named run.json) and the folders in ``exclude``
-      (the run's own OUTPUT, when it sits inside INPUT) are left out.
+      any file named run.json), but for the entries they held before segpipe first wrote
+      there (``ownership.found_before``: a ``--to`` given a folder above the user's images),
+      and the folders in ``exclude`` (the run's own OUTPUT, when it sits inside INPUT) are
+      left out.
 
     Raises ``ConfigError`` when INPUT does not exist."""
     fs, root = storage.resolve(input_uri)
@@ -166,19 +168,38 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
     else:
         files = storage.list_files(fs, root)
     prefix = root.rstrip("/") + "/"
-    excluded |= {posixpath.dirname(f.path) for f in files
-                 if posixpath.basename(f.path) == ownership.LEDGER_NAME
-                 and ownership.is_output_folder(fs, posixpath.dirname(f.path))}
+    outputs = {posixpath.dirname(f.path) for f in files
+               if posixpath.basename(f.path) == ownership.LEDGER_NAME
+               and ownership.is_output_folder(fs, posixpath.dirname(f.path))}
+    users = {folder: ownership.found_before(fs, folder) for folder in outputs}
+    excluded |= outputs
     kept, left_out = [], set()
     for f in files:
-        holder = next((d for d in excluded if f.path.startswith(d.rstrip("/") + "/")), None)
+        holder = next((place for place in map(_left_out_by(f.path, users), excluded) if place),
+                      None)
         if holder is None:
             kept.append(f)
-        else:
+        elif posixpath.basename(holder) not in ownership.BOOKKEEPING_NAMES:
             left_out.add(holder[len(prefix):] if holder.startswith(prefix) else holder)
     if left_out:
         skipped[SKIPPED_OUTPUT_FOLDERS] = sorted(left_out)
     return InputFiles(fs, root, kept, skipped, undecodable)
+
+
+def _left_out_by(path: str, users: dict[str, frozenset[str]]):
+    """For a left-out folder: what leaves ``path`` out (the folder, or the entry of a
+    segpipe output folder that segpipe made), or None when ``path`` is not under it or lies
+    in an entry the user had there before segpipe (``users``)."""
+    def holder(folder: str) -> Optional[str]:
+        inside = folder.rstrip("/") + "/"
+        if not path.startswith(inside):
+            return None
+        found = users.get(folder)
+        if not found:
+            return folder
+        entry = path[len(inside):].split("/", 1)[0]
+        return None if entry in found else inside + entry
+    return holder
 
 
 def _walk_local(root: str, skipped: dict[str, list[str]],
