@@ -228,3 +228,61 @@ def test_render_draws_what_is_intact_and_names_what_is_not(tmp_path, capsys):
     assert f"{2 + len(TAMPERED)} images drawn, 0 failed" in out
     assert f"{len(TAMPERED)} image(s) or detection(s) left out: damaged in predictions/" in out
     assert "\x1b" not in out
+
+
+def _settings_changed(path: list[str], value) -> dict:
+    from synthetic import SETTINGS
+
+    values = json.loads(json.dumps(SETTINGS.to_json()))
+    place = values
+    for key in path[:-1]:
+        place = place[key]
+    if value is KeyError:
+        del place[path[-1]]
+    else:
+        place[path[-1]] = value
+    return values
+
+
+@pytest.mark.parametrize("recorded,named", [
+    (b"not json{", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (json.dumps(_settings_changed(["mask_threshold"], math.nan)).encode(), "NaN is no JSON number"),
+    (_settings_changed(["model"], KeyError), "no model"),
+    (_settings_changed(["model", "hidden"], 1), "unknown model.hidden"),
+    (_settings_changed(["mask_threshold"], 5), "mask_threshold must be in [0, 1)"),
+    (_settings_changed(["mask_threshold"], "0.5"), "mask_threshold is '0.5'"),
+    (_settings_changed(["soft_mask_dtype"], "float64"), "soft_mask_dtype is 'float64'"),
+    (_settings_changed(["model", "min_size"], -5), "min_size must be at least 1"),
+    (_settings_changed(["model", "arch"], "evil"), "arch must be one of"),
+    (_settings_changed(["model", "mask_frame"], "nope"), "model.mask_frame is 'nope'"),
+    (_settings_changed(["tiles"], {"size": 0, "overlap": -1}), "tiles.size is 0"),
+    (_settings_changed(["tiles"], {"size": 640, "overlap": 900}), "tile_overlap (900.0) must be less"),
+    (_settings_changed(["weights_sha256"], "\x1b]0;pwned\x07"), "weights_sha256 is '\\x1b]0;pwned"),
+])
+def test_run_settings_in_a_files_footer_are_checked_before_any_work(tmp_path, capsys, recorded,
+                                                                      named):
+    """Whoever edits predictions/ can rewrite the settings each file's footer records: every
+    command refuses settings segpipe could not have written, in one line naming the file,
+    before writing anything."""
+    import pyarrow.parquet as pq
+
+    from segpipe.schema import RUN_SETTINGS_KEY
+
+    run = run_with(tmp_path)
+    export = run_export(str(run), str(tmp_path / "gt"), ExportOptions(0.5))   # before tampering
+    assert export["counts"]["annotations"]
+    (part,) = (run / "predictions").glob("part-*.parquet")
+    table = pq.read_table(part)
+    raw = recorded if isinstance(recorded, bytes) else json.dumps(recorded).encode()
+    pq.write_table(table.replace_schema_metadata({RUN_SETTINGS_KEY: raw}), part)
+    for args in (["export", str(run), "--to", str(tmp_path / "x")],
+                 ["export", str(run), "--to", str(tmp_path / "y"), "--format", "yolo"],
+                 ["review", str(run), "--to", str(tmp_path / "r")],
+                 ["eval", str(run), "--gt", str(tmp_path / "gt" / "instances.json")]):
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "\x1b" not in err, err
+        assert "predictions/part-" in err and named in err, err
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "r"))
+    assert not (run / "eval.json").exists()

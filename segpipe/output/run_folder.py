@@ -156,7 +156,7 @@ def read_written(directory: str) -> tuple[Optional[RunSettings], set[int]]:
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
             table = pq.read_table(f, columns=["image_id"])
-        found.add(RunSettings.from_metadata(table.schema.metadata))
+        found.add(_recorded_settings(path, table.schema.metadata))
         ids.update(table.column("image_id").to_pylist())
     return _one_settings(directory, found), ids
 
@@ -170,8 +170,16 @@ def read_run_settings(directory: str) -> Optional[RunSettings]:
     found: set[RunSettings] = set()
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
-            found.add(RunSettings.from_metadata(pq.read_schema(f).metadata))
+            found.add(_recorded_settings(path, pq.read_schema(f).metadata))
     return _one_settings(directory, found)
+
+
+def _recorded_settings(path: str, metadata: Optional[dict]) -> Optional[RunSettings]:
+    """``RunSettings.from_metadata``, its refusal naming the file."""
+    try:
+        return RunSettings.from_metadata(metadata)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _one_settings(directory: str, found: set) -> Optional[RunSettings]:
