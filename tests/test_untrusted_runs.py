@@ -286,3 +286,17 @@ def test_run_settings_in_a_files_footer_are_checked_before_any_work(tmp_path, ca
         assert "predictions/part-" in err and named in err, err
     assert not any((tmp_path / name).exists() for name in ("x", "y", "r"))
     assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("text", ["[]", '"x"', '{"config": []}', "{bad", '{"config": {"input": 5}}',
+                                  '{"config": {"image_column": ["x"], "name_column": "name"}}'])
+def test_run_json_is_only_a_hint_and_never_a_crash(tmp_path, text):
+    """run.json is untrusted too: render's table columns and the INPUT an export must not
+    write into come from it when it holds strings there, and from nowhere when not."""
+    from segpipe.commands.render import _table_columns
+    from segpipe.output import run_folder
+
+    (tmp_path / "run.json").write_text(text)
+    named = "name" if "name_column" in text else None
+    assert _table_columns(str(tmp_path)) == ("image", named)
+    assert run_folder.run_input(str(tmp_path)) is None

@@ -444,12 +444,8 @@ def _drawn_by_render(fs, path: str) -> bool:
 
 def _table_columns(output: str) -> tuple[str, Optional[str]]:
     """The image and name columns the run read Parquet tables with (its run.json)."""
-    fs, root = storage.resolve(output)
-    try:
-        config = json.loads(storage.read_bytes(fs, storage.join(root, "run.json")))["config"]
-        return config.get("image_column") or "image", config.get("name_column")
-    except (OSError, ValueError, KeyError):
-        return "image", None
+    config = run_folder.recorded_config(output)
+    return config.get("image_column") or "image", config.get("name_column")
 
 
 def run_render(request: RenderRequest, checked: Optional[CheckedRender] = None,

@@ -260,14 +260,23 @@ def check_target(target: str, what: str, output: Optional[str] = None,
                               "it would find no image; give another folder")
 
 
-def run_input(output: str) -> Optional[str]:
-    """The INPUT the run in ``output`` segmented (its run.json), when that can be read."""
+def recorded_config(output: str) -> dict[str, str]:
+    """The string settings of the run in ``output`` as its run.json records them (``input``,
+    ``image_column``, ...); those that cannot be read, or are not strings, are left out:
+    run.json is untrusted, and only ever a hint."""
     fs, root = storage.resolve(output)
     try:
-        value = json.loads(storage.read_bytes(fs, storage.join(root, RUN_JSON)))["config"]["input"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, str) else None
+        config = json.loads(storage.read_bytes(fs, storage.join(root, RUN_JSON))).get("config")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {key: value for key, value in config.items() if isinstance(value, str)}
+
+
+def run_input(output: str) -> Optional[str]:
+    """The INPUT the run in ``output`` segmented (its run.json), when that can be read."""
+    return recorded_config(output).get("input")
 
 
 def retire_finished_run(output: str) -> None:
