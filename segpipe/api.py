@@ -123,14 +123,22 @@ def file_names(paths: list[str], root: Optional[str] = None) -> list[str]:
                            else path.lstrip("/")) for path in paths]
 
 
-def _names(batch: Mapping[str, np.ndarray], rows: int, data: Optional[list] = None,
+def _names(batch: Mapping[str, np.ndarray], data: Callable[[], list[bytes]],
            root: Optional[str] = None) -> list[str]:
     for column in NAME_COLUMNS:
         if column in batch:
             return file_names([str(v) for v in batch[column]], root)
-    if data is not None:   # no name: the hash of the bytes, as for Parquet rows without one
-        return [f"#{hashlib.blake2b(bytes(d), digest_size=8).hexdigest()}" for d in data]
-    return [f"#{k}" for k in range(rows)]
+    # no name: the hash of the bytes (of the pixels, with their shape, for decoded rows), as
+    # for Parquet rows without one: a row's position in its batch would name rows of other
+    # batches alike
+    return [f"#{hashlib.blake2b(bytes(d), digest_size=8).hexdigest()}" for d in data()]
+
+
+def _pixel_bytes(value: Any) -> bytes:
+    """What names a decoded image without a name: its shape, type and pixels."""
+    if not isinstance(value, np.ndarray):
+        return repr(value).encode()
+    return f"{value.shape}{value.dtype}".encode() + np.ascontiguousarray(value).tobytes()
 
 
 def _rgb(array: np.ndarray) -> np.ndarray:
@@ -160,7 +168,7 @@ def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image",
         raise ValueError(f"no image column among {sorted(batch)}: name it with image_column")
     values = list(batch[column])
     if values and isinstance(values[0], np.ndarray) and values[0].dtype != object:
-        names = _names(batch, len(values), root=root)
+        names = _names(batch, lambda: [_pixel_bytes(v) for v in values], root)
         pixels: list[Optional[np.ndarray]] = []
         statuses: list[str] = []
         errors: list[Optional[str]] = []
@@ -188,7 +196,7 @@ def source_rows(batch: Mapping[str, np.ndarray], image_column: str = "image",
                          "error": pa.array(errors, pa.string()),
                          schema.PIXELS: pixel_column(pixels)})
     data = [_image_bytes(v) for v in values]
-    names = _names(batch, len(values), [d or b"" for d in data], root)
+    names = _names(batch, lambda: [d or b"" for d in data], root)
     return pa.table({
         "image_id": pa.array([image_id_for(n) for n in names], pa.int64()),
         "file_name": pa.array(names, pa.string()),

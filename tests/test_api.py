@@ -189,3 +189,23 @@ def test_no_public_name_is_also_a_module():
     clashing = [name for name in segpipe.__all__ if name != "__version__"
                 and importlib.util.find_spec(f"segpipe.{name}") is not None]
     assert clashing == []
+
+
+def test_rows_without_a_path_are_named_by_their_content_not_their_place_in_a_batch():
+    """read_images without include_paths: a row's position in its batch named rows of every
+    batch alike ('#0' in each), so images of different batches shared one image_id."""
+    import numpy as np
+
+    from segpipe.api import source_rows
+
+    rng = np.random.default_rng(0)
+    first = [rng.integers(0, 255, (8, 6, 3), dtype=np.uint8) for _ in range(2)]
+    second = [rng.integers(0, 255, (8, 6, 3), dtype=np.uint8), first[0].copy()]
+    names = [source_rows({"image": np.stack(batch)}).column("file_name").to_pylist()
+             for batch in (first, second)]
+    assert len({*names[0], names[1][0]}) == 3          # three pictures, three names
+    assert names[1][1] == names[0][0]                 # the same picture: the same name
+    flipped = source_rows({"image": np.stack([first[0].reshape(6, 8, 3)])})
+    assert flipped.column("file_name").to_pylist() != names[0][:1]   # same bytes, other shape
+    data = source_rows({"bytes": np.array([b"abc", b"abd"], dtype=object)})
+    assert len(set(data.column("file_name").to_pylist())) == 2

@@ -86,3 +86,42 @@ def test_parquet_tables_with_and_without_a_name_column(tmp_path, photos, checkpo
 
     with pytest.raises(ConfigError, match="--image-column 'pixels' is not a column"):
         run_segment(small_config(tables, tmp_path / "bad", checkpoint, image_column="pixels"))
+
+
+def test_every_row_of_a_container_gets_a_name_of_its_own(tmp_path, photos):
+    """file_name and image_id name one image: a tar holding one member name twice and a table
+    holding the same bytes twice (a dataset's duplicate pictures) give each row its own name,
+    in order, as the run and render both read them."""
+    from segpipe.io import storage
+    from segpipe.io.image_tables import table_images
+    from segpipe.io.tar_shards import tar_images
+
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, photo in (("a/1.png", "chelsea"), ("a/1.png", "coffee"), ("a/1-2.png", "rocket"),
+                            ("a/1.png", "rocket")):
+            add(tar, name, photos[photo])
+    fs, root = storage.resolve(str(tmp_path))
+    names = [name for name, _ in tar_images(fs, f"{root}/s.tar", "s.tar")]
+    assert names == ["s.tar/a/1.png", "s.tar/a/1-2.png", "s.tar/a/1-2-2.png", "s.tar/a/1-3.png"]
+
+    pq.write_table(pa.table({"image": [photos["chelsea"], photos["coffee"], photos["chelsea"],
+                                       photos["chelsea"]]}), tmp_path / "t.parquet",
+                   row_group_size=2)   # the repeats span row groups
+    names = [name for name, _, _ in table_images(fs, f"{root}/t.parquet", "t.parquet", "image", None)]
+    assert len(set(names)) == 4 and names[2:] == [names[0] + "-2", names[0] + "-3"]
+
+
+@pytest.mark.parametrize("tables,named", [
+    ({"a.parquet": ["x.png", "y.png", "x.png"]}, "'x.png' to two rows of"),
+    ({"a.parquet": ["x.png", "y.png"], "b.parquet": ["z.png", "y.png"]}, "'y.png' to rows of"),
+])
+def test_a_name_column_naming_two_rows_alike_is_refused_before_any_work(tmp_path, photos, tables,
+                                                                         named):
+    from segpipe.io import formats
+
+    for table, names in tables.items():
+        pq.write_table(pa.table({"name": names, "image": [photos["chelsea"]] * len(names)}),
+                       tmp_path / table)
+    with pytest.raises(ConfigError, match=named):
+        formats.list_inputs(str(tmp_path), "auto", name_column="name")
+    formats.list_inputs(str(tmp_path), "auto")   # named by their bytes instead: accepted

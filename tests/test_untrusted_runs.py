@@ -300,3 +300,29 @@ def test_run_json_is_only_a_hint_and_never_a_crash(tmp_path, text):
     named = "name" if "name_column" in text else None
     assert _table_columns(str(tmp_path)) == ("image", named)
     assert run_folder.run_input(str(tmp_path)) is None
+
+
+def test_an_image_written_twice_is_exported_once_and_named(tmp_path):
+    """A file of predictions/ holding one image in two rows (an API run of duplicate
+    pictures, an edited file): every export writes it once, the repeat counted and named."""
+    from pycocotools.coco import COCO
+
+    detection = box_detection(1, 0.9, 4, 4, 20, 10, 48, 64)
+    rows = [image_row("a.jpg", 64, 48, [detection]), image_row("b.jpg", 64, 48, [detection]),
+            image_row("a.jpg", 64, 48, [detection])]
+    write_predictions(tmp_path / "run", rows)
+    for export_format in (ExportFormat(), ExportFormat("yolo", val_fraction=0.0),
+                          ExportFormat("label-studio", "/x/")):
+        summary = run_export(str(tmp_path / "run"), str(tmp_path / export_format.name),
+                             ExportOptions(0.5), export_format=export_format)
+        counts = summary["counts"]
+        assert (counts["ok"], counts["damaged_images"]) == (2, 1), counts
+        assert counts["damaged"] == ["'a.jpg': an earlier row holds the same image (its "
+                                     "file_name and image_id): each image is written once"]
+    coco = COCO(str(tmp_path / "coco" / "instances.json"))
+    assert sorted(image["file_name"] for image in coco.dataset["images"]) == ["a.jpg", "b.jpg"]
+    assert len(coco.dataset["annotations"]) == 2
+    assert (tmp_path / "yolo" / "train.txt").read_text().splitlines() == \
+        ["./images/a.jpg", "./images/b.jpg"]
+    tasks = json.loads((tmp_path / "label-studio" / "tasks.json").read_text())
+    assert sorted(task["data"]["file_name"] for task in tasks) == ["a.jpg", "b.jpg"]

@@ -1,7 +1,12 @@
 """Parquet tables with an image column as input (Hugging Face datasets' ``Image`` columns
 included): read row group by row group with pyarrow, one source row per table row, named by
 ``--name-column`` or ``<table>#<hash>``; a damaged table costs only what follows the damage.
-An entry of ``formats.INPUT_FORMATS``."""
+An entry of ``formats.INPUT_FORMATS``.
+
+Every row gets a name of its own, as ``file_name`` and ``image_id`` must be: the same bytes
+again in a table (a dataset's duplicate pictures) are named ``<table>#<hash>-2``, ``-3``...
+in row order, and a ``--name-column`` that gives one name to two rows, in one table or in
+two, is refused before any work (``check_columns``)."""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def table_images(fs: pafs.FileSystem, path: str, table: str, image_column: str,
         if missing:
             raise ValueError(f"no column {', '.join(map(repr, missing))}")
         rows = 0
+        repeats: dict[str, int] = {}   # hash names given so far, and how often
         for group in range(parquet.num_row_groups):
             part = parquet.read_row_group(group, columns=columns)
             given = (part.column(name_column).to_pylist() if name_column
@@ -58,6 +64,8 @@ def table_images(fs: pafs.FileSystem, path: str, table: str, image_column: str,
                     name = safe_file_name(str(name))
                 elif data is not None:
                     name = f"{table}#{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+                    repeats[name] = seen = repeats.get(name, 0) + 1
+                    name += f"-{seen}" if seen > 1 else ""
                 else:
                     name = f"{table}#row{rows}"
                 rows += 1
@@ -96,7 +104,10 @@ def read_image_tables(batch: pa.Table, options: ReadOptions, done: frozenset[int
 
 
 def check_columns(paths: list[str], options: ReadOptions) -> None:
-    """Fail before any work when the tables lack the named columns."""
+    """Fail before any work when the tables lack the named columns, or when the name column
+    gives one name to two rows (in one table or in two: ``file_name`` and ``image_id`` must
+    name one image). Reads the name column alone; a table that cannot be read is left to
+    the run, which makes it an error row."""
     import pyarrow.parquet as pq
 
     fs, _ = storage.resolve(options.input_uri)
@@ -106,6 +117,32 @@ def check_columns(paths: list[str], options: ReadOptions) -> None:
         if column and column not in names:
             raise ConfigError(f"{flag} {column!r} is not a column of {paths[0]} "
                               f"(columns: {', '.join(names)})")
+    if options.name_column:
+        _check_unique_names(fs, paths, options.name_column)
+
+
+def _check_unique_names(fs: pafs.FileSystem, paths: list[str], column: str) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    first: dict[str, str] = {}
+    for path in paths:
+        try:
+            with fs.open_input_file(path) as f:
+                given = pq.read_table(f, columns=[column]).column(column)
+        except (OSError, pa.ArrowException, ValueError):
+            continue
+        values = [str(v) for v in pc.drop_null(given).to_pylist()]
+        for name in values:
+            if name in first:
+                where = (f"two rows of {path}" if first[name] == path
+                         else f"rows of {first[name]} and {path}")
+                raise ConfigError(f"--name-column {column!r} gives the name "
+                                  f"{safe_file_name(name)!r} to {where}: each image needs a name "
+                                  "of its own (its file_name and image_id); make the names "
+                                  "unique, or leave out --name-column (rows are then named "
+                                  "<table>#<hash of the bytes>)")
+            first[name] = path
 
 
 def images_of(fs: pafs.FileSystem, path: str, table: str,

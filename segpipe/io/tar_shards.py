@@ -4,6 +4,7 @@ only what follows the damage. An entry of ``formats.INPUT_FORMATS``."""
 
 from __future__ import annotations
 
+import posixpath
 from typing import Iterator, Optional
 
 import pyarrow as pa
@@ -55,6 +56,7 @@ def tar_images(fs: pafs.FileSystem, path: str,
     damaged (``tarfile.TarError``, ``OSError``...), after what came before it."""
     import tarfile
 
+    seen: set[str] = set()   # names given so far in this shard
     with fs.open_input_stream(path) as raw:
         reader = _TailKeepingReader(raw)
         with tarfile.open(fileobj=reader, mode="r|") as tar:
@@ -67,16 +69,28 @@ def tar_images(fs: pafs.FileSystem, path: str,
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
-                yield f"{shard}/{safe_file_name(member.name)}", data
+                yield f"{shard}/{_unique(safe_file_name(member.name), seen)}", data
             if not reader.has_end_marker(tar.offset):
                 raise tarfile.ReadError("no end-of-archive marker: the file ends early")
+
+
+def _unique(name: str, seen: set[str]) -> str:
+    """``name``, or for a member name the shard held already (a tar may hold one name
+    twice), ``<stem>-2<ext>``, ``-3``... : the first not given yet, in member order."""
+    stem, ext = posixpath.splitext(name)
+    given, k = name, 1
+    while given in seen:
+        k += 1
+        given = f"{stem}-{k}{ext}"
+    seen.add(given)
+    return given
 
 
 def read_tar_shards(batch: pa.Table, options: ReadOptions, done: frozenset[int],
                     monitor: Optional[object] = None) -> pa.Table:
     """Ray Data stage: each row names a tar shard (``path``); read it with Python's ``tarfile``
     as a stream (``tar_images``) and return one row per image member, named
-    ``<shard>/<member>``.
+    ``<shard>/<member>`` (a member name the shard held already: ``<shard>/<stem>-2<ext>``).
 
     A shard that cannot be read to its end (truncated in a member or a header, cut at a member
     boundary without the end-of-archive marker, not a tar at all) keeps the rows of every

@@ -7,9 +7,10 @@ or reach a file people open. So:
 
 * an ok image row (``mark_damaged_images``, Arrow compute over the image table) must carry a
   ``file_name`` that segpipe writes (``sources.UNSAFE_FILE_NAME_RE2`` finds none: relative,
-  no ``..`` or empty segment, no control characters) and a width and height of at least 1
-  and at most ``config.MAX_PIXEL_LIMIT`` pixels together; otherwise it becomes an error row,
-  ``DAMAGED`` and why;
+  no ``..`` or empty segment, no control characters), a width and height of at least 1
+  and at most ``config.MAX_PIXEL_LIMIT`` pixels together, and an image_id no earlier ok row
+  holds (a COCO file holds each image once); otherwise it becomes an error row, ``DAMAGED``
+  and why;
 * a detection (``detection_codes``, Arrow and compiled code over a chunk of rows) must have a
   score in [0, 1], finite boxes, a segmentation of the image's size whose counts are a COCO
   RLE covering exactly its pixels (``_rle_ones``: pycocotools trusts counts and loops over
@@ -57,15 +58,30 @@ def mark_damaged_images(table: pa.Table) -> pa.Table:
     bad_size = pc.fill_null(pc.or_kleene(pc.or_kleene(pc.less(width, 1), pc.less(height, 1)),
                                          pc.greater(pc.multiply(width, height), MAX_PIXEL_LIMIT)),
                             True)
-    damaged = pc.and_(ok, pc.or_(pc.fill_null(bad_name, True), bad_size))
+    repeated = pa.array(_repeated_images(table.column("image_id").to_numpy(),
+                                         ok.to_numpy(zero_copy_only=False)))
+    damaged = pc.and_(ok, pc.or_(pc.or_(pc.fill_null(bad_name, True), bad_size), repeated))
     if not pc.any(damaged).as_py():
         return table
-    why = pc.if_else(bad_name, f"{DAMAGED}: its file_name is not a relative path segpipe writes",
-                     f"{DAMAGED}: its width and height are not those of an image")
+    why = pc.if_else(pc.fill_null(bad_name, True),
+                     f"{DAMAGED}: its file_name is not a relative path segpipe writes",
+                     pc.if_else(bad_size, f"{DAMAGED}: its width and height are not those of an image",
+                                f"{DAMAGED}: an earlier row holds the same image (its file_name "
+                                "and image_id): each image is written once"))
     status = pc.if_else(damaged, schema.STATUS_ERROR, table.column("status"))
     error = pc.if_else(damaged, why, table.column("error"))
     table = table.set_column(table.schema.get_field_index("status"), "status", status)
     return table.set_column(table.schema.get_field_index("error"), "error", error)
+
+
+def _repeated_images(ids: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Which ok rows hold an image_id an earlier ok row holds (in table order)."""
+    repeated = np.zeros(len(ids), bool)
+    rows = np.flatnonzero(ok)
+    later = np.ones(len(rows), bool)
+    later[np.unique(ids[rows], return_index=True)[1]] = False
+    repeated[rows[later]] = True
+    return repeated
 
 
 def damaged_image_notes(table: pa.Table) -> tuple[int, list[str]]:
