@@ -58,7 +58,8 @@ def mark_damaged_images(table: pa.Table) -> pa.Table:
     bad_size = pc.fill_null(pc.or_kleene(pc.or_kleene(pc.less(width, 1), pc.less(height, 1)),
                                          pc.greater(pc.multiply(width, height), MAX_PIXEL_LIMIT)),
                             True)
-    repeated = pa.array(_repeated_images(table.column("image_id").to_numpy(),
+    key = "image_id" if "image_id" in table.column_names else "file_name"
+    repeated = pa.array(_repeated_images(table.column(key).to_numpy(zero_copy_only=False),
                                          ok.to_numpy(zero_copy_only=False)))
     damaged = pc.and_(ok, pc.or_(pc.or_(pc.fill_null(bad_name, True), bad_size), repeated))
     if not pc.any(damaged).as_py():
@@ -75,7 +76,8 @@ def mark_damaged_images(table: pa.Table) -> pa.Table:
 
 
 def _repeated_images(ids: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Which ok rows hold an image_id an earlier ok row holds (in table order)."""
+    """Which ok rows hold an image (its image_id, or file_name) an earlier ok row holds (in
+    table order)."""
     repeated = np.zeros(len(ids), bool)
     rows = np.flatnonzero(ok)
     later = np.ones(len(rows), bool)
