@@ -131,7 +131,8 @@ def mark_folder(folder: str, kind: str) -> None:
     fs, root = storage.resolve(folder)
     fs.create_dir(root, recursive=True)
     if not _ledger(fs, root):
-        found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)))
+        found = sorted(i.base_name for i in
+                       fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
         ledger: dict = {"kind": kind, LEDGER_KEY: {}}
         if found and len(found) <= FOUND_LIMIT:
             ledger[FOUND_KEY] = found
