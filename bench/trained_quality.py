@@ -215,26 +215,16 @@ ISLAND_VARIANTS = {"bf16 (segpipe's)": (),
 AREA_RANGES = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, float("inf"))}
 
 
-def _as_fp32(value):
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _as_fp32(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_fp32(v) for v in value)
-    return value
-
-
 def _in_fp32(module) -> None:
     import torch
+
+    from segpipe.model.precision import as_fp32
 
     forward = module.forward
 
     def fp32_forward(*args, **kwargs):
         with torch.autocast("cpu", enabled=False):
-            return forward(*_as_fp32(args), **_as_fp32(kwargs))
+            return forward(*as_fp32(args), **as_fp32(kwargs))
     module.forward = fp32_forward
 
 

@@ -48,9 +48,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def as_fp32(value: Any) -> Any:
-    """``value`` with every floating tensor in it (nested in lists and tuples) as float32."""
+    """``value`` with every floating tensor in it (nested in lists, tuples and dicts) as
+    float32."""
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: as_fp32(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(as_fp32(v) for v in value)
     return value
