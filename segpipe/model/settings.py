@@ -67,8 +67,8 @@ class RunSettings:
             return None
         try:
             values = json.loads(raw, parse_constant=_no_constant)
-        except ValueError as exc:
-            raise ConfigError(f"{DAMAGED_SETTINGS}: not JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:   # RecursionError: nested past reason
+            raise ConfigError(f"{DAMAGED_SETTINGS}: not JSON ({str(exc)[:100]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{DAMAGED_SETTINGS}: not a JSON object")
         values.setdefault("image_ids", IMAGE_IDS_BEFORE)

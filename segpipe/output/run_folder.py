@@ -267,7 +267,7 @@ def recorded_config(output: str) -> dict[str, str]:
     fs, root = storage.resolve(output)
     try:
         config = json.loads(storage.read_bytes(fs, storage.join(root, RUN_JSON))).get("config")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return {}
     if not isinstance(config, dict):
         return {}
