@@ -247,6 +247,7 @@ def _settings_changed(path: list[str], value) -> dict:
 @pytest.mark.parametrize("recorded,named", [
     (b"not json{", "not JSON"),
     (b"[1, 2]", "not a JSON object"),
+    (b"[" * 100_000, "maximum recursion depth"),
     (json.dumps(_settings_changed(["mask_threshold"], math.nan)).encode(), "NaN is no JSON number"),
     (_settings_changed(["model"], KeyError), "no model"),
     (_settings_changed(["model", "hidden"], 1), "unknown model.hidden"),
@@ -288,7 +289,7 @@ def test_run_settings_in_a_files_footer_are_checked_before_any_work(tmp_path, ca
     assert not (run / "eval.json").exists()
 
 
-@pytest.mark.parametrize("text", ["[]", '"x"', '{"config": []}', "{bad", '{"config": {"input": 5}}',
+@pytest.mark.parametrize("text", ["[]", '"x"', '{"config": []}', "{bad", "[" * 100_000, '{"config": {"input": 5}}',
                                   '{"config": {"image_column": ["x"], "name_column": "name"}}'])
 def test_run_json_is_only_a_hint_and_never_a_crash(tmp_path, text):
     """run.json is untrusted too: render's table columns and the INPUT an export must not
