@@ -139,13 +139,17 @@ def mark_folder(folder: str, kind: str) -> None:
         _write_ledger(fs, root, ledger)
 
 
-def found_before(fs: pafs.FileSystem, root: str) -> frozenset[str]:
+def found_before(fs: pafs.FileSystem, root: str) -> Optional[frozenset[str]]:
     """The entries the output folder ``root`` held before segpipe first wrote into it (its
-    ledger's ``FOUND_KEY``; none for a folder segpipe made, or whose ledger is older)."""
+    ledger's ``FOUND_KEY``; none for a folder segpipe made, or whose ledger is older); None
+    when ``root`` is no segpipe output (``is_output_folder``), from one read of its ledger."""
     try:
-        found = _ledger(fs, root).get(FOUND_KEY)
+        ledger = _ledger(fs, root)
     except ConfigError:
-        return frozenset()
+        return None
+    if not ledger:
+        return None
+    found = ledger.get(FOUND_KEY)
     return frozenset(name for name in found if isinstance(name, str)) \
         if isinstance(found, list) else frozenset()
 

@@ -146,9 +146,9 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
     * a local INPUT is walked without following symbolic links to folders (a link to ``..``
       would loop), and a file reached twice (a link to a file listed already, a hard link) is
       listed once; links to files are followed;
-    * folders segpipe wrote (holding segpipe's ledger, ``ownership.is_output_folder``: not
-      any file named run.json), but for the entries they held before segpipe first wrote
-      there (``ownership.found_before``: a ``--to`` given a folder above the user's images),
+    * folders segpipe wrote (holding segpipe's ledger, ``ownership.found_before`` not None:
+      not any file named run.json), but for the entries they held before segpipe first wrote
+      there (``found_before``: a ``--to`` given a folder above the user's images),
       and the folders in ``exclude`` (the run's own OUTPUT, when it sits inside INPUT) are
       left out.
 
@@ -168,11 +168,11 @@ def input_files(input_uri: str, exclude: Sequence[str] = ()) -> InputFiles:
     else:
         files = storage.list_files(fs, root)
     prefix = root.rstrip("/") + "/"
-    outputs = {posixpath.dirname(f.path) for f in files
-               if posixpath.basename(f.path) == ownership.LEDGER_NAME
-               and ownership.is_output_folder(fs, posixpath.dirname(f.path))}
-    users = {folder: ownership.found_before(fs, folder) for folder in outputs}
-    excluded |= outputs
+    ledgered = {posixpath.dirname(f.path) for f in files
+                if posixpath.basename(f.path) == ownership.LEDGER_NAME}
+    users = {folder: found for folder in ledgered
+             if (found := ownership.found_before(fs, folder)) is not None}
+    excluded |= set(users)
     kept, left_out = [], set()
     for f in files:
         holder = next((place for place in map(_left_out_by(f.path, users), excluded) if place),
