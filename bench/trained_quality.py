@@ -189,15 +189,25 @@ def percentiles(values: list[float]) -> dict:
             "max": round(float(v.max()), 4), "count": len(values)}
 
 
-def precision_figures(fp32: Path, images: Path, weights: Path, work: Path) -> dict:
-    bf16 = segment(images, work / "bf16", weights, "--precision", "bf16")
-    shifts, ious, unmatched = [], [], 0
-    for det, other in matched_pairs(detections(fp32), detections(bf16)):
-        if other is None:
+def agreement(reference: dict[str, list[dict]], other: dict[str, list[dict]]
+              ) -> tuple[list[float], list[float], list[int], int]:
+    """For each detection of ``reference`` scoring >= THRESHOLD matched in ``other``
+    (``matched_pairs``): the largest box corner shift in pixels, the mask IoU and the
+    reference mask's area; and how many found no match."""
+    shifts, ious, areas, unmatched = [], [], [], 0
+    for det, match in matched_pairs(reference, other):
+        if match is None:
             unmatched += 1
             continue
-        shifts.append(float(np.abs(np.array(det["box"]) - np.array(other["box"])).max()))
-        ious.append(mask_iou(decoded(det["segmentation"]), decoded(other["segmentation"])))
+        shifts.append(float(np.abs(np.array(det["box"]) - np.array(match["box"])).max()))
+        ious.append(mask_iou(decoded(det["segmentation"]), decoded(match["segmentation"])))
+        areas.append(det["area"])
+    return shifts, ious, areas, unmatched
+
+
+def precision_figures(fp32: Path, images: Path, weights: Path, work: Path) -> dict:
+    bf16 = segment(images, work / "bf16", weights, "--precision", "bf16")
+    shifts, ious, _, unmatched = agreement(detections(fp32), detections(bf16))
     return {"bf16_vs_fp32": {"box_shift_px": percentiles(shifts), "mask_iou": percentiles(ious),
                              "fp32_detections_without_match": unmatched},
             "fp16": "CUDA only: not measurable on this machine"}
@@ -265,12 +275,7 @@ def islands_figures(images: Path, weights: Path, count: int) -> dict:
     figures: dict = {"images": len(files), "fp32_seconds": round(fp32_seconds, 1)}
     for name, parts in ISLAND_VARIANTS.items():
         low, seconds = run("bf16", parts)
-        shifts, ious, areas = [], [], []
-        for det, other in matched_pairs(reference, low):
-            if other is not None:
-                shifts.append(float(np.abs(np.array(det["box"]) - np.array(other["box"])).max()))
-                ious.append(mask_iou(decoded(det["segmentation"]), decoded(other["segmentation"])))
-                areas.append(det["area"])
+        shifts, ious, areas, _ = agreement(reference, low)
         by_area = {size: percentiles([iou for iou, area in zip(ious, areas) if low_ <= area < high])
                    for size, (low_, high) in AREA_RANGES.items()}
         figures[name] = {"seconds": round(seconds, 1), "box_shift_px": percentiles(shifts),
