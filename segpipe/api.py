@@ -112,15 +112,15 @@ def file_names(paths: list[str], root: Optional[str] = None) -> list[str]:
     """The ``file_name`` of each of Ray's ``path`` values: relative to ``root`` (the folder
     or URI that was read, as ``segpipe segment``'s INPUT: the same names and image ids as
     the command line gives), else the path without its leading ``/``; made safe as every
-    name segpipe writes (``sources.safe_file_name``)."""
-    from segpipe.io.sources import safe_file_name
+    name of a folder entry (``sources.folder_file_name``)."""
+    from segpipe.io.sources import folder_file_name
 
     prefix = None
     if root is not None:   # Ray's readers name s3://bucket/key as bucket/key
         prefix = root.split("://", 1)[1] if "://" in root else os.path.abspath(root)
         prefix = prefix.split("?", 1)[0].rstrip("/") + "/"
-    return [safe_file_name(path[len(prefix):] if prefix and path.startswith(prefix)
-                           else path.lstrip("/")) for path in paths]
+    return [folder_file_name(path[len(prefix):] if prefix and path.startswith(prefix)
+                             else path.lstrip("/")) for path in paths]
 
 
 def _names(batch: Mapping[str, np.ndarray], data: Callable[[], list[bytes]],

@@ -44,6 +44,19 @@ def test_the_api_names_images_as_the_command_line_does():
     assert image_id_for(file_names(paths, "/data/photos")[0]) == image_id_for("a/cat.jpg")
 
 
+def test_the_api_and_the_listing_agree_on_every_name(tmp_path):
+    from PIL import Image
+
+    from segpipe.io.sources import list_images
+
+    entries = ["50%.jpg", "a b#?.jpg", "d\\win.jpg", "a%0Ab.jpg", "tab\there.jpg", "%2E%2E.jpg"]
+    for entry in entries:
+        Image.new("RGB", (4, 4)).save(tmp_path / entry)
+    listed = list_images(str(tmp_path)).column("file_name").to_pylist()
+    assert sorted(file_names([str(tmp_path / e) for e in entries], str(tmp_path))) == listed
+    assert "50%.jpg" in listed and "a b#?.jpg" in listed   # the files' own names
+
+
 def test_an_unknown_key_gets_a_did_you_mean_and_no_testing_keys(tmp_path):
     import segpipe
 

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
 from segpipe import schema
@@ -168,6 +169,18 @@ def _draw(row: dict, data: Optional[bytes], out_fs, out_root: str) -> Optional[s
     return None
 
 
+def _read_image(fs: pafs.FileSystem, root: str, file_name: str) -> bytes:
+    """The bytes of the image file ``file_name`` names under ``root``: the file of that name,
+    or, where there is none, the one it was encoded from (``sources.original_file_name``)."""
+    try:
+        return storage.read_bytes(fs, storage.join(root, file_name))
+    except FileNotFoundError:
+        original = sources.original_file_name(file_name)
+        if original is None:
+            raise
+        return storage.read_bytes(fs, storage.join(root, original))
+
+
 def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
     """Ray Data stage for a run of image files: draw each row's detections on its image
     (``images_uri/<file_name>``) and write ``to/images/...``."""
@@ -180,7 +193,7 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
             errors.append(f"{name!r} is not a path inside the images folder")
             continue
         try:
-            data = storage.read_bytes(in_fs, storage.join(in_root, name))
+            data = _read_image(in_fs, in_root, name)
         except OSError as exc:
             errors.append(str(exc))
             continue

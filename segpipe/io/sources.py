@@ -19,6 +19,7 @@ import os
 import posixpath
 import re
 import stat
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -80,6 +81,34 @@ def is_safe_file_name(name: str) -> bool:
     ``..`` segment, no backslash or unsafe character (``%`` may stand anywhere)."""
     return not re.search(r"^/|(^|/)\.{0,2}(/|$)|\\", name) and \
         unsafe_character(name) is None
+
+
+def folder_file_name(name: str) -> str:
+    """The ``file_name`` of a folder entry (``name``, its path relative to INPUT): ``name``
+    itself when it is a safe name (``50%.jpg``, ``a b/c.jpg``: what COCO's ``file_name``
+    should be, the path a training loader joins to the folder), else ``safe_file_name(name)``
+    (``a\\b.jpg`` → ``a%5Cb.jpg``), as also for a safe name that reads as such an encoding
+    (``a%0A.jpg`` → ``a%250A.jpg``), so that ``original_file_name`` tells every encoded name
+    from a name of its own."""
+    if is_safe_file_name(name) and original_file_name(name) is None:
+        return name
+    return safe_file_name(name)
+
+
+def original_file_name(file_name: str) -> Optional[str]:
+    """The folder entry a ``file_name`` was encoded from by ``folder_file_name``
+    (``a%5Cb.jpg`` → ``a\\b.jpg``), so that render, the YOLO links and Label Studio's URLs
+    reach the file itself; None when ``file_name`` is the entry's own name (``50%.jpg``)."""
+    if "%" not in file_name:
+        return None
+    try:
+        name = urllib.parse.unquote_to_bytes(file_name).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if re.search(r"^/|(^|/)\.{0,2}(/|$)", name) or safe_file_name(name) != file_name or \
+            folder_file_name(name) != file_name:   # shorter than file_name: this ends
+        return None
+    return name
 
 
 def undecodable_name(name: str) -> str:
@@ -261,8 +290,7 @@ def image_listing(found: InputFiles, input_uri: str) -> pa.Table:
     prefix = root.rstrip("/") + "/"
     for f in files:
         file_name = f.path[len(prefix):] if f.path.startswith(prefix) else f.base_name
-        if not is_safe_file_name(file_name):   # a line feed, an escape... in a local name
-            file_name = safe_file_name(file_name)
+        file_name = folder_file_name(file_name)   # a line feed, an escape... encoded
         if is_image_name(file_name):
             rows.append((image_id_for(file_name), file_name, f.path, f.size or 0, None))
         else:

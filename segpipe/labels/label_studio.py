@@ -36,7 +36,7 @@ from segpipe.annotations.polygons import mask_polygons
 from segpipe.annotations.rows import add_counts, ok_image_table, selected_images
 from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.config import ConfigError
-from segpipe.io import ownership, storage
+from segpipe.io import ownership, sources, storage
 from segpipe.labels.brush import brush_rle
 from segpipe.model.categories import CategoryTable
 from segpipe.model.settings import RunSettings
@@ -79,12 +79,14 @@ def label_config(categories: CategoryTable, kind: str, classes: Optional[frozens
 
 
 def image_url(image_root: str, file_name: str) -> str:
-    """The URL of ``file_name`` under ``image_root``: object keys are left as they are for
-    cloud storage schemes; elsewhere the name is percent-quoted (``/`` kept)."""
+    """The URL of the image file ``file_name`` names under ``image_root`` (its own name where
+    ``file_name`` encodes one, ``sources.original_file_name``): object keys are left as they
+    are for cloud storage schemes; elsewhere the name is percent-quoted (``/`` kept)."""
+    original = sources.original_file_name(file_name) or file_name
     if image_root.startswith(STORAGE_SCHEMES):
-        name = file_name
+        name = original
     else:
-        name = urllib.parse.quote(file_name, safe="/")
+        name = urllib.parse.quote(original, safe="/")
     if image_root.endswith(("/", "=")):
         return image_root + name
     return image_root + "/" + name

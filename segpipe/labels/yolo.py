@@ -47,7 +47,7 @@ from segpipe.annotations.formats import ExportFormat
 from segpipe.annotations.rows import add_counts, ok_image_table, selected_images
 from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.config import ConfigError
-from segpipe.io import ownership, storage
+from segpipe.io import ownership, sources, storage
 from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 
@@ -337,6 +337,9 @@ def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, e
                 part.written[key].append(value)
         if target.image_root is not None:
             source = os.path.join(target.image_root, row["file_name"])
+            original = sources.original_file_name(row["file_name"])
+            if not os.path.isfile(source) and original is not None:
+                source = os.path.join(target.image_root, original)   # a\b.jpg, stored a%5Cb.jpg
             if os.path.isfile(source):
                 made = _link(target.to, os.path.join(target.to, "images", name), source)
                 part.yolo.linked += made
