@@ -197,6 +197,13 @@ GOOD_GT = {"images": [{"id": 1, "file_name": "good0.jpg", "width": 64, "height":
     {"annotations": [{**GOOD_GT["annotations"][0], "segmentation": [[1, 2, 3]]}]},
     {"categories": [{"name": "person"}]},
     {"categories": {"id": 1}},
+    {"categories": [{"id": 1}]},
+    {"categories": [{"id": 1, "name": "person"}, {"id": 1, "name": "car"}]},
+    {"annotations": [GOOD_GT["annotations"][0]] * 2},   # one id twice: COCO would keep one
+    {"annotations": [{**GOOD_GT["annotations"][0], "area": -5}]},
+    {"annotations": [{**GOOD_GT["annotations"][0], "iscrowd": "yes"}]},
+    # far outside the image: pycocotools' rasteriser overflows (it crashed the process)
+    {"annotations": [{**GOOD_GT["annotations"][0], "segmentation": [[0, 0, 1e9, 0, 1e9, 1e9]]}]},
 ])
 def test_malformed_ground_truth_is_one_line_naming_file_and_entry(tmp_path, capsys, change):
     run = run_with(tmp_path)
@@ -208,6 +215,17 @@ def test_malformed_ground_truth_is_one_line_naming_file_and_entry(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(gt) in err and "Traceback" not in err
     assert ground_truth_problem(GOOD_GT) is None
+
+
+def test_ground_truth_without_iscrowd_is_evaluated_as_objects_and_said(tmp_path, capsys):
+    run = run_with(tmp_path)
+    gt = tmp_path / "gt.json"
+    annotation = {k: v for k, v in GOOD_GT["annotations"][0].items() if k != "iscrowd"}
+    gt.write_text(json.dumps({**GOOD_GT, "annotations": [annotation]}))   # pycocotools failed
+    assert cli.main(["eval", str(run), "--gt", str(gt)]) == 0
+    out = capsys.readouterr().out
+    assert "1 ground-truth annotations without iscrowd (the first: id 1)" in out
+    assert json.loads((run / "eval.json").read_text())["segm"]["AP"] >= 0
 
 
 @pytest.mark.ray

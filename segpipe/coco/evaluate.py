@@ -150,18 +150,22 @@ def crowd_regions(gt_json: dict, as_objects: bool) -> Optional[str]:
 
     COCOeval ignores crowd regions, so a ground truth whose annotations are all crowd (as
     datumaro's mask export writes them) scores every AP as -1. With ``as_objects`` they are
-    turned into ordinary objects (in ``gt_json``)."""
+    turned into ordinary objects (in ``gt_json``). An annotation without ``iscrowd`` (some
+    converters leave it out; pycocotools fails on it) is an object: given ``iscrowd`` 0."""
     annotations = gt_json["annotations"]
-    crowd = [a for a in annotations if a.get("iscrowd")]
-    if not crowd:
-        return None
-    if as_objects:
+    unmarked = [a for a in annotations if "iscrowd" not in a]
+    for a in unmarked:
+        a["iscrowd"] = 0
+    said = [f"{len(unmarked)} ground-truth annotations without iscrowd (the first: id "
+            f"{unmarked[0]['id']}) were evaluated as objects (iscrowd 0)"] if unmarked else []
+    crowd = [a for a in annotations if a["iscrowd"]]
+    if crowd and as_objects:
         for a in crowd:
             a["iscrowd"] = 0
-        return (f"{len(crowd)} ground-truth annotations marked iscrowd=1 were evaluated as "
-                "ordinary objects (--crowd-as-objects)")
-    if len(crowd) == len(annotations):
-        return (f"all {len(crowd)} ground-truth annotations are iscrowd=1 (crowd regions; "
-                "datumaro's mask export writes them so): COCOeval ignores crowd regions, so "
-                "every AP is -1. If they are single objects, pass --crowd-as-objects")
-    return None
+        said.append(f"{len(crowd)} ground-truth annotations marked iscrowd=1 were evaluated "
+                    "as ordinary objects (--crowd-as-objects)")
+    elif crowd and len(crowd) == len(annotations):
+        said.append(f"all {len(crowd)} ground-truth annotations are iscrowd=1 (crowd regions; "
+                    "datumaro's mask export writes them so): COCOeval ignores crowd regions, so "
+                    "every AP is -1. If they are single objects, pass --crowd-as-objects")
+    return "; ".join(said) or None

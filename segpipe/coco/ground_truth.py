@@ -57,14 +57,23 @@ def ground_truth_problem(data: Any) -> Optional[str]:
         if image["id"] in sizes:
             return f"{where}: image id {image['id']} is used twice"
         sizes[image["id"]] = (height, width)
+    categories: set[int] = set()
     for k, category in enumerate(data["categories"]):
         if not isinstance(category, dict) or not _integer(category.get("id")):
             return f"categories[{k}] has no integer id"
-    categories = {c["id"] for c in data["categories"]}
+        if not isinstance(category.get("name"), str) or not category["name"].strip():
+            return f"categories[{k}] (id {category['id']}) has no name"
+        if category["id"] in categories:
+            return f"categories[{k}]: category id {category['id']} is used twice"
+        categories.add(category["id"])
+    annotations: set[int] = set()   # COCO indexes annotations by id: a repeat hides one
     for k, annotation in enumerate(data["annotations"]):
         problem = _annotation_problem(annotation, sizes, categories)
         if problem:
             return f"annotations[{k}] {problem}"
+        if annotation["id"] in annotations:
+            return f"annotations[{k}]: annotation id {annotation['id']} is used twice"
+        annotations.add(annotation["id"])
     return None
 
 
@@ -81,8 +90,11 @@ def _annotation_problem(annotation: Any, sizes: dict[int, tuple[int, int]],
     bbox = annotation.get("bbox")
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
         return f"(id {annotation['id']}): its bbox is not 4 finite numbers"
-    if not _number(annotation.get("area")):   # COCOeval reads every ground truth's area
-        return f"(id {annotation['id']}): its area is not a finite number"
+    area = annotation.get("area")
+    if not (_number(area) and area >= 0):   # COCOeval reads every ground truth's area
+        return f"(id {annotation['id']}): its area is not a finite number >= 0"
+    if annotation.get("iscrowd", 0) not in (0, 1):
+        return f"(id {annotation['id']}): its iscrowd {annotation['iscrowd']!r} is neither 0 nor 1"
     height, width = sizes[annotation["image_id"]]
     problem = segmentation_problem(annotation.get("segmentation"), height, width)
     return f"(id {annotation['id']}): {problem}" if problem else None
@@ -98,6 +110,12 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> Optional
             if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
                     and all(_number(v) for v in polygon)):
                 return "a polygon is not a list of at least 3 finite x, y pairs"
+            # pycocotools rasterises a polygon's whole outline at 5x: far outside the image
+            # its integers overflow (a crash) or its memory grows with the distance
+            if not (all(-width <= x <= 2 * width for x in polygon[0::2]) and
+                    all(-height <= y <= 2 * height for y in polygon[1::2])):
+                return (f"a polygon has points far outside its {width}x{height} image "
+                        "(more than the image's own size beyond an edge)")
         return None
     if not isinstance(segmentation, dict):
         return "its segmentation is neither polygons nor RLE"
