@@ -239,3 +239,71 @@ def test_a_killed_overwrite_leaves_no_finished_look_and_no_process(tmp_path, che
     while time.time() < deadline and any(alive(p) for p in ray_processes):
         time.sleep(0.5)
     assert not [p for p in ray_processes if alive(p)], [command(p) for p in ray_processes if alive(p)]
+
+
+class Killed(Exception):
+    """A command stopped on the way, as a SIGKILL would stop it."""
+
+
+def _killed(*args, **kwargs):
+    raise Killed
+
+
+def _earlier(folder: Path, kind: str, names: list[str]) -> None:
+    """What a finished earlier command of ``kind`` left in ``folder``, proven segpipe's."""
+    from segpipe.io import ownership
+
+    ownership.mark_folder(str(folder), kind)
+    for name in names:
+        (folder / name).write_text("{}")
+    ownership.record_written(str(folder), names)
+
+
+def test_a_command_stopped_on_the_way_leaves_no_earlier_result_looking_whole(tmp_path, monkeypatch):
+    """A SIGKILLed re-export left the earlier export's export.json (and YOLO's data.yaml, Label
+    Studio's tasks) beside half-rewritten files; render and review likewise their index.html
+    and review.json. Each command retires its records first and writes them last."""
+    from segpipe.coco import writer as coco_writer
+    from segpipe.commands.export import ExportFormat
+    from segpipe.commands.render import RenderRequest, check_render, run_render
+    from segpipe.commands.review import ReviewRequest, run_review
+    from segpipe.labels import label_studio, yolo
+    from segpipe.review import queue
+    from segpipe.cluster import session
+    from test_untrusted_runs import run_with
+
+    run = run_with(tmp_path)
+    stages = {"coco": (coco_writer, "write_shard_entries", ["index.json"]),
+              "yolo": (yolo, "write_label_part", ["data.yaml"]),
+              "label-studio": (label_studio, "write_task_file", ["tasks.json", "label_config.xml"])}
+    for name, (module, stage, records) in stages.items():
+        to, request = tmp_path / name, ExportFormat(name, "/x/" if name == "label-studio" else None)
+        run_export(str(run), str(to), ExportOptions(0.5), export_format=request)
+        assert all((to / f).exists() for f in ["export.json", *records])
+        with monkeypatch.context() as patch:
+            patch.setattr(module, stage, _killed)
+            with pytest.raises(Killed):
+                run_export(str(run), str(to), ExportOptions(0.7), export_format=request)
+        assert not [f for f in ["export.json", *records] if (to / f).exists()], name
+
+    images = tmp_path / "images"
+    write_photos(images, names=("chelsea",))
+    gallery = tmp_path / "gallery"
+    _earlier(gallery, "render", ["index.html", "render.json"])
+    monkeypatch.setattr(session, "ray_session", _killed)
+    render = RenderRequest(str(run), str(images), str(gallery))
+    with pytest.raises(Killed):
+        run_render(render, check_render(render))
+    assert not (gallery / "index.html").exists() and not (gallery / "render.json").exists()
+
+    review = tmp_path / "review"
+    _earlier(review, "review", ["review.json"])
+    (review / "gallery").mkdir()
+    _earlier(review / "gallery", "render", ["index.html", "render.json"])
+    (review / "top").mkdir()
+    _earlier(review / "top", "export", ["export.json"])
+    monkeypatch.setattr(queue, "score_images", _killed)
+    with pytest.raises(Killed):
+        run_review(ReviewRequest(str(run), str(review)))
+    assert not [p for p in ("review.json", "gallery/index.html", "gallery/render.json",
+                            "top/export.json") if (review / p).exists()]

@@ -87,6 +87,8 @@ def run_export(output: str, to: str, options: ExportOptions, show_progress: bool
     ownership.mark_folder(to, "export")
     fmt = writer(export_format.name)
     with lease.holding(to, "--to"):   # one writer at a time, as for segment
+        # export.json, written last, says an export finished: a killed one leaves none
+        ownership.remove_recorded(to, [EXPORT_JSON])
         start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             if address:

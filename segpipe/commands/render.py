@@ -476,6 +476,9 @@ def _render(request: RenderRequest, checked: CheckedRender, show_progress: bool)
     from segpipe.cluster.session import ray_session
 
     table, to = checked.rows, request.to
+    # index.html and render.json, written last, say the gallery is whole: a killed render
+    # leaves neither beside drawings of two renders
+    ownership.remove_recorded(to, list(RENDER_FILES))
     with ray_session(request.address):
         if checked.input_format == "files":
             blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]

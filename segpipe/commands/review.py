@@ -96,9 +96,16 @@ def run_review(request: ReviewRequest, show_progress: bool = False,
 
 
 def _review(request: ReviewRequest, predictions_dir: str, settings, show_progress: bool) -> dict:
+    from segpipe.commands.export import EXPORT_JSON
+    from segpipe.commands.render import RENDER_FILES
     from segpipe.review.queue import rank, ranked_records, score_images, write_ranking
 
     signal_settings = signals.SignalSettings(request.score_threshold, request.margin)
+    # review.json, written last, says a review finished; the gallery's and the subset's own
+    # records go with it, so that a killed review leaves no earlier one looking whole
+    ownership.remove_recorded(request.to, [REVIEW_FILES[2]])
+    ownership.remove_recorded(storage.join(request.to, GALLERY_DIR), list(RENDER_FILES))
+    ownership.remove_recorded(storage.join(request.to, SUBSET_DIR), [EXPORT_JSON])
     start = time.perf_counter()
     scored = score_images(predictions_dir, settings, signal_settings)
     ranked = rank(scored.table)

@@ -180,6 +180,11 @@ def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
 
     files, ok, counts = ok_image_table(predictions_dir, images)
     names = task_file_names(ok.num_rows)
+    # an earlier export's task files and config go first: a killed export never leaves a
+    # project of old and new tasks together
+    earlier = ownership.recorded(to) or {}
+    ownership.remove_recorded(to, [name for name in earlier if name == "label_config.xml" or
+                                   re.fullmatch(TASK_FILE_NAME, name)])
     fs, root = storage.resolve(to)
     calls = [(predictions_dir, files, ok.slice(k * TASKS_PER_FILE, TASKS_PER_FILE),
               storage.join(to, name), options, settings, image_root, extra)
@@ -191,9 +196,6 @@ def export_label_studio(predictions_dir: str, to: str, options: ExportOptions,
                                label_config(settings.categories, kind, options.classes,
                                             RANDOM_WEIGHTS_NOTE if settings.random_weights else None).encode())
     ownership.record_written(to, [*names, "label_config.xml"])
-    earlier = ownership.recorded(to) or {}   # an earlier export's other task files
-    ownership.remove_recorded(to, [name for name in earlier
-                                   if re.fullmatch(TASK_FILE_NAME, name) and name not in names])
     return counts, names
 
 

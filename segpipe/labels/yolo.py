@@ -255,6 +255,7 @@ def export_yolo(predictions_dir: str, to: str, options: ExportOptions, settings:
     yolo.renamed = int(pc.sum(pc.not_equal(names, ok.column("file_name"))).as_py() or 0)
     keep = _first_of_each_label(names)
     yolo.duplicate_names = int(len(keep) - pc.sum(keep).as_py()) if len(keep) else 0
+    ownership.remove_recorded(to, ["data.yaml"])   # no training on a half-written dataset
     stamps = ownership.read_stamps(to)
     labels = label_names(names)
     known = stamps.take(pc.index_in(labels, value_set=stamps.column("name")))
