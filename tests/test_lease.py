@@ -133,3 +133,23 @@ def test_a_lease_deleted_under_a_live_run_is_written_again_and_its_work_kept(tmp
     finally:
         held.release()
     assert not (tmp_path / LEASE_NAME).exists()
+
+
+def test_a_run_being_written_is_not_read_until_it_finishes(tmp_path, capsys):
+    """Export, review and eval of a run still segmenting said its files were "not recorded by
+    the finished run" and advised --resume or --overwrite; they now say it is being written."""
+    import segpipe.cli as cli
+    from test_untrusted_runs import run_with
+
+    run = run_with(tmp_path)
+    held = acquire(str(run), command="segpipe segment in run")
+    commands = [["export", str(run), "--to", str(tmp_path / "c")],
+                ["review", str(run), "--to", str(tmp_path / "r")],
+                ["eval", str(run), "--gt", str(tmp_path / "gt.json")],
+                ["render", str(run), "--images", str(tmp_path), "--to", str(tmp_path / "g")]]
+    for command in commands:
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert "is being written now by run" in err and "segpipe segment in run" in err, command
+    held.release()
+    assert cli.main(commands[0] + ["--no-progress"]) == 0

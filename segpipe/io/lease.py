@@ -209,15 +209,35 @@ def acquire(output: str, command: Optional[str] = None,
     return Lease(output, run_id, record)
 
 
+def _live_holder(folder: str, now: float) -> Optional[dict]:
+    """Who holds ``folder``'s lease now, or None (no lease, or a stale one)."""
+    fs, path = lease_path(folder)
+    if fs.get_file_info(posixpath.dirname(path)).type == pafs.FileType.NotFound:
+        return None
+    holder = read_lease(fs, path)
+    return holder if holder is not None and not is_stale(holder, now) else None
+
+
 def check_free(output: str, clock: Callable[[], float] = time.time, what: str = "OUTPUT") -> None:
     """Raise ``LeaseHeld`` when a live run holds OUTPUT's lease (the early check; ``acquire``
     decides)."""
-    fs, path = lease_path(output)
-    if fs.get_file_info(posixpath.dirname(path)).type == pafs.FileType.NotFound:
-        return
-    holder = read_lease(fs, path)
-    if holder is not None and not is_stale(holder, clock()):
+    holder = _live_holder(output, clock())
+    if holder is not None:
         raise _held(output, holder, clock(), what)
+
+
+def check_not_being_written(output: str, clock: Callable[[], float] = time.time) -> None:
+    """Raise ``LeaseHeld`` when a live command holds OUTPUT's lease: its predictions are still
+    being written, so export, review, eval and render cannot read them yet."""
+    now = clock()
+    holder = _live_holder(output, now)
+    if holder is not None:
+        left = max(0, int(STALE_AFTER_S - (now - float(holder.get("renewed", now)))))
+        raise LeaseHeld(
+            f"OUTPUT {storage.redact(output)} is being written now by {describe(holder, now)}: "
+            "its predictions are not finished, so nothing can be read from them yet. Run "
+            "this when that command has finished (if it was killed, its lease goes stale "
+            f"{left} s from now, or at once once its process is gone, on the same host)")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from segpipe.config import ConfigError
-from segpipe.io import ownership, storage
+from segpipe.io import lease, ownership, storage
 from segpipe.model.settings import RunSettings
 
 PREDICTIONS_DIR = "predictions"
@@ -63,6 +63,7 @@ def existing_predictions(output: str) -> str:
     """``predictions_dir(output)``, verified (``verify_predictions``); a ``ConfigError`` when
     it holds no prediction file, or not what its run committed."""
     directory = predictions_dir(output)
+    lease.check_not_being_written(output)   # a run in progress: not finished, not damaged
     if not prediction_files(directory):
         raise ConfigError(f"{directory} holds no prediction files; run `segpipe segment` into "
                           f"{output} first")
