@@ -117,6 +117,24 @@ def test_rerun_into_same_output_is_refused_without_overwrite(awkward_run, checkp
     assert "--overwrite" in result.stderr
 
 
+def test_an_overwrite_the_cluster_refuses_keeps_the_earlier_run(awkward_run, checkpoint):
+    """`--overwrite` removed the earlier run's predictions, then found the cluster could not
+    take the run (an --address nobody answers at hung for minutes; no GPU, too many
+    threads): now it joins Ray and fits the stages first, and a dead address fails at once."""
+    import socket
+
+    inputs, out, _ = awkward_run
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_cli("segment", str(inputs), str(out), "--weights", str(checkpoint),
+                     *small_flags(), "--overwrite", "--address", f"127.0.0.1:{port}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts} == before
+
+
 def test_configuration_mistakes_fail_before_work(tmp_path, checkpoint):
     write_photos(tmp_path / "in", names=("chelsea",))
     result = run_cli("segment", str(tmp_path / "in"), str(tmp_path / "out"), "--weights",

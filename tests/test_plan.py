@@ -53,6 +53,9 @@ def test_explicit_cpu_pool_keeps_its_threads():
     plan = cpu_plan(8, actors="1", torch_threads=0)
     assert (plan.max_actors, plan.torch_threads) == (1, 8)
     assert cpu_plan(8, actors="2", torch_threads=3).torch_threads == 3
+    assert cpu_plan(8, actors="1", torch_threads=8).torch_threads == 8
+    with pytest.raises(ConfigError, match=r"torch_threads=9: no node .*\(at most 8\)"):
+        cpu_plan(8, actors="1", torch_threads=9)   # 100,000 starved the machine of threads
 
 
 def test_gpu_cluster_gets_one_predictor_per_gpu_and_encoders_on_spare_cpus():

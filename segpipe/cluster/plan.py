@@ -123,6 +123,10 @@ def plan_stages(config: SegmentConfig, cluster: ClusterShape,
     kinds = [c for c in sizes if c > set_aside] or sizes
     nodes_now = [c for c in (node.get("CPU", 0) for node in cluster.nodes) if c >= 1]
     nodes_max = [c for c in cluster.largest_node_cpus() if c >= 1] or kinds
+    if config.torch_threads > max(nodes_max):   # 100,000 threads starved the machine of pids
+        raise ConfigError(f"torch_threads={config.torch_threads}: no node of the cluster has "
+                          f"that many CPUs (at most {max(nodes_max):g}); lower --torch-threads, "
+                          "or 0 to share each node's CPUs among its predictor actors")
 
     def cpu_pool(node_cpus: list[float], memory: float) -> int:
         return max(1, min(sum(int(c) for c in node_cpus), int(memory // CPU_ACTOR_MEMORY)))

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from segpipe.cluster.reaper import watch_local_ray
+from segpipe.config import ConfigError
+from segpipe.io.storage import redact
 
 
 @contextlib.contextmanager
@@ -28,7 +30,14 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
     job_config = JobConfig(_py_driver_sys_path=[package_parent()])
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        ray.init(address=target, log_to_driver=True, job_config=job_config)
+        problem = unreachable(target)
+        if problem:
+            raise ConfigError(problem)
+        try:
+            ray.init(address=target, log_to_driver=True, job_config=job_config)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot join the Ray cluster at {redact(target)} (--address or "
+                              f"RAY_ADDRESS): {' '.join(str(exc).split())[:300]}") from exc
         try:
             yield
         finally:
@@ -42,6 +51,25 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+def unreachable(address: str, timeout_s: float = 10.0) -> Optional[str]:
+    """Why nothing listens at ``address`` when it names a host and port (``HOST:PORT``,
+    ``ray://HOST:PORT``), or None: Ray itself waits minutes for a cluster that is not there
+    (a typo in --address hung a run for over five). Other forms (``auto``, a module's
+    scheme) are left to Ray."""
+    import socket
+
+    where = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = where.rpartition(":")
+    if "://" in where or not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        return (f"no Ray cluster answers at {redact(address)} (--address or RAY_ADDRESS): "
+                f"{exc}; check the address, or leave it out to start a local Ray")
+    return None
 
 
 def local_ray_processes() -> list[int]:

@@ -57,39 +57,64 @@ def ray_progress_bars(enabled: bool) -> Iterator[None]:
         ctx.enable_progress_bars = before
 
 
-def prepare_output(config: SegmentConfig,
-                   settings: RunSettings) -> tuple[str, set[int], RunSettings]:
-    """Return the predictions folder, the ids of the images already done in it, and the
-    settings this run writes with.
+@dataclass
+class OutputPlan:
+    """What a run will do to OUTPUT, decided and checked but not yet done (``plan_output``):
+    the predictions folder, the images done in it, the settings to write with, and the files
+    of segpipe's it will remove (``clear_output``)."""
 
-    A fresh run refuses an OUTPUT that holds predictions, or clears it with ``overwrite``
-    (segpipe's own files only: ``run_folder.check_output`` refuses anything else). Every run
-    first removes the earlier run.json and coco/ (``run_folder.retire_finished_run``).
-    With ``resume`` the complete files of an earlier run are kept (their images are skipped)
-    after checking that they were made with the same settings; a run made before soft masks
-    were stored as uint16 goes on storing them as uint8, so one run's files agree. Leftover
-    temporary files of a killed run are removed.
+    predictions_dir: str
+    done: set[int]
+    settings: RunSettings
+    temporary: list[str]   # a killed run's temporary files
+    replaced: list[str]    # with --overwrite: the earlier run's complete files
+
+
+def plan_output(config: SegmentConfig, settings: RunSettings) -> OutputPlan:
+    """Check OUTPUT for this run and plan what it changes there, changing nothing.
+
+    A fresh run refuses an OUTPUT that holds predictions, or will clear it with ``overwrite``
+    (segpipe's own files only: ``run_folder.check_output`` refuses anything else). With
+    ``resume`` the complete files of an earlier run are kept (their images are skipped) after
+    checking that they were made with the same settings; a run made before soft masks were
+    stored as uint16 goes on storing them as uint8, so one run's files agree.
     """
     predictions_dir = run_folder.predictions_dir(config.output)
     # segpipe's own files only (ownership): anything else there is refused, not removed
     complete, temporary = run_folder.check_output(config.output, config.resume, config.overwrite)
+    if not config.resume:
+        return OutputPlan(predictions_dir, set(), settings, temporary, complete)
+    earlier, done = run_folder.read_written(predictions_dir)
+    if earlier is not None and earlier.soft_mask_dtype == schema.SOFT_MASK_DTYPE_BEFORE:
+        settings = replace(settings, soft_mask_dtype=earlier.soft_mask_dtype)
+    if earlier is not None:   # recorded since; the weights themselves are compared by sha
+        settings = replace(settings, random_weights=earlier.random_weights)
+    differences = settings.differences(earlier) if earlier is not None else []
+    if differences:
+        raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
+                          f"other settings ({', '.join(differences)}); resume with the "
+                          "same settings, or use --overwrite")
+    return OutputPlan(predictions_dir, done, settings, temporary, [])
+
+
+def clear_output(config: SegmentConfig, plan: OutputPlan) -> None:
+    """Do what ``plan`` decided, once nothing can refuse the run any more: remove the earlier
+    run.json and coco/ (``run_folder.retire_finished_run``), a killed run's temporary files
+    and, with ``overwrite``, the earlier run's predictions."""
     run_folder.retire_finished_run(config.output)   # written again when this run finishes
-    ownership.remove(predictions_dir, temporary)
-    if config.resume:
-        earlier, done = run_folder.read_written(predictions_dir)
-        if earlier is not None and earlier.soft_mask_dtype == schema.SOFT_MASK_DTYPE_BEFORE:
-            settings = replace(settings, soft_mask_dtype=earlier.soft_mask_dtype)
-        if earlier is not None:   # recorded since; the weights themselves are compared by sha
-            settings = replace(settings, random_weights=earlier.random_weights)
-        differences = settings.differences(earlier) if earlier is not None else []
-        if differences:
-            raise ConfigError(f"cannot resume {config.output}: its predictions were made with "
-                              f"other settings ({', '.join(differences)}); resume with the "
-                              "same settings, or use --overwrite")
-        return predictions_dir, done, settings
-    ownership.remove(predictions_dir, complete)
-    ownership.record_written(predictions_dir, [], whole=True)   # what this run commits: none yet
-    return predictions_dir, set(), settings
+    ownership.remove(plan.predictions_dir, plan.temporary)
+    if not config.resume:
+        ownership.remove(plan.predictions_dir, plan.replaced)
+        ownership.record_written(plan.predictions_dir, [], whole=True)   # committed: none yet
+
+
+def prepare_output(config: SegmentConfig,
+                   settings: RunSettings) -> tuple[str, set[int], RunSettings]:
+    """``plan_output`` then ``clear_output`` at once: the predictions folder, the ids of the
+    images already done in it, and the settings this run writes with."""
+    plan = plan_output(config, settings)
+    clear_output(config, plan)
+    return plan.predictions_dir, plan.done, plan.settings
 
 
 def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional[pa.Table],
@@ -167,12 +192,22 @@ class PreparedRun:
     config: SegmentConfig
     checked: CheckedRun
     weights: ResolvedWeights
-    settings: RunSettings
-    predictions_dir: str
-    done: set[int]
+    output: OutputPlan   # done by execute_run once Ray has joined and the stages fit
     timer: report.Timer
     lease: Lease
     interrupted: Optional[threading.Event] = None   # Ctrl-C seen since the command began
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.output.settings
+
+    @property
+    def predictions_dir(self) -> str:
+        return self.output.predictions_dir
+
+    @property
+    def done(self) -> set[int]:
+        return self.output.done
 
 
 def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> PreparedRun:
@@ -191,11 +226,11 @@ def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> 
     ownership.mark_folder(config.output, "segment")
     lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
     try:
-        predictions_dir, done, settings = prepare_output(config, settings)
+        output = plan_output(config, settings)
     except BaseException:
         lease.release()
         raise
-    return PreparedRun(config, checked, weights, settings, predictions_dir, done, timer, lease)
+    return PreparedRun(config, checked, weights, output, timer, lease)
 
 
 def run_segment(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> report.RunReport:
@@ -251,6 +286,8 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
                 plan = fit_pool_to_work(plan, todo.num_rows, config)
             else:
                 plan = fit_pool_to_unknown_work(plan)
+            # the cluster is joined and the stages fit it: only now is anything removed
+            clear_output(config, prepared.output)
             for note in plan.notes:
                 log.info("%s", note)
             monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
@@ -281,6 +318,7 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
             counts, accounting, images = account_and_export(prepared, listing, timer,
                                                             parallel=True)
     else:   # nothing left to segment: no Ray to start for the export
+        clear_output(config, prepared.output)
         counts, accounting, images = account_and_export(prepared, listing, timer, parallel=False)
     reading["cut_short"] = report.cut_short(images)
     run_report = report.RunReport(config=config, weights=weights.identity(), cluster=cluster,
