@@ -17,14 +17,18 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import hashlib
+import inspect
 import logging
+import numbers
 import os
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union, cast
 
 import numpy as np
 import pyarrow as pa
@@ -69,26 +73,106 @@ _SWITCHES = ("overwrite", "resume", "polygons", "soft_masks", "progress", "tile_
 _Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
+def _accepts(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (numbers as ``numbers`` counts
+    them, so numpy's too; a ``bool`` is no number; a list's items are checked, one level)."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_accepts(value, argument) for argument in arguments)
+    if hint is type(None):
+        return value is None
+    if hint in (float, int):
+        return isinstance(value, numbers.Real if hint is float else numbers.Integral) and \
+            not isinstance(value, bool)
+    if origin in (list, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and \
+            (not arguments or all(_accepts(item, arguments[0]) for item in value))
+    kind = origin or hint
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _described(hint: Any) -> str:
+    """``hint`` in words: ``a number or None``."""
+    if typing.get_origin(hint) is Union:
+        return " or ".join(dict.fromkeys(_described(a) for a in typing.get_args(hint)))
+    words = {type(None): "None", float: "a number", int: "an integer", str: "a string",
+             bool: "True or False"}
+    if hint in words:
+        return words[hint]
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, collections.abc.Sequence):
+        return "a list"
+    return "a dict" if origin is collections.abc.Mapping else f"a {getattr(origin, '__name__', hint)}"
+
+
+def _plain(value: Any, hint: Any) -> Any:
+    """``value`` as the plain Python the code and its JSON files expect: a path object as
+    its string where a string is asked, a numpy number as a Python one."""
+    if isinstance(value, os.PathLike) and _accepts("", hint):
+        return os.fspath(value)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _checked_arguments(function: Callable[..., Any], args: tuple,
+                       kwargs: dict) -> inspect.BoundArguments:
+    """The arguments of a call of ``function``, made plain (``_plain``) and checked against its
+    annotations: ``ConfigError`` naming the first of another type, as the command line's
+    flags are checked, not deep inside."""
+    hints = typing.get_type_hints(function)
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    for name, value in bound.arguments.items():
+        if name not in hints or name == "return":
+            continue
+        bound.arguments[name] = value = _plain(value, hints[name])
+        if not _accepts(value, hints[name]):
+            raise ConfigError(f"{function.__name__}(): {name} must be {_described(hints[name])}, "
+                              f"got {value!r}"[:300])
+    return bound
+
+
 def _in_python_terms(function: _Function) -> _Function:
-    """``function`` raising its ``ConfigError`` in ``python_terms``."""
+    """``function`` with its arguments checked against its annotations, raising its
+    ``ConfigError`` in ``python_terms``."""
     @functools.wraps(function)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
-            return function(*args, **kwargs)
+            try:
+                bound = _checked_arguments(function, args, kwargs)
+            except TypeError as exc:   # a missing or unknown argument: Python's own words
+                raise TypeError(f"{function.__name__}(): {exc}") from None
+            return function(*bound.args, **bound.kwargs)
         except ConfigError as exc:
             raise type(exc)(python_terms(str(exc))) from None
 
     return cast(_Function, wrapped)
 
 
+#: Classes to export: comma-separated names or ids (as ``--classes``), or a list of them.
+Classes = Union[str, Sequence[Union[str, int]], None]
+
+
+def _classes_text(classes: Classes) -> Optional[str]:
+    """``classes`` as ``--classes`` takes them."""
+    if classes is None or isinstance(classes, str):
+        return classes
+    return ",".join(str(item) for item in classes)
+
+
 @_in_python_terms
 def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
     """``config`` (a ``SegmentConfig``, a dict of YAML keys, or None for the defaults) with
     ``overrides``, validated; ``ConfigError`` says what to fix."""
+    overrides = {key: _plain(value, Any) for key, value in overrides.items()}
     if isinstance(config, SegmentConfig):
         result = dataclasses.replace(config, **overrides)
     else:
-        values = {**dict(config or {}), **overrides}
+        values = {key: _plain(value, Any) for key, value in {**dict(config or {}), **overrides}.items()}
         check_keys(values, "config")
         result = SegmentConfig(**values)
     validate(result, needs_paths=False)
@@ -379,7 +463,7 @@ class ExportResult:
 
 @_in_python_terms
 def export(output: str, to: str, score_threshold: float = 0.5,
-           mask_threshold: Optional[float] = None, classes: Optional[str] = None,
+           mask_threshold: Optional[float] = None, classes: Classes = None,
            max_per_image: Optional[int] = None, min_area: int = 1, polygons: bool = False,
            instances_bbox: str = "mask", address: Optional[str] = None,
            coco_shard_images: int = DEFAULT_COCO_SHARD_IMAGES) -> ExportResult:
@@ -398,7 +482,7 @@ def export(output: str, to: str, score_threshold: float = 0.5,
     options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
                             max_per_image=max_per_image, min_area=min_area, polygons=polygons,
                             instances_bbox=instances_bbox)
-    checked = check_export(output, options, classes)
+    checked = check_export(output, options, _classes_text(classes))
     check_export_target(to, "coco", output)
     summary = run_export(output, to, checked.options, address=address, checked=checked,
                          shard_images=coco_shard_images)
@@ -440,7 +524,7 @@ class LabelsResult:
 @_in_python_terms
 def export_labels(output: str, to: str, format: str, image_root: Optional[str] = None,
                   score_threshold: float = 0.5, mask_threshold: Optional[float] = None,
-                  classes: Optional[str] = None, max_per_image: Optional[int] = None,
+                  classes: Classes = None, max_per_image: Optional[int] = None,
                   min_area: int = 1, polygons: bool = False, val_fraction: float = 0.1,
                   split_seed: int = 0) -> LabelsResult:
     """Label Studio tasks (``format="label-studio"``; ``image_root``: the images' URL prefix)
@@ -456,7 +540,7 @@ def export_labels(output: str, to: str, format: str, image_root: Optional[str] =
     export_format.check()
     options = ExportOptions(score_threshold=score_threshold, mask_threshold=mask_threshold,
                             max_per_image=max_per_image, min_area=min_area, polygons=polygons)
-    checked = check_export(output, options, classes)
+    checked = check_export(output, options, _classes_text(classes))
     check_export_target(to, format, output, image_root)
     summary = run_export(output, to, checked.options, checked=checked, export_format=export_format)
     names = summary["task_files"] + [summary["label_config"]] if format == "label-studio" \

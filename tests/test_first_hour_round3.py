@@ -35,6 +35,41 @@ def test_api_errors_name_parameters_not_flags():
     assert "--" not in str(refused.value)
 
 
+def test_api_arguments_are_checked_by_their_types_and_taken_as_python_gives_them(tmp_path):
+    """A string threshold failed deep in a comparison, a list of classes with an
+    AttributeError, None for ``to`` with "not iterable"; paths and numpy numbers are what
+    Python code hands over."""
+    import pathlib
+
+    import numpy as np
+
+    import segpipe
+    from test_untrusted_runs import run_with
+
+    run = run_with(tmp_path)
+    for call, said in [
+            (lambda: segpipe.export(str(run), str(tmp_path / "a"), score_threshold="0.5"),
+             "export(): score_threshold must be a number, got '0.5'"),
+            (lambda: segpipe.export(str(run), str(tmp_path / "a"), classes=[None]),
+             "export(): classes must be a string or a list or None, got [None]"),
+            (lambda: segpipe.export_labels(str(run), None, "yolo"),
+             "export_labels(): to must be a string, got None"),
+            (lambda: segpipe.review_queue(str(run), str(tmp_path / "r"), top=2.5),
+             "review_queue(): top must be an integer or None, got 2.5"),
+            (lambda: segpipe.export(str(run), str(tmp_path / "a"), max_per_image=0),
+             "max_per_image must be at least 1"),
+            (lambda: segpipe.as_config([1, 2]), "as_config(): config must be")]:
+        with pytest.raises(ConfigError, match=r"^" + __import__("re").escape(said)):
+            call()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+    by_list = segpipe.export(pathlib.Path(run), pathlib.Path(tmp_path / "b"), classes=["person", 3],
+                             score_threshold=np.float32(0.5), max_per_image=np.int64(5))
+    by_text = segpipe.export(str(run), str(tmp_path / "c"), classes="person,3")
+    assert by_list.counts == by_text.counts and by_list.counts.annotations > 0
+    assert json.loads((tmp_path / "b" / "export.json").read_text())["asked"]["score_threshold"] == 0.5
+    assert segpipe.as_config({"batch_size": np.int64(2)}, categories=None).batch_size == 2
+
+
 def test_the_api_names_images_as_the_command_line_does():
     paths = ["/data/photos/a/cat.jpg", "/data/photos/b.png", "/elsewhere/c.jpg"]
     assert file_names(paths, "/data/photos") == ["a/cat.jpg", "b.png", "elsewhere/c.jpg"]

@@ -59,6 +59,11 @@ def check_export(output: str, options: ExportOptions,
                           "(--no-soft-masks); rerun segment with soft masks to re-threshold")
     if options.instances_bbox not in ("mask", "model"):
         raise ConfigError(f"instances bbox must be mask or model, got {options.instances_bbox!r}")
+    if options.max_per_image is not None and options.max_per_image < 1:
+        raise ConfigError(f"--max-per-image must be at least 1 (leave it out for no limit), "
+                          f"got {options.max_per_image}")
+    if options.min_area < 0:
+        raise ConfigError(f"--min-area must be >= 0 pixels, got {options.min_area}")
     if not 0.0 <= options.score_threshold < 1.0 or (
             options.mask_threshold is not None and not 0.0 <= options.mask_threshold < 1.0):
         raise ConfigError("thresholds must be in [0, 1)")
