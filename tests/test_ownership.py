@@ -242,3 +242,19 @@ def test_readers_name_what_changed_behind_segpipes_back(tmp_path, change, expect
     if change in ("truncated", "subfolder", "backup"):   # a resume is refused the same way
         with pytest.raises(ConfigError, match=expected.split(" (")[0]):
             prepare_output(small_config(tmp_path, out, "random", resume=True), SETTINGS)
+
+
+def test_a_resume_with_another_input_is_refused_before_work(tmp_path):
+    """Resuming a run with another folder as INPUT segmented all of it into the run, then
+    failed the accounting ("8 unexpected rows"): the images done must be under INPUT."""
+    from segpipe.commands.segment import check_resumed_input
+
+    write_photos(tmp_path / "in", names=("chelsea", "coffee"))
+    listing = sources.list_images(str(tmp_path / "in"))
+    config = small_config(tmp_path / "in", tmp_path / "out", "random", resume=True)
+    done = set(listing.column("image_id").to_pylist())
+    check_resumed_input(config, listing, done)                          # the same INPUT
+    check_resumed_input(config, listing, set(list(done)[:1]))           # part of it done
+    check_resumed_input(config, None, {1, 2})                           # shards: not known yet
+    with pytest.raises(ConfigError, match=r"1 of the 3 images in its predictions/ are not under INPUT"):
+        check_resumed_input(config, listing, done | {sources.image_id_for("elsewhere.jpg")})

@@ -97,6 +97,22 @@ def plan_output(config: SegmentConfig, settings: RunSettings) -> OutputPlan:
     return OutputPlan(predictions_dir, done, settings, temporary, [])
 
 
+def check_resumed_input(config: SegmentConfig, listing: Optional[pa.Table],
+                        done: set[int]) -> None:
+    """``ConfigError`` when images a resumed run has done are not under INPUT: another folder
+    given by mistake would be segmented into this run (all of it), and the run's accounting
+    fail at its end. Inputs known only as they are read (shards, tables) are not checked."""
+    if not done or listing is None:
+        return
+    done_ids = pa.array(np.fromiter(done, np.int64, len(done)))
+    elsewhere = int(pc.sum(pc.invert(pc.is_in(done_ids, value_set=listing.column("image_id"))))
+                    .as_py() or 0)
+    if elsewhere:
+        raise ConfigError(f"cannot resume {config.output}: {elsewhere} of the {len(done)} images "
+                          f"in its predictions/ are not under INPUT {config.input}; resume with "
+                          "the INPUT that run read, or start again with --overwrite")
+
+
 def clear_output(config: SegmentConfig, plan: OutputPlan) -> None:
     """Do what ``plan`` decided, once nothing can refuse the run any more: remove the earlier
     run.json and coco/ (``run_folder.retire_finished_run``), a killed run's temporary files
@@ -227,6 +243,7 @@ def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> 
     lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
     try:
         output = plan_output(config, settings)
+        check_resumed_input(config, checked.listing, output.done)
     except BaseException:
         lease.release()
         raise
