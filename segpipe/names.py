@@ -58,8 +58,15 @@ def printable(text: str, keep: str = "") -> str:
     return UNSAFE_CHARACTERS.sub(escape, text)
 
 
+#: The longest class name: each goes into every prediction file's footer and every export.
+MAX_NAME_LENGTH = 1000
+
+
 def check_name(name: str, what: str) -> Optional[str]:
     """Why ``name`` cannot be a class name (``what`` says where it was found), or None."""
+    if len(name) > MAX_NAME_LENGTH:
+        return (f"{what} '{printable(name[:40])}...' is {len(name):,} characters long, more "
+                f"than the {MAX_NAME_LENGTH:,} a class name may have")
     bad = unsafe_character(name)
     if bad is not None:
         return (f"{what} '{printable(name)}' holds the character {bad}, which breaks the XML, "

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from segpipe.config import ConfigError
-from segpipe.names import check_name, unsafe_character
+from segpipe.names import MAX_NAME_LENGTH, check_name, unsafe_character
 
 UNKNOWN_NAME = "N/A"
 BACKGROUND_NAMES = ("__background__", "background", "bg", "__bg__")
@@ -296,10 +296,10 @@ def parse_categories(text: str, source: str) -> tuple[Category, ...]:
 def check_names(categories: Iterable[Category], source: str) -> None:
     """``CategoryError`` for a class (or supercategory) name that holds a character no file
     segpipe writes may carry (``names.check_name``): a control character, a line separator,
-    a lone surrogate..."""
+    a lone surrogate..., or that is longer than ``names.MAX_NAME_LENGTH``."""
     for n, category in enumerate(categories):
         for what, name in (("name", category.name), ("supercategory", category.supercategory)):
-            if unsafe_character(name) is not None:
+            if unsafe_character(name) is not None or len(name) > MAX_NAME_LENGTH:
                 raise CategoryError(check_name(name, f"{source}, entry {n}: the {what}"))
 
 
