@@ -229,3 +229,24 @@ def test_a_small_head_beside_big_workers_does_not_starve_the_cpu_shares():
     plan = plan_stages(small_config("in", "out", "random"), shape)
     assert plan.cpus_per_actor > 0.9 and plan.max_actors == 65
     assert stage_cpus(plan) <= 65 + 1e-9
+
+
+def test_an_address_nobody_answers_at_is_said_at_once_without_its_secret():
+    import socket
+    import time
+
+    from segpipe.cluster.session import unreachable
+
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    said = unreachable(f"ray://user:s3cret@127.0.0.1:{port}")
+    assert said is not None and said.startswith(f"no Ray cluster answers at ray://***@127.0.0.1:{port}")
+    assert "s3cret" not in said and "refused" in said and time.perf_counter() - start < 5
+    assert unreachable(f"127.0.0.1:{port}") is not None
+    assert [unreachable(a) for a in ("auto", "local", "anyscale://x", "http://h:8265")] == [None] * 4
+    with socket.socket() as server:   # one that listens
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert unreachable(f"127.0.0.1:{server.getsockname()[1]}") is None

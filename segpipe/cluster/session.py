@@ -36,8 +36,8 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
         try:
             ray.init(address=target, log_to_driver=True, job_config=job_config)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"cannot join the Ray cluster at {redact(target)} (--address or "
-                              f"RAY_ADDRESS): {' '.join(str(exc).split())[:300]}") from exc
+            raise ConfigError(redact(f"cannot join the Ray cluster at {target} (--address or "
+                                     f"RAY_ADDRESS): {' '.join(str(exc).split())[:300]}")) from exc
         try:
             yield
         finally:
@@ -61,14 +61,14 @@ def unreachable(address: str, timeout_s: float = 10.0) -> Optional[str]:
     import socket
 
     where = address[len("ray://"):] if address.startswith("ray://") else address
-    host, _, port = where.rpartition(":")
+    host, _, port = where.rsplit("@", 1)[-1].rpartition(":")
     if "://" in where or not host or not port.isdigit():
         return None
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as exc:
-        return (f"no Ray cluster answers at {redact(address)} (--address or RAY_ADDRESS): "
-                f"{exc}; check the address, or leave it out to start a local Ray")
+        return redact(f"no Ray cluster answers at {address} (--address or RAY_ADDRESS): "
+                      f"{exc}; check the address, or leave it out to start a local Ray")
     return None
 
 
