@@ -61,15 +61,15 @@ def test_encoded_names_still_reach_their_files(tmp_path):
     photos = tmp_path / "photos"
     (photos / "d").mkdir(parents=True)
     entries = ["d\\win.jpg", "esc\x1b[31m.jpg", "line\nfeed.jpg", "50%.jpg", "a%0Ab.jpg",
-               "d/%5C.jpg"]
+               "d/%5C.jpg", "a\nb.jpg"]   # the last is named as the literal a%0Ab.jpg reads
     for k, entry in enumerate(entries):
         Image.new("RGB", (40, 30), (k * 40, 0, 0)).save(photos / entry)
     names = sources.list_images(str(photos)).column("file_name").to_pylist()
     # ordinary names are their files' own; a name that reads as an encoding is encoded too
     assert sorted(names) == sorted(["d%5Cwin.jpg", "esc%1B[31m.jpg", "line%0Afeed.jpg",
-                                    "50%.jpg", "a%250Ab.jpg", "d/%255C.jpg"])
+                                    "50%.jpg", "a%250Ab.jpg", "d/%255C.jpg", "a%0Ab.jpg"])
     assert [sources.original_file_name(n) for n in sorted(names)] == \
-        [None, "a%0Ab.jpg", "d\\win.jpg", "d/%5C.jpg", "esc\x1b[31m.jpg", "line\nfeed.jpg"]
+        [None, "a\nb.jpg", "a%0Ab.jpg", "d\\win.jpg", "d/%5C.jpg", "esc\x1b[31m.jpg", "line\nfeed.jpg"]
     assert [sources.original_file_name(n) for n in ("50%.jpg", "x.jpg", "%2E%2E/x.jpg")] == \
         [None, None, None]
     rows = [image_row(n, 40, 30, [box_detection(1, 0.9, 5, 5, 10, 10, 30, 40)]) for n in names]
@@ -78,16 +78,19 @@ def test_encoded_names_still_reach_their_files(tmp_path):
     yolo = run_export(str(tmp_path / "run"), str(tmp_path / "yolo"), ExportOptions(0.5),
                       export_format=ExportFormat("yolo", str(photos), 0.0))
     assert (yolo["linked"], yolo["missing_images"]) == (len(entries), 0)
+    for name in names:   # each link to its own file, not to one whose name reads the same
+        assert os.readlink(tmp_path / "yolo" / "images" / name) == \
+            str(photos / (sources.original_file_name(name) or name))
     run_export(str(tmp_path / "run"), str(tmp_path / "ls"), ExportOptions(0.5),
                export_format=ExportFormat("label-studio", "/data/"))
     urls = [t["data"]["image"] for t in json.loads((tmp_path / "ls" / "tasks.json").read_text())]
     assert sorted(urllib.parse.unquote(u)[len("/data/"):] for u in urls) == sorted(entries)
 
-    drawn = render_batch(pa.table({"file_name": names, "width": [40] * 6, "height": [30] * 6,
-                                   "detections_json": ["[]"] * 6,
-                                   "rendered_name": [f"{k}.jpg" for k in range(6)]}),
+    drawn = render_batch(pa.table({"file_name": names, "width": [40] * 7, "height": [30] * 7,
+                                   "detections_json": ["[]"] * 7,
+                                   "rendered_name": [f"{k}.jpg" for k in range(7)]}),
                          str(photos), str(tmp_path / "gallery")).to_pylist()
-    assert [row["error"] for row in drawn] == [None] * 6
+    assert [row["error"] for row in drawn] == [None] * 7
     for k, name in enumerate(names):   # each drawing is of its own file
         colour = Image.open(tmp_path / "gallery" / "images" / f"{k}.jpg").getpixel((20, 15))
         own = Image.open(photos / (sources.original_file_name(name) or name)).getpixel((20, 15))

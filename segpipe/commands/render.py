@@ -170,15 +170,11 @@ def _draw(row: dict, data: Optional[bytes], out_fs, out_root: str) -> Optional[s
 
 
 def _read_image(fs: pafs.FileSystem, root: str, file_name: str) -> bytes:
-    """The bytes of the image file ``file_name`` names under ``root``: the file of that name,
-    or, where there is none, the one it was encoded from (``sources.original_file_name``)."""
-    try:
-        return storage.read_bytes(fs, storage.join(root, file_name))
-    except FileNotFoundError:
-        original = sources.original_file_name(file_name)
-        if original is None:
-            raise
-        return storage.read_bytes(fs, storage.join(root, original))
+    """The bytes of the image file ``file_name`` names under ``root``: the file it was encoded
+    from (``sources.original_file_name``: ``a%5Cb.jpg`` names ``a\\b.jpg``), else the file
+    of that name."""
+    original = sources.original_file_name(file_name)
+    return storage.read_bytes(fs, storage.join(root, original or file_name))
 
 
 def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:

@@ -337,10 +337,9 @@ def write_label_part(predictions_dir: str, files: list[str], images: pa.Table, e
             for key, value in (("name", relative), ("size", size), ("mtime_ns", mtime_ns)):
                 part.written[key].append(value)
         if target.image_root is not None:
-            source = os.path.join(target.image_root, row["file_name"])
-            original = sources.original_file_name(row["file_name"])
-            if not os.path.isfile(source) and original is not None:
-                source = os.path.join(target.image_root, original)   # a\b.jpg, stored a%5Cb.jpg
+            # a\b.jpg is stored as a%5Cb.jpg (sources.original_file_name)
+            source = os.path.join(target.image_root, sources.original_file_name(row["file_name"])
+                                  or row["file_name"])
             if os.path.isfile(source):
                 made = _link(target.to, os.path.join(target.to, "images", name), source)
                 part.yolo.linked += made
