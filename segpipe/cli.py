@@ -42,7 +42,7 @@ without a GPU or the images' model.
 EPILOG = """\
 Run `segpipe COMMAND --help` for the options of a command.
 Exit status: 0 done; 1 the run could not account for every image, or nothing could be drawn;
-2 a mistake in what was asked (nothing was done); 130 interrupted (Ctrl-C).
+2 a mistake in what was asked (nothing was done); 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 #: Sections of ``segment --help``: config fields by what they are about.

@@ -185,26 +185,31 @@ def segpipe_lines() -> Iterator[None]:
 
 @contextlib.contextmanager
 def interrupt_flag() -> Iterator[threading.Event]:
-    """Record Ctrl-C (SIGINT) while the block runs, besides raising ``KeyboardInterrupt`` as
-    usual: a KeyboardInterrupt raised inside a library (Ray's code, an import) can be caught
-    there, and the run must still stop before it writes coco/ and run.json as if nothing
-    happened. The handler before the block is put back after it; in a thread other than the
-    main one (where signals cannot be handled) the flag stays clear."""
+    """Record Ctrl-C (SIGINT) and SIGTERM (``ray job stop``, a pod being stopped) while the
+    block runs, besides raising ``KeyboardInterrupt`` as Ctrl-C does: a KeyboardInterrupt
+    raised inside a library (Ray's code, an import) can be caught there, and the run must
+    still stop before it writes coco/ and run.json as if nothing happened; SIGTERM stops the
+    run as Ctrl-C does (its local Ray shut down, what was kept said) instead of ending the
+    process where it stands. The handlers before the block are put back after it; in a
+    thread other than the main one (where signals cannot be handled) the flag stays clear."""
     flag = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
 
     def on_interrupt(signum, frame):
         flag.set()
-        if callable(previous):
-            previous(signum, frame)
+        before = previous[signum]
+        if callable(before) and signum == signal.SIGINT:
+            before(signum, frame)
         else:
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    for number in previous:
+        signal.signal(number, on_interrupt)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -276,3 +276,22 @@ def test_a_ctrl_c_a_library_swallows_is_still_seen():
             with pytest.raises(KeyboardInterrupt):
                 _stop_if_interrupted(SimpleNamespace(interrupted=interrupted), inner)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does():
+    """`ray job stop` and a pod being stopped send SIGTERM: it ended the driver where it stood
+    (exit -15, no word of what was kept); now it raises KeyboardInterrupt as Ctrl-C does, and
+    the handler before is put back."""
+    import os
+    import signal
+    import time
+
+    from segpipe.console import interrupt_flag
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupt_flag() as interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGTERM) is before
