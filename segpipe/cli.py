@@ -307,10 +307,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except KeyboardInterrupt:   # Ctrl-C before a command's own handling (torch, Ray starting)
             print("\nsegpipe: interrupted", file=sys.stderr)
             return 130
+        except OSError as exc:   # storage failing once the work began (a full disk...)
+            print(f"segpipe {args.command}: failed: {' '.join(str(exc).split())}",
+                  file=sys.stderr)
+            return 1
 
 
 def _config_error(exc: Exception) -> int:
-    print(f"segpipe: configuration error: {exc}", file=sys.stderr)
+    """A mistake found before any work (or a place that cannot be read or written then):
+    one line, exit 2."""
+    if isinstance(exc, ConfigError):
+        print(f"segpipe: configuration error: {exc}", file=sys.stderr)
+    else:   # an unreachable bucket, a folder without permission: nothing was done
+        print(f"segpipe: cannot reach what was asked (nothing was done): "
+              f"{' '.join(str(exc).split())}", file=sys.stderr)
     return 2
 
 
@@ -326,7 +336,7 @@ def _segment(args: argparse.Namespace) -> int:
     try:
         config = segment_config(args)
         checked = check_segment(config)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         return _config_error(exc)
 
     with console.interrupt_flag() as interrupted:   # Ctrl-C a library catches still stops the run
@@ -417,8 +427,6 @@ def _export(args: argparse.Namespace) -> int:
     from segpipe.commands.export import ExportFormat, check_export, check_export_target, run_export
 
     try:
-        if args.max_per_image is not None and args.max_per_image < 1:
-            raise ConfigError("--max-per-image must be at least 1")
         if args.coco_shard_images < 0:
             raise ConfigError("--coco-shard-images must be >= 0 (0: single files)")
         options = ExportOptions(score_threshold=args.score_threshold,
@@ -429,7 +437,7 @@ def _export(args: argparse.Namespace) -> int:
         export_format.check()
         checked = check_export(args.output, options, args.classes)
         check_export_target(args.to, args.format, args.output, args.image_root)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         return _config_error(exc)
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:   # Ray's own messages go to DIR/logs, as render's do
@@ -495,7 +503,7 @@ def _review(args: argparse.Namespace) -> int:
                             args.subset, args.image_root, args.images)
     try:
         checked = check_review(request)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         return _config_error(exc)
     if args.images:   # Ray's own messages (the gallery) go to DIR/logs, as render's do
         log = console.RunLog(args.to, "review")
@@ -569,7 +577,7 @@ def _render(args: argparse.Namespace) -> int:
                             args.score_threshold, args.classes, args.address)
     try:
         checked = check_render(request)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         return _config_error(exc)
 
     from segpipe.commands.render import run_render

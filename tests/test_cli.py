@@ -135,6 +135,25 @@ def test_an_overwrite_the_cluster_refuses_keeps_the_earlier_run(awkward_run, che
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts} == before
 
 
+def test_a_bucket_nobody_answers_at_is_one_line_not_a_traceback(tmp_path, checkpoint):
+    import socket
+
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bucket = f"s3://bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http"
+    from test_untrusted_runs import run_with
+
+    keys = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    for args in (["segment", bucket, str(tmp_path / "out"), "--weights", str(checkpoint)],
+                 ["export", str(run_with(tmp_path)), "--to", bucket]):
+        result = run_cli(*args, env_extra=keys)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().startswith("segpipe: cannot reach what was asked (nothing was done)")
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_configuration_mistakes_fail_before_work(tmp_path, checkpoint):
     write_photos(tmp_path / "in", names=("chelsea",))
     result = run_cli("segment", str(tmp_path / "in"), str(tmp_path / "out"), "--weights",
