@@ -547,7 +547,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         report = run_eval(args.output, args.gt, args.score_threshold, iou_types,
                           args.crowd_as_objects)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:   # eval.json is written last: nothing was done
         return _config_error(exc)
     matching = report["matching"]
     _random_weights_warning(report["random_weights"])
