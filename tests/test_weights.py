@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import socket
 import threading
@@ -16,7 +17,8 @@ from conftest import served_checkpoint, small_spec
 from segpipe.model import weights as weights_module
 from segpipe.model.categories import COCO_TABLE, Category
 from segpipe.config import ConfigError
-from segpipe.model.build import checkpoint_architectures, state_dict_sha256
+from segpipe.model.build import (build_loaded_model, build_model, check_fits,
+                                  checkpoint_architectures, state_dict_sha256)
 from segpipe.model.families import family_of
 from segpipe.model.resolved import resolve_weights
 from segpipe.model.weights import WeightsError, download_checkpoint, hash_prefix, weights_source
@@ -69,6 +71,30 @@ def test_every_architecture_is_told_apart_by_its_keys():
                                                                   weights_backbone=None,
                                                                   num_classes=5)
         assert checkpoint_architectures(model.state_dict()) == [arch]
+
+
+def test_a_loaded_model_is_the_checkpoint_bit_for_bit_with_nothing_left_unset():
+    """``build_loaded_model`` skips torchvision's random initialisation (the model is built on
+    the meta device, given memory, then loaded strictly). That is sound only while every
+    parameter and buffer is a state-dict key (anything else would keep uninitialised memory),
+    and it must predict what a randomly initialised model loaded with the same weights does."""
+    for arch in family_of("maskrcnn_resnet50_fpn").arches:
+        spec = dataclasses.replace(small_spec(5), arch=arch)
+        torch.manual_seed(3)
+        reference = build_model(spec)
+        state = reference.state_dict()
+        model = build_loaded_model(spec, state)
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        assert names == set(state), arch
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), arch
+        assert not model.training
+        image = [torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1))]
+        with torch.no_grad():
+            expected, got = reference(image)[0], model(image)[0]
+        assert expected.keys() == got.keys() and len(got["boxes"]) > 0, arch
+        assert all(torch.equal(expected[k], got[k]) for k in expected), arch
+    with pytest.raises(ConfigError, match="do not fit .*size mismatch for roi_heads"):
+        check_fits(state, dataclasses.replace(spec, num_classes=6), "ckpt.pth")
 
 
 def test_torchvisions_own_pretrained_layout_is_recognised():

@@ -51,6 +51,26 @@ def build_model(spec: ModelSpec) -> GeneralizedRCNN:
     return model.eval()
 
 
+def _build_on_meta(spec: ModelSpec) -> GeneralizedRCNN:
+    """``build_model`` with no memory and no initialisation: every parameter and buffer on
+    torch's meta device (the anchor templates, which are neither, are made on the CPU)."""
+    with torch.device("meta"):
+        return build_model(spec)
+
+
+def build_loaded_model(spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> GeneralizedRCNN:
+    """The architecture of ``spec`` holding ``state_dict``, in eval mode, on the CPU.
+
+    Built on the meta device, given memory, then loaded strictly: torchvision's random
+    initialisation (about a second on two cores, in every predictor actor's start) is skipped,
+    and nothing is left uninitialised, since every parameter and buffer of these models is a
+    state-dict key that a strict load sets (``tests/test_weights.py`` checks each
+    architecture)."""
+    model = _build_on_meta(spec).to_empty(device="cpu")
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 def read_checkpoint_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -129,10 +149,11 @@ def checkpoint_classes(state_dict: dict, arch: str, source: str) -> int:
 
 
 def check_fits(state_dict: dict[str, torch.Tensor], spec: ModelSpec, source: str) -> None:
-    """Raise ``ConfigError`` unless ``state_dict`` loads strictly into ``spec``'s model."""
-    model = build_model(spec)
+    """Raise ``ConfigError`` unless ``state_dict`` loads strictly into ``spec``'s model (built
+    on the meta device: the keys and shapes are checked, nothing is copied)."""
+    model = _build_on_meta(spec)
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).splitlines()[:4])[:600]
         raise ConfigError(f"weights {source} do not fit {spec.arch} with {spec.num_classes} "

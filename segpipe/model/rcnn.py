@@ -21,6 +21,7 @@ import torch
 from segpipe.config import ConfigError
 from segpipe.model import batched_postprocess
 from segpipe.model.build import (
+    build_loaded_model,
     build_model,
     check_fits,
     checkpoint_classes,
@@ -89,8 +90,7 @@ class Detector:
 
     def __init__(self, spec: ModelSpec, payload: dict[str, torch.Tensor], device: torch.device,
                  precision: str = "fp32", canvas: str = "exact"):
-        self.model = build_model(spec)
-        self.model.load_state_dict(payload)
+        self.model = build_loaded_model(spec, payload)
         prepare_model(self.model, device, precision)
         if device.type == "cuda":    # where per-image post-processing waits on launches
             batched_postprocess.install(self.model)
