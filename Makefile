@@ -24,9 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 sample: $(STAMP)
 	bash scripts/sample.sh
 
-# the whole suite, as CI runs it: lint and types first (seconds), then every test
+# the whole suite, as CI runs it: lint and types first (seconds), then every test, in two
+# pytest-xdist workers (a file at a time each, the longest files first: tests/conftest.py)
 test: lint
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 # the tests that start no Ray, for the edit-test loop
 test-fast: $(STAMP)
