@@ -18,9 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
+from conftest import small_config
 from images import write_photos
+from segpipe.commands.segment import run_segment
 from segpipe.output.run_folder import prediction_files
-from test_cli import run_cli, small_flags
+from test_cli import small_flags
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +116,7 @@ def rows(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpoint):
+def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpoint, local_ray):
     address, env = cluster
     inputs = tmp_path / "in"
     write_photos(inputs)
@@ -145,8 +147,9 @@ def test_job_on_a_two_node_cluster_equals_a_local_run(cluster, tmp_path, checkpo
                  and t.get("state") == "FINISHED"]
     assert second_node in {t["node_id"] for t in predicted}, \
         [(t["func_or_class_name"], t["node_id"]) for t in predicted]
-    local = run_cli("segment", str(inputs), str(tmp_path / "local_out"), *flags)
-    assert local.returncode == 0, local.stderr[-3000:]
+    # the same run on this process's local Ray (the CLI's run, in process: no second Ray start)
+    run_segment(small_config(inputs, tmp_path / "local_out", checkpoint, torch_threads=1,
+                             batch_size=1))
     on_cluster, here = rows(tmp_path / "cluster_out"), rows(tmp_path / "local_out")
     assert sorted(on_cluster) == sorted(here) and len(here) == 5
     for name, row in here.items():
