@@ -47,6 +47,26 @@ def test_each_file_decodes_to_pillows_pixels_or_fails_with_its_reason(awkward, n
             decode_image(data, LIMITS)
 
 
+def test_decoding_stays_pillows_where_a_library_replaced_image_open(awkward, monkeypatch):
+    """Importing Ultralytics replaces ``PIL.Image.open`` for the whole process with a wrapper
+    that runs pip (to install pi-heif) at the first file Pillow cannot identify: segpipe's
+    decoding, in such a process, still answers as Pillow does and calls no pip."""
+    pytest.importorskip("ultralytics")
+    monkeypatch.setattr(Image, "open", Image.open)   # whatever is there now, back after the test
+    from ultralytics.utils import checks, patches
+
+    pip_calls = []
+    monkeypatch.setattr(checks, "check_requirements", lambda *a, **k: pip_calls.append(a))
+    for wrapper in (patches.image_open,                      # keeps Pillow's in a module global
+                    (lambda kept: lambda fp, *a, **k: kept(fp, *a, **k))(patches._image_open)):
+        monkeypatch.setattr(Image, "open", wrapper)           # ... and one in a closure
+        with pytest.raises(DecodeError, match="not a readable image: format not recognised$"):
+            decode_image((awkward / "notes.png").read_bytes(), LIMITS)
+        data = (awkward / "exif_rotated.jpg").read_bytes()
+        np.testing.assert_array_equal(decode_image(data, LIMITS), pillow_rgb(data))
+    assert pip_calls == []
+
+
 def test_exif_orientation_is_applied_the_right_way(awkward):
     data = (awkward / "exif_rotated.jpg").read_bytes()
     rgb = decode_image(data, LIMITS)

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from segpipe import schema
 from segpipe.config import ConfigError
 from segpipe.io import formats, lease, ownership, sources, storage
-from segpipe.io.decode import DecodeError, DecodeLimits, decode_image
+from segpipe.io.decode import DecodeError, DecodeLimits, decode_image, pillow_open
 from segpipe.model.settings import RunSettings
 from segpipe.model.weights import RANDOM_WEIGHTS_NOTE
 from segpipe.output import run_folder
@@ -445,7 +445,7 @@ def check_render_target(to: str, rendered: list[str]) -> None:
 
 def _drawn_by_render(fs, path: str) -> bool:
     try:
-        with fs.open_input_file(path) as f, Image.open(f) as image:
+        with fs.open_input_file(path) as f, pillow_open(f) as image:
             return image.format == "JPEG" and image.info.get("comment") == ownership.RENDER_COMMENT
     except Exception:   # not an image Pillow reads: not render's
         return False

@@ -14,7 +14,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,25 @@ class DecodeLimits:
     max_bytes: int
 
 
+def pillow_open(fp: Any) -> Image.Image:
+    """``PIL.Image.open`` as Pillow defines it, even in a process where a library replaced it.
+
+    Importing Ultralytics replaces ``Image.open`` with a wrapper that, at the first file Pillow
+    cannot identify, runs pip to install pi-heif: a network call in the middle of a run, and
+    another error than Pillow's. Such a wrapper keeps Pillow's function (a module global or a
+    closure cell), which is used instead; a replacement that keeps none is used as it is."""
+    return _pillow_open_function(Image.open)(fp)
+
+
+def _pillow_open_function(current: Callable) -> Callable:
+    if getattr(current, "__module__", None) == Image.__name__:
+        return current
+    kept = [*getattr(current, "__globals__", {}).values(),
+            *(cell.cell_contents for cell in getattr(current, "__closure__", None) or ())]
+    return next((f for f in kept if callable(f) and getattr(f, "__name__", None) == "open"
+                 and getattr(f, "__module__", None) == Image.__name__), current)
+
+
 def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
     """Decode ``data`` into a C-contiguous ``H×W×3`` uint8 RGB array.
 
@@ -53,7 +72,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         # Pillow warns about large images and odd palettes; the limits below decide instead.
         warnings.simplefilter("ignore")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = pillow_open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             found = re.search(r"\((\d+) pixels\)", str(exc))
             pixels = found.group(1) if found else "too many"
