@@ -20,10 +20,15 @@ from synthetic import SETTINGS, box_detection, image_row, write_predictions
 from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import check_export_target, run_export
 from segpipe.commands.render import RenderRequest, _draw, check_render
-from segpipe.commands.segment import prepare_output
+from segpipe.commands.segment import clear_output, plan_output
 from segpipe.config import ConfigError
 from segpipe.io import formats, ownership, sources, storage
 from segpipe.output.run_folder import check_output, predictions_dir
+
+
+def plan_then_clear(config, settings) -> None:
+    """What a run does to OUTPUT before it segments: plan (and check), then clear."""
+    clear_output(config, plan_output(config, settings))
 
 
 def a_run(output: Path) -> Path:
@@ -51,7 +56,7 @@ def test_a_fresh_run_refuses_files_it_did_not_write_and_keeps_them(tmp_path):
     for overwrite in (False, True):
         config = small_config(tmp_path, out, "random", overwrite=overwrite)
         with pytest.raises(ConfigError) as refused:
-            prepare_output(config, SETTINGS)
+            plan_then_clear(config, SETTINGS)
         message = str(refused.value)
         assert "3 file(s) segpipe did not write" in message
         assert "old_tool/results.csv" in message and "notes.txt" in message
@@ -67,7 +72,7 @@ def test_overwrite_removes_only_its_own_files(tmp_path):
     (Path(directory) / f".{own[0]}.1-abcdef-{'0' * 12}.tmp").write_bytes(b"PAR1")
     with pytest.raises(ConfigError, match="--overwrite to replace it"):
         check_output(str(out))
-    prepare_output(small_config(tmp_path, out, "random", overwrite=True), SETTINGS)
+    plan_then_clear(small_config(tmp_path, out, "random", overwrite=True), SETTINGS)
     assert os.listdir(directory) == [ownership.LEDGER_NAME]    # what it commits: none yet
     assert ownership.recorded(directory) == {}
 
@@ -85,7 +90,7 @@ def test_links_are_never_followed_out_of_output(tmp_path):
     before = tree(elsewhere)
     for flags in ({}, {"overwrite": True}, {"resume": True}):
         with pytest.raises(ConfigError, match="symbolic link"):
-            prepare_output(small_config(tmp_path, out, "random", **flags), SETTINGS)
+            plan_then_clear(small_config(tmp_path, out, "random", **flags), SETTINGS)
     assert tree(elsewhere) == before
     os.unlink(out / "predictions")
     (out / "coco").mkdir()
@@ -209,7 +214,6 @@ def a_finished_run(output: Path) -> list[Path]:
     ownership.record_written(directory, names, whole=True)   # as a finished run records them
     return [Path(directory) / n for n in names]
 
-
 @pytest.mark.parametrize("change,expected", [
     ("backup", "1 not segpipe's ("),
     ("subfolder", "1 not segpipe's ("),
@@ -241,7 +245,7 @@ def test_readers_name_what_changed_behind_segpipes_back(tmp_path, change, expect
     assert not to.exists()                   # nothing written
     if change in ("truncated", "subfolder", "backup"):   # a resume is refused the same way
         with pytest.raises(ConfigError, match=expected.split(" (")[0]):
-            prepare_output(small_config(tmp_path, out, "random", resume=True), SETTINGS)
+            plan_then_clear(small_config(tmp_path, out, "random", resume=True), SETTINGS)
 
 
 def test_a_resume_with_another_input_is_refused_before_work(tmp_path):

@@ -106,7 +106,7 @@ def test_segment_into_its_own_input_is_refused_in_one_line(tmp_path, capsys):
 def test_a_new_run_takes_down_the_old_runs_finished_marks_first(run, tmp_path):
     """What a SIGKILL of ``--overwrite`` while predicting left: the old run's coco/ (with the
     index.json that marks a finished write) and run.json beside an emptied predictions/."""
-    from segpipe.commands.segment import prepare_output
+    from segpipe.commands.segment import clear_output, plan_output
     from segpipe.config import SegmentConfig
 
     from segpipe.coco.writer import export_coco
@@ -117,7 +117,7 @@ def test_a_new_run_takes_down_the_old_runs_finished_marks_first(run, tmp_path):
     ownership.write_json(str(run), "run.json", {"finished": True})
     (run / "coco" / "notes.txt").write_text("mine")          # not segpipe's: stays
     config = SegmentConfig(input=str(tmp_path), output=str(run), overwrite=True)
-    prepare_output(config, SETTINGS)
+    clear_output(config, plan_output(config, SETTINGS))
     assert not (run / "run.json").exists()
     assert sorted(p.name for p in (run / "coco").iterdir()) == [".segpipe-files.json", "notes.txt"]
     assert not list((run / "predictions").glob("part-*"))

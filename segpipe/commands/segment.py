@@ -124,15 +124,6 @@ def clear_output(config: SegmentConfig, plan: OutputPlan) -> None:
         ownership.record_written(plan.predictions_dir, [], whole=True)   # committed: none yet
 
 
-def prepare_output(config: SegmentConfig,
-                   settings: RunSettings) -> tuple[str, set[int], RunSettings]:
-    """``plan_output`` then ``clear_output`` at once: the predictions folder, the ids of the
-    images already done in it, and the settings this run writes with."""
-    plan = plan_output(config, settings)
-    clear_output(config, plan)
-    return plan.predictions_dir, plan.done, plan.settings
-
-
 def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional[pa.Table],
                    done: frozenset[int], cpus: float,
                    monitor: Optional[Any] = None) -> ray.data.Dataset:
