@@ -172,7 +172,8 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
     if isinstance(config, SegmentConfig):
         result = dataclasses.replace(config, **overrides)
     else:
-        values = {key: _plain(value, Any) for key, value in {**dict(config or {}), **overrides}.items()}
+        values = {**{key: _plain(value, Any) for key, value in dict(config or {}).items()},
+                  **overrides}
         check_keys(values, "config")
         result = SegmentConfig(**values)
     validate(result, needs_paths=False)
