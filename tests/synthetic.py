@@ -25,16 +25,20 @@ SETTINGS = RunSettings(
 def box_detection(category_id: int, score: float, x: int, y: int, w: int, h: int,
                   height: int, width: int) -> dict:
     """A detection whose mask is exactly its (integer) box."""
-    mask = np.zeros((height, width), np.uint8)
-    mask[y:y + h, x:x + w] = 1
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    soft = np.zeros((28, 28), SETTINGS.soft_mask_dtype)
-    soft[1:-1, 1:-1] = np.iinfo(SETTINGS.soft_mask_dtype).max
+    mask = np.zeros((width, height), np.uint8)   # the transpose: Fortran order for free
+    mask[x:x + w, y:y + h] = 1
+    rle = mask_utils.encode(mask.T)
     return {"category_id": category_id, "category_name": COCO_TABLE.category_of(category_id)[1],
             "score": score, "bbox": [float(x), float(y), float(w), float(h)],
-            "area": int(mask.sum()), "segmentation": {"size": [height, width],
-                                                      "counts": rle["counts"].decode()},
-            "box": [float(x), float(y), float(x + w), float(y + h)], "soft_mask": soft.tobytes()}
+            "area": int(mask[x:x + w, y:y + h].sum()),
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
+            "box": [float(x), float(y), float(x + w), float(y + h)], "soft_mask": _BOX_SOFT_MASK}
+
+
+#: the stored soft mask of every box detection: 1 inside a one-cell margin
+_BOX_SOFT = np.zeros((28, 28), SETTINGS.soft_mask_dtype)
+_BOX_SOFT[1:-1, 1:-1] = np.iinfo(SETTINGS.soft_mask_dtype).max
+_BOX_SOFT_MASK = _BOX_SOFT.tobytes()
 
 
 def image_row(file_name: str, width: int, height: int, detections: list[dict]) -> dict:
@@ -56,16 +60,14 @@ def large_predictions(output: Path, images: int, per_image: int = 100, seed: int
     """``images × per_image`` detections of random boxes on 64×64 images; returns the count."""
     rng = np.random.default_rng(seed)
     ids = sorted(COCO_TABLE.ids)
-    template = [box_detection(ids[k % len(ids)], 0.0, 0, 0, 1, 1, 64, 64) for k in range(per_image)]
+    categories = [ids[k % len(ids)] for k in range(per_image)]
     rows = []
     for i in range(images):
-        dets = []
-        for k in range(per_image):
-            x, y = (int(v) for v in rng.integers(0, 48, 2))
-            w, h = (int(v) for v in rng.integers(1, 16, 2))
-            det = box_detection(template[k]["category_id"], float(rng.uniform(0.05, 1.0)),
-                                x, y, w, h, 64, 64)
-            dets.append(det)
+        corners, sides = rng.integers(0, 48, (per_image, 2)), rng.integers(1, 16, (per_image, 2))
+        scores = rng.uniform(0.05, 1.0, per_image)
+        dets = [box_detection(categories[k], float(scores[k]), int(corners[k, 0]),
+                              int(corners[k, 1]), int(sides[k, 0]), int(sides[k, 1]), 64, 64)
+                for k in range(per_image)]
         dets.sort(key=lambda d: -d["score"])
         rows.append(image_row(f"img_{i:07d}.jpg", 64, 64, dets))
         if len(rows) == rows_per_file:

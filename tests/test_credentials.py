@@ -59,40 +59,18 @@ def test_join_adds_to_the_path_never_to_the_query(base, parts, expected):
     assert join(base, *parts) == expected
 
 
-def _objects(fs, prefix):
-    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
-    return {i.path: fs.open_input_stream(i.path).read() for i in infos
-            if i.type == pafs.FileType.File}
-
-
-@pytest.mark.ray
-def test_secrets_in_uris_work_and_appear_nowhere(s3_env, tmp_path, checkpoint):  # noqa: F811
+def test_mistakes_name_the_uri_without_its_secret(s3_env, tmp_path, checkpoint):  # noqa: F811
+    """A path that is not there, an option pyarrow refuses (it takes credentials only as user
+    info): one line, exit 2, the URI named with its secrets starred. (A run with secrets in
+    its URIs: ``test_s3.py``.)"""
     endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
     options = f"endpoint_override={endpoint}&scheme=http"
     fs, _ = pafs.FileSystem.from_uri("s3://segpipe-test/x")
-    write_photos(tmp_path / "photos", names=("chelsea", "coffee"))
-    for path in sorted((tmp_path / "photos").iterdir()):
-        with fs.open_output_stream(f"segpipe-test/cred-in/{path.name}") as f:
-            f.write(path.read_bytes())
+    write_photos(tmp_path / "photos", names=("chelsea",))
+    with fs.open_output_stream("segpipe-test/cred-in/chelsea.png") as f:
+        f.write((tmp_path / "photos" / "chelsea.png").read_bytes())
     input_uri = f"s3://testing:{SECRET}@segpipe-test/cred-in?{options}"
-    output_uri = f"s3://testing:{TOKEN}@segpipe-test/cred-out?{options}"
     env = {**s3_env, "AWS_SECRET_ACCESS_KEY": ENV_SECRET}
-    result = run_cli("segment", input_uri, output_uri, "--weights", str(checkpoint),
-                     *small_flags(), env_extra=env)
-    assert result.returncode == 0, redact(result.stderr[-3000:])
-    assert "2 images: 2 ok, 0 failed" in result.stdout
-    written = _objects(fs, "segpipe-test/cred-out")
-    assert "segpipe-test/cred-out/run.json" in written                 # not under "...?.../"
-    assert any(p.startswith("segpipe-test/cred-out/predictions/part-") for p in written)
-    assert "segpipe-test/cred-out/coco/instances.json" in written
-    for secret in (SECRET, TOKEN, ENV_SECRET):
-        assert secret not in result.stdout and secret not in result.stderr
-        for path, data in written.items():
-            assert secret.encode() not in data, path
-    assert b"***@segpipe-test/cred-in" in written["segpipe-test/cred-out/run.json"]
-
-    # Mistakes name the URI without its secret too: a path that is not there, an option
-    # pyarrow refuses (it takes credentials only as user info).
     refused = run_cli("segment", input_uri, f"s3://segpipe-test/o?{options}&secret_key={SECRET}",
                       "--weights", str(checkpoint), *small_flags(), env_extra=env)
     assert refused.returncode == 2 and "secret_key=***" in refused.stderr

@@ -1,9 +1,10 @@
-"""Never lose or duplicate an image: SIGKILL then --resume, a predictor actor dying, OOM."""
+"""Never lose or duplicate an image: Ctrl-C, SIGKILL then --resume, a predictor actor dying, OOM."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +25,7 @@ from segpipe.model import rcnn as family_module
 from segpipe import schema
 from segpipe.model.resolved import resolve_weights
 from segpipe.commands.segment import run_segment
+from segpipe.config import ConfigError
 from segpipe.model.stage import PredictStage
 from segpipe.annotations.selection import ExportOptions
 from segpipe.commands.export import run_export
@@ -62,30 +65,80 @@ def many_photos(folder: Path, copies: int) -> None:
             (folder / f"{name}_{k}.png").write_bytes((folder / f"{name}.png").read_bytes())
 
 
+def _command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:   # gone, or a zombie
+        return ""
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _until_a_new_file(out: Path, process: subprocess.Popen, old: set[str] = frozenset()) -> None:
+    """Wait until ``out/predictions`` holds a prediction file not in ``old``."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and \
+            not set(prediction_files(str(out / "predictions"))) - old:
+        time.sleep(0.05)
+    assert process.poll() is None, "the signal should land mid-run"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint):
+def test_ctrl_c_then_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint):
+    """Ctrl-C says what was kept and how to finish; that command, its driver SIGKILLed after a
+    file of its own, leaves no process behind and loses nothing; a resume with other settings
+    is refused; the last resume redoes nothing, writes every image once and coco/ as the
+    predictions give it."""
     inputs, out = tmp_path / "in", tmp_path / "out"
-    many_photos(inputs, copies=5)
+    many_photos(inputs, copies=6)
     listed = set(list_images(str(inputs)).column("image_id").to_pylist())
     args = ["segment", str(inputs), str(out), "--weights", str(checkpoint), *small_flags(),
             "--batch-size", "1", "--rows-per-file", "2", "--coco-shard-images", "6"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen([SEGPIPE, *args], env=env, start_new_session=True,
+
+    process = subprocess.Popen([SEGPIPE, *args], env=env, start_new_session=True, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _until_a_new_file(out, process)
+    process.send_signal(signal.SIGINT)   # what Ctrl-C sends to the driver
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "complete prediction file(s) are kept" in stderr
+    resume_line = stderr.split("Finish the run with:\n", 1)[1].splitlines()[0].strip()
+    assert resume_line.endswith("--resume") and str(out) in resume_line
+    interrupted = set(prediction_files(str(out / "predictions")))
+
+    # The command it printed, its driver alone SIGKILLed once it has written a file of its own:
+    # no process of its local Ray outlives it (Ray's DashboardAgent and RuntimeEnvAgent did,
+    # deaf to SIGTERM), and the files it finished stay.
+    process = subprocess.Popen(shlex.split(resume_line), env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not prediction_files(str(out / "predictions")):
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver and its local Ray
+    _until_a_new_file(out, process, interrupted)
+    ray_processes = [p for p in psutil.Process(process.pid).children(recursive=True)
+                     if "segpipe.cluster.reaper" not in _command(p)]
+    assert any("PredictStage" in _command(p) for p in ray_processes)
+    process.kill()
     process.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in ray_processes):
+        time.sleep(0.5)
+    assert not [p for p in ray_processes if _alive(p)], \
+        [_command(p) for p in ray_processes if _alive(p)]
     kept = {path: Path(path).read_bytes() for path in settled_files(out)}
     before = written_ids(out)
-    assert 0 < sum(before.values()) < len(listed), "the kill should land mid-run"
+    assert set(kept) > interrupted and sum(before.values()) < len(listed), \
+        "the kill should land mid-run"
     assert max(before.values()) == 1
 
-    refused = run_cli(*args, "--resume", "--mask-threshold", "0.4")
-    assert refused.returncode == 2
-    assert "cannot resume" in refused.stderr and "mask_threshold: 0.5 then, 0.4 now" in refused.stderr
+    with pytest.raises(ConfigError, match="mask_threshold: 0.5 then, 0.4 now"):
+        run_segment(small_config(inputs, out, checkpoint, batch_size=1, rows_per_file=2,
+                                 coco_shard_images=6, resume=True, mask_threshold=0.4))
 
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -114,7 +167,8 @@ def test_sigkill_then_resume_gives_every_image_exactly_once(tmp_path, checkpoint
     options = ExportOptions(score_threshold=0.5)
     run_export(str(again), str(tmp_path / "coco"), options, shard_images=6)
     index = json.loads((out / "coco" / "index.json").read_text())
-    assert [s["images"] for s in index["shards"]] == [6, 6, 6, 2]
+    assert [s["images"] for s in index["shards"]] == [6] * (len(listed) // 6) + \
+        ([len(listed) % 6] if len(listed) % 6 else [])
     for name in ["index.json"] + [n for s in index["shards"] for n in (s["instances"], s["results"])]:
         assert (out / "coco" / name).read_bytes() == (tmp_path / "coco" / name).read_bytes(), name
 
@@ -161,84 +215,6 @@ def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
     assert out[2]["error"].startswith("predict: OutOfMemoryError: CUDA out of memory")
     assert out[4]["error"] == "decode: empty file (0 bytes)"
     assert fake.calls[0] == 4 and fake.calls.count(1) == 4
-
-
-@pytest.mark.ray
-def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, checkpoint):
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    many_photos(inputs, copies=4)
-    args = [SEGPIPE, "segment", str(inputs), str(out), "--weights", str(checkpoint),
-            *small_flags(), "--batch-size", "1", "--rows-per-file", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen(args, env=env, start_new_session=True, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and not prediction_files(str(out / "predictions")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)   # what Ctrl-C sends to the driver
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stdout[-2000:] + stderr[-2000:]
-    assert "Traceback" not in stderr
-    assert "complete prediction file(s) are kept" in stderr
-    resume_line = stderr.split("Finish the run with:\n", 1)[1].splitlines()[0].strip()
-    assert resume_line.endswith("--resume") and str(out) in resume_line
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_overwrite_leaves_no_finished_look_and_no_process(tmp_path, checkpoint):
-    """SIGKILL of the driver alone, while it predicts over an earlier run: the earlier coco/
-    and run.json are gone (nothing looks finished), and no process of its local Ray outlives
-    it (Ray's DashboardAgent and RuntimeEnvAgent did, deaf to SIGTERM, for a minute)."""
-    import psutil
-
-    from segpipe.coco.writer import export_coco
-    from segpipe.io import ownership
-    from synthetic import SETTINGS, blob_rows, write_predictions
-
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    many_photos(inputs, copies=4)
-    write_predictions(out, blob_rows(3, 4, 96, 128, smallest=16, largest=40))   # an earlier run
-    export_coco(str(out / "predictions"), str(out / "coco"), ExportOptions(0.5), SETTINGS)
-    ownership.mark_folder(str(out), "segment")
-    ownership.write_json(str(out), "run.json", {"finished": True})
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    process = subprocess.Popen([SEGPIPE, "segment", str(inputs), str(out), "--weights", str(checkpoint),
-                                *small_flags(), "--batch-size", "1", "--overwrite"],
-                               env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    def command(p: psutil.Process) -> str:
-        try:
-            return " ".join(p.cmdline())
-        except psutil.Error:   # gone, or a zombie
-            return ""
-
-    driver = psutil.Process(process.pid)
-    deadline = time.time() + 300
-    ray_processes: list = []
-    while time.time() < deadline and not any("PredictStage" in command(p) for p in ray_processes):
-        time.sleep(0.2)
-        try:
-            ray_processes = driver.children(recursive=True)
-        except psutil.NoSuchProcess:
-            break
-    assert process.poll() is None, "the kill should land while it predicts"
-    ray_processes = [p for p in driver.children(recursive=True)
-                     if "segpipe.cluster.reaper" not in command(p)]
-    process.kill()    # the driver alone
-    process.wait()
-    assert not (out / "run.json").exists() and not (out / "coco" / "index.json").exists()
-    assert not list((out / "coco").glob("instances*.json"))
-    def alive(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    deadline = time.time() + 30
-    while time.time() < deadline and any(alive(p) for p in ray_processes):
-        time.sleep(0.5)
-    assert not [p for p in ray_processes if alive(p)], [command(p) for p in ray_processes if alive(p)]
 
 
 class Killed(Exception):
@@ -307,3 +283,33 @@ def test_a_command_stopped_on_the_way_leaves_no_earlier_result_looking_whole(tmp
         run_review(ReviewRequest(str(run), str(review)))
     assert not [p for p in ("review.json", "gallery/index.html", "gallery/render.json",
                             "top/export.json") if (review / p).exists()]
+
+
+def test_an_overwrite_stopped_once_it_starts_leaves_no_earlier_run_looking_finished(
+        tmp_path, checkpoint, local_ray, monkeypatch):
+    """An ``--overwrite`` killed while it predicts left predictions/ empty beside the earlier
+    run's coco/ (with its index.json) and run.json. The earlier run's records go before any
+    image is predicted; stopped right then, nothing looks finished."""
+    from segpipe.coco.writer import export_coco
+    from segpipe.commands import segment
+    from segpipe.io import ownership
+    from synthetic import SETTINGS, blob_rows, write_predictions
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    write_photos(inputs)
+    write_predictions(out, blob_rows(3, 4, 96, 128, smallest=16, largest=40))   # an earlier run
+    export_coco(str(out / "predictions"), str(out / "coco"), ExportOptions(0.5), SETTINGS)
+    ownership.mark_folder(str(out), "segment")
+    ownership.write_json(str(out), "run.json", {"finished": True})
+    assert (out / "coco" / "index.json").exists()
+    clear_output = segment.clear_output
+
+    def cleared_then_killed(*args, **kwargs):
+        clear_output(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(segment, "clear_output", cleared_then_killed)
+    with pytest.raises(Killed):
+        run_segment(small_config(inputs, out, checkpoint, overwrite=True))
+    assert not (out / "run.json").exists() and not (out / "coco" / "index.json").exists()
+    assert not list((out / "coco").glob("instances*.json"))
