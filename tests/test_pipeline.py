@@ -68,6 +68,31 @@ def test_every_image_once_and_all_ok(run):
     assert report.accounting.complete and report.accounting.written == len(rows)
 
 
+def test_a_run_leaves_no_actor_of_its_own_on_the_ray_it_joined(run):
+    """A Python user's session runs many segments on one Ray: each run's actors (its
+    predictors, encoders and progress monitor) end with it. The monitor did not: Ray Data
+    kept its handle, and each run left a process of ~800 MB behind."""
+    import time
+
+    import psutil
+
+    def run_actors() -> list[str]:
+        names = []
+        for process in psutil.Process().children(recursive=True):   # this process's local Ray
+            try:
+                name = process.cmdline()[0] if process.cmdline() else ""
+            except psutil.Error:
+                continue
+            if any(kind in name for kind in ("RunMonitor", "PredictStage", "MaskEncoder")):
+                names.append(name)
+        return names
+
+    deadline = time.time() + 20
+    while run_actors() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not run_actors()
+
+
 def test_detections_equal_direct_torchvision_calls(run, checkpoint):
     config, report, images, out = run
     model = build_model(small_spec())

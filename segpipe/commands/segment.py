@@ -299,32 +299,36 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
             for note in plan.notes:
                 log.info("%s", note)
             monitor = ray.remote(num_cpus=0)(RunMonitor).remote()
-            progress = Progress("segment", todo.num_rows if todo is not None else None,
-                                enabled=config.progress)
-            growth = ClusterWatch()
-            with timer("pipeline"), watching(monitor if config.progress else None, progress,
-                                             actors=plan.min_actors), growth.running():
-                weights_ref = ray.put(weights.payload)
-                source = source_dataset(config, prepared.checked, todo, frozenset(done),
-                                        plan.decode_cpus, monitor)
-                dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
-                                        weights.categories, monitor, settings.soft_mask_dtype)
-                dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
-                                                            settings, config.output,
-                                                            prepared.lease.run_id),
-                                       ray_remote_args={"num_cpus": plan.write_cpus})
-            for reason, count in ray.get(monitor.skipped.remote(), timeout=30).items():
-                reading["skipped"][reason] = count
-                log.info("INPUT: left out %d %s", count, reason)
-            cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
-                                      if k in ("CPU", "GPU", "memory")},
-                           stages=plan.as_dict(),
-                           predictors=ray.get(monitor.devices.remote(), timeout=30),
-                           **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
-            _stop_if_interrupted(prepared, interrupted)   # Ctrl-C a library caught and dropped
-            # coco/ in Ray tasks, one per shard, while Ray is up
-            counts, accounting, images = account_and_export(prepared, listing, timer,
-                                                            parallel=True)
+            try:
+                progress = Progress("segment", todo.num_rows if todo is not None else None,
+                                    enabled=config.progress)
+                growth = ClusterWatch()
+                with timer("pipeline"), watching(monitor if config.progress else None, progress,
+                                                 actors=plan.min_actors), growth.running():
+                    weights_ref = ray.put(weights.payload)
+                    source = source_dataset(config, prepared.checked, todo, frozenset(done),
+                                            plan.decode_cpus, monitor)
+                    dataset = build_dataset(source, config, plan, weights.spec, weights_ref,
+                                            weights.categories, monitor, settings.soft_mask_dtype)
+                    dataset.write_datasink(sinks.PredictionSink(predictions_dir, config.rows_per_file,
+                                                                settings, config.output,
+                                                                prepared.lease.run_id),
+                                           ray_remote_args={"num_cpus": plan.write_cpus})
+                for reason, count in ray.get(monitor.skipped.remote(), timeout=30).items():
+                    reading["skipped"][reason] = count
+                    log.info("INPUT: left out %d %s", count, reason)
+                cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
+                                          if k in ("CPU", "GPU", "memory")},
+                               stages=plan.as_dict(),
+                               predictors=ray.get(monitor.devices.remote(), timeout=30),
+                               **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
+                _stop_if_interrupted(prepared, interrupted)   # Ctrl-C a library caught and dropped
+                # coco/ in Ray tasks, one per shard, while Ray is up
+                counts, accounting, images = account_and_export(prepared, listing, timer,
+                                                                parallel=True)
+            finally:   # Ray Data keeps the handle past the run: the monitor would outlive it
+                with contextlib.suppress(Exception):   # a cluster gone: nothing left to end
+                    ray.kill(monitor)
     else:   # nothing left to segment: no Ray to start for the export
         clear_output(config, prepared.output)
         counts, accounting, images = account_and_export(prepared, listing, timer, parallel=False)
