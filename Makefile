@@ -27,7 +27,7 @@ sample: $(STAMP)
 # the whole suite, as CI runs it: lint and types first (seconds), then every test, in two
 # pytest-xdist workers (a file at a time each, the longest files first: tests/conftest.py)
 test: lint
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # the tests that start no Ray, for the edit-test loop
 test-fast: $(STAMP)

@@ -162,11 +162,13 @@ RAY_FIXTURES = {"local_ray", "cluster", "autoscaling_cluster", "awkward_run"}
 #: The files that take longest (measured: the suite's durations in docs/benchmarks.md), run
 #: first: ``make test``'s two workers take a file at a time (``--dist loadfile``), and a long
 #: file started last would leave one worker running alone at the end. A file not named keeps
-#: its place after these.
-LONGEST_FIRST = ("test_resilience.py", "test_cluster.py", "test_export.py", "test_inputs.py",
-                 "test_autoscaling.py", "test_cli.py", "test_custom_models.py", "test_api.py",
-                 "test_precision.py", "test_huggingface.py", "test_lease.py", "test_pipeline.py",
-                 "test_s3.py", "test_credentials.py", "test_tiles.py")
+#: its place after these. (pytest-xdist would put the files with the most tests first, the
+#: longest last: ``make test`` passes ``--no-loadscope-reorder``.)
+LONGEST_FIRST = ("test_resilience.py", "test_cluster.py", "test_export.py", "test_tiles.py",
+                 "test_cli.py", "test_autoscaling.py", "test_inputs.py", "test_api.py",
+                 "test_lease.py", "test_custom_models.py", "test_precision.py",
+                 "test_pipeline.py", "test_yolo.py", "test_s3.py", "test_huggingface.py",
+                 "test_shapes_bench.py", "test_weights.py", "test_annotations.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
