@@ -23,6 +23,7 @@ from segpipe.config import (
     SegmentConfig,
     config_fields,
     load_config,
+    one_line,
 )
 from segpipe.io.storage import redact
 from segpipe.model.families import ARCHITECTURES, family_of
@@ -308,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("\nsegpipe: interrupted", file=sys.stderr)
             return 130
         except OSError as exc:   # storage failing once the work began (a full disk...)
-            print(f"segpipe {args.command}: failed: {' '.join(str(exc).split())}",
+            print(f"segpipe {args.command}: failed: {one_line(exc)}",
                   file=sys.stderr)
             return 1
 
@@ -320,7 +321,7 @@ def _config_error(exc: Exception) -> int:
         print(f"segpipe: configuration error: {exc}", file=sys.stderr)
     else:   # an unreachable bucket, a folder without permission: nothing was done
         print(f"segpipe: cannot reach what was asked (nothing was done): "
-              f"{' '.join(str(exc).split())}", file=sys.stderr)
+              f"{one_line(exc)}", file=sys.stderr)
     return 2
 
 

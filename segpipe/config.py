@@ -33,6 +33,13 @@ class ConfigError(ValueError):
     """A configuration mistake, found before any work started; the message says what to fix."""
 
 
+def one_line(problem: object, limit: Optional[int] = None) -> str:
+    """``problem`` (an exception, a library's message) as one line of single spaces, cut at
+    ``limit`` characters: what a one-line refusal quotes of someone else's text."""
+    line = " ".join(str(problem).split())
+    return line if limit is None else line[:limit]
+
+
 def _opt(help_text: str, default: Any, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help_text, **metadata})
 
@@ -205,7 +212,7 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
                               "out instead")
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        problem = " ".join(str(exc).split())[:300]
+        problem = one_line(exc, 300)
         raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from segpipe.cluster.reaper import watch_local_ray
-from segpipe.config import ConfigError
+from segpipe.config import ConfigError, one_line
 from segpipe.io.storage import redact
 
 
@@ -37,7 +37,7 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
             ray.init(address=target, log_to_driver=True, job_config=job_config)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(redact(f"cannot join the Ray cluster at {target} (--address or "
-                                     f"RAY_ADDRESS): {' '.join(str(exc).split())[:300]}")) from exc
+                                     f"RAY_ADDRESS): {one_line(exc, 300)}")) from exc
         try:
             yield
         finally:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
-from segpipe.config import ConfigError
+from segpipe.config import ConfigError, one_line
 from segpipe.io import storage
 from segpipe.output.run_folder import COCO_NAME
 
@@ -88,7 +88,7 @@ def read_index(coco_dir: str) -> Optional[dict[str, Any]]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} cannot be read as JSON: {' '.join(str(exc).split())[:200]}") from None
+        raise ConfigError(f"{path} cannot be read as JSON: {one_line(exc, 200)}") from None
     problem = check_index(data)
     if problem:
         raise ConfigError(f"{path} is not a segpipe COCO index: {problem}")
@@ -160,4 +160,4 @@ def _read_json(path: str) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist") from None
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path} cannot be read as JSON: {' '.join(str(exc).split())[:200]}") from None
+        raise ConfigError(f"{path} cannot be read as JSON: {one_line(exc, 200)}") from None

@@ -37,7 +37,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from segpipe.config import ConfigError
+from segpipe.config import ConfigError, one_line
 from segpipe.model.categories import Category, CategoryError, named_classes_table
 from segpipe.model.detections import ImageDetections, per_shape
 from segpipe.model.grids import GRID_FLOOR, GRID_MARGIN, MASK2FORMER_SIDE, logit, nearest_index
@@ -130,8 +130,7 @@ def load(files: dict[str, bytes], name: str) -> tuple[torch.nn.Module, Any, bool
 
 
 def _reason(exc: Exception, folder: str, name: str) -> str:
-    text = " ".join(str(exc).replace(folder, name).split())
-    return f"{type(exc).__name__}: {text[:240]}"
+    return f"{type(exc).__name__}: {one_line(str(exc).replace(folder, name), 240)}"
 
 
 def _shortest_side(processor: Any) -> Optional[int]:

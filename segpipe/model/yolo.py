@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from segpipe.config import ConfigError
+from segpipe.config import ConfigError, one_line
 from segpipe.model.categories import Category, CategoryError, named_classes_table
 from segpipe.model.detections import ImageDetections, per_shape
 from segpipe.model.grids import ultralytics_window
@@ -106,7 +106,7 @@ def load_model(data: bytes, name: str) -> tuple[torch.nn.Module, dict]:
         try:
             checkpoint, _ = torch_safe_load(str(path), safe_only=True)
         except Exception as exc:  # noqa: BLE001 - every refusal is one line
-            reason = " ".join(str(exc).replace(str(path), name).split())
+            reason = one_line(str(exc).replace(str(path), name))
             reason = reason.encode("ascii", "ignore").decode().replace("ERROR  ", "")[:300]
             raise ConfigError(f"cannot load weights {name} as an Ultralytics checkpoint without "
                               f"running code from it ({type(exc).__name__}: {reason.strip()})") from None
