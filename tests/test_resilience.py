@@ -79,7 +79,8 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-def _until_a_new_file(out: Path, process: subprocess.Popen, old: set[str] = frozenset()) -> None:
+def _until_a_new_file(out: Path, process: subprocess.Popen,
+                      old: frozenset[str] | set[str] = frozenset()) -> None:
     """Wait until ``out/predictions`` holds a prediction file not in ``old``."""
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None and \
