@@ -30,7 +30,7 @@ def box_detection(category_id: int, score: float, x: int, y: int, w: int, h: int
     rle = mask_utils.encode(mask.T)
     return {"category_id": category_id, "category_name": COCO_TABLE.category_of(category_id)[1],
             "score": score, "bbox": [float(x), float(y), float(w), float(h)],
-            "area": int(mask[x:x + w, y:y + h].sum()),
+            "area": int(mask.sum()),
             "segmentation": {"size": [height, width], "counts": rle["counts"].decode()},
             "box": [float(x), float(y), float(x + w), float(y + h)], "soft_mask": _BOX_SOFT_MASK}
 

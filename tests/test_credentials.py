@@ -14,11 +14,7 @@ import pytest
 from images import write_photos
 from segpipe.io.storage import join, redact
 from test_cli import run_cli, small_flags
-from test_s3 import s3_env  # noqa: F401  (the moto server fixture)
-
-SECRET = "Sup3rSecretValue"
-TOKEN = "T0kenValue42"
-ENV_SECRET = "EnvSecretValue9"
+from test_s3 import ENV_SECRET, SECRET, s3_env  # noqa: F401  (s3_env: the moto server fixture)
 
 
 @pytest.mark.parametrize("text,expected", [

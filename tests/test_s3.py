@@ -21,6 +21,10 @@ from segpipe.model.categories import COCO_TABLE
 from test_cli import run_cli, small_flags
 
 BIN = Path(sys.executable).parent
+#: credentials in URIs and in the environment, which no output or printed line may hold
+SECRET = "Sup3rSecretValue"
+TOKEN = "T0kenValue42"
+ENV_SECRET = "EnvSecretValue9"
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +73,6 @@ def test_segment_and_export_from_and_to_a_bucket_and_no_secret_appears(s3_env, t
     """INPUT and OUTPUT as users paste them: credentials as user info, pyarrow's options after
     ``?``. segpipe uses them, writes under the path part only, and prints or writes none of
     the secrets (nor the environment's) anywhere: stdout, stderr, run.json, coco/, logs."""
-    from test_credentials import ENV_SECRET, SECRET, TOKEN
-
     endpoint = s3_env["AWS_ENDPOINT_URL"].split("://", 1)[1]
     options = f"endpoint_override={endpoint}&scheme=http"
     fs, _ = pafs.FileSystem.from_uri("s3://segpipe-test/x")
