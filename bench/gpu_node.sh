@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_node.sh prepare      # here, with the package registry: wheels/ (<= 64 MiB)
 #   bash bench/gpu_node.sh run [IMAGES] # there (device `run`, carry ["wheels"]): no network
+#   DEVICE=cpu bash bench/gpu_node.sh run 8   # a dry run of every step on a CPU (fp32, no
+#                                             # nvidia-smi): proves the script, measures nothing
 #
 # `prepare` downloads the wheels a bare GPU machine lacks (Ray without its Java jars, trimmed
 # by ../shared/tools/trim_ray_wheel.py; pycocotools; Ray's own small dependencies) for
@@ -13,16 +15,26 @@
 #   1. `segpipe segment` end to end with the recipes' settings (conf/kuberay-rayjob.yaml: one
 #      actor per GPU, batch 16, fp16; random weights: no network) while nvidia-smi samples GPU
 #      utilisation every 0.5 s;
-#   2. bench/gpu_smoke.py: the predictor alone at the same batch and precision, with the batched
+#   2. the same run with `--decode predictor` (JPEG bytes to the predictor, nvJPEG there);
+#   3. bench/gpu_smoke.py: the predictor alone at the same batch and precision, with the batched
 #      post-processing (what the pipeline's predictor runs on GPUs) and with torchvision's;
-# and prints one JSON: pipeline images/s beside predictor-only images/s, their ratio, GPU
-# utilisation (mean and p50 while the pipeline ran), and the stage that limits (Ray Data's
-# per-operator wall times from the run's log). Record its figures in docs/benchmarks.md.
+#   4. bench/gpu_decode.py: nvJPEG's pixels against Pillow's on 64 of the images, and both
+#      decoders' images/s;
+# and prints one JSON: pipeline images/s (each decode) beside predictor-only images/s, their
+# ratio, GPU utilisation (mean and p50 while each pipeline ran), the stage that limits (the one
+# Ray Data saw active longest: run.json's cluster.operators), and the decoders' figures. Record its
+# figures in docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-run}
 IMAGES=${2:-2000}
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+if [ "$DEVICE" = cuda ]; then
+    GPUS=1 PRECISION=fp16 SMOKE_IMAGES=64
+else
+    GPUS=0 PRECISION=fp32 SMOKE_IMAGES=4
+fi
 
 if [ "$MODE" = prepare ]; then
     # --no-deps: the machine has numpy, torch and pyarrow; a wheel of them here would shadow
@@ -46,7 +58,7 @@ fi
 SITE=$PWD/.gpu-site
 mkdir -p "$SITE"
 # only what the machine lacks: a wheel of a package it has would shadow its own
-MISSING=$($PY - wheels/*.whl <<'EOF'
+MISSING=$($PY - $(ls wheels/*.whl 2>/dev/null) <<'EOF'
 import importlib.metadata as md
 import re
 import sys
@@ -83,47 +95,58 @@ for i in range(count):
     Image.fromarray(image).save(folder / f"{i:06d}.jpg", quality=90)
 EOF
 
-nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
-    > "$WORK/utilisation.txt" 2>/dev/null &
-SAMPLER=$!
-START=$(date +%s.%N)
-$PY -m segpipe.cli segment "$WORK/images" "$WORK/out" --weights random --num-gpus 1 \
-    --actors 1 --batch-size 16 --precision fp16 --no-progress > "$WORK/segment.txt" 2>&1 \
-    || { tail -50 "$WORK/segment.txt"; kill $SAMPLER; exit 1; }
-END=$(date +%s.%N)
-kill $SAMPLER 2>/dev/null || true
-$PY bench/gpu_smoke.py --device cuda --only speed --precisions fp16 --batch-sizes 16 --images 64 \
-    --json "$WORK/smoke.json" > "$WORK/smoke.txt" 2>&1 || tail -30 "$WORK/smoke.txt"
+for DECODE in cpu predictor; do
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
+        > "$WORK/utilisation-$DECODE.txt" 2>/dev/null &
+    SAMPLER=$!
+    $PY -m segpipe.cli segment "$WORK/images" "$WORK/out-$DECODE" --weights random \
+        --num-gpus $GPUS --actors 1 --batch-size 16 --precision $PRECISION --decode $DECODE \
+        --no-progress > "$WORK/segment-$DECODE.txt" 2>&1 \
+        || { tail -50 "$WORK/segment-$DECODE.txt"; kill $SAMPLER; exit 1; }
+    kill $SAMPLER 2>/dev/null || true
+done
+$PY bench/gpu_smoke.py --device $DEVICE --only speed --precisions $PRECISION --batch-sizes 16 \
+    --images $SMOKE_IMAGES --postprocess both --json "$WORK/smoke.json" > "$WORK/smoke.txt" 2>&1 || tail -30 "$WORK/smoke.txt"
+$PY bench/gpu_decode.py "$WORK/images" --device $DEVICE --images $SMOKE_IMAGES --batch 16 \
+    --json "$WORK/decode.json" > "$WORK/decode.txt" 2>&1 || tail -30 "$WORK/decode.txt"
 
-$PY - "$WORK" "$START" "$END" <<'EOF'
+$PY - "$WORK" "$PRECISION" <<'EOF'
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
 
-work, start, end = Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-run = json.loads((work / "out" / "run.json").read_text())
+work, precision = Path(sys.argv[1]), sys.argv[2]
 smoke = json.loads((work / "smoke.json").read_text()) if (work / "smoke.json").exists() else {}
-speeds = [s for s in smoke.get("speed", []) if s.get("batch") == 16 and s.get("precision") == "fp16"]
+speeds = [s for s in smoke.get("speed", [])
+          if s.get("batch") == 16 and s.get("precision") == precision]
 predictor = max((s.get("images_per_s", 0) for s in speeds if s.get("postprocess") == "batched"),
                 default=None)
 per_image = max((s.get("images_per_s", 0) for s in speeds if s.get("postprocess") == "per-image"),
                 default=None)
-busy = [float(v) for v in (work / "utilisation.txt").read_text().split() if v.strip()]
-pipeline = run["images_per_second"]["pipeline"]
-stages = {}
-for log in (work / "out" / "logs").glob("*.log"):
-    for name, seconds in re.findall(r"Operator \d+ ([^:]+): .*?(\d+\.\d+)s", log.read_text()):
-        stages[name] = max(stages.get(name, 0.0), float(seconds))
+
+
+def pipeline(decode: str) -> dict:
+    run = json.loads((work / f"out-{decode}" / "run.json").read_text())
+    busy = [float(v) for v in (work / f"utilisation-{decode}.txt").read_text().split()
+            if v.strip()]
+    rate = run["images_per_s"]["pipeline"]
+    stages = run["cluster"].get("operators", {})   # Ray Data's figures of each stage
+    active = {name: figures["active_s"] for name, figures in stages.items()}
+    return {"images": run["counts"]["images"], "ok": run["counts"]["ok"],
+            "pipeline_images_per_s": rate,
+            "pipeline_over_predictor": round(rate / predictor, 3) if predictor else None,
+            "gpu_utilisation_mean": round(statistics.mean(busy), 1) if busy else None,
+            "gpu_utilisation_p50": statistics.median(busy) if busy else None,
+            "limiting_stage": max(active, key=active.get) if active else None,
+            "stages": stages, "timings_s": run["timings_s"]}
+
+
+decoded = work / "decode.json"
 print(json.dumps({
-    "images": run["counts"]["images"], "pipeline_images_per_s": pipeline,
     "predictor_only_images_per_s": predictor,
     "predictor_only_per_image_postprocess_images_per_s": per_image,
-    "pipeline_over_predictor": round(pipeline / predictor, 3) if predictor else None,
-    "gpu_utilisation_mean": round(statistics.mean(busy), 1) if busy else None,
-    "gpu_utilisation_p50": statistics.median(busy) if busy else None,
-    "limiting_stage": max(stages, key=stages.get) if stages else None,
-    "stage_seconds": stages, "timings_s": run["timings_s"], "wall_s": round(end - start, 1),
+    "decode_cpu": pipeline("cpu"), "decode_predictor": pipeline("predictor"),
+    "device_decoder": json.loads(decoded.read_text()) if decoded.exists() else None,
 }, indent=1))
 EOF

@@ -2,7 +2,7 @@
 model replaced by replayed detections (a bench instrument, never selectable in segpipe).
 
     .venv/bin/python bench/node_cost.py [--images 400] [--width 1333 --height 800]
-        [--per-image 100] [--no-pipeline] [--json OUT.json]
+        [--per-image 100] [--decode cpu|predictor] [--no-pipeline] [--json OUT.json]
 
 Inputs: ``--images`` JPEGs (quality 90) of scikit-image's real photos, resized to
 ``--width``×``--height`` and flipped or shifted so that no two are alike. Detections: 100
@@ -28,6 +28,11 @@ machine slows them but barely changes them:
   own work (scheduling, serialisation, object-store copies) and the end-of-run COCO write.
 
 Cores per GPU at ``TARGET`` images/s = marginal CPU seconds per image × ``TARGET``.
+
+``--decode predictor`` runs segpipe's ``decode: predictor``: the decode tasks read and check
+each JPEG's header and pass its bytes on; the JPEG decode itself is the predictor's, on the GPU
+(nvJPEG), which the replay stands in for - so it is in none of these CPU figures (nor is any
+host work nvJPEG does): that is for ``bench/gpu_node.sh`` on a GPU.
 """
 
 from __future__ import annotations
@@ -110,7 +115,7 @@ def _cpu() -> float:
     return times.user + times.system
 
 
-def stage_costs(folder: Path, recorded: list) -> dict:
+def stage_costs(folder: Path, recorded: list, decode: str = "cpu") -> dict:
     """CPU ms per image of each stage function, and the bytes per image of its output."""
     import pyarrow.parquet as pq
 
@@ -123,18 +128,20 @@ def stage_costs(folder: Path, recorded: list) -> dict:
 
     listing = list_images(str(folder))
     limits = decode_limits(SegmentConfig(input=str(folder), output=str(folder / "unused")))
+    keep_jpegs = decode == "predictor"
     ReplayedDetections.recorded = recorded
     predictor = ReplayedDetections()
     cpu = dict.fromkeys(("decode", "predictor glue", "encode", "parquet"), 0.0)
     nbytes = dict.fromkeys(("decoded", "predicted", "encoded"), 0)
     with tempfile.TemporaryDirectory() as scratch:
-        warm = encode_batch(predictor(decode_batch(listing.slice(0, 2), str(folder), limits)),
+        warm = encode_batch(predictor(decode_batch(listing.slice(0, 2), str(folder), limits,
+                                                   keep_jpegs)),
                             0.5, keep_soft_masks=True)   # a long-lived actor pays this once:
         pq.write_table(warm, f"{scratch}/warm.parquet")   # the compiled paste's first load
         for start in range(0, listing.num_rows, BLOCK):
             block = listing.slice(start, BLOCK)
             t = _cpu()
-            decoded = decode_batch(block, str(folder), limits)
+            decoded = decode_batch(block, str(folder), limits, keep_jpegs)
             cpu["decode"] += _cpu() - t
             t = _cpu()
             predicted = predictor(decoded)
@@ -186,7 +193,7 @@ class ProcessTreeCpu:
         return sum(self.seen.values())
 
 
-def pipeline_child(folder: Path, out: Path, recorded_path: Path) -> dict:
+def pipeline_child(folder: Path, out: Path, recorded_path: Path, decode: str) -> dict:
     """``segpipe segment`` of ``folder`` with the replay swapped in, in this process; the CPU
     seconds of this process and of every process it started (Ray's)."""
     import ray
@@ -201,7 +208,7 @@ def pipeline_child(folder: Path, out: Path, recorded_path: Path) -> dict:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     config = SegmentConfig(input=str(folder), output=str(out), weights="random",
                            detections_per_image=100, score_floor=0.0, score_threshold=0.0,
-                           batch_size=BLOCK, progress=False)
+                           batch_size=BLOCK, progress=False, decode=decode)
     report = segment.run_segment(config)
     seconds = time.perf_counter() - started
     total = cpu.total()
@@ -212,7 +219,7 @@ def pipeline_child(folder: Path, out: Path, recorded_path: Path) -> dict:
             "timings": report.timings, "complete": report.accounting.complete}
 
 
-def pipeline_cost(folder: Path, images: int, recorded_path: Path) -> dict:
+def pipeline_cost(folder: Path, images: int, recorded_path: Path, decode: str = "cpu") -> dict:
     """Marginal CPU per image of the whole pipeline, from runs of ``images``/2 and ``images``."""
     runs = {}
     for count in (images // 2, images):
@@ -224,7 +231,7 @@ def pipeline_cost(folder: Path, images: int, recorded_path: Path) -> dict:
                 os.link(path, target)
         out = folder.parent / f"out-{count}"
         command = [sys.executable, str(Path(__file__).resolve()), "--child", str(subset),
-                   str(out), str(recorded_path)]
+                   str(out), str(recorded_path), decode]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             raise SystemExit(done.stderr[-5000:])
@@ -243,12 +250,15 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=1333)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--per-image", type=int, default=100)
+    parser.add_argument("--decode", choices=("cpu", "predictor"), default="cpu",
+                        help="segpipe's decode setting (see the module doc)")
     parser.add_argument("--no-pipeline", dest="pipeline", action="store_false")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs=3, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(pipeline_child(*args.child)))
+        folder, out, recorded, decode = args.child
+        print(json.dumps(pipeline_child(Path(folder), Path(out), Path(recorded), decode)))
         return 0
     with tempfile.TemporaryDirectory(prefix="segpipe-node-cost-") as work:
         folder = Path(work) / "jpegs"
@@ -259,12 +269,12 @@ def main() -> int:
         recorded_path.write_bytes(pickle.dumps(recorded))
         result = {"label": LABEL, "images": args.images, "size": [args.width, args.height],
                   "detections_per_image": args.per_image, "target_images_per_s": TARGET,
-                  **stage_costs(folder, recorded)}
+                  "decode": args.decode, **stage_costs(folder, recorded, args.decode)}
         stages_ms = sum(result["cpu_ms_per_image"].values())
         result["stages_cpu_ms_per_image"] = round(stages_ms, 2)
         result["stages_cores_per_gpu_at_target"] = round(stages_ms * TARGET / 1000, 2)
         if args.pipeline:
-            result["pipeline"] = pipeline_cost(folder, args.images, recorded_path)
+            result["pipeline"] = pipeline_cost(folder, args.images, recorded_path, args.decode)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -37,7 +37,7 @@ from segpipe import schema
 from segpipe.annotations.selection import ExportCounts, ExportOptions
 from segpipe.config import DEFAULT_COCO_SHARD_IMAGES, ConfigError, SegmentConfig, check_keys, validate
 from segpipe.io.decode import decode_batch, pixel_column
-from segpipe.model.families import check_installed
+from segpipe.model.families import check_decode, check_installed
 from segpipe.model.spec import ModelSpec, TileSettings
 
 ConfigLike = Union[SegmentConfig, Mapping[str, Any], None]
@@ -178,6 +178,7 @@ def as_config(config: ConfigLike = None, **overrides: Any) -> SegmentConfig:
         result = SegmentConfig(**values)
     validate(result, needs_paths=False)
     check_installed(result.arch)   # ConfigError naming the architectures there are, or the extra
+    check_decode(result.arch, result.decode)
     return result
 
 
@@ -309,7 +310,8 @@ def _decoded(batch: Mapping[str, np.ndarray], image_column: str, config: Segment
     rows = source_rows(batch, image_column, root)
     if schema.PIXELS in rows.column_names:
         return rows
-    return decode_batch(rows, ".", decode_limits(config))
+    return decode_batch(rows, ".", decode_limits(config),
+                        jpeg_to_predictor=config.decode == "predictor")
 
 
 @_in_python_terms

@@ -54,7 +54,7 @@ SEGMENT_GROUPS: dict[str, tuple[str, ...]] = {
     "what is kept": ("score_floor", "score_threshold", "mask_threshold", "soft_masks",
                      "soft_mask_dtype"),
     "inputs": ("input_format", "image_column", "name_column", "max_image_pixels",
-               "max_image_bytes"),
+               "max_image_bytes", "decode"),
     "huge images (docs/huge-images.md)": ("tile", "tile_overlap", "tile_full_pass",
                                               "tile_merge_threshold", "tile_join_seams"),
     "cluster and sizing": ("address", "num_gpus", "actors", "cpus_per_actor", "torch_threads",

@@ -17,6 +17,8 @@ import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BATCH_CANVASES = ("exact", "fixed")
+#: Where JPEGs are decoded (``decode``), the default first.
+DECODE_PLACES = ("cpu", "predictor")
 #: How soft masks can be stored (``encode.quantise_soft_masks``), the default first.
 SOFT_MASK_DTYPES = ("uint16", "float32")
 
@@ -124,6 +126,13 @@ class SegmentConfig:
                              "holds only equal padded shapes) | fixed (one landscape and one "
                              "portrait canvas, so batches stay full but carry padding)", "exact",
                              choices=BATCH_CANVASES, metavar="CANVAS")
+    decode: str = _opt("where JPEGs are decoded: cpu (Ray tasks, with Pillow; the exact "
+                       "default) | predictor (a JPEG of three colour components and no EXIF "
+                       "turn travels as its bytes, far fewer than its pixels, and the "
+                       "predictor decodes it on its device: nvJPEG on a GPU, libjpeg-turbo on a "
+                       "CPU, which gives Pillow's pixels; other files are decoded on CPU as "
+                       "before; torchvision's models; docs/exactness.md)", DECODE_PLACES[0],
+                       choices=DECODE_PLACES, metavar="WHERE")
     max_image_pixels: int = _opt("images with more pixels become error rows (decode limit; "
                                  "a decoded image takes 3 bytes per pixel, see "
                                  "docs/huge-images.md)", 100_000_000)
@@ -278,6 +287,8 @@ def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
                           f"got {config.soft_mask_dtype!r}")
     if config.batch_canvas not in BATCH_CANVASES:
         raise ConfigError(f"batch_canvas must be exact or fixed, got {config.batch_canvas!r}")
+    if config.decode not in DECODE_PLACES:
+        raise ConfigError(f"decode must be {' or '.join(DECODE_PLACES)}, got {config.decode!r}")
     if config.num_gpus == 0:
         check_precision_device(config.precision, on_gpu=False)
     if config.precision not in PRECISIONS:

@@ -1,10 +1,13 @@
 """The stages of a segment run as Ray Data operators: decode tasks, the predictor actor pool and
-the encoder actors, from decoded (or source) rows to ``schema.PREDICTION_SCHEMA`` rows; and the
-settings its predictions record. The ``segpipe segment`` job (``commands.segment``) and the
-Python API (``api``) wire their datasets through here."""
+the encoder actors, from decoded (or source) rows to ``schema.PREDICTION_SCHEMA`` rows; the
+settings its predictions record; and what Ray Data measured of each stage. The ``segpipe
+segment`` job (``commands.segment``) and the Python API (``api``) wire their datasets through
+here."""
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any, Optional
 
 import ray
@@ -41,7 +44,9 @@ def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePl
     the device they run on; soft masks are stored as ``soft_mask_dtype``.
     """
     ds = source.map_batches(decode_batch, fn_kwargs={"input_uri": config.input,
-                                                     "limits": decode_limits(config)},
+                                                     "limits": decode_limits(config),
+                                                     "jpeg_to_predictor":
+                                                         config.decode == "predictor"},
                             batch_size=images_per_block(config), batch_format="pyarrow",
                             num_cpus=plan.decode_cpus)
     return predict_and_encode(ds, config, plan, spec, weights_ref, categories, monitor,
@@ -102,3 +107,33 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
                        categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype,
                        tiles=TileSettings.from_config(config),
                        random_weights=weights.kind == "random")
+
+
+log = logging.getLogger(__name__)
+
+_OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed, \d+ blocks "
+                       r"produced in (?P<seconds>[\d.]+)s$", re.M)
+_REMOTE = re.compile(r"^\* Remote (?P<kind>wall|cpu) time: .*?(?P<total>[\d.]+)(?P<unit>us|ms|s) "
+                     r"total$", re.M)
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def stage_figures(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:
+    """What Ray Data measured of each stage of an executed ``dataset``, by operator name:
+    ``active_s`` (from its first task to its last: the stage active longest limits the
+    run), ``tasks``, and its tasks' ``wall_s`` and ``cpu_s`` in all. Read from the text of
+    ``Dataset.stats()`` (Ray keeps no public structure of it); empty when that cannot be had."""
+    try:
+        text = dataset.stats()
+    except Exception as exc:  # noqa: BLE001 - figures for run.json: never fail a finished run
+        log.debug("Ray Data's stage statistics are not available: %s", exc)
+        return {}
+    figures: dict[str, dict[str, float]] = {}
+    heads = list(_OPERATOR.finditer(text))
+    for head, after in zip(heads, heads[1:] + [None]):
+        block = text[head.end():after.start() if after else len(text)]
+        found = {"active_s": float(head["seconds"]), "tasks": int(head["tasks"])}
+        for remote in _REMOTE.finditer(block):
+            found[f"{remote['kind']}_s"] = round(float(remote["total"]) * _UNIT[remote["unit"]], 3)
+        figures[head["name"]] = found
+    return figures

@@ -98,9 +98,11 @@ def image_columns(batch: pa.Table, statuses: list, errors: list, widths: Optiona
 # Columns of the rows that flow between stages (not written anywhere).
 # sources → decode: image_id, file_name, path, size
 # decode → predictor: image_id, file_name, width, height, status, error, pixels (H*W*3 uint8)
+#   and, with ``decode: predictor``, jpeg (the file's bytes where pixels are empty)
 # predictor → encode: image_id, file_name, width, height, status, error, and per image the
 #   packed detection arrays below (raw float32/int32 bytes, num_detections rows each).
 PIXELS = "pixels"
+JPEG = "jpeg"
 NUM_DETECTIONS = "num_detections"
 LABELS = "labels"          # int32[N]
 SCORES = "scores"          # float32[N]

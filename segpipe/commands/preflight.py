@@ -19,7 +19,7 @@ from segpipe.config import SegmentConfig, validate
 from segpipe.io import formats
 from segpipe.io.lease import check_free as check_lease
 from segpipe.model.categories import Category, load_categories
-from segpipe.model.families import check_installed
+from segpipe.model.families import check_decode, check_installed
 from segpipe.model.weights import WeightsSource, weights_source
 from segpipe.output import run_folder
 
@@ -43,6 +43,7 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     start = time.perf_counter()
     validate(config)
     check_installed(config.arch)   # ConfigError naming the architectures there are, or the extra
+    check_decode(config.arch, config.decode)
     categories = load_categories(config.categories) if config.categories else None
     weights = weights_source(config.weights, config.arch, config.seed)
     run_folder.check_target(config.output, "OUTPUT", inputs=(config.input,))

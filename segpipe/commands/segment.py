@@ -39,7 +39,7 @@ from segpipe.model.settings import RunSettings
 from segpipe.model.spec import ModelSpec
 from segpipe.output import run_folder, sinks
 from segpipe.output.predictions import read_image_table
-from segpipe.pipeline import build_dataset, run_settings
+from segpipe.pipeline import build_dataset, run_settings, stage_figures
 from segpipe.progress import Progress, RunMonitor
 
 log = logging.getLogger(__name__)
@@ -314,12 +314,13 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
                                                                 settings, config.output,
                                                                 prepared.lease.run_id),
                                            ray_remote_args={"num_cpus": plan.write_cpus})
+                    operators = stage_figures(dataset)
                 for reason, count in ray.get(monitor.skipped.remote(), timeout=30).items():
                     reading["skipped"][reason] = count
                     log.info("INPUT: left out %d %s", count, reason)
                 cluster.update(resources={k: v for k, v in ray.cluster_resources().items()
                                           if k in ("CPU", "GPU", "memory")},
-                               stages=plan.as_dict(),
+                               stages=plan.as_dict(), operators=operators,
                                predictors=ray.get(monitor.devices.remote(), timeout=30),
                                **growth.report(shape, ray.get(monitor.starts.remote(), timeout=30)))
                 _stop_if_interrupted(prepared, interrupted)   # Ctrl-C a library caught and dropped

@@ -3,7 +3,9 @@
 ``decode_image`` turns bytes into an ``H×W×3`` uint8 array the way a person expects to see the
 picture: EXIF orientation applied, first frame of animated or multi-page files, grayscale,
 palette, RGBA (alpha dropped, as ``Image.convert("RGB")`` does), 16-bit and CMYK images
-converted to 8-bit RGB. ``decode_batch`` is the Ray Data stage around it.
+converted to 8-bit RGB. ``decode_batch`` is the Ray Data stage around it; with ``decode:
+predictor`` it leaves the JPEGs a device decoder gives the same pixels of undecoded, checked
+against the same limits (``model.jpeg`` decodes them in the predictor).
 """
 
 from __future__ import annotations
@@ -64,6 +66,45 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
     Raises ``DecodeError`` with a readable reason for empty, truncated, oversized or
     non-image data.
     """
+    pixels = _read_image(data, limits, keep_jpeg=False)
+    assert isinstance(pixels, np.ndarray)
+    return pixels
+
+
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A JPEG left undecoded for the predictor's device (``decode: predictor``): its size from
+    the header, which Pillow read and checked against the limits."""
+
+    height: int
+    width: int
+
+
+def decode_or_keep_jpeg(data: bytes, limits: DecodeLimits) -> np.ndarray | DeviceJpeg:
+    """``decode_image``'s pixels, or ``DeviceJpeg`` for a JPEG a device decoder gives exactly
+    these pixels of (``device_decodable``): its bytes then travel to the predictor as they are.
+    The limits and their refusals are ``decode_image``'s."""
+    return _read_image(data, limits, keep_jpeg=True)
+
+
+def device_decodable(image: Image.Image) -> bool:
+    """Whether a JPEG decoder's plain RGB output is this image as ``decode_image`` makes it: a
+    JPEG (not a camera's multi-picture MPO) of three colour components (not grayscale or
+    CMYK, which Pillow converts), that no EXIF orientation turns."""
+    if image.format != "JPEG" or image.mode != "RGB":
+        return False
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+    except Exception:   # a broken EXIF block: decode_image ignores it too, but on CPU
+        return False
+    return orientation in (None, 1)
+
+
+#: The EXIF tag that says how a camera held the picture (``ImageOps.exif_transpose``).
+EXIF_ORIENTATION = 0x0112
+
+
+def _read_image(data: bytes, limits: DecodeLimits, keep_jpeg: bool) -> np.ndarray | DeviceJpeg:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -86,6 +127,8 @@ def decode_image(data: bytes, limits: DecodeLimits) -> np.ndarray:
         if width * height > limits.max_pixels:
             raise DecodeError(f"image is {width}x{height} = {width * height} pixels, over "
                               f"max_image_pixels={limits.max_pixels}")
+        if keep_jpeg and device_decodable(image):
+            return DeviceJpeg(height, width)
         try:
             image.seek(0)  # first frame of animated GIF/WebP and multi-page TIFF
             image.load()
@@ -165,12 +208,12 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def _decode_row(fs, path: Optional[str], size: int, data: Optional[bytes],
-                source_error: Optional[str], limits: DecodeLimits
-                ) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """One source row's pixels, or None and the reason: the reader's (``read: ...``) or the
-    decoder's (``decode: ...``)."""
+                source_error: Optional[str], limits: DecodeLimits, keep_jpeg: bool
+                ) -> tuple[np.ndarray | DeviceJpeg | None, Optional[bytes], Optional[str]]:
+    """One source row's pixels (or ``DeviceJpeg`` and its bytes, with ``keep_jpeg``), or None
+    and the reason: the reader's (``read: ...``) or the decoder's (``decode: ...``)."""
     if source_error is not None:   # the reader could not give this row's bytes
-        return None, f"read: {source_error}"
+        return None, None, f"read: {source_error}"
     try:
         if size > limits.max_bytes:
             raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")
@@ -179,20 +222,26 @@ def _decode_row(fs, path: Optional[str], size: int, data: Optional[bytes],
                 data = storage.read_bytes(fs, path)
             except OSError as exc:
                 raise DecodeError(f"cannot read file: {_reason(exc)}") from None
-        return decode_image(data, limits), None
+        if keep_jpeg:
+            return decode_or_keep_jpeg(data, limits), data, None
+        return decode_image(data, limits), None, None
     except DecodeError as exc:
-        return None, f"decode: {exc}"
+        return None, None, f"decode: {exc}"
 
 
-def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Table:
+def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits,
+                 jpeg_to_predictor: bool = False) -> pa.Table:
     """Ray Data stage: source rows → decoded rows, one output row per input row.
 
     Reads each file through its filesystem (or takes the bytes a reader already read) and
     decodes it; any failure, reading included,
     becomes that row's ``status="error"`` with the reason, so a bad file never fails the block.
+    With ``jpeg_to_predictor`` (``decode: predictor``) a JPEG its device decodes exactly
+    (``device_decodable``) is checked but not decoded: its bytes go on in ``schema.JPEG``
+    and its pixels are empty.
     """
     fs, _ = storage.resolve(input_uri)
-    widths, heights, statuses, errors, pixels = [], [], [], [], []
+    widths, heights, statuses, errors, pixels, jpegs = [], [], [], [], [], []
 
     def column(name: str) -> list:
         return (batch.column(name).to_pylist() if name in batch.column_names
@@ -200,14 +249,21 @@ def decode_batch(batch: pa.Table, input_uri: str, limits: DecodeLimits) -> pa.Ta
 
     for path, size, data, source_error in zip(column("path"), column("size"), column("data"),
                                               column("source_error")):
-        rgb, error = _decode_row(fs, path, size, data, source_error, limits)
-        heights.append(rgb.shape[0] if rgb is not None else None)
-        widths.append(rgb.shape[1] if rgb is not None else None)
-        statuses.append(schema.STATUS_OK if rgb is not None else schema.STATUS_ERROR)
+        image, kept, error = _decode_row(fs, path, size, data, source_error, limits,
+                                         jpeg_to_predictor)
+        shape = (image.height, image.width) if isinstance(image, DeviceJpeg) else \
+            image.shape[:2] if image is not None else (None, None)
+        heights.append(shape[0])
+        widths.append(shape[1])
+        statuses.append(schema.STATUS_OK if image is not None else schema.STATUS_ERROR)
         errors.append(error)
-        pixels.append(rgb)
-    return pa.table({**schema.image_columns(batch, statuses, errors, widths, heights),
-                     schema.PIXELS: pixel_column(pixels)})
+        pixels.append(image if isinstance(image, np.ndarray) else None)
+        jpegs.append(kept if isinstance(image, DeviceJpeg) else None)
+    columns = {**schema.image_columns(batch, statuses, errors, widths, heights),
+               schema.PIXELS: pixel_column(pixels)}
+    if jpeg_to_predictor:
+        columns[schema.JPEG] = pa.array(jpegs, pa.large_binary())
+    return pa.table(columns)
 
 
 def pixel_column(images: list[Optional[np.ndarray]]) -> pa.Array:

@@ -71,14 +71,16 @@ def group_bounds(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pack_detections(batch: pa.Table, statuses: list[str], errors: list[Optional[str]],
-                    results: list[Optional[ImageDetections]]) -> pa.Table:
-    """Build the predictor's output rows: per image, the detection arrays as raw bytes."""
+                    results: list[Optional[ImageDetections]], widths: Optional[list] = None,
+                    heights: Optional[list] = None) -> pa.Table:
+    """Build the predictor's output rows: per image, the detection arrays as raw bytes (and
+    the image sizes, when given, else ``batch``'s)."""
     def packed(attr: str) -> pa.Array:
         return pa.array([getattr(r, attr).tobytes() if r is not None and getattr(r, attr)
                          is not None else b"" for r in results], pa.binary())
 
     return pa.table({
-        **schema.image_columns(batch, statuses, errors),
+        **schema.image_columns(batch, statuses, errors, widths, heights),
         schema.NUM_DETECTIONS: pa.array([len(r.scores) if r is not None else 0 for r in results],
                                         pa.int32()),
         schema.MASK_SIZE: pa.array([r.soft_masks.shape[-1] if r is not None and r.mask_grids

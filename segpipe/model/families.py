@@ -12,7 +12,9 @@ A family is one module and one line of ``FAMILIES``. Its module defines
   at its own resolution) and returns one ``detections.ImageDetections`` per image: boxes in image pixels,
   labels (1.. for the run's categories), scores, and soft masks (``MASK_FRAME``: ``None``,
   the box-relative M×M masks R-CNN's head gives; or the name of a frame of
-  ``model.grids``, masks over the image at the model's mask resolution).
+  ``model.grids``, masks over the image at the model's mask resolution). A family whose
+  ``Family.device_images`` is true also takes ``H×W×3`` uint8 tensors on its device there:
+  the JPEGs ``decode: predictor`` decodes on the device (``model.jpeg``).
 
 Everything after the seam (paste and RLE, predictions/, COCO, the label formats, review,
 tiles, the actor pool, the API's ``Predictor``) is the same for every family. A family's
@@ -36,7 +38,8 @@ class Family:
     """A family: its name, the module that runs it, the ``--arch`` names it answers to (those of
     ``masked`` always predict masks; for the others the weights say), and the pip extra its
     library (the module ``library``) comes with (None: segpipe's own dependencies);
-    ``weights_folder``: its ``--weights`` is a folder (else a file)."""
+    ``weights_folder``: its ``--weights`` is a folder (else a file); ``device_images``: its
+    detector takes images decoded on its device (``decode: predictor``)."""
 
     name: str
     module: str
@@ -45,13 +48,14 @@ class Family:
     extra: Optional[str] = None
     library: Optional[str] = None
     weights_folder: bool = False
+    device_images: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("torchvision", "segpipe.model.rcnn",
            ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn",
             "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn"),
-           masked=("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")),
+           masked=("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"), device_images=True),
     Family("ultralytics", "segpipe.model.yolo", ("ultralytics",), extra="ultralytics",
            library="ultralytics"),
     Family("transformers", "segpipe.model.huggingface", ("transformers",), extra="transformers",
@@ -78,6 +82,17 @@ def check_installed(arch: str) -> None:
     family = family_of(arch)
     if family.library is not None and importlib.util.find_spec(family.library) is None:
         raise _missing_extra(arch, family)
+
+
+def check_decode(arch: str, decode: str) -> None:
+    """``ConfigError`` in one line when ``decode: predictor`` is asked of a family whose
+    detector takes host images only (its library's own preprocessing works on them)."""
+    family = family_of(arch)
+    if decode == "predictor" and not family.device_images:
+        able = ", ".join(f.name for f in FAMILIES if f.device_images)
+        raise ConfigError(f"decode predictor needs a detector that takes images on its device "
+                          f"({able}); --arch {arch} ({family.name}) takes them from the host: "
+                          "use --decode cpu")
 
 
 def implementation(arch: str) -> ModuleType:

@@ -16,12 +16,17 @@ from segpipe.model.detections import ImageDetections
 from segpipe.model.precision import run_network, uses_channels_last
 
 
-def image_tensor(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``H×W×3`` uint8 → ``3×H×W`` float in [0, 1], exactly as ``TF.to_tensor`` computes it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only ever read here
-        host = torch.from_numpy(pixels)
-    if device.type == "cuda":
+def image_tensor(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``H×W×3`` uint8 → ``3×H×W`` float in [0, 1], exactly as ``TF.to_tensor`` computes it.
+    ``pixels`` are a host array, or a tensor (already on ``device`` when ``model.jpeg``
+    decoded it there)."""
+    if isinstance(pixels, torch.Tensor):
+        host = pixels
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only ever read here
+            host = torch.from_numpy(pixels)
+    if device.type == "cuda" and host.device.type == "cpu":
         host = host.pin_memory()
     chw = host.to(device, non_blocking=True).permute(2, 0, 1).contiguous()
     return chw.to(torch.float32).div(255)

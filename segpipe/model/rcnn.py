@@ -96,8 +96,9 @@ class Detector:
             batched_postprocess.install(self.model)
         self.device, self.precision, self.canvas = device, precision, canvas
 
-    def predict(self, images: list[np.ndarray], resize: list[bool]) -> list[ImageDetections]:
-        """The detections of ``H×W×3`` uint8 RGB ``images`` (``resize[k]`` false: a tile, at
-        its own resolution)."""
+    def predict(self, images: list[np.ndarray | torch.Tensor],
+                resize: list[bool]) -> list[ImageDetections]:
+        """The detections of ``H×W×3`` uint8 RGB ``images``, host arrays or tensors on the
+        device (``decode: predictor``); ``resize[k]`` false: a tile, at its own resolution."""
         tensors = [image_tensor(image, self.device) for image in images]
         return predict_images(self.model, tensors, self.precision, self.canvas, resize)

@@ -19,6 +19,7 @@ from segpipe.model.detections import ImageDetections, pack_detections
 from segpipe.model.devices import actor_identity, describe_device, end_actor, is_fatal_device_error, select_device
 from segpipe.model.families import implementation
 from segpipe.model.faults import FaultInjection
+from segpipe.model.jpeg import decode_jpegs
 from segpipe.model.spec import ModelSpec, TileSettings
 from segpipe.model.tiles import View, image_views, merge_views
 
@@ -81,7 +82,11 @@ class PredictStage:
         errors = batch.column("error").to_pylist()
         widths = batch.column("width").to_pylist()
         heights = batch.column("height").to_pylist()
-        images = pixel_arrays(batch.column(schema.PIXELS), heights, widths)
+        images: list[np.ndarray | torch.Tensor] = list(
+            pixel_arrays(batch.column(schema.PIXELS), heights, widths))
+        if schema.JPEG in batch.column_names:
+            self._decode_jpegs(batch.column(schema.JPEG).to_pylist(), images, statuses, errors,
+                               heights, widths)
         ok = [i for i, s in enumerate(statuses) if s == schema.STATUS_OK]
         views = {i: image_views(heights[i], widths[i], self.tiling) for i in ok}
         items = [(i, view) for i in ok for view in views[i]]
@@ -102,9 +107,29 @@ class PredictStage:
                 errors[i] = f"predict: {describe_failure(views[i], failed)}"
             else:
                 results[i] = merge_views(views[i], by_image[i], self.tiling)
-        return pack_detections(batch, statuses, errors, results)
+        return pack_detections(batch, statuses, errors, results, widths, heights)
 
-    def _predict_isolated(self, arrays: list[tuple[np.ndarray, bool]]
+    def _decode_jpegs(self, jpegs: list[Optional[bytes]], images: list, statuses: list,
+                      errors: list, heights: list, widths: list) -> None:
+        """Decode the rows ``decode: predictor`` left as JPEG bytes on this actor's device
+        into ``images``; one that does not decode becomes its row's error, without a size
+        (as the decode task leaves a file it cannot decode)."""
+        rows = [i for i, data in enumerate(jpegs)
+                if data is not None and statuses[i] == schema.STATUS_OK]
+        try:
+            decoded = decode_jpegs([jpegs[i] for i in rows],  # type: ignore[misc]
+                                   [(heights[i], widths[i]) for i in rows], self.device)
+        except Exception as exc:   # only a lost device comes here (``decode_jpegs``)
+            end_actor(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+            raise
+        for i, image in zip(rows, decoded):
+            if isinstance(image, str):
+                statuses[i], errors[i] = schema.STATUS_ERROR, f"decode: {image}"
+                heights[i] = widths[i] = None
+            else:
+                images[i] = image
+
+    def _predict_isolated(self, arrays: list[tuple[np.ndarray | torch.Tensor, bool]]
                           ) -> list[ImageDetections | str]:
         """Predict ``(pixels, resize)`` views; each failure becomes its reason."""
         if not arrays:

@@ -1,0 +1,174 @@
+"""``decode: predictor``: which files travel as JPEG bytes, that decoding them in the predictor
+gives the CPU decoder's pixels and detections, and that a broken one costs only its own row."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import small_config
+from images import photo
+from PIL import Image
+
+from segpipe import schema
+from segpipe.config import ConfigError
+from segpipe.io.decode import DecodeError, DecodeLimits, decode_batch, decode_image
+from segpipe.model.families import check_decode
+from segpipe.model import jpeg as jpeg_module
+from segpipe.model.jpeg import decode_jpegs
+from segpipe.output.run_folder import prediction_files
+
+LIMITS = DecodeLimits(max_pixels=1 << 26, max_bytes=1 << 26)
+CPU = torch.device("cpu")
+
+
+def encoded(image: Image.Image, format: str = "JPEG", **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format, **options)
+    return out.getvalue()
+
+
+def jpeg(pixels: np.ndarray, **options) -> bytes:
+    return encoded(Image.fromarray(pixels), **options)
+
+
+def turned(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg(pixels, quality=90, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("options", [dict(quality=90, subsampling=0), dict(quality=75),
+                                     dict(quality=95, subsampling=1),
+                                     dict(quality=90, progressive=True)],
+                         ids=["4:4:4", "4:2:0", "4:2:2", "progressive"])
+def test_the_predictors_cpu_decoder_gives_pillows_pixels(options):
+    files = [jpeg(photo(name, scale), **options)
+             for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle")
+             for scale in (0.5, 0.37)]
+    expected = [decode_image(data, LIMITS) for data in files]
+    decoded = decode_jpegs(files, [e.shape[:2] for e in expected], CPU)
+    for want, got in zip(expected, decoded):
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape
+        assert np.array_equal(got.numpy(), want)
+
+
+def test_only_jpegs_a_device_decodes_exactly_travel_undecoded(tmp_path):
+    pixels = photo("chelsea", 0.25)
+    files = {
+        "plain.jpg": jpeg(pixels, quality=90),
+        "progressive.jpg": jpeg(pixels, quality=90, progressive=True),
+        "upright.jpg": turned(pixels, 1),
+        "turned.jpg": turned(pixels, 6),                      # Pillow turns it: CPU decodes
+        "gray.jpg": jpeg(np.ascontiguousarray(pixels[:, :, 0])),
+        "cmyk.jpg": encoded(Image.fromarray(pixels).convert("CMYK")),
+        "camera.jpg": encoded(Image.fromarray(pixels), "MPO", save_all=True,   # two JPEGs
+                              append_images=[Image.fromarray(pixels[::-1].copy())]),
+        "photo.png": encoded(Image.fromarray(pixels), "PNG"),
+        "truncated.jpg": jpeg(pixels, quality=90)[:2000],      # header fine: travels, fails later
+        "not_an_image.jpg": b"\xff\xd8\xff" + b"x" * 64,
+        "huge.jpg": jpeg(np.zeros((300, 400, 3), np.uint8)),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    names = sorted(files)
+    source = pa.table({"image_id": pa.array(range(len(names)), pa.int64()),
+                       "file_name": names, "path": [str(tmp_path / n) for n in names],
+                       "size": [len(files[n]) for n in names]})
+    limits = DecodeLimits(max_pixels=300 * 399, max_bytes=1 << 26)
+    both = {False: decode_batch(source, str(tmp_path), limits).to_pylist(),
+            True: decode_batch(source, str(tmp_path), limits, jpeg_to_predictor=True).to_pylist()}
+    assert schema.JPEG not in both[False][0]
+    kept = {row["file_name"] for row in both[True] if row[schema.JPEG] is not None}
+    assert kept == {"plain.jpg", "progressive.jpg", "upright.jpg", "truncated.jpg"}
+    for cpu, device in zip(both[False], both[True]):
+        name = cpu["file_name"]
+        if name in kept:
+            assert device[schema.JPEG] == files[name] and device[schema.PIXELS] == b""
+            assert (device["width"], device["height"]) == Image.open(io.BytesIO(files[name])).size
+        else:   # decoded on the CPU as before, refusals and their reasons included
+            assert device == {**cpu, schema.JPEG: None}
+    rows = {row["file_name"]: row for row in both[True]}
+    assert rows["huge.jpg"]["error"] == f"decode: image is 400x300 = 120000 pixels, over " \
+                                        f"max_image_pixels={300 * 399}"
+    assert rows["not_an_image.jpg"]["status"] == "error"
+    assert (rows["turned.jpg"]["width"], rows["turned.jpg"]["height"]) == pixels.shape[:2]
+
+
+def test_a_jpeg_that_does_not_decode_costs_only_its_own_row_and_pillows_reason():
+    good = jpeg(photo("coffee", 0.25), quality=90)
+    truncated = good[:len(good) // 2]
+    size = decode_image(good, LIMITS).shape[:2]
+    out = decode_jpegs([good, truncated, good, good], [size, size, size, (7, 9)], CPU)
+    assert isinstance(out[0], torch.Tensor) and isinstance(out[2], torch.Tensor)
+    with pytest.raises(DecodeError) as refused:   # what decode: cpu says of it
+        decode_image(truncated, LIMITS)
+    assert out[1] == str(refused.value) and "truncated" in out[1]
+    assert out[3].startswith(f"image is {size[1]}x{size[0]} = ")   # not the size it claimed
+
+
+def test_what_the_devices_decoder_refuses_pillow_decodes(monkeypatch):
+    """nvJPEG refuses some JPEGs Pillow reads (arithmetic coding): those are decoded by
+    Pillow in the predictor, and a batch the device fails on is retried file by file."""
+    files = [jpeg(photo(name, 0.25), quality=90) for name in ("coffee", "rocket", "chelsea")]
+    expected = [decode_image(data, LIMITS) for data in files]
+    real = jpeg_module._decode
+    calls = []
+
+    def refuses_the_rocket(batch, device):
+        calls.append(len(batch))
+        if files[1] in batch:
+            raise RuntimeError("nvjpeg: unsupported JPEG (arithmetic coding)")
+        return real(batch, device)
+
+    monkeypatch.setattr(jpeg_module, "_decode", refuses_the_rocket)
+    out = decode_jpegs(files, [e.shape[:2] for e in expected], CPU)
+    assert calls == [3, 1, 1, 1]
+    for want, got in zip(expected, out):
+        assert isinstance(got, torch.Tensor) and np.array_equal(got.numpy(), want)
+
+
+def test_decode_predictor_is_refused_for_families_that_take_host_images():
+    check_decode("maskrcnn_resnet50_fpn", "predictor")
+    check_decode("ultralytics", "cpu")
+    for arch in ("ultralytics", "transformers"):
+        with pytest.raises(ConfigError, match=f"--arch {arch} .* use --decode cpu"):
+            check_decode(arch, "predictor")
+
+
+@pytest.mark.ray
+def test_a_run_that_decodes_in_the_predictor_gives_the_cpu_decoders_rows(tmp_path, checkpoint,
+                                                                          local_ray):
+    import segpipe
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee"):
+        (photos / f"{name}.jpg").write_bytes(jpeg(photo(name, 0.4), quality=90))
+    (photos / "rocket.jpg").write_bytes(turned(photo("rocket", 0.4), 8))   # decoded on CPU
+    Image.fromarray(photo("chelsea", 0.4)).save(photos / "chelsea.png")
+    (photos / "truncated.jpg").write_bytes(jpeg(photo("coffee", 0.4), quality=90)[:3000])
+    rows = {}
+    for decode in ("cpu", "predictor"):
+        # one image per forward pass and one torch thread: nothing but the decoder differs
+        segpipe.run_segment(small_config(photos, tmp_path / decode, checkpoint, batch_size=1,
+                                         torch_threads=1, decode=decode))
+        rows[decode] = {row["file_name"]: row
+                        for path in prediction_files(str(tmp_path / decode / "predictions"))
+                        for row in pq.read_table(path).to_pylist()}
+    assert sorted(rows["cpu"]) == sorted(rows["predictor"]) == sorted(
+        p.name for p in photos.iterdir())
+    for name, cpu in rows["cpu"].items():
+        device = rows["predictor"][name]
+        assert device == cpu
+        assert cpu["status"] == "error" if name == "truncated.jpg" else cpu["detections"]
+    operators = json.loads((tmp_path / "predictor" / "run.json").read_text())["cluster"][
+        "operators"]   # what Ray Data measured of each stage
+    for stage in ("MapBatches(decode_batch)", "MapBatches(PredictStage)", "MapBatches(MaskEncoder)"):
+        assert operators[stage]["tasks"] >= 1 and operators[stage]["active_s"] >= 0
+        assert operators[stage]["wall_s"] > 0 and operators[stage]["cpu_s"] > 0
