@@ -113,3 +113,28 @@ def test_a_recipe_runs_as_written(title, code, folder, monkeypatch):
         assert names["failed"].rows() == [("truncated.jpg", "decode: image file is truncated")]
         got = names["confident"].select("file_name", "category_name", "score").rows()
         assert got and sorted(got) == sorted(confident_detections(folder))
+
+
+def test_the_readme_fits_one_screen_and_every_link_of_the_docs_resolves():
+    """The README stays one screen (the detail lives in docs/); every relative link of the
+    README and docs/ names a file of the checkout, and every #anchor a heading of it."""
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 150
+    broken = []
+    for page in [readme, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and linked.suffix == ".md" and anchor not in {
+                    _anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), re.M)}:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
