@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import small_config
+from conftest import SMALL, small_config
 from images import photo
 from PIL import Image
 
@@ -172,3 +172,29 @@ def test_a_run_that_decodes_in_the_predictor_gives_the_cpu_decoders_rows(tmp_pat
     for stage in ("MapBatches(decode_batch)", "MapBatches(PredictStage)", "MapBatches(MaskEncoder)"):
         assert operators[stage]["tasks"] >= 1 and operators[stage]["active_s"] >= 0
         assert operators[stage]["wall_s"] > 0 and operators[stage]["cpu_s"] > 0
+
+
+def test_tiles_of_an_image_the_predictor_decoded_are_the_cpu_decoders(checkpoint):
+    """A tiled image decoded in the predictor is cut into the same views (a tensor's crops)
+    and gives the same detections, through the API's ``Predictor`` (no Ray)."""
+    import segpipe
+
+    files = [jpeg(photo(name, 0.6), quality=90) for name in ("astronaut", "coffee")]
+    batch = {"bytes": np.array(files, dtype=object),
+             "path": np.array(["astronaut.jpg", "coffee.jpg"])}
+    rows = {}
+    for decode in ("cpu", "predictor"):
+        predictor = segpipe.Predictor({**SMALL, "weights": str(checkpoint), "batch_size": 1,
+                                       "tile": 128, "tile_full_pass": True, "decode": decode})
+        rows[decode] = predictor(dict(batch))
+    assert list(rows["cpu"]["status"]) == ["ok", "ok"]
+    for name in ("width", "height", "status", "file_name"):
+        assert list(rows["predictor"][name]) == list(rows["cpu"][name])
+    found = 0
+    for cpu, device in zip(rows["cpu"]["detections"], rows["predictor"]["detections"]):
+        assert [d["segmentation"] for d in device] == [d["segmentation"] for d in cpu]
+        assert [d["bbox"] for d in device] == [d["bbox"] for d in cpu]
+        assert all(d["parts"] for d in device) and [d["parts"] for d in device] == \
+            [d["parts"] for d in cpu]
+        found += len(cpu)
+    assert found > 0

@@ -95,7 +95,7 @@ def device_decodable(image: Image.Image) -> bool:
         return False
     try:
         orientation = image.getexif().get(EXIF_ORIENTATION)
-    except Exception:   # a broken EXIF block: decode_image ignores it too, but on CPU
+    except Exception:   # a broken EXIF block: decoded on the CPU, where decode_image ignores it
         return False
     return orientation in (None, 1)
 

@@ -21,14 +21,14 @@ def image_tensor(pixels: np.ndarray | torch.Tensor, device: torch.device) -> tor
     ``pixels`` are a host array, or a tensor (already on ``device`` when ``model.jpeg``
     decoded it there)."""
     if isinstance(pixels, torch.Tensor):
-        host = pixels
+        hwc = pixels
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only ever read here
-            host = torch.from_numpy(pixels)
-    if device.type == "cuda" and host.device.type == "cpu":
-        host = host.pin_memory()
-    chw = host.to(device, non_blocking=True).permute(2, 0, 1).contiguous()
+            hwc = torch.from_numpy(pixels)
+    if device.type == "cuda" and hwc.device.type == "cpu":
+        hwc = hwc.pin_memory()
+    chw = hwc.to(device, non_blocking=True).permute(2, 0, 1).contiguous()
     return chw.to(torch.float32).div(255)
 
 
