@@ -23,6 +23,7 @@ from segpipe.model import jpeg as jpeg_module
 from segpipe.model.jpeg import decode_jpegs
 from segpipe.output.run_folder import prediction_files
 
+DETECTION_KEYS = ("category_id", "score", "bbox", "area", "segmentation", "soft_mask")
 LIMITS = DecodeLimits(max_pixels=1 << 26, max_bytes=1 << 26)
 CPU = torch.device("cpu")
 
@@ -31,6 +32,13 @@ def encoded(image: Image.Image, format: str = "JPEG", **options) -> bytes:
     out = io.BytesIO()
     image.save(out, format, **options)
     return out.getvalue()
+
+
+def plain(value):
+    """A value of the API's numpy columns as Parquet reads it (no size: NaN there, None here)."""
+    if isinstance(value, (float, np.floating)) and np.isnan(value):
+        return None
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def jpeg(pixels: np.ndarray, **options) -> bytes:
@@ -153,21 +161,29 @@ def test_a_run_that_decodes_in_the_predictor_gives_the_cpu_decoders_rows(tmp_pat
     (photos / "rocket.jpg").write_bytes(turned(photo("rocket", 0.4), 8))   # decoded on CPU
     Image.fromarray(photo("chelsea", 0.4)).save(photos / "chelsea.png")
     (photos / "truncated.jpg").write_bytes(jpeg(photo("coffee", 0.4), quality=90)[:3000])
-    rows = {}
-    for decode in ("cpu", "predictor"):
-        # one image per forward pass and one torch thread: nothing but the decoder differs
-        segpipe.run_segment(small_config(photos, tmp_path / decode, checkpoint, batch_size=1,
-                                         torch_threads=1, decode=decode))
-        rows[decode] = {row["file_name"]: row
-                        for path in prediction_files(str(tmp_path / decode / "predictions"))
-                        for row in pq.read_table(path).to_pylist()}
-    assert sorted(rows["cpu"]) == sorted(rows["predictor"]) == sorted(
-        p.name for p in photos.iterdir())
-    for name, cpu in rows["cpu"].items():
-        device = rows["predictor"][name]
-        assert device == cpu
-        assert cpu["status"] == "error" if name == "truncated.jpg" else cpu["detections"]
-    operators = json.loads((tmp_path / "predictor" / "run.json").read_text())["cluster"][
+    # one image per forward pass and one torch thread: nothing but the decoder differs
+    segpipe.run_segment(small_config(photos, tmp_path / "out", checkpoint, batch_size=1,
+                                     torch_threads=1, decode="predictor"))
+    run = {row["file_name"]: row for path in prediction_files(str(tmp_path / "out" / "predictions"))
+           for row in pq.read_table(path).to_pylist()}
+    paths = sorted(photos.iterdir())
+    before = torch.get_num_threads()
+    try:   # the CPU decoder's rows, from the API's Predictor in this process
+        cpu = segpipe.Predictor({**SMALL, "weights": str(checkpoint), "batch_size": 1,
+                                 "torch_threads": 1}, root=str(photos))(
+            {"bytes": np.array([p.read_bytes() for p in paths], dtype=object),
+             "path": np.array([str(p) for p in paths])})
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(run) == [p.name for p in paths] == list(cpu["file_name"])
+    for k, name in enumerate(cpu["file_name"]):
+        row = run[name]
+        assert [row[key] for key in ("image_id", "width", "height", "status", "error")] == \
+            [plain(cpu[key][k]) for key in ("image_id", "width", "height", "status", "error")]
+        assert [{key: d[key] for key in DETECTION_KEYS} for d in row["detections"] or []] == \
+            [{key: d[key] for key in DETECTION_KEYS} for d in cpu["detections"][k]]
+        assert row["status"] == "error" if name == "truncated.jpg" else row["detections"]
+    operators = json.loads((tmp_path / "out" / "run.json").read_text())["cluster"][
         "operators"]   # what Ray Data measured of each stage
     for stage in ("MapBatches(decode_batch)", "MapBatches(PredictStage)", "MapBatches(MaskEncoder)"):
         assert operators[stage]["tasks"] >= 1 and operators[stage]["active_s"] >= 0
