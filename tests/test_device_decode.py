@@ -214,3 +214,25 @@ def test_tiles_of_an_image_the_predictor_decoded_are_the_cpu_decoders(checkpoint
             [d["parts"] for d in cpu]
         found += len(cpu)
     assert found > 0
+
+
+def test_on_a_gpu_the_callers_stream_is_idle_before_the_decoder_writes(monkeypatch):
+    """torchvision's CUDA decoder writes its outputs from a stream of its own without waiting
+    for the caller's (pytorch/vision#9606): segpipe waits for the caller's stream first."""
+    import torchvision.io
+
+    order = []
+
+    class Stream:
+        def synchronize(self):
+            order.append("caller's stream idle")
+
+    def nvjpeg(encoded, mode, device):
+        order.append(f"decode {len(encoded)} on {device}")
+        return [torch.zeros(3, 2, 3, dtype=torch.uint8) for _ in encoded]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", nvjpeg)
+    out = decode_jpegs([b"\xff\xd8\xff", b"\xff\xd8\xff"], [(2, 3), (2, 3)], torch.device("cuda"))
+    assert order == ["caller's stream idle", "decode 2 on cuda"]
+    assert [tuple(image.shape) for image in out] == [(2, 3, 3), (2, 3, 3)]

@@ -77,5 +77,11 @@ def _decode(files: list[bytes], device: torch.device) -> list[torch.Tensor]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         encoded = [torch.from_numpy(np.frombuffer(data, np.uint8)) for data in files]
+        if device.type == "cuda":
+            # torchvision's CUDA decoder allocates its outputs on the caller's stream and
+            # writes them from a stream of its own without waiting: memory that kernels still
+            # queued on the caller's stream read can be overwritten (pytorch/vision#9606, not
+            # merged; torchcodec#1634 fixed its copy). Nothing may be queued when it starts.
+            torch.cuda.current_stream(device).synchronize()
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     return list(decoded)
