@@ -5,8 +5,8 @@ so neither the decode tasks' CPUs nor the object store carry their pixels (the J
 travel instead); on a CPU it is libjpeg-turbo, which gives Pillow's pixels bit for bit
 (``tests/test_device_decode.py``). What reaches this module was checked by
 ``io.decode.decode_or_keep_jpeg``: a JPEG of three colour components, no EXIF turn, inside the
-run's limits. A file the device's decoder refuses is decoded by Pillow here, so the setting
-never costs an image. docs/exactness.md says what nvJPEG's pixels are against Pillow's.
+run's limits. A file the device's decoder refuses is decoded by Pillow here, on the host, so
+the setting never costs an image. docs/exactness.md says what nvJPEG's pixels are against Pillow's.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ __all__ = ["decode_jpegs"]
 
 
 def decode_jpegs(files: list[bytes], sizes: list[tuple[int, int]],
-                 device: torch.device) -> list[torch.Tensor | str]:
-    """Each JPEG of ``files`` as an ``H×W×3`` uint8 tensor on ``device`` of its header's
-    ``(height, width)`` from ``sizes``, or the reason it does not decode.
+                 device: torch.device) -> list[torch.Tensor | np.ndarray | str]:
+    """Each JPEG of ``files`` as ``H×W×3`` uint8 pixels of its header's ``(height, width)``
+    from ``sizes``: a tensor on ``device``, or a host array where the device's decoder could
+    not; or the reason it does not decode.
 
     The device's decoder takes them all at once. When it fails on the batch (it gives nothing
     back then) it takes them one at a time; a file it refuses (nvJPEG lacks arithmetic
-    coding, for one) or decodes to another size is decoded by Pillow as ``io.decode`` decodes
-    it, and uploaded: so a file decodes here whenever it decodes with ``decode: cpu``, and
-    one that does not gets Pillow's reason, the row's error with ``decode: cpu`` too. An
-    error that leaves a CUDA device unusable is raised."""
+    coding, for one; or the device has no room for the pixels) or decodes to another size is
+    decoded by Pillow on the host as ``io.decode`` decodes it: so a file decodes here whenever
+    it decodes with ``decode: cpu``, and one that does not gets Pillow's reason, the row's
+    error with ``decode: cpu`` too. An error that leaves a CUDA device unusable is raised."""
     if not files:
         return []
     try:
@@ -45,7 +46,7 @@ def decode_jpegs(files: list[bytes], sizes: list[tuple[int, int]],
             return [decode_jpegs([data], [size], device)[0] for data, size in zip(files, sizes)]
         decoded = [None]
     return [image.permute(1, 2, 0) if image is not None and _fits(image, size)
-            else _decode_with_pillow(data, size, device)
+            else _decode_with_pillow(data, size)
             for image, data, size in zip(decoded, files, sizes)]
 
 
@@ -53,10 +54,9 @@ def _fits(image: torch.Tensor, size: tuple[int, int]) -> bool:
     return image.ndim == 3 and image.shape[0] == 3 and tuple(image.shape[1:]) == tuple(size)
 
 
-def _decode_with_pillow(data: bytes, size: tuple[int, int],
-                        device: torch.device) -> torch.Tensor | str:
-    """``io.decode.decode_image``'s pixels on ``device``, or its reason; limited to the
-    header's size, which the decode task checked against the run's limits."""
+def _decode_with_pillow(data: bytes, size: tuple[int, int]) -> np.ndarray | str:
+    """``io.decode.decode_image``'s pixels, or its reason; limited to the header's size,
+    which the decode task checked against the run's limits."""
     try:
         pixels = decode_image(data, DecodeLimits(max_pixels=max(1, size[0] * size[1]),
                                                  max_bytes=len(data)))
@@ -65,7 +65,7 @@ def _decode_with_pillow(data: bytes, size: tuple[int, int],
     if pixels.shape[:2] != tuple(size):
         return (f"decodes to {pixels.shape[1]}x{pixels.shape[0]}, not its header's "
                 f"{size[1]}x{size[0]}")
-    return torch.from_numpy(pixels).to(device)
+    return pixels
 
 
 def _decode(files: list[bytes], device: torch.device) -> list[torch.Tensor]:
