@@ -15,7 +15,8 @@
 #   1. `segpipe segment` end to end with the recipes' settings (conf/kuberay-rayjob.yaml: one
 #      actor per GPU, batch 16, fp16; random weights: no network) while nvidia-smi samples GPU
 #      utilisation every 0.5 s;
-#   2. the same run with `--decode predictor` (JPEG bytes to the predictor, nvJPEG there);
+#   2. the same run with `--decode predictor` (JPEG bytes to the predictor, nvJPEG there), and
+#      again with 3 predictor threads;
 #   3. bench/gpu_smoke.py: the predictor alone at the same batch and precision, with the batched
 #      post-processing (what the pipeline's predictor runs on GPUs) and with torchvision's;
 #   4. bench/gpu_decode.py: nvJPEG's pixels against Pillow's on 64 of the images, and both
@@ -95,28 +96,33 @@ for i in range(count):
     Image.fromarray(image).save(folder / f"{i:06d}.jpg", quality=90)
 EOF
 
-for DECODE in cpu predictor; do
+# decode-predictor threads of each run: the two decodes at one thread (against the predictor
+# alone at one), then the best guess of the recipes (3 threads) with the predictor decoding
+RUNS="cpu-1 predictor-1 predictor-3"
+for RUN in $RUNS; do
+    DECODE=${RUN%-*} THREADS=${RUN#*-}
     nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 \
-        > "$WORK/utilisation-$DECODE.txt" 2>/dev/null &
+        > "$WORK/utilisation-$RUN.txt" 2>/dev/null &
     SAMPLER=$!
-    $PY -m segpipe.cli segment "$WORK/images" "$WORK/out-$DECODE" --weights random \
+    $PY -m segpipe.cli segment "$WORK/images" "$WORK/out-$RUN" --weights random \
         --num-gpus $GPUS --actors 1 --batch-size 16 --precision $PRECISION --decode $DECODE \
-        --no-progress > "$WORK/segment-$DECODE.txt" 2>&1 \
-        || { tail -50 "$WORK/segment-$DECODE.txt"; kill $SAMPLER; exit 1; }
+        --predictor-threads $THREADS --no-progress > "$WORK/segment-$RUN.txt" 2>&1 \
+        || { tail -50 "$WORK/segment-$RUN.txt"; kill $SAMPLER; exit 1; }
     kill $SAMPLER 2>/dev/null || true
 done
 $PY bench/gpu_smoke.py --device $DEVICE --only speed --precisions $PRECISION --batch-sizes 16 \
-    --images $SMOKE_IMAGES --postprocess both --json "$WORK/smoke.json" > "$WORK/smoke.txt" 2>&1 || tail -30 "$WORK/smoke.txt"
+    --threads 1,3 --images $SMOKE_IMAGES --postprocess both --json "$WORK/smoke.json" \
+    > "$WORK/smoke.txt" 2>&1 || tail -30 "$WORK/smoke.txt"
 $PY bench/gpu_decode.py "$WORK/images" --device $DEVICE --images $SMOKE_IMAGES --batch 16 \
     --json "$WORK/decode.json" > "$WORK/decode.txt" 2>&1 || tail -30 "$WORK/decode.txt"
 
-$PY - "$WORK" "$PRECISION" <<'EOF'
+$PY - "$WORK" "$PRECISION" $RUNS <<'EOF'
 import json
 import statistics
 import sys
 from pathlib import Path
 
-work, precision = Path(sys.argv[1]), sys.argv[2]
+work, precision, runs = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 smoke = json.loads((work / "smoke.json").read_text()) if (work / "smoke.json").exists() else {}
 speeds = [s for s in smoke.get("speed", [])
           if s.get("batch") == 16 and s.get("precision") == precision]
@@ -124,18 +130,21 @@ predictor = max((s.get("images_per_s", 0) for s in speeds if s.get("postprocess"
                 default=None)
 per_image = max((s.get("images_per_s", 0) for s in speeds if s.get("postprocess") == "per-image"),
                 default=None)
+threaded = {s["threads"]: s["images_per_s"] for s in speeds if "threads" in s}
 
 
-def pipeline(decode: str) -> dict:
-    run = json.loads((work / f"out-{decode}" / "run.json").read_text())
-    busy = [float(v) for v in (work / f"utilisation-{decode}.txt").read_text().split()
+def pipeline(run_name: str) -> dict:
+    threads = int(run_name.rsplit("-", 1)[1])
+    alone = predictor if threads == 1 else threaded.get(threads)   # the predictor alone
+    run = json.loads((work / f"out-{run_name}" / "run.json").read_text())
+    busy = [float(v) for v in (work / f"utilisation-{run_name}.txt").read_text().split()
             if v.strip()]
     rate = run["images_per_s"]["pipeline"]
     stages = run["cluster"].get("operators", {})   # Ray Data's figures of each stage
     active = {name: figures["active_s"] for name, figures in stages.items()}
     return {"images": run["counts"]["images"], "ok": run["counts"]["ok"],
-            "pipeline_images_per_s": rate,
-            "pipeline_over_predictor": round(rate / predictor, 3) if predictor else None,
+            "pipeline_images_per_s": rate, "predictor_only_images_per_s": alone,
+            "pipeline_over_predictor": round(rate / alone, 3) if alone else None,
             "gpu_utilisation_mean": round(statistics.mean(busy), 1) if busy else None,
             "gpu_utilisation_p50": statistics.median(busy) if busy else None,
             "limiting_stage": max(active, key=active.get) if active else None,
@@ -146,7 +155,8 @@ decoded = work / "decode.json"
 print(json.dumps({
     "predictor_only_images_per_s": predictor,
     "predictor_only_per_image_postprocess_images_per_s": per_image,
-    "decode_cpu": pipeline("cpu"), "decode_predictor": pipeline("predictor"),
+    "predictor_only_by_threads": threaded,
+    "runs (decode-predictor threads)": {name: pipeline(name) for name in runs},
     "device_decoder": json.loads(decoded.read_text()) if decoded.exists() else None,
 }, indent=1))
 EOF
