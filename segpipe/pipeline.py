@@ -25,6 +25,16 @@ from segpipe.model.settings import RunSettings
 from segpipe.model.spec import ModelSpec, TileSettings
 from segpipe.model.stage import PredictStage
 
+log = logging.getLogger(__name__)
+
+#: The lines of ``Dataset.stats()`` that ``stage_figures`` reads: an operator's heading, and
+#: its tasks' wall and CPU time in all (Ray writes seconds as us, ms or s).
+_OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed, \d+ blocks "
+                       r"produced in (?P<seconds>[\d.]+)s$", re.M)
+_REMOTE = re.compile(r"^\* Remote (?P<kind>wall|cpu) time: .*?(?P<total>[\d.]+)(?P<unit>us|ms|s) "
+                     r"total$", re.M)
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
 
 def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
     if not config.fault_kill_after_batches:
@@ -107,15 +117,6 @@ def run_settings(config: SegmentConfig, weights: ResolvedWeights) -> RunSettings
                        categories=weights.categories, soft_mask_dtype=config.soft_mask_dtype,
                        tiles=TileSettings.from_config(config),
                        random_weights=weights.kind == "random")
-
-
-log = logging.getLogger(__name__)
-
-_OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed, \d+ blocks "
-                       r"produced in (?P<seconds>[\d.]+)s$", re.M)
-_REMOTE = re.compile(r"^\* Remote (?P<kind>wall|cpu) time: .*?(?P<total>[\d.]+)(?P<unit>us|ms|s) "
-                     r"total$", re.M)
-_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
 def stage_figures(dataset: ray.data.Dataset) -> dict[str, dict[str, float]]:

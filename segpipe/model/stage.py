@@ -114,10 +114,11 @@ class PredictStage:
         """Decode the rows ``decode: predictor`` left as JPEG bytes on this actor's device
         into ``images``; one that does not decode becomes its row's error, without a size
         (as the decode task leaves a file it cannot decode)."""
-        rows = [i for i, data in enumerate(jpegs)
+        kept = [(i, data) for i, data in enumerate(jpegs)
                 if data is not None and statuses[i] == schema.STATUS_OK]
+        rows = [i for i, _ in kept]
         try:
-            decoded = decode_jpegs([jpegs[i] for i in rows],  # type: ignore[misc]
+            decoded = decode_jpegs([data for _, data in kept],
                                    [(heights[i], widths[i]) for i in rows], self.device)
         except Exception as exc:   # only a lost device comes here (``decode_jpegs``)
             end_actor(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
