@@ -17,7 +17,6 @@ Needs torch, torchvision, numpy and Pillow only (what a bare GPU machine has). R
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench import report_json  # noqa: E402
 from segpipe.io.decode import DecodeLimits, decode_image  # noqa: E402
 from segpipe.model.jpeg import decode_jpegs  # noqa: E402
 
@@ -92,10 +92,7 @@ def main() -> int:
               "torch_threads": torch.get_num_threads(), "batch": args.batch,
               "pixels": pixel_agreement(files, device),
               "images_per_s": speed(files, device, args.batch)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report_json(result, args.json)
     return 0
 
 

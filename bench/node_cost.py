@@ -52,6 +52,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from bench import report_json  # noqa: E402
+
 LABEL = "replayed detections"
 #: The GPU node's goal (issue 33): images per second per GPU.
 TARGET = 250
@@ -275,10 +277,7 @@ def main() -> int:
         result["stages_cores_per_gpu_at_target"] = round(stages_ms * TARGET / 1000, 2)
         if args.pipeline:
             result["pipeline"] = pipeline_cost(folder, args.images, recorded_path, args.decode)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report_json(result, args.json)
     return 0
 
 

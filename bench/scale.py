@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import report_json  # noqa: E402
+
 
 def make_images(folder: Path, count: int, size: int) -> None:
     import numpy as np
@@ -306,9 +308,7 @@ def replay_main() -> int:
         resumed = child("resume")
         result["resume"] = {"seconds": resumed["seconds"],
                             "driver_peak_mb": resumed["driver_peak_mb"]}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    report_json(result, args.json)
     return 0 if result["exactly_once"] else 1
 
 

@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
+from bench import report_json  # noqa: E402
 from parity import box_iou, decoded, mask_iou  # noqa: E402
 from segpipe.review.signals import SIGNALS  # noqa: E402
 from synthetic import image_errors  # noqa: E402
@@ -434,10 +435,7 @@ def main() -> int:
         result["tiles"] = tile_figures(args.data, args.weights, work)
     if "gallery" in wanted:
         result["gallery"] = gallery_figures(fp32, args.data, work, args.docs)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    report_json(result, args.json)
     return 0
 
 

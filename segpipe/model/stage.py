@@ -121,7 +121,7 @@ class PredictStage:
             decoded = decode_jpegs([data for _, data in kept],
                                    [(heights[i], widths[i]) for i in rows], self.device)
         except Exception as exc:   # only a lost device comes here (``decode_jpegs``)
-            end_actor(f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+            end_actor(failure_text(exc))
             raise
         for i, image in zip(rows, decoded):
             if isinstance(image, str):
@@ -138,7 +138,7 @@ class PredictStage:
         try:
             return list(self.detector.predict([a for a, _ in arrays], [scaled for _, scaled in arrays]))
         except Exception as exc:  # noqa: BLE001 - every failure is reported per image
-            failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            failure = failure_text(exc)
             if is_fatal_device_error(exc):
                 end_actor(failure)
             out_of_memory = isinstance(exc, torch.cuda.OutOfMemoryError)
@@ -162,6 +162,12 @@ def ray_object_ref() -> type:
     except ImportError:   # no Ray: a payload is never a reference
         return type(None)
     return ObjectRef
+
+
+def failure_text(exc: BaseException) -> str:
+    """A failed call as a row's error and the log's line: its type and its first 300
+    characters."""
+    return f"{type(exc).__name__}: {str(exc).strip()[:300]}"
 
 
 def describe_failure(views: list[View], failed: list[tuple[int, str]]) -> str:
