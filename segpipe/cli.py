@@ -353,7 +353,7 @@ def _segment(args: argparse.Namespace) -> int:
             print("\nsegpipe: interrupted before any work; nothing was written", file=sys.stderr)
             return 130
         prepared.interrupted = interrupted
-        log = console.RunLog(config.output, "segment")
+        log = console.RunLog(config.output_path, "segment")
         try:
             with console.output_to_log(log.path):
                 run_report = execute_run(prepared)
@@ -367,7 +367,8 @@ def _segment(args: argparse.Namespace) -> int:
             log.publish()
     for line in run_report.summary_lines() + console.translate(log.text()):
         print(line)
-    print(f"segpipe: wrote {predictions_dir(config.output)}, {_coco_written(config.output)}, "
+    print(f"segpipe: wrote {predictions_dir(config.output_path)}, "
+          f"{_coco_written(config.output_path)}, "
           f"run.json; Ray's own messages are in {log.where}")
     return 0 if run_report.accounting.complete else 1
 
@@ -385,8 +386,9 @@ def _coco_written(output: str) -> str:
 
 def _resume_hint(config) -> str:
     """How many complete prediction files are kept, and the command that finishes the run."""
+    kept: int | str
     try:
-        kept = len(prediction_files(predictions_dir(config.output)))
+        kept = len(prediction_files(predictions_dir(config.output_path)))
     except Exception:   # OUTPUT unreachable now: the command is still the way on
         kept = "the"
     command = " ".join(a if re.fullmatch(r"[\w@%+=:,./-]+", a) else repr(a) for a in sys.argv)

@@ -180,6 +180,20 @@ class SegmentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def input_path(self) -> str:
+        """INPUT of a run over paths (``validate`` refused a run without it)."""
+        if not self.input:
+            raise ConfigError("INPUT is missing: give the image folder or URI to segment")
+        return self.input
+
+    @property
+    def output_path(self) -> str:
+        """OUTPUT of a run over paths (``validate`` refused a run without it)."""
+        if not self.output:
+            raise ConfigError("OUTPUT is missing: give the folder or URI to write results to")
+        return self.output
+
 
 def config_fields() -> list[dataclasses.Field]:
     """The fields of ``SegmentConfig``, in order; the CLI builds its flags from them."""
@@ -278,10 +292,9 @@ def validate(config: SegmentConfig, needs_paths: bool = True) -> None:
     ``needs_paths=False`` (the Python API, which takes a Dataset) does not ask for INPUT and
     OUTPUT."""
     _check_types(config)
-    if needs_paths and not config.input:
-        raise ConfigError("INPUT is missing: give the image folder or URI to segment")
-    if needs_paths and not config.output:
-        raise ConfigError("OUTPUT is missing: give the folder or URI to write results to")
+    if needs_paths:   # each raises ConfigError when missing
+        config.input_path
+        config.output_path
     if config.soft_mask_dtype not in SOFT_MASK_DTYPES:
         raise ConfigError(f"soft_mask_dtype must be {' or '.join(SOFT_MASK_DTYPES)}, "
                           f"got {config.soft_mask_dtype!r}")

@@ -40,7 +40,7 @@ def fault_injection(config: SegmentConfig) -> Optional[FaultInjection]:
     if not config.fault_kill_after_batches:
         return None
     return FaultInjection(config.fault_kill_after_batches,
-                          storage.join(config.output.rstrip("/"), ".fault-injected"))
+                          storage.join(config.output_path.rstrip("/"), ".fault-injected"))
 
 
 def build_dataset(source: ray.data.Dataset, config: SegmentConfig, plan: StagePlan,

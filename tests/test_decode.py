@@ -168,3 +168,17 @@ def test_negative_integer_samples_are_black_not_wrapped():
     np.testing.assert_array_equal(rgb[:, :, 0], [[0, 7]])
     rgb = decode_image(encoded(Image.fromarray(np.array([[-5, 300]], np.int32), "I")), LIMITS)
     np.testing.assert_array_equal(rgb[:, :, 0], [[0, 1]])
+
+
+def test_a_source_row_without_bytes_or_path_is_an_error_row_not_a_failed_block(tmp_path):
+    """A reader's row with neither the image's bytes nor a path (and no error of its own)
+    becomes that row's error; the rows beside it decode."""
+    from segpipe import schema
+    from segpipe.io.decode import decode_batch
+    from segpipe.io.sources import source_table
+
+    data = encoded(Image.fromarray(photo("coffee", 0.25)), "PNG")
+    batch = source_table(["shard.tar/a.png", "shard.tar/b.png"], [data, None], frozenset())
+    rows = decode_batch(batch, str(tmp_path), LIMITS).to_pylist()
+    assert [r["status"] for r in rows] == [schema.STATUS_OK, schema.STATUS_ERROR]
+    assert rows[1]["error"] == "decode: the row holds neither the image's bytes nor its path"

@@ -111,7 +111,7 @@ def select_detections(row: dict, options: ExportOptions, settings: RunSettings,
     """
     kept = []
     category_ids = settings.categories.ids
-    rethreshold_masks = options.repastes_masks(settings)
+    new_mask_threshold = options.mask_threshold if options.repastes_masks(settings) else None
     if DAMAGED_KEY in row:   # taken out by the reader (io.predictions.checked_rows)
         counts.detections += len(row[DAMAGED_KEY])
         counts.note_damaged(row[DAMAGED_KEY])
@@ -128,12 +128,12 @@ def select_detections(row: dict, options: ExportOptions, settings: RunSettings,
             continue
         kept.append(det if det["segmentation"] is not None else
                     {**det, "area": box_area(det["bbox"])})
-    if rethreshold_masks:   # every mask of the image in one compiled pass
+    if new_mask_threshold is not None:   # every mask of the image in one compiled pass
         from segpipe.encode.encoder import rethreshold
 
         with_masks = [k for k, det in enumerate(kept) if det["segmentation"] is not None]
         new_masks = rethreshold([kept[k] for k in with_masks], row["height"], row["width"],
-                                options.mask_threshold, settings.soft_mask_dtype,
+                                new_mask_threshold, settings.soft_mask_dtype,
                                 settings.model.mask_frame)
         for k, (area, segmentation) in zip(with_masks, new_masks):
             kept[k] = {**kept[k], "area": area, "segmentation": segmentation}

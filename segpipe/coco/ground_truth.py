@@ -10,7 +10,7 @@ a ``ConfigError`` in one line naming the file and the entry.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, TypeGuard
 
 from segpipe.coco.shards import load_instances
 from segpipe.config import MAX_PIXEL_LIMIT, ConfigError
@@ -30,11 +30,11 @@ def load_ground_truth(path: str) -> dict[str, Any]:
     return data
 
 
-def _integer(value: Any) -> bool:
+def _integer(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

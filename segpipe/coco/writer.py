@@ -255,7 +255,7 @@ def rows_part(rows: Iterable[dict], options: ExportOptions,
             head, tail = _result_members(row["image_id"], det)
             bbox = _box_json(det["bbox"])
             part.results.append(f"{{{head}{bbox}{tail}}}")
-            if mask and options.instances_bbox == "mask":
+            if box is not None and options.instances_bbox == "mask":
                 bbox = _box_json(box)
             part.annotations.append(f'{head}{bbox}{tail},'
                                     f'"area":{area if mask else det["area"]!r},"iscrowd":0}}')

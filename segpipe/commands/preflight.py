@@ -46,11 +46,11 @@ def check_segment(config: SegmentConfig) -> CheckedRun:
     check_decode(config.arch, config.decode)
     categories = load_categories(config.categories) if config.categories else None
     weights = weights_source(config.weights, config.arch, config.seed)
-    run_folder.check_target(config.output, "OUTPUT", inputs=(config.input,))
-    run_folder.check_output(config.output, config.resume, config.overwrite)
-    check_lease(config.output)   # another live run writing OUTPUT: say so before any work
-    found = formats.list_inputs(config.input, config.input_format, config.image_column,
-                                config.name_column, exclude=(config.output,))
+    run_folder.check_target(config.output_path, "OUTPUT", inputs=(config.input_path,))
+    run_folder.check_output(config.output_path, config.resume, config.overwrite)
+    check_lease(config.output_path)   # another live run writing OUTPUT: say so before any work
+    found = formats.list_inputs(config.input_path, config.input_format, config.image_column,
+                                config.name_column, exclude=(config.output_path,))
     return CheckedRun(found.input_format, found.listing, weights, categories,
                       round(time.perf_counter() - start, 3), found.skipped, found.root,
                       found.tables)

@@ -68,8 +68,8 @@ def draw_detections(rgb: np.ndarray, detections: list[dict]) -> Image.Image:
         if det.get("segmentation") is None:
             continue  # box-only detector: the box below is all there is
         mask = mask_utils.decode(det["segmentation"]).astype(bool)
-        colour = np.array(instance_colour(i), np.float32)
-        canvas[mask] = canvas[mask] * (1 - MASK_OPACITY) + colour * MASK_OPACITY
+        fill = np.array(instance_colour(i), np.float32)
+        canvas[mask] = canvas[mask] * (1 - MASK_OPACITY) + fill * MASK_OPACITY
     image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     longer = max(image.size)
@@ -182,7 +182,7 @@ def render_batch(batch: pa.Table, images_uri: str, to: str) -> pa.Table:
     (``images_uri/<file_name>``) and write ``to/images/...``."""
     in_fs, in_root = storage.resolve(images_uri)
     out_fs, out_root = storage.resolve(to)
-    errors = []
+    errors: list[Optional[str]] = []
     for row in batch.to_pylist():
         name = row["file_name"]
         if name.startswith("/") or {"", ".", ".."} & set(name.split("/")):
@@ -216,7 +216,7 @@ def render_from_sources(batch: pa.Table, images_uri: str, to: str, input_format:
         label = sources.safe_file_name(sources.relative_name(path, root))
         try:
             for name, data in reader(fs, path, label, options):
-                if name in wanted and name not in errors:
+                if name is not None and name in wanted and name not in errors:
                     errors[name] = _draw(wanted[name], data, out_fs, out_root)
                 if len(errors) == len(wanted):
                     break
@@ -380,10 +380,10 @@ class CheckedRender:
     predictions_dir: str
     rows: pa.Table
     title: str
+    images: sources.InputFiles           # the files of --images, listed once
     input_format: str = "files"          # how --images holds the images: files | tar | parquet
     image_column: str = "image"          # parquet: the columns the run read
     name_column: Optional[str] = None
-    images: Optional[sources.InputFiles] = None   # the files of --images, listed once
     damaged: list[str] = field(default_factory=list)   # left out as damaged (select_rows)
     random_weights: bool = False                        # the run used --weights random
 
@@ -417,8 +417,10 @@ def check_render(request: RenderRequest) -> CheckedRender:
     if rows.num_rows == 0:
         raise ConfigError(f"{request.output} has no successfully predicted image to render")
     check_render_target(request.to, rows.column("rendered_name").to_pylist())
-    return CheckedRender(predictions_dir, rows, request.title or f"segpipe: {request.output}", input_format,
-                         *_table_columns(request.output), found, damaged, settings.random_weights)
+    image_column, name_column = _table_columns(request.output)
+    return CheckedRender(predictions_dir, rows, request.title or f"segpipe: {request.output}",
+                         found, input_format, image_column, name_column, damaged,
+                         settings.random_weights)
 
 
 RENDER_FILES = ("index.html", "render.json")

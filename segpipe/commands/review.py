@@ -128,7 +128,8 @@ def _review(request: ReviewRequest, predictions_dir: str, settings, show_progres
         summary["subset"] = _write_subset(request, predictions_dir, settings, top, signal_settings,
                                           scored.kept_per_category)
     if request.images:
-        summary["gallery"] = _draw_gallery(request, top if request.top else ranked.slice(0, 100),
+        summary["gallery"] = _draw_gallery(request, request.images,
+                                           top if request.top else ranked.slice(0, 100),
                                            settings, signal_settings, scored.kept_per_category,
                                            show_progress)
     summary["seconds"] = round(time.perf_counter() - start, 3)
@@ -174,16 +175,16 @@ def _write_subset(request: ReviewRequest, predictions_dir: str, settings, top: p
             "annotations": counts.annotations}
 
 
-def _draw_gallery(request: ReviewRequest, top: pa.Table, settings, signal_settings,
+def _draw_gallery(request: ReviewRequest, images: str, top: pa.Table, settings, signal_settings,
                   kept_per_category, show_progress: bool) -> dict:
-    """Draw the top images in rank order into ``to/gallery`` (``render``), each captioned
-    with its rank and reasons."""
+    """Draw the top images, read from ``images`` (the run's INPUT), in rank order into
+    ``to/gallery`` (``render``), each captioned with its rank and reasons."""
     from segpipe.commands.render import RenderRequest, check_render, run_render
     from segpipe.review.queue import ranked_records
 
     captions = {r["file_name"]: f"#{r['rank']} priority {r['priority']:.2f}: " + "; ".join(r["reasons"])
                 for r in ranked_records(top, settings, signal_settings, kept_per_category)}
-    render = RenderRequest(request.output, request.images, storage.join(request.to, GALLERY_DIR),
+    render = RenderRequest(request.output, images, storage.join(request.to, GALLERY_DIR),
                            limit=max(1, top.num_rows), score_threshold=request.score_threshold,
                            file_names=top.column("file_name").to_pylist(), captions=captions,
                            title=f"segpipe review: {request.output}")

@@ -79,9 +79,9 @@ def plan_output(config: SegmentConfig, settings: RunSettings) -> OutputPlan:
     checking that they were made with the same settings; a run made before soft masks were
     stored as uint16 goes on storing them as uint8, so one run's files agree.
     """
-    predictions_dir = run_folder.predictions_dir(config.output)
+    predictions_dir = run_folder.predictions_dir(config.output_path)
     # segpipe's own files only (ownership): anything else there is refused, not removed
-    complete, temporary = run_folder.check_output(config.output, config.resume, config.overwrite)
+    complete, temporary = run_folder.check_output(config.output_path, config.resume, config.overwrite)
     if not config.resume:
         return OutputPlan(predictions_dir, set(), settings, temporary, complete)
     earlier, done = run_folder.read_written(predictions_dir)
@@ -117,7 +117,7 @@ def clear_output(config: SegmentConfig, plan: OutputPlan) -> None:
     """Do what ``plan`` decided, once nothing can refuse the run any more: remove the earlier
     run.json and coco/ (``run_folder.retire_finished_run``), a killed run's temporary files
     and, with ``overwrite``, the earlier run's predictions."""
-    run_folder.retire_finished_run(config.output)   # written again when this run finishes
+    run_folder.retire_finished_run(config.output_path)   # written again when this run finishes
     ownership.remove(plan.predictions_dir, plan.temporary)
     if not config.resume:
         ownership.remove(plan.predictions_dir, plan.replaced)
@@ -139,7 +139,7 @@ def source_dataset(config: SegmentConfig, checked: CheckedRun, listing: Optional
     if chosen.read is None:
         return ray.data.from_arrow(sources.split_listing(listing))
     paths = ray.data.from_arrow([pa.table({"path": [path]}) for path in checked.tables])
-    options = sources.ReadOptions(config.input, checked.root, config.image_column, config.name_column)
+    options = sources.ReadOptions(config.input_path, checked.root, config.image_column, config.name_column)
     return paths.map_batches(chosen.read, batch_size=1, batch_format="pyarrow", num_cpus=cpus,
                              fn_kwargs={"options": options, "done": done, "monitor": monitor})
 
@@ -229,9 +229,9 @@ def prepare_run(config: SegmentConfig, checked: Optional[CheckedRun] = None) -> 
                                   checked.categories, show_progress=config.progress,
                                   tiled=bool(config.tile))
     settings = run_settings(config, weights)
-    run_folder.create_folder(config.output, "OUTPUT")   # a no-op for the OUTPUT of a resume
-    ownership.mark_folder(config.output, "segment")
-    lease = acquire_lease(config.output)            # LeaseHeld: another run is writing it
+    run_folder.create_folder(config.output_path, "OUTPUT")   # a no-op for the OUTPUT of a resume
+    ownership.mark_folder(config.output_path, "segment")
+    lease = acquire_lease(config.output_path)            # LeaseHeld: another run is writing it
     try:
         output = plan_output(config, settings)
         check_resumed_input(config, checked.listing, output.done)
@@ -340,7 +340,7 @@ def _segment_then_write(prepared: PreparedRun) -> report.RunReport:
                                   processed=images.num_rows - len(done), resumed_from=len(done),
                                   categories=weights.categories.coco_json(),
                                   input_skipped=prepared.checked.skipped, reading=reading)
-    report.write_manifest(run_report, config.output)
+    report.write_manifest(run_report, config.output_path)
     return run_report
 
 
@@ -359,7 +359,7 @@ def account_and_export(prepared: PreparedRun, listing: Optional[pa.Table], timer
     with timer("accounting"):
         accounting = report.account_for_inputs(listing, images)
     with timer("export"):
-        counts = export_coco(predictions_dir, run_folder.coco_dir(config.output),
+        counts = export_coco(predictions_dir, run_folder.coco_dir(config.output_path),
                              ExportOptions(score_threshold=config.score_threshold),
                              prepared.settings, images, files, show_progress=config.progress,
                              parallel=parallel, shard_images=config.coco_shard_images)

@@ -153,13 +153,15 @@ def encode_detections(det: ImageDetections, height: int, width: int, mask_thresh
     stored: Sequence[Optional[bytes]] = [None] * count
     if det.has_masks and keep_soft_masks:
         stored = [q.tobytes() for q in quantise_soft_masks(det.soft_masks, soft_mask_dtype)]
-    if det.tiled:
-        starts, ends = group_bounds(det.groups)
-        full = image_boxes(det.boxes, det.windows)
+    whole_masks: Sequence[Optional[bytes]]
+    groups, windows = det.groups, det.windows
+    if groups is not None and windows is not None:   # a tiled image's parts
+        starts, ends = group_bounds(groups)
+        full = image_boxes(det.boxes, windows)
         boxes = np.stack([np.concatenate([full[a:b, :2].min(0), full[a:b, 2:].max(0)])
                           for a, b in zip(starts, ends)]).astype(np.float32) \
             if count else np.zeros((0, 4), np.float32)
-        parts: list = [[{"box": det.boxes[k].tolist(), "window": det.windows[k].tolist(),
+        parts: list = [[{"box": det.boxes[k].tolist(), "window": windows[k].tolist(),
                          "soft_mask": stored[k]} for k in range(a, b)]
                        for a, b in zip(starts, ends)]
         firsts, whole_masks = starts, [None] * len(starts)

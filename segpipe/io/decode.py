@@ -218,6 +218,8 @@ def _decode_row(fs, path: Optional[str], size: int, data: Optional[bytes],
         if size > limits.max_bytes:
             raise DecodeError(f"file is {size} bytes, over max_image_bytes={limits.max_bytes}")
         if data is None:
+            if path is None:
+                raise DecodeError("the row holds neither the image's bytes nor its path")
             try:
                 data = storage.read_bytes(fs, path)
             except OSError as exc:

@@ -72,7 +72,7 @@ def read_lease(fs: pafs.FileSystem, path: str) -> Optional[dict]:
         record = json.loads(data)
         if not isinstance(record, dict) or not isinstance(record.get("run_id"), str):
             raise ValueError("no run id")
-        renewed = float(record.get("renewed"))
+        renewed = float(record.get("renewed", "nan"))
         if not math.isfinite(renewed):
             raise ValueError("bad renewal time")
         return {**record, "renewed": renewed}

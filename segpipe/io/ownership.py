@@ -313,7 +313,9 @@ def stale_temporaries(folder: str, names: Iterable[Union[str, re.Pattern]],
     names = list(names)
     stale = []
     for info in fs.get_file_info(pafs.FileSelector(root)):
-        if info.type != pafs.FileType.File or _lstat(fs, info.path).type != pafs.FileType.File:
+        unlinked = _lstat(fs, info.path)   # None: gone since the listing
+        if info.type != pafs.FileType.File or unlinked is None or \
+                unlinked.type != pafs.FileType.File:
             continue
         if _writer_gone(info.base_name, info.mtime_ns, now) and \
                 _is_own_temporary(fs, info.path, names):
@@ -355,7 +357,9 @@ def prediction_entries(directory: str) -> tuple[list[str], list[str], list[str]]
     from segpipe.schema import RUN_SETTINGS_KEY
 
     fs, root = storage.resolve(directory)
-    complete, temporary, foreign = [], [], []
+    complete: list[str] = []
+    temporary: list[str] = []
+    foreign: list[str] = []
     if _lstat(fs, root) is None:
         return complete, temporary, foreign
     for info in _entries(fs, root):

@@ -236,7 +236,8 @@ def _walk_local(root: str, skipped: dict[str, list[str]],
     """The regular files under ``root``; what is not one is counted in ``skipped`` by reason
     (a FIFO is never opened: it could block), and files whose names are not UTF-8 go to
     ``undecodable`` (their names encoded)."""
-    files, seen = [], {}
+    files: list[pafs.FileInfo] = []
+    seen: dict[tuple[int, int], str] = {}
 
     def relative(path: str) -> str:
         name = os.path.relpath(path, root).replace(os.sep, "/")
@@ -286,7 +287,7 @@ def list_images(input_uri: str, exclude: Sequence[str] = ()) -> pa.Table:
 def image_listing(found: InputFiles, input_uri: str) -> pa.Table:
     """``list_images`` of the files ``input_files`` found."""
     root, files = found.root, found.files
-    rows = []
+    rows: list[tuple[int, str, str, int, Optional[str]]] = []
     prefix = root.rstrip("/") + "/"
     for f in files:
         file_name = f.path[len(prefix):] if f.path.startswith(prefix) else f.base_name
@@ -361,7 +362,7 @@ def source_table(names: list[str], datas: list[Optional[bytes]], done: frozenset
     rows = [(image_id_for(n), n, None, len(d or b""), d, e)
             for n, d, e in zip(names, datas, source_errors)]
     rows = [r for r in rows if r[0] not in done]
-    columns = list(zip(*rows)) if rows else [[] for _ in SOURCE_SCHEMA]
+    columns: list[tuple] = list(zip(*rows)) if rows else [() for _ in SOURCE_SCHEMA]
     return pa.table([pa.array(c, type=f.type) for c, f in zip(columns, SOURCE_SCHEMA)],
                     schema=SOURCE_SCHEMA)
 

@@ -5,7 +5,7 @@ only what follows the damage. An entry of ``formats.INPUT_FORMATS``."""
 from __future__ import annotations
 
 import posixpath
-from typing import Iterator, Optional
+from typing import IO, Any, Iterator, Optional, cast
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -59,14 +59,17 @@ def tar_images(fs: pafs.FileSystem, path: str,
     seen: set[str] = set()   # names given so far in this shard
     with fs.open_input_stream(path) as raw:
         reader = _TailKeepingReader(raw)
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
+        # a stream ("r|") only reads: the reader has no seek or write, which typeshed asks of
+        # every file object tarfile takes
+        with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 if not is_image_name(member.name):
                     yield None, None
                     continue
-                data = tar.extractfile(member).read()
+                extracted = tar.extractfile(member)   # a file member: never None
+                data = extracted.read() if extracted is not None else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
                 yield f"{shard}/{_unique(safe_file_name(member.name), seen)}", data
@@ -87,7 +90,7 @@ def _unique(name: str, seen: set[str]) -> str:
 
 
 def read_tar_shards(batch: pa.Table, options: ReadOptions, done: frozenset[int],
-                    monitor: Optional[object] = None) -> pa.Table:
+                    monitor: Optional[Any] = None) -> pa.Table:
     """Ray Data stage: each row names a tar shard (``path``); read it with Python's ``tarfile``
     as a stream (``tar_images``) and return one row per image member, named
     ``<shard>/<member>`` (a member name the shard held already: ``<shard>/<stem>-2<ext>``).

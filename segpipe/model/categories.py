@@ -18,7 +18,7 @@ This module imports neither torch nor Ray: the CLI reads categories files before
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from segpipe.config import ConfigError
@@ -92,6 +92,8 @@ class CategoryTable:
     labels: tuple[int, ...]
     num_classes: int
     origin: str
+    _by_label: dict[int, Category] = field(init=False, repr=False, compare=False)
+    _by_id: dict[int, Category] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_label = {label: c for label, c in zip(self.labels, self.categories)}
@@ -323,7 +325,8 @@ def _from_json_list(value, source: str) -> tuple[Category, ...]:
 
 
 def _check_unique(categories: tuple[Category, ...], source: str) -> None:
-    ids, names = {}, {}
+    ids: dict[int, str] = {}
+    names: dict[str, int] = {}
     for c in categories:
         if c.id in ids:
             raise CategoryError(f"categories file {source}: id {c.id} is used twice "

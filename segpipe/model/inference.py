@@ -111,8 +111,8 @@ def predict_images(model: GeneralizedRCNN, images: list[torch.Tensor], precision
                 else transform.normalize(image) for image, scaled in zip(images, resize)]
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, (resized, scaled) in enumerate(zip(prepared, resize)):
-        groups[canvas_shape(*resized.shape[-2:], model,
-                            canvas if scaled else "exact")].append(index)
+        height, width = resized.shape[-2:]
+        groups[canvas_shape(height, width, model, canvas if scaled else "exact")].append(index)
 
     memory_format = (torch.channels_last if images and uses_channels_last(images[0].device,
                                                                          precision)

@@ -78,8 +78,9 @@ def resolve(source: WeightsSource, spec: ModelSpec, seed: int = 0,
         warnings.append(f"the checkpoint stores its weights as {', '.join(stored)}: they are "
                         "widened to float32 for the model, and what was lost when they were "
                         "saved stays lost (predictions may differ from the float32 original)")
-    if unnamed_classes_warning(table):
-        warnings.append(unnamed_classes_warning(table))
+    unnamed = unnamed_classes_warning(table)
+    if unnamed:
+        warnings.append(unnamed)
     return ResolvedWeights(source.kind, source.name, sha256, state, spec, table, warnings)
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 from segpipe.config import SOFT_MASK_DTYPES, ConfigError, SegmentConfig, validate
 from segpipe.model.categories import COCO_TABLE, MAX_CATEGORIES, CategoryTable
@@ -118,7 +118,7 @@ def check_recorded(values: dict) -> None:
     """Refuse (``ConfigError``, one line naming the setting) recorded settings that segpipe
     could not have written: unknown or missing keys, values of another type, and values
     that ``config.validate`` refuses for a run (the same rules, so the two cannot drift)."""
-    def refuse(why: str) -> None:
+    def refuse(why: str) -> NoReturn:
         raise ConfigError(f"{DAMAGED_SETTINGS}: {why}")
 
     fields = {f.name: f for f in dataclasses.fields(RunSettings)}

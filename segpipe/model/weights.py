@@ -200,7 +200,7 @@ def _takes_folders(arch: str) -> bool:
 def fetch(source: WeightsSource, timeout: float = DOWNLOAD_TIMEOUT_S,
           show_progress: bool = True) -> None:
     """Download ``source`` into torch's cache when it is missing there."""
-    if source.url is None or not source.missing:
+    if source.url is None or source.path is None or not source.missing:
         return
     try:
         download_checkpoint(source.url, source.path, timeout=timeout, show_progress=show_progress)

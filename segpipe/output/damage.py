@@ -116,7 +116,7 @@ def _rle_ones(counts: np.ndarray, pixels: int) -> int:
         while more:
             if p >= n or k > 6:
                 return -1
-            c = np.int64(counts[p]) - 48
+            c = int(counts[p]) - 48
             if c < 0 or c > 63:
                 return -1
             x |= (c & 0x1F) << (5 * k)
@@ -124,7 +124,7 @@ def _rle_ones(counts: np.ndarray, pixels: int) -> int:
             p += 1
             k += 1
             if not more and (c & 0x10) != 0:
-                x |= np.int64(-1) << (5 * k)
+                x |= -1 << (5 * k)
         if m > 2:
             x += before2
         if x < 0:

@@ -152,7 +152,7 @@ def read_written(directory: str) -> tuple[Optional[RunSettings], set[int]]:
     """
     verify_predictions(directory, resuming=True)
     fs, _ = storage.resolve(directory)
-    found: set[RunSettings] = set()
+    found: set[Optional[RunSettings]] = set()   # None: a file without settings
     ids: set[int] = set()
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
@@ -168,7 +168,7 @@ def read_run_settings(directory: str) -> Optional[RunSettings]:
     Raises ``ConfigError`` when files disagree (predictions of different runs mixed).
     """
     fs, _ = storage.resolve(directory)
-    found: set[RunSettings] = set()
+    found: set[Optional[RunSettings]] = set()   # None: a file without settings
     for path in prediction_files(directory):
         with fs.open_input_file(path) as f:
             found.add(_recorded_settings(path, pq.read_schema(f).metadata))
@@ -183,7 +183,7 @@ def _recorded_settings(path: str, metadata: Optional[dict]) -> Optional[RunSetti
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _one_settings(directory: str, found: set) -> Optional[RunSettings]:
+def _one_settings(directory: str, found: set[Optional[RunSettings]]) -> Optional[RunSettings]:
     if len(found) > 1:
         raise ConfigError(f"{directory} mixes predictions made with different settings; keep "
                           "the files of one run only")

@@ -53,6 +53,8 @@ class _Accumulator:
     values: dict[str, np.ndarray] = field(default_factory=dict)
     kept_image: list[np.ndarray] = field(default_factory=list)
     kept_category: list[np.ndarray] = field(default_factory=list)
+    _pending_image: list[int] = field(default_factory=list, repr=False)
+    _pending_category: list[int] = field(default_factory=list, repr=False)
 
     def add_kept(self, position: int, categories: np.ndarray) -> None:
         """Note the kept detections' categories of the image at ``position``; held in
@@ -69,8 +71,6 @@ class _Accumulator:
             self._pending_image, self._pending_category = [], []
 
     def __post_init__(self) -> None:
-        self._pending_image: list[int] = []
-        self._pending_category: list[int] = []
         for name in (*SIGNALS, "closest_score", "most_unsure", "most_sensitive"):
             self.values[name] = np.zeros(self.size, np.float64)
         for name in ("kept", "borderline_count"):
@@ -167,7 +167,9 @@ def score_images(predictions_dir: str, settings: RunSettings,
         first[1:] = image_of[order][1:] != image_of[order][:-1]
         np.add.at(v["rare_class"], image_of, rare)
         v["rare_category"][image_of[order][first]] = category_of[order][first]
-    v["priority"] = sum(v[name] for name in SIGNALS)
+    v["priority"] = np.zeros(len(v[SIGNALS[0]]), np.float64)
+    for name in SIGNALS:
+        v["priority"] += v[name]
     for name in (*SIGNALS, *DETAIL_COLUMNS):
         ok = ok.append_column(name, pa.array(v[name]))
     return ScoredImages(ok, kept_per_category, damaged)
