@@ -246,6 +246,22 @@ def test_class_lists_skip_empty_items_and_name_examples():
     assert four.describe() == "4 file categories (c1, c2, c3, c4)"
 
 
+@pytest.mark.parametrize("command", ["export", "render"])
+def test_an_empty_classes_list_is_refused_not_read_as_every_class(tmp_path, capsys, command):
+    """``--classes "$CLASSES"`` with the variable unset: one line, exit 2, nothing written
+    (it exported every class)."""
+    from segpipe import cli
+    from test_untrusted_runs import run_with
+
+    run = run_with(tmp_path)
+    (tmp_path / "images").mkdir()
+    where = ["--images", str(tmp_path / "images")] if command == "render" else []
+    assert cli.main([command, str(run), *where, "--to", str(tmp_path / "to"), "--classes", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no class given" in err and "\n" not in err
+    assert not (tmp_path / "to").exists()
+
+
 def test_category_tables_keep_supercategories_and_explain_wrong_counts():
     table = custom_table((Category(7, "cat", "animal"), Category(3, "cup")), 3)
     back = type(table).from_json(table.to_json())

@@ -43,7 +43,7 @@ def check_export(output: str, options: ExportOptions,
     settings = read_run_settings(predictions_dir)
     if settings is None:
         raise ConfigError(f"{predictions_dir} has no segpipe run settings in its metadata")
-    if class_names:
+    if class_names is not None:   # "" (an unset shell variable) is refused, not "every class"
         options = replace(options, classes=settings.categories.parse_classes(class_names))
     if options.score_threshold < settings.model.score_floor:
         raise ConfigError(f"score threshold {options.score_threshold} is below the stored score "

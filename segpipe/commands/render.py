@@ -402,7 +402,8 @@ def check_render(request: RenderRequest) -> CheckedRender:
     if request.score_threshold < settings.model.score_floor:
         raise ConfigError(f"score threshold {request.score_threshold} is below the stored score "
                           f"floor {settings.model.score_floor}")
-    classes = settings.categories.parse_classes(request.classes) if request.classes else None
+    classes = (settings.categories.parse_classes(request.classes)
+               if request.classes is not None else None)
     fs, root = storage.resolve(request.images_uri)
     if not storage.exists(fs, root):
         raise ConfigError(f"--images {request.images_uri} does not exist (give the INPUT the "

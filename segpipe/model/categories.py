@@ -147,7 +147,8 @@ class CategoryTable:
                                     f"{examples}{', ...' if len(by_name) > 5 else ''} "
                                     f"(names in any case, or their ids)")
         if not ids:
-            raise CategoryError("no class given")
+            raise CategoryError("no class given: name one or more of this run's classes "
+                                "(names or ids, comma-separated)")
         return frozenset(ids)
 
     def to_json(self) -> dict:
