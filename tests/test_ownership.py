@@ -262,3 +262,23 @@ def test_a_resume_with_another_input_is_refused_before_work(tmp_path):
     check_resumed_input(config, None, {1, 2})                           # shards: not known yet
     with pytest.raises(ConfigError, match=r"1 of the 3 images in its predictions/ are not under INPUT"):
         check_resumed_input(config, listing, done | {sources.image_id_for("elsewhere.jpg")})
+
+
+def test_a_temporary_its_writer_moves_while_it_is_looked_at_is_not_stale(tmp_path, monkeypatch):
+    """A writer that renames its temporary into place between the listing and the look at
+    the file: no error, and nothing to remove (the file is no longer a temporary)."""
+    from segpipe.io import ownership
+
+    stale = tmp_path / ".instances.json.0123456789ab.tmp"   # no writer named: by its age
+    stale.write_text("{}")
+    os.utime(stale, (0, 0))
+    assert ownership.stale_temporaries(str(tmp_path), ["instances.json"]) == [str(stale)]
+
+    def moved_while_checked(*args):
+        if stale.exists():
+            stale.rename(tmp_path / "instances.json")
+        return True
+
+    monkeypatch.setattr(ownership, "_writer_gone", moved_while_checked)
+    assert ownership.stale_temporaries(str(tmp_path), ["instances.json"]) == []
+    assert (tmp_path / "instances.json").read_text() == "{}"

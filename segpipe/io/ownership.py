@@ -277,8 +277,11 @@ def _is_own_temporary(fs: pafs.FileSystem, path: str, names: Iterable[Union[str,
     found = TEMPORARY_NAME.fullmatch(posixpath.basename(path))
     if found is None or not any(_name_matches(found.group("name"), n) for n in names):
         return False
-    with fs.open_input_stream(path) as stream:
-        head = stream.read(len(magic) or 1)
+    try:
+        with fs.open_input_stream(path) as stream:
+            head = stream.read(len(magic) or 1)
+    except FileNotFoundError:   # renamed or removed by its writer since the listing
+        return False
     return not head or not magic or head == magic
 
 
