@@ -246,6 +246,50 @@ def test_a_detect_model_matches_predict_and_runs_in_bf16(checkpoints):
 
 
 
+def fp16_agreement(fp32: list, fp16: list, images: list, mask_frame=None) -> tuple[list, list]:
+    """For each image's five best fp32 detections: the best box IoU among the fp16 run's
+    first 50, and (``mask_frame``: masks) the mask IoU of that match at threshold 0.5."""
+    box_ious, mask_ious = [], []
+    for image, a, b in zip(images, fp32, fp16):
+        if mask_frame:
+            masks_a = encode_detections(a, *image.shape[:2], 0.5, mask_frame=mask_frame)
+            masks_b = encode_detections(b, *image.shape[:2], 0.5, mask_frame=mask_frame)
+        for k, box in enumerate(a.boxes[:5]):
+            best, j = max(((box_iou(other, box), j) for j, other in enumerate(b.boxes[:50])),
+                          default=(0.0, -1))
+            box_ious.append(best)
+            if mask_frame and best >= 0.8:
+                mask_ious.append(mask_iou(decoded(masks_a[k]["segmentation"]),
+                                          decoded(masks_b[j]["segmentation"])))
+    return box_ious, mask_ious
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_fp16_runs_ultralytics_half_model_and_finds_fp32s_detections(checkpoints, task):
+    """fp16 (a CUDA setting; refused for predictors on CPU) is AutoBackend's half model fed
+    half images: AutoBackend keeps fp32 on a device named exactly ``cpu``, and halves the
+    model on ``cpu:0``, so the fp16 path runs here as it does on CUDA, on CPU's fp16 kernels.
+    Random weights: the best boxes are found again (IoU >= 0.95), masks mostly so."""
+    from segpipe.model import yolo
+
+    weights = resolve_weights(str(checkpoints[task]), yolo_spec())
+    torch.set_num_threads(2)
+    images = [photo(name) for name in PHOTOS]
+    fp32 = yolo.Detector(weights.spec, weights.payload, torch.device("cpu")).predict(images, [True] * 4)
+    half = yolo.Detector(weights.spec, weights.payload, torch.device("cpu", 0), "fp16")
+    assert half.backend.fp16 and next(half.backend.model.parameters()).dtype == torch.float16
+    fp16 = half.predict(images, [True] * 4)
+    assert all(d.scores.dtype == d.boxes.dtype == np.float32 for d in fp16)
+    assert [len(d.scores) > 0 for d in fp16] == [len(d.scores) > 0 for d in fp32]
+    box_ious, mask_ious = fp16_agreement(fp32, fp16, images,
+                                         "ultralytics" if task == "segment" else None)
+    print(f"{task}: box IoU min {min(box_ious):.3f}; mask IoU median "
+          f"{np.median(mask_ious) if mask_ious else float('nan'):.3f}")   # docs/exactness.md
+    assert len(box_ious) >= 10 and min(box_ious) >= 0.95, box_ious
+    if task == "segment":
+        assert len(mask_ious) == len(box_ious) and np.median(mask_ious) >= 0.9, mask_ious
+
+
 def test_the_checkpoint_runs_no_code_and_mistakes_are_one_line(tmp_path, checkpoints):
     marker = tmp_path / "ran"
 

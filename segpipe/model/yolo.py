@@ -181,7 +181,8 @@ class Detector:
         letterbox = LetterBox(self.spec.image_size, auto=True, stride=self.stride)
         batch = torch.from_numpy(np.stack([np.asarray(letterbox(image=image)) for image in images]))
         batch = batch.to(self.device).permute(0, 3, 1, 2).contiguous()
-        batch = (batch.half() if self.precision == "fp16" else batch.float()).div_(255)
+        # the dtype of the model AutoBackend holds (half for fp16 on CUDA)
+        batch = (batch.half() if self.backend.fp16 else batch.float()).div_(255)
         with torch.inference_mode(), autocast(self.device, "fp32" if self.precision == "fp16"
                                               else self.precision):
             raw = self.backend(batch)
