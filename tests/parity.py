@@ -53,6 +53,27 @@ def mask_iou(a, b) -> float:
     return np.logical_and(a, b).sum() / union if union else 1.0
 
 
+def fp16_agreement(fp32: list, fp16: list, images: list, mask_frame=None) -> tuple[list, list]:
+    """For each image's five best fp32 detections: the best box IoU among the fp16 run's
+    first 50, and (``mask_frame``: masks) the mask IoU of that match at threshold 0.5."""
+    from segpipe.encode.encoder import encode_detections
+
+    box_ious: list[float] = []
+    mask_ious: list[float] = []
+    for image, a, b in zip(images, fp32, fp16):
+        if mask_frame:
+            masks_a = encode_detections(a, *image.shape[:2], 0.5, mask_frame=mask_frame)
+            masks_b = encode_detections(b, *image.shape[:2], 0.5, mask_frame=mask_frame)
+        for k, box in enumerate(a.boxes[:5]):
+            best, j = max(((box_iou(other, box), j) for j, other in enumerate(b.boxes[:50])),
+                          default=(0.0, -1))
+            box_ious.append(best)
+            if mask_frame and best >= 0.8:
+                mask_ious.append(mask_iou(decoded(masks_a[k]["segmentation"]),
+                                          decoded(masks_b[j]["segmentation"])))
+    return box_ious, mask_ious
+
+
 def compare_with_torchvision(rows: dict[str, dict], images: Path, model, mask_threshold: float,
                              category_of: Optional[Callable[[int], int]] = None) -> tuple[int, int]:
     """Every torchvision detection has one of ours: same category (``category_of`` maps a

@@ -15,7 +15,7 @@ import torch
 from conftest import small_config
 from family_checkpoints import detr_folder, mask2former_folder
 from images import photo, write_photos
-from parity import decoded, mask_iou
+from parity import decoded, fp16_agreement, mask_iou
 
 import segpipe
 from segpipe.config import ConfigError
@@ -153,9 +153,7 @@ def test_fp16_autocast_finds_fp32s_detections(folders, monkeypatch, family):
     """fp16 is autocast to float16 around the model, its outputs made float32 for the
     post-processing. segpipe's guard allows it on CUDA only; here it is lifted so that CPU's
     fp16 kernels run the same code. Random weights: every box is found again (IoU >= 0.99);
-    Mask2Former's random mask logits sit near zero, so half of a mask's pixels may flip."""
-    from test_yolo import fp16_agreement
-
+    Mask2Former's random mask logits sit near zero, where many of a mask's pixels flip."""
     from segpipe.model import huggingface
 
     def cpu_fp16(device, precision):

@@ -15,7 +15,7 @@ import torch
 from conftest import small_config
 from family_checkpoints import yolo_checkpoint
 from images import photo, write_photos
-from parity import box_iou, decoded, mask_iou
+from parity import box_iou, decoded, fp16_agreement, mask_iou
 
 import segpipe
 from segpipe.config import ConfigError
@@ -244,24 +244,6 @@ def test_a_detect_model_matches_predict_and_runs_in_bf16(checkpoints):
             agreeing += max((box_iou(other, box) for other in low.boxes[:50]), default=0.0) >= 0.8
     assert agreeing >= 0.8 * total, (agreeing, total)
 
-
-
-def fp16_agreement(fp32: list, fp16: list, images: list, mask_frame=None) -> tuple[list, list]:
-    """For each image's five best fp32 detections: the best box IoU among the fp16 run's
-    first 50, and (``mask_frame``: masks) the mask IoU of that match at threshold 0.5."""
-    box_ious, mask_ious = [], []
-    for image, a, b in zip(images, fp32, fp16):
-        if mask_frame:
-            masks_a = encode_detections(a, *image.shape[:2], 0.5, mask_frame=mask_frame)
-            masks_b = encode_detections(b, *image.shape[:2], 0.5, mask_frame=mask_frame)
-        for k, box in enumerate(a.boxes[:5]):
-            best, j = max(((box_iou(other, box), j) for j, other in enumerate(b.boxes[:50])),
-                          default=(0.0, -1))
-            box_ious.append(best)
-            if mask_frame and best >= 0.8:
-                mask_ious.append(mask_iou(decoded(masks_a[k]["segmentation"]),
-                                          decoded(masks_b[j]["segmentation"])))
-    return box_ious, mask_ious
 
 
 @pytest.mark.parametrize("task", ["segment", "detect"])
