@@ -53,14 +53,16 @@ def mask_iou(a, b) -> float:
     return np.logical_and(a, b).sum() / union if union else 1.0
 
 
-def fp16_agreement(fp32: list, fp16: list, images: list, mask_frame=None) -> tuple[list, list]:
-    """For each image's five best fp32 detections: the best box IoU among the fp16 run's
-    first 50, and (``mask_frame``: masks) the mask IoU of that match at threshold 0.5."""
+def precision_agreement(fp32: list, low: list, images: list,
+                        mask_frame: Optional[str] = None) -> tuple[list, list]:
+    """For each image's five best fp32 detections: the best box IoU among the first 50 of the
+    lower-precision run ``low`` (bf16 or fp16), and (``mask_frame``: masks) the mask IoU of
+    that match at threshold 0.5."""
     from segpipe.encode.encoder import encode_detections
 
     box_ious: list[float] = []
     mask_ious: list[float] = []
-    for image, a, b in zip(images, fp32, fp16):
+    for image, a, b in zip(images, fp32, low):
         if mask_frame:
             masks_a = encode_detections(a, *image.shape[:2], 0.5, mask_frame=mask_frame)
             masks_b = encode_detections(b, *image.shape[:2], 0.5, mask_frame=mask_frame)

@@ -15,7 +15,7 @@ import torch
 from conftest import small_config
 from family_checkpoints import detr_folder, mask2former_folder
 from images import photo, write_photos
-from parity import decoded, fp16_agreement, mask_iou
+from parity import decoded, mask_iou, precision_agreement
 
 import segpipe
 from segpipe.config import ConfigError
@@ -173,7 +173,7 @@ def test_fp16_autocast_finds_fp32s_detections(folders, monkeypatch, family):
     assert seen and set(seen) == {torch.float16}   # the model ran in half precision
     assert all(d.scores.dtype == d.boxes.dtype == np.float32 for d in fp16)
     assert [len(d.scores) for d in fp16] == [len(d.scores) for d in fp32]
-    box_ious, mask_ious = fp16_agreement(fp32, fp16, images,
+    box_ious, mask_ious = precision_agreement(fp32, fp16, images,
                                          weights.spec.mask_frame if weights.spec.has_masks else None)
     print(f"{family}: box IoU min {min(box_ious):.3f}; mask IoU median "
           f"{np.median(mask_ious) if mask_ious else float('nan'):.3f}")   # docs/exactness.md
