@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/train_shapes.py          # prints the checkpoint and its sha256
     .venv/bin/python bench/trained_quality.py --weights CKPT --data DATA [--work DIR]
-        [--only ap,review,precision,islands,soft,tiles,gallery] [--json OUT.json]
+        [--only ap,review,precision,fp16,islands,soft,tiles,gallery] [--json OUT.json]
 
 ``DATA`` is the dataset folder the training used (``DATA/val``: held-out images and exact
 ground truth). Every run goes through segpipe's own CLI on a local Ray (``segment``,
@@ -22,6 +22,11 @@ ground truth). Every run goes through segpipe's own CLI on a local Ray (``segmen
   detections first; and each of the queue's signals alone;
 * ``precision``: a bf16 run against the fp32 run, detection by detection (same class, best
   box IoU): box corner shift in pixels and mask IoU (median, 5th percentile, min);
+* ``fp16``: fp16 and bf16 against fp32 in one process (segpipe's predictor code,
+  ``model.inference.predict_images``, the first ``--fp16-images`` held-out images, batch 2, 2
+  threads), matched as in ``precision``, overall and by object size. fp16 runs on CPU's fp16
+  kernels (segpipe runs fp16 on CUDA only; the bench swaps in CPU autocast at float16 and keeps
+  segpipe's fp32 islands), so it measures the trained network in fp16, not a GPU's kernels;
 * ``islands``: where bf16 loses against fp32, in one process (segpipe's predictor code,
   ``model.inference.predict_images``, the first ``--islands-images`` held-out images, batch
   2): segpipe's bf16 against bf16 with more of the network kept in fp32 (the RPN head and
@@ -211,7 +216,7 @@ def precision_figures(fp32: Path, images: Path, weights: Path, work: Path) -> di
     shifts, ious, _, unmatched = agreement(detections(fp32), detections(bf16))
     return {"bf16_vs_fp32": {"box_shift_px": percentiles(shifts), "mask_iou": percentiles(ious),
                              "fp32_detections_without_match": unmatched},
-            "fp16": "CUDA only: not measurable on this machine"}
+            "fp16": "see the fp16 section (one process, CPU fp16 kernels)"}
 
 
 #: bf16 with more of the network in fp32 than segpipe's islands (``model.precision``): the
@@ -239,13 +244,24 @@ def _in_fp32(module) -> None:
     module.forward = fp32_forward
 
 
-def islands_figures(images: Path, weights: Path, count: int) -> dict:
+def _predictor_runs(images: Path, weights: Path, count: int):
+    """The first ``count`` held-out images and a function that runs them through segpipe's
+    predictor code in one process (``model.inference.predict_images``, batch 2, 2 threads) at a
+    precision, with some modules kept in fp32: ``run(precision, fp32_parts)`` gives the encoded
+    detections per file name and the seconds the prediction took.
+
+    ``fp16`` runs on CPU's fp16 kernels: segpipe itself runs fp16 on CUDA only
+    (``model.precision.autocast`` refuses it elsewhere), so for the figure the bench swaps in
+    CPU autocast at float16, with segpipe's fp32 islands as they are — the same network, in
+    another device's kernels."""
+    import contextlib
     import time
 
     import torch
     from PIL import Image
 
     from segpipe.encode.encoder import encode_detections
+    from segpipe.model import precision as precision_module
     from segpipe.model.build import build_model, load_checkpoint
     from segpipe.model.inference import image_tensor, predict_images
     from segpipe.model.precision import prepare_model
@@ -258,29 +274,64 @@ def islands_figures(images: Path, weights: Path, count: int) -> dict:
     files = sorted(images.iterdir())[:count]
     pixels = [np.asarray(Image.open(f).convert("RGB")) for f in files]
 
-    def run(precision: str, fp32_parts: tuple[str, ...]) -> tuple[dict, float]:
+    @contextlib.contextmanager
+    def cpu_fp16_allowed(precision: str):
+        segpipes = precision_module.autocast
+        if precision == "fp16":
+            precision_module.autocast = lambda device, _: torch.autocast(device.type,
+                                                                         dtype=torch.float16)
+        try:
+            yield
+        finally:
+            precision_module.autocast = segpipes
+
+    def run(precision: str, fp32_parts: tuple[str, ...] = ()) -> tuple[dict, float]:
         model = build_model(spec)
         model.load_state_dict(state)
         prepare_model(model.eval(), torch.device("cpu"), precision)
         for name in fp32_parts:
             _in_fp32(model.get_submodule(name))
         found, start = [], time.perf_counter()
-        for at in range(0, len(pixels), 2):
-            batch = [image_tensor(p, torch.device("cpu")) for p in pixels[at:at + 2]]
-            found += predict_images(model, batch, precision)
+        with cpu_fp16_allowed(precision):
+            for at in range(0, len(pixels), 2):
+                batch = [image_tensor(p, torch.device("cpu")) for p in pixels[at:at + 2]]
+                found += predict_images(model, batch, precision)
         seconds = time.perf_counter() - start
         return {f.name: encode_detections(det, *p.shape[:2], 0.5, keep_soft_masks=False)
                 for f, p, det in zip(files, pixels, found)}, seconds
 
-    reference, fp32_seconds = run("fp32", ())
+    return files, run
+
+
+def _against(reference: dict, low: dict, seconds: float) -> dict:
+    """``low``'s detections against ``reference``'s (``agreement``), overall and by size."""
+    shifts, ious, areas, unmatched = agreement(reference, low)
+    by_area = {size: percentiles([iou for iou, area in zip(ious, areas) if low_ <= area < high])
+               for size, (low_, high) in AREA_RANGES.items()}
+    return {"seconds": round(seconds, 1), "box_shift_px": percentiles(shifts),
+            "mask_iou": percentiles(ious), "mask_iou_by_area": by_area,
+            "fp32_detections_without_match": unmatched}
+
+
+def islands_figures(images: Path, weights: Path, count: int) -> dict:
+    files, run = _predictor_runs(images, weights, count)
+    reference, fp32_seconds = run("fp32")
     figures: dict = {"images": len(files), "fp32_seconds": round(fp32_seconds, 1)}
     for name, parts in ISLAND_VARIANTS.items():
-        low, seconds = run("bf16", parts)
-        shifts, ious, areas, _ = agreement(reference, low)
-        by_area = {size: percentiles([iou for iou, area in zip(ious, areas) if low_ <= area < high])
-                   for size, (low_, high) in AREA_RANGES.items()}
-        figures[name] = {"seconds": round(seconds, 1), "box_shift_px": percentiles(shifts),
-                         "mask_iou": percentiles(ious), "mask_iou_by_area": by_area}
+        figures[name] = _against(reference, *run("bf16", parts))
+    return figures
+
+
+def low_precision_figures(images: Path, weights: Path, count: int) -> dict:
+    """fp16 (on CPU's fp16 kernels, see ``_predictor_runs``) and bf16 against fp32, all three
+    through the same one-process predictor code on the same images."""
+    files, run = _predictor_runs(images, weights, count)
+    reference, fp32_seconds = run("fp32")
+    figures: dict = {"images": len(files), "fp32_seconds": round(fp32_seconds, 1),
+                     "fp32_detections_at_threshold": sum(
+                         d["score"] >= THRESHOLD for dets in reference.values() for d in dets)}
+    for precision in ("fp16", "bf16"):
+        figures[precision] = _against(reference, *run(precision))
     return figures
 
 
@@ -405,8 +456,9 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path)
-    parser.add_argument("--only", default="ap,review,precision,islands,soft,tiles,gallery")
+    parser.add_argument("--only", default="ap,review,precision,fp16,islands,soft,tiles,gallery")
     parser.add_argument("--islands-images", type=int, default=40)
+    parser.add_argument("--fp16-images", type=int, default=200)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "images",
                         help="where the gallery pictures go")
     parser.add_argument("--json", type=Path)
@@ -421,7 +473,9 @@ def main() -> int:
     wanted = args.only.split(",")
     if "islands" in wanted:
         result["islands"] = islands_figures(images, args.weights, args.islands_images)
-    if set(wanted) - {"islands"}:
+    if "fp16" in wanted:
+        result["fp16"] = low_precision_figures(images, args.weights, args.fp16_images)
+    if set(wanted) - {"islands", "fp16"}:
         fp32 = segment(images, work / "fp32", args.weights)
     if "ap" in wanted:
         result["ap"] = ap_figures(fp32, args.data)
