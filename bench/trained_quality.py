@@ -215,8 +215,7 @@ def precision_figures(fp32: Path, images: Path, weights: Path, work: Path) -> di
     bf16 = segment(images, work / "bf16", weights, "--precision", "bf16")
     shifts, ious, _, unmatched = agreement(detections(fp32), detections(bf16))
     return {"bf16_vs_fp32": {"box_shift_px": percentiles(shifts), "mask_iou": percentiles(ious),
-                             "fp32_detections_without_match": unmatched},
-            "fp16": "see the fp16 section (one process, CPU fp16 kernels)"}
+                             "fp32_detections_without_match": unmatched}}
 
 
 #: bf16 with more of the network in fp32 than segpipe's islands (``model.precision``): the
@@ -276,14 +275,14 @@ def _predictor_runs(images: Path, weights: Path, count: int):
 
     @contextlib.contextmanager
     def cpu_fp16_allowed(precision: str):
-        segpipes = precision_module.autocast
+        segpipe_autocast = precision_module.autocast
         if precision == "fp16":
             precision_module.autocast = lambda device, _: torch.autocast(device.type,
                                                                          dtype=torch.float16)
         try:
             yield
         finally:
-            precision_module.autocast = segpipes
+            precision_module.autocast = segpipe_autocast
 
     def run(precision: str, fp32_parts: tuple[str, ...] = ()) -> tuple[dict, float]:
         model = build_model(spec)
