@@ -173,8 +173,8 @@ def test_fp16_autocast_finds_fp32s_detections(folders, monkeypatch, family):
     assert seen and set(seen) == {torch.float16}   # the model ran in half precision
     assert all(d.scores.dtype == d.boxes.dtype == np.float32 for d in fp16)
     assert [len(d.scores) for d in fp16] == [len(d.scores) for d in fp32]
-    box_ious, mask_ious = precision_agreement(fp32, fp16, images,
-                                         weights.spec.mask_frame if weights.spec.has_masks else None)
+    mask_frame = weights.spec.mask_frame if weights.spec.has_masks else None
+    box_ious, mask_ious = precision_agreement(fp32, fp16, images, mask_frame)
     print(f"{family}: box IoU min {min(box_ious):.3f}; mask IoU median "
           f"{np.median(mask_ious) if mask_ious else float('nan'):.3f}")   # docs/exactness.md
     assert len(box_ious) >= 10 and min(box_ious) >= 0.99, box_ious

@@ -243,7 +243,6 @@ def test_a_detect_model_matches_predict_and_runs_in_bf16(checkpoints):
     assert agreeing >= 0.8 * len(box_ious), (agreeing, len(box_ious))
 
 
-
 @pytest.mark.parametrize("task", ["segment", "detect"])
 def test_fp16_runs_ultralytics_half_model_and_finds_fp32s_detections(checkpoints, task):
     """fp16 (a CUDA setting; refused for predictors on CPU) is AutoBackend's half model fed
@@ -262,7 +261,7 @@ def test_fp16_runs_ultralytics_half_model_and_finds_fp32s_detections(checkpoints
     assert all(d.scores.dtype == d.boxes.dtype == np.float32 for d in fp16)
     assert [len(d.scores) > 0 for d in fp16] == [len(d.scores) > 0 for d in fp32]
     box_ious, mask_ious = precision_agreement(fp32, fp16, images,
-                                         "ultralytics" if task == "segment" else None)
+                                              "ultralytics" if task == "segment" else None)
     print(f"{task}: box IoU min {min(box_ious):.3f}; mask IoU median "
           f"{np.median(mask_ious) if mask_ious else float('nan'):.3f}")   # docs/exactness.md
     assert len(box_ious) >= 10 and min(box_ious) >= 0.95, box_ious
