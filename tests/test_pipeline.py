@@ -36,7 +36,8 @@ def run(tmp_path_factory, checkpoint, local_ray):
     (images / "more").mkdir()
     Image.fromarray(np.ascontiguousarray(flipped)).save(images / "more" / "astronaut_flipped.png")
     shutil.copy(images / "chelsea.png", images / "more" / "chelsea copy.png")
-    config = small_config(images, root / "out", checkpoint)
+    # the default pool: two one-thread actors on 2 CPUs for these two batches
+    config = small_config(images, root / "out", checkpoint, actors="auto", torch_threads=0)
     report = run_segment(config)
     return config, report, images, root / "out"
 

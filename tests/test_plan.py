@@ -15,8 +15,13 @@ GIB = 1 << 30
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
+def plan_config(**changes):
+    """A small config with the product's pool sizing (the tests' own pins one actor)."""
+    return small_config("in", "out", "random", **{"actors": "auto", "torch_threads": 0, **changes})
+
+
 def cpu_plan(cpus: float, memory: float = 1024 * GIB, **changes):
-    return plan_stages(small_config("in", "out", "random", **changes),
+    return plan_stages(plan_config(**changes),
                        ClusterShape.of({"CPU": cpus, "memory": memory}))
 
 
@@ -59,13 +64,13 @@ def test_explicit_cpu_pool_keeps_its_threads():
 
 
 def test_gpu_cluster_gets_one_predictor_per_gpu_and_encoders_on_spare_cpus():
-    plan = plan_stages(small_config("in", "out", "random"),
+    plan = plan_stages(plan_config(),
                        ClusterShape.of({"CPU": 32, "GPU": 4, "memory": 256 * GIB}))
     assert (plan.max_actors, plan.num_gpus, plan.cpus_per_actor, plan.torch_threads) == (4, 1, 1, 0)
     # 4 GPUs x 160 images/s x 4 ms = 2.6 CPUs of encoding, doubled: 6 one-CPU encoders
     assert plan.max_encoders == 6
     assert plan.max_encoders * plan.encode_cpus >= 2 * 4 * 160 * 0.004
-    half = plan_stages(small_config("in", "out", "random", num_gpus=0.5),
+    half = plan_stages(plan_config(num_gpus=0.5),
                        ClusterShape.of({"CPU": 32, "GPU": 4}))
     assert half.max_actors == 8
 
@@ -78,7 +83,7 @@ def test_gpu_cluster_gets_one_predictor_per_gpu_and_encoders_on_spare_cpus():
 ])
 def test_plans_that_cannot_run_are_refused_before_work(resources, changes, message):
     with pytest.raises(ConfigError) as info:
-        plan_stages(small_config("in", "out", "random", **changes), ClusterShape.of(resources))
+        plan_stages(plan_config(**changes), ClusterShape.of(resources))
     assert message in str(info.value)
 
 
@@ -86,7 +91,7 @@ def test_decode_predict_and_encode_stay_separate_operators(local_ray, capsys):
     """Ray Data would fuse neighbouring stages with equal remote args; the plan must prevent it."""
     import ray
 
-    config = small_config("in", "out", "random")
+    config = plan_config()
     plan = plan_stages(config, ClusterShape.of(ray.cluster_resources()))
     source = ray.data.from_arrow(sources.SOURCE_SCHEMA.empty_table())
     dataset = build_dataset(source, config, plan, small_spec(), ray.put({}))
@@ -103,7 +108,7 @@ def test_stages_fit_on_some_node_wherever_ray_places_the_predictors(nodes):
     """Every placement of the default CPU pool leaves room for decode, encode and write."""
     import itertools
 
-    plan = plan_stages(small_config("in", "out", "random"),
+    plan = plan_stages(plan_config(),
                        ClusterShape.of({"CPU": sum(nodes), "memory": 64 * GIB}, nodes))
     assert plan.max_actors == sum(int(c) for c in nodes)
     room = plan.decode_cpus + plan.encode_cpus + plan.write_cpus
@@ -131,10 +136,10 @@ def test_the_launcher_recipe_shape_plans_a_pool_that_waits_for_gpu_nodes():
     """conf/cluster-launcher-gpu.yaml: a head with no CPU or GPU for work, GPU workers 0-8."""
     shape = grows({"CPU": 0, "memory": 30 * GIB},
                   ("gpu_worker", {"CPU": 8, "GPU": 1, "memory": 30 * GIB}, 8), max_workers=8)
-    plan = plan_stages(small_config("in", "out", "random", num_gpus=1.0, actors="1-8"), shape)
+    plan = plan_stages(plan_config(num_gpus=1.0, actors="1-8"), shape)
     assert (plan.min_actors, plan.max_actors, plan.num_gpus) == (1, 8, 1.0)
     assert any("starts when the autoscaler has added" in note for note in plan.notes)
-    auto = plan_stages(small_config("in", "out", "random"), shape)
+    auto = plan_stages(plan_config(), shape)
     assert (auto.min_actors, auto.max_actors, auto.num_gpus) == (1, 8, 1.0)
     # encoders for 8 GPUs' images (8 x 160 images/s x 4 ms, doubled: 11 CPUs)
     assert auto.max_encoders == 11
@@ -144,11 +149,11 @@ def test_the_rayjob_recipe_shape_starts_with_its_one_gpu_worker():
     """conf/kuberay-rayjob.yaml: head with num-cpus 0, one GPU worker replica of at most 8."""
     worker = {"CPU": 8, "GPU": 1, "memory": 48 * GIB}
     known = grows({"CPU": 0}, ("gpu", worker, 8), workers=(worker,))
-    plan = plan_stages(small_config("in", "out", "random", num_gpus=1.0, actors="1-8"), known)
+    plan = plan_stages(plan_config(num_gpus=1.0, actors="1-8"), known)
     assert (plan.min_actors, plan.max_actors) == (1, 8)
     # KubeRay's autoscaler runs in its own container: node types unknown, proceed and say so
     unknown = ClusterShape(({"CPU": 0, HEAD: 1.0}, worker))
-    plan = plan_stages(small_config("in", "out", "random", num_gpus=1.0, actors="1-8"), unknown)
+    plan = plan_stages(plan_config(num_gpus=1.0, actors="1-8"), unknown)
     assert (plan.min_actors, plan.max_actors) == (1, 8)
     assert any("cannot see how far" in note for note in plan.notes)
 
@@ -163,16 +168,16 @@ def test_the_rayjob_recipe_shape_starts_with_its_one_gpu_worker():
 ])
 def test_pools_that_can_never_run_are_refused_on_growing_clusters(shape, changes, message):
     with pytest.raises(ConfigError, match=message):
-        plan_stages(small_config("in", "out", "random", **changes), shape)
+        plan_stages(plan_config(**changes), shape)
 
 
 def test_cpu_pool_grows_to_the_largest_cluster_with_shares_for_the_smallest_node():
     """The issue's test cluster: a 1-CPU head and up to two 2-CPU workers."""
     shape = grows({"CPU": 1, "memory": 64 * GIB}, ("cpu2", {"CPU": 2}, 2))
     assert (shape.now("CPU"), shape.largest("CPU")) == (1, 5)
-    plan = plan_stages(small_config("in", "out", "random", actors="1-3"), shape)
+    plan = plan_stages(plan_config(actors="1-3"), shape)
     assert (plan.min_actors, plan.max_actors, plan.torch_threads) == (1, 3, 1)
-    auto = plan_stages(small_config("in", "out", "random"), shape)
+    auto = plan_stages(plan_config(), shape)
     assert (auto.min_actors, auto.max_actors) == (1, 5)
     # shares from the smallest node (the 1-CPU head): the stages fit beside one actor there
     assert auto.cpus_per_actor + stage_cpus(auto) - auto.max_actors * auto.cpus_per_actor <= 1
@@ -186,7 +191,7 @@ def test_stages_fit_on_some_node_of_a_grown_cluster_wherever_the_predictors_land
 
     shape = grows({"CPU": 1, "memory": 64 * GIB}, ("cpu2", {"CPU": 2}, 1),
                   ("cpu4", {"CPU": 4}, 1))
-    plan = plan_stages(small_config("in", "out", "random"), shape)
+    plan = plan_stages(plan_config(), shape)
     assert plan.max_actors == 7
     actors = sum(int(c) for c in joined)  # what Ray Data runs once these nodes are there
     room = plan.decode_cpus + plan.encode_cpus + plan.write_cpus
@@ -226,7 +231,7 @@ def test_a_small_head_beside_big_workers_does_not_starve_the_cpu_shares():
     head has, so the shares are made for the workers and the plan still fits."""
     shape = grows({"CPU": 1, "memory": 512 * GIB}, ("cpu64", {"CPU": 64}, 1),
                   workers=({"CPU": 64},))
-    plan = plan_stages(small_config("in", "out", "random"), shape)
+    plan = plan_stages(plan_config(), shape)
     assert plan.cpus_per_actor > 0.9 and plan.max_actors == 65
     assert stage_cpus(plan) <= 65 + 1e-9
 
