@@ -327,13 +327,14 @@ def segment(ds, config: ConfigLike = None, image_column: str = "image",
     import ray
 
     from segpipe.cluster.plan import fit_pool_to_unknown_work, plan_stages
+    from segpipe.cluster.session import start_or_join_ray
     from segpipe.cluster.shape import read_cluster_shape
     from segpipe.pipeline import images_per_block, predict_and_encode
 
     config = as_config(config, **overrides)
     weights = _resolve(config)
     if not ray.is_initialized():
-        ray.init()
+        start_or_join_ray()
     # Ray's readers run tasks of one CPU each; decoding joins them (Ray Data fuses the two),
     # and the plan leaves that CPU free beside the predictors, or the read would never start
     plan = fit_pool_to_unknown_work(plan_stages(config, read_cluster_shape(), read_cpus=1.0))

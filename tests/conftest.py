@@ -116,8 +116,12 @@ def local_ray():
     start it in a subprocess (the CLI), which starts its own."""
     import ray
 
+    from segpipe.cluster.session import local_ray_system_config
+
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # as a command's own Ray: its workers at this process's priority
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _system_config=local_ray_system_config())
     yield
     ray.shutdown()
 

@@ -178,21 +178,53 @@ def test_a_run_that_fails_midway_says_why_in_one_line_and_how_to_finish(photos, 
 
 
 @pytest.mark.ray
-def test_ray_workers_import_segpipe_whatever_folder_it_starts_from(tmp_path):
+def test_a_commands_local_ray_imports_segpipe_anywhere_and_runs_at_its_priority(tmp_path):
     """Started from a folder that holds a clone named segpipe (no __init__.py at its top),
-    Ray's workers, which get the driver's folder on their path, still import segpipe."""
+    Ray's workers, which get the driver's folder on their path, still import segpipe. And
+    they run at the driver's priority (``nice segpipe ...``), not at Ray's niceness 15,
+    where any other busy process on the machine starved them."""
     holder = tmp_path / "holder"
     (holder / "segpipe" / "segpipe").mkdir(parents=True)   # a clone: the package one deeper
-    script = ("import ray\nfrom segpipe.cluster.session import ray_session\n"
+    script = ("import os, ray\nfrom segpipe.cluster.session import ray_session\n"
+              "os.nice(3)\n"
               "with ray_session(None):\n"
-              "    f = ray.remote(lambda: __import__('segpipe.commands.render').__version__)\n"
-              "    print('version', ray.get(f.remote()))\n")
+              "    f = ray.remote(lambda: (__import__('segpipe.commands.render').__version__,\n"
+              "                            os.nice(0)))\n"
+              "    print('version %s nice %d' % ray.get(f.remote()))\n")
     (tmp_path / "driver.py").write_text(script)     # as the segpipe command: not in holder/
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
     result = subprocess.run([sys.executable, str(tmp_path / "driver.py")], cwd=holder,
                             capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+                            env={**env, "RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "version 0." in result.stdout
+    assert f"nice {min(os.nice(0) + 3, 19)}" in result.stdout
+
+
+def test_segpipes_own_ray_keeps_a_worker_niceness_the_user_set(monkeypatch):
+    """The local Ray segpipe starts runs its workers at niceness 0 (relative: the starting
+    process's own) unless ``RAY_worker_niceness`` says otherwise; a Python user's first run
+    joins ``RAY_ADDRESS`` as ``ray.init()`` does, with no system config (Ray refuses one
+    for a running cluster)."""
+    import ray
+
+    from segpipe.cluster import session
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    first = session.local_ray_system_config()
+    assert first == {"worker_niceness": 0}
+    first["object_spilling_config"] = "ray.init adds keys"
+    assert session.local_ray_system_config() == {"worker_niceness": 0}
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    session.start_or_join_ray()
+    monkeypatch.setenv("RAY_worker_niceness", "10")
+    assert session.local_ray_system_config() == {}
+    session.start_or_join_ray()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    session.start_or_join_ray()
+    assert calls == [{"_system_config": {"worker_niceness": 0}}, {"_system_config": {}}, {}]
 
 
 def test_the_folder_given_to_rays_workers_holds_the_package():

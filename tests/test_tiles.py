@@ -148,6 +148,29 @@ def test_an_object_on_a_seam_is_one_detection_with_the_union_of_its_masks():
         [r["segmentation"] for r in rows]
 
 
+def test_tiled_detections_are_parts_with_windows_and_groups():
+    """One rule of what tiled means (``ImageDetections.tile_parts``): merged views give their
+    parts' windows and groups; untiled detections give none; groups without windows are
+    refused, not encoded as an untiled image."""
+    soft, _ = blob_detections(2, 100, 100, seed=1, smallest=20, largest=40)
+    boxes = np.array([[10, 10, 50, 50], [0, 10, 10, 50]], np.float32)   # 2nd: cut by its edge
+    untiled = ImageDetections(np.array([1, 1], np.int32), np.array([0.9, 0.8], np.float32),
+                              boxes, soft)
+    assert untiled.tile_parts() is None and not untiled.tiled
+    merged = merge_views([View((0, 0, 64, 64), False), View((40, 0, 104, 64), False)],
+                         [ImageDetections(untiled.labels[:1], untiled.scores[:1], boxes[:1],
+                                          soft[:1]),
+                          ImageDetections(untiled.labels[1:], untiled.scores[1:], boxes[1:],
+                                          soft[1:])], TileSettings(64, 24))
+    windows, groups = merged.tile_parts()
+    assert merged.tiled and windows.tolist() == [[0, 0, 64, 64], [40, 0, 104, 64]]
+    assert groups.tolist() == [0, 0]     # one object seen by both views
+    broken = ImageDetections(merged.labels, merged.scores, merged.boxes, merged.soft_masks,
+                             groups=merged.groups)
+    with pytest.raises(ValueError, match="window"):
+        encode_detections(broken, 64, 104, 0.5)
+
+
 def test_an_image_is_ok_only_when_all_its_tiles_are(monkeypatch, checkpoint):
     spec = small_spec()
     predictor = PredictStage(spec, torch.load(checkpoint, weights_only=True), False,

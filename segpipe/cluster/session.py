@@ -45,12 +45,38 @@ def ray_session(address: Optional[str]) -> Iterator[None]:
         return
     with watch_local_ray(package_parent()) as watch:   # its processes end even if this one is SIGKILLed
         ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 job_config=job_config)
+                 job_config=job_config, _system_config=local_ray_system_config())
         try:
             watch.watch(local_ray_processes())
             yield
         finally:
             ray.shutdown()
+
+
+def local_ray_system_config() -> dict[str, int]:
+    """Ray's system config for a local Ray that segpipe starts: its workers run at the
+    priority of the process that starts it.
+
+    Ray runs its workers at niceness 15 (``RAY_worker_niceness``), below everything else on
+    the machine, so that a cluster node's own daemons stay responsive. On a machine that
+    does other work too, that starves the run: every stage runs in Ray's workers, and any
+    other busy process takes the CPUs from them (docs/benchmarks.md, "the test suite"). The
+    local Ray of a command is the command's own, so its workers get the command's priority,
+    and ``nice segpipe ...`` applies to the whole run. A ``RAY_worker_niceness`` the user set
+    is kept. A new dict each call: ``ray.init`` adds its own keys to the one it is given."""
+    return {} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
+
+
+def start_or_join_ray() -> None:
+    """What a Python user's first run does when Ray is not running: ``ray.init()``, which
+    joins ``RAY_ADDRESS`` when it is set and otherwise starts a local Ray, whose workers then
+    run at this process's priority (``local_ray_system_config``)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(_system_config=local_ray_system_config())
 
 
 def unreachable(address: str, timeout_s: float = 10.0) -> Optional[str]:

@@ -154,8 +154,9 @@ def encode_detections(det: ImageDetections, height: int, width: int, mask_thresh
     if det.has_masks and keep_soft_masks:
         stored = [q.tobytes() for q in quantise_soft_masks(det.soft_masks, soft_mask_dtype)]
     whole_masks: Sequence[Optional[bytes]]
-    groups, windows = det.groups, det.windows
-    if groups is not None and windows is not None:   # a tiled image's parts
+    tiled = det.tile_parts()
+    if tiled is not None:
+        windows, groups = tiled
         starts, ends = group_bounds(groups)
         full = image_boxes(det.boxes, windows)
         boxes = np.stack([np.concatenate([full[a:b, :2].min(0), full[a:b, 2:].max(0)])

@@ -47,7 +47,15 @@ class ImageDetections:
 
     @property
     def tiled(self) -> bool:
-        return self.groups is not None
+        return self.tile_parts() is not None
+
+    def tile_parts(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """``(windows, groups)`` of a tiled image's parts; None for an untiled image."""
+        if self.groups is None:
+            return None
+        if self.windows is None:
+            raise ValueError("a tiled image's detections need the window of each part")
+        return self.windows, self.groups
 
 
 def per_shape(images: Sequence[np.ndarray],
