@@ -24,9 +24,8 @@ from segpipe.model.build import ModelSpec, build_model
 #: Small and fast: images resized to 128 px, 10 detections from 100 proposals, one predictor
 #: actor of one thread. The default pool on 2 CPUs is two such actors once a run has more than
 #: one batch (fewer images get one: ``fit_pool_to_work``); at 128 px a second actor's start and
-#: model load cost more CPU than its share of the images saves (an 8-image run: 15-20 CPU-s
-#: against 9-13), and more again with other work on the machine. The tests of the pool itself
-#: and the parity run (test_pipeline.py) keep the default.
+#: model load cost more CPU than its share of the images saves (docs/benchmarks.md, "the test
+#: suite"). The tests of the pool itself and the parity run (test_pipeline.py) keep the default.
 SMALL = dict(min_size=128, max_size=200, detections_per_image=10, proposals_per_image=100,
              batch_size=3, progress=False, actors="1", torch_threads=1)
 CHECKPOINT_SEED = 1234
