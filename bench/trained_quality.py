@@ -305,8 +305,8 @@ def _predictor_runs(images: Path, weights: Path, count: int):
 def _against(reference: dict, low: dict, seconds: float) -> dict:
     """``low``'s detections against ``reference``'s (``agreement``), overall and by size."""
     shifts, ious, areas, unmatched = agreement(reference, low)
-    by_area = {size: percentiles([iou for iou, area in zip(ious, areas) if low_ <= area < high])
-               for size, (low_, high) in AREA_RANGES.items()}
+    by_area = {size: percentiles([iou for iou, area in zip(ious, areas) if least <= area < most])
+               for size, (least, most) in AREA_RANGES.items()}
     return {"seconds": round(seconds, 1), "box_shift_px": percentiles(shifts),
             "mask_iou": percentiles(ious), "mask_iou_by_area": by_area,
             "fp32_detections_without_match": unmatched}

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from pycocotools.coco import COCO
 
+from conftest import SMALL
 from segpipe import progress
 from segpipe.config import SegmentConfig
 from segpipe.commands.segment import run_segment
@@ -25,7 +26,8 @@ def test_many_small_images_stream_into_bounded_files(tmp_path, local_ray, monkey
     config = SegmentConfig(input=str(tmp_path / "images"), output=str(tmp_path / "out"),
                            weights="random", min_size=48, max_size=48, detections_per_image=5,
                            proposals_per_image=20, batch_size=16, rows_per_file=50,
-                           progress=True, actors="1", torch_threads=1)   # as conftest.SMALL
+                           progress=True, actors=SMALL["actors"],
+                           torch_threads=SMALL["torch_threads"])
     report = run_segment(config)
     # Not a terminal: plain progress lines, counting up to every image.
     lines = re.findall(r"segpipe: segment: (\d+)/240 images", capsys.readouterr().out)
